@@ -1,0 +1,119 @@
+"""The three scales, defined in one place: ``smoke``, ``cpu`` and ``paper``.
+
+* ``smoke``: minutes on a laptop; what the tests and nbmake run.
+* ``cpu``: real results on a 2-core machine without a GPU (the default of ``make reproduce``);
+  every notebook together stays within 3 hours there.  Fashion-MNIST, narrow networks, few epochs.
+* ``paper``: the paper's recipe (Section 4.3, Appendix D) for a GPU and the real datasets.
+
+Notebooks read everything from here: ``cfg = config.get_scale(SCALE)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SCALE_NAMES = ("smoke", "cpu", "paper")
+
+
+@dataclass(frozen=True)
+class ModelSetup:
+    """One row of the paper's experiments: a network on a dataset with its recipe."""
+
+    preset: str                 # models.PRESETS key: vgg16_bn, resnet34, resnet50
+    dataset: str                # data.DATASETS key: fashion-mnist, cifar10, tiny-imagenet, imagenet
+    width: float = 1.0          # width multiplier applied to every layer
+    epochs: int = 1             # training epochs (base model, scratch and fine-tune alike)
+    batch_size: int = 128
+    lr: float = 0.05            # SGD learning rate (momentum 0.9, cosine annealing)
+    lr_grid: tuple[float, ...] = (0.01, 0.05, 0.1)  # searched where a notebook asks for it
+    weight_decay: float = 5e-4
+    group_size: int = 2         # d of Section 3.2
+    rates: tuple[float, ...] = (0.7, 0.8, 0.9, 0.95, 0.98)  # fractions of parameters removed
+    calib_per_class: int = 50   # calibration samples per class for grouping and ranking
+    train_subset: int | None = None  # samples per class used for training (None: all)
+    test_subset: int | None = None   # samples per class used for testing (None: all)
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    models: dict[str, ModelSetup]
+    seeds: tuple[int, ...] = (0,)
+    guyon: dict[str, Any] = field(default_factory=dict)
+    notebook_timeout_s: int = 3600
+    num_workers: int = 0
+
+    def model(self, key: str) -> ModelSetup:
+        if key not in self.models:
+            raise ValueError(f"model={key!r} is not set up at scale {self.name!r}; expected one of {sorted(self.models)}")
+        return self.models[key]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_GUYON_PAPER = dict(n_samples=1000, n_features=100, flip_y=0.02, hidden=64, lr=1e-3)
+
+SMOKE = Scale(
+    name="smoke",
+    seeds=(0, 1),
+    models={
+        "vgg16": ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=64, lr=0.05,
+                            lr_grid=(0.05,), group_size=2, rates=(0.7, 0.9, 0.98), calib_per_class=5,
+                            train_subset=30, test_subset=10),
+        "resnet34": ModelSetup("resnet34", "fashion-mnist", width=1 / 16, epochs=1, batch_size=64, lr=0.05,
+                               lr_grid=(0.05,), group_size=2, rates=(0.7, 0.9, 0.98), calib_per_class=5,
+                               train_subset=30, test_subset=10),
+        "resnet50": ModelSetup("resnet50", "fashion-mnist", width=1 / 16, epochs=1, batch_size=64, lr=0.05,
+                               lr_grid=(0.05,), group_size=2, rates=(0.4, 0.8, 0.95), calib_per_class=5,
+                               train_subset=30, test_subset=10),
+    },
+    guyon=dict(_GUYON_PAPER, epochs=30, batch_size=32, n_seeds=3),
+    notebook_timeout_s=900,
+)
+
+CPU = Scale(
+    name="cpu",
+    seeds=(0, 1, 2),
+    models={
+        "vgg16": ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 4, epochs=3, batch_size=128, lr=0.05,
+                            lr_grid=(0.01, 0.05, 0.1), group_size=2, calib_per_class=50,
+                            train_subset=1000, test_subset=300),
+        "resnet34": ModelSetup("resnet34", "fashion-mnist", width=1 / 8, epochs=3, batch_size=128, lr=0.05,
+                               lr_grid=(0.01, 0.05, 0.1), group_size=4, calib_per_class=50,
+                               train_subset=1000, test_subset=300),
+        "resnet50": ModelSetup("resnet50", "fashion-mnist", width=1 / 8, epochs=3, batch_size=128, lr=0.05,
+                               lr_grid=(0.01, 0.05, 0.1), group_size=8, rates=(0.4, 0.7, 0.8, 0.95),
+                               calib_per_class=20, train_subset=1000, test_subset=300),
+    },
+    guyon=dict(_GUYON_PAPER, epochs=100, batch_size=32, n_seeds=10),
+    notebook_timeout_s=3 * 3600,
+)
+
+PAPER = Scale(
+    name="paper",
+    seeds=(0,),
+    models={
+        "vgg16": ModelSetup("vgg16_bn", "cifar10", width=1.0, epochs=200, batch_size=128, lr=0.05,
+                            lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=2, calib_per_class=50),
+        "resnet34": ModelSetup("resnet34", "tiny-imagenet", width=1.0, epochs=100, batch_size=512, lr=0.1,
+                               lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=4, calib_per_class=50),
+        "resnet50": ModelSetup("resnet50", "imagenet", width=1.0, epochs=100, batch_size=256, lr=0.1,
+                               lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=8,
+                               rates=(0.4, 0.7, 0.8, 0.95), calib_per_class=20, weight_decay=1e-4),
+    },
+    guyon=dict(_GUYON_PAPER, epochs=100, batch_size=32, n_seeds=10),
+    notebook_timeout_s=7 * 24 * 3600,
+    num_workers=8,
+)
+
+_SCALES = {"smoke": SMOKE, "cpu": CPU, "paper": PAPER}
+
+
+def get_scale(name: str) -> Scale:
+    """The :class:`Scale` called ``name`` (``smoke``, ``cpu`` or ``paper``)."""
+    if name not in _SCALES:
+        raise ValueError(f"scale={name!r} is not one of {SCALE_NAMES}")
+    return _SCALES[name]
