@@ -1,0 +1,556 @@
+"""The ranking module (Section 3.1): how much does masking a group change the network's output?
+
+``spvr_loss`` is the paper's Eq. 2; ``kl_loss`` is the KL-divergence criterion used by CURL
+(Luo and Wu, 2020), which Section 3.1.1 and Appendix A compare it with.  Both take the softmax
+output of the original network and the outputs of ``g`` masked variants and return one
+importance per variant, summed over the samples (and, for segmentation, over the pixels).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["spvr_loss", "kl_loss", "CRITERIA"]
+
+
+def _check_probs(p: Tensor, p_masked: Tensor) -> None:
+    if not isinstance(p, Tensor) or not isinstance(p_masked, Tensor):
+        raise ValueError(f"p and p_masked must be torch tensors, got {type(p).__name__} and {type(p_masked).__name__}")
+    if p.ndim < 2:
+        raise ValueError(f"p must be [n, c] softmax outputs (or [n, c, *pixels]), got shape {tuple(p.shape)}")
+    if p_masked.ndim != p.ndim + 1 or tuple(p_masked.shape[1:]) != tuple(p.shape):
+        raise ValueError(f"p_masked must be [g, n, c] = [g, {', '.join(map(str, p.shape))}] for p of shape "
+                         f"{tuple(p.shape)}, got {tuple(p_masked.shape)}")
+    if p.shape[1] < 2:
+        raise ValueError(f"p must have at least 2 classes on dim 1, got shape {tuple(p.shape)}")
+
+
+def spvr_loss(p: Tensor, p_masked: Tensor) -> Tensor:
+    """Importance of each masked variant, the paper's Eq. 2.
+
+    ``p``: [n, c] softmax output of the original network (or [n, c, *pixels] for segmentation,
+    Section 5.5); ``p_masked``: [g, n, c] outputs of ``g`` masked networks.  Returns [g]:
+    ``sum_k 1[argmax p'_k != q_k] + |p_{k,q} - p'_{k,q}|`` with ``q_k = argmax p_k``, summed over
+    the n samples (and the pixels).  Ties in argmax go to the lowest class index.
+    """
+    _check_probs(p, p_masked)
+    q = p.argmax(dim=1, keepdim=True)                                     # [n, 1, *pixels]
+    p_q = p.gather(1, q)                                                  # [n, 1, *pixels]
+    pm_q = p_masked.gather(2, q.unsqueeze(0).expand(p_masked.shape[0], *q.shape))
+    flipped = (p_masked.argmax(dim=2, keepdim=True) != q.unsqueeze(0)).to(p_masked.dtype)
+    per_sample = flipped + (p_q.unsqueeze(0) - pm_q).abs()               # Eq. 2: L = I + |f_q - f'_q|
+    return per_sample.flatten(1).sum(dim=1)
+
+
+def kl_loss(p: Tensor, p_masked: Tensor, eps: float = 1e-12) -> Tensor:
+    """KL criterion (CURL): [g] = ``sum_k KL(p_k || p'_k)`` in nats, summed over samples (and pixels).
+
+    Shapes as in :func:`spvr_loss`.  ``p'`` is clamped at ``eps`` so a class the masked network
+    gives probability 0 yields a large finite value rather than infinity.
+    """
+    _check_probs(p, p_masked)
+    p = p.unsqueeze(0)
+    kl = torch.xlogy(p, p) - torch.xlogy(p, p_masked.clamp_min(eps).expand_as(p_masked))
+    return kl.sum(dim=2).flatten(1).sum(dim=1)
+
+
+CRITERIA = {"spvr": spvr_loss, "kl": kl_loss}
+
+
+# =============================================================================================
+# Group importance: Eq. 2 (or KL) for every group of channels of every layer.
+#
+# ``group_importance`` masks one group at a time and scores the change of the network's softmax
+# output over a calibration set.  ``method="naive"`` is the paper's algorithm, kept as the
+# reference: one full forward pass of the calibration set per group, the group zeroed by a
+# forward hook.  ``method="fast"`` computes the same numbers (to float rounding) for the networks
+# of ``spvr_lib.models`` with a BN-folded inference copy of the network that
+#   * runs the network once per chunk of calibration samples and caches, at every layer, the
+#     input and the (BN-folded) pre-activation of each conv,
+#   * evaluates a chunk of groups of one layer as ONE batch of [g * n] masked variants,
+#   * does not recompute the conv that consumes the masked channels: by linearity,
+#     bn(conv(a')) = bn(conv(a)) - gamma / sqrt(var + eps) * conv_{W[:, G]}(a[G]) in eval mode,
+#     i.e. the cached pre-activation minus the contribution of the masked input channels alone,
+#   * recomputes only what follows (the rest of the block, the residual add, later blocks, head).
+# =============================================================================================
+import contextlib  # noqa: E402  (imports of the second half of the module)
+import math  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+__all__ += ["mask_output", "group_importance", "METHODS"]
+
+METHODS = ("fast", "naive")
+_MEMORY_BYTES = 1 << 30      # working memory the fast path aims for (caches, and masked variants)
+
+
+@contextlib.contextmanager
+def mask_output(module: nn.Module, channels: Sequence[int]) -> Iterator[nn.Module]:
+    """Zero ``channels`` (dim 1) of ``module``'s output while inside the ``with`` block.
+
+    This is how SPvR masks a group (M_j^i of Section 3.1): the hook sits on the layer's mask point
+    (``models.PrunableLayer.mask_module``: the BN after a conv, the ReLU after an MLP hidden
+    layer), so the next layer sees exactly what it would see if the filters were removed.
+    Zeroing only the conv's filters W[G] (and bias) would NOT do that: batch norm in eval mode
+    maps a zero input to ``beta - gamma * mu / sqrt(var + eps)``, a per-channel constant that
+    still leaks through the ReLU into the next layer.  Masking after BN removes that too.
+    """
+    idx = [int(c) for c in channels]
+
+    def hook(_module: nn.Module, _inputs: tuple, output: Tensor) -> Tensor:
+        if idx and (max(idx) >= output.shape[1] or min(idx) < 0):
+            raise ValueError(f"channels {idx} are out of range for a module output with {output.shape[1]} "
+                             f"channels (shape {tuple(output.shape)})")
+        output = output.clone()
+        output[:, idx] = 0
+        return output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield module
+    finally:
+        handle.remove()
+
+
+def _check_groups(groups: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, list[list[int]]]:
+    if not isinstance(groups, Mapping) or not groups:
+        raise ValueError(f"groups must be a non-empty dict {{layer name: [[channel, ...], ...]}}, got {groups!r:.80}")
+    out = {}
+    for name, gs in groups.items():
+        if not isinstance(gs, Sequence) or not gs:
+            raise ValueError(f"groups[{name!r}] must be a non-empty list of channel groups, got {gs!r:.80}")
+        clean = []
+        for j, g in enumerate(gs):
+            if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g or not all(
+                    isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0 for c in g):
+                raise ValueError(f"groups[{name!r}][{j}] must be a non-empty list of channel indices >= 0, got {g!r:.80}")
+            clean.append([int(c) for c in g])
+        out[name] = clean
+    return out
+
+
+def _resolve_targets(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, object]]:
+    """For each key: the module whose output is masked, and the models.PrunableLayer (or None)."""
+    from spvr_lib import models
+
+    layers = {}
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, dict) and isinstance(model, tuple(models._CLASSES.values())):
+        module_names = {id(m): n for n, m in model.named_modules()}
+        for layer in models.prunable_layers(model, spec):
+            layers[layer.name] = layer                                      # the conv's name
+            layers.setdefault(module_names[id(layer.mask_module)], layer)   # or its mask point's
+    modules = dict(model.named_modules())
+    targets, found = {}, {}
+    for name in names:
+        if name in layers:
+            targets[name], found[name] = layers[name].mask_module, layers[name]
+        elif name in modules and name != "":
+            targets[name], found[name] = modules[name], None
+        else:
+            raise ValueError(f"groups key {name!r} names no module of the model; expected a prunable layer "
+                             f"({list(layers)[:4]}...) or a module name from model.named_modules()")
+    return targets, found
+
+
+def _outputs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Softmax over dim 1 of the model's outputs on ``x``, in batches: [n, c] (or [n, c, *pixels])."""
+    return torch.cat([torch.softmax(model(xb), dim=1) for xb in x.split(batch_size)])
+
+
+def _sample_bytes(model: nn.Module, x1: Tensor) -> int:
+    """Bytes of the largest output of any leaf module for ONE sample (a batch-size heuristic)."""
+    biggest = [x1[0].numel()]
+
+    def hook(_m, _i, out):
+        if isinstance(out, Tensor):
+            biggest.append(out[0].numel())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        model(x1)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(biggest) * x1.element_size()
+
+
+def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[Sequence[int]]],
+                     criterion: str = "spvr", method: str = "fast", batch_size: int | None = None,
+                     progress: bool = True) -> dict[str, Tensor]:
+    """Importance of every channel group: Eq. 2 (``criterion="spvr"``) or KL, summed over ``x``.
+
+    ``model``: a trained classifier (put in eval mode for the call; its training flag is
+    restored).  ``x``: the calibration inputs [n, C, H, W] (or [n, features]), moved to the
+    model's device and dtype.  ``groups``: {layer name: [[channel, ...], ...]}; a name is a
+    prunable layer of a ``spvr_lib.models`` network (its conv, e.g. ``"features.0.0"``, or its
+    mask point), resolved to ``PrunableLayer.mask_module``, or any module name of
+    ``model.named_modules()`` whose OUTPUT is then masked directly (dim 1 = channels).
+    Returns {layer name: float64 tensor [number of groups]} on the CPU, in the groups' order:
+    ``sum_k L(f(x_k), f_masked(x_k))`` with the group's channels zeroed (see :func:`mask_output`).
+
+    ``method="naive"``: one forward pass of the whole calibration set per group (the paper's
+    algorithm; ``batch_size`` samples at a time, default: as many as fit in ~1 GiB).
+    ``method="fast"``: the same numbers, much faster (see the comment above); for a network
+    that is not one of ``spvr_lib.models`` (or a key that is not a prunable layer) it falls
+    back to naive with a warning.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or x.ndim < 2 or len(x) < 1:
+        raise ValueError(f"x must be a tensor of calibration inputs [n, ...] with n >= 1, got "
+                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r}; expected a positive int or None")
+    groups = _check_groups(groups)
+    loss = CRITERIA[criterion]
+    targets, layers = _resolve_targets(model, list(groups))
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else x.device
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = x.to(device=device, dtype=dtype)
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=sum(len(g) for g in groups.values()), desc=f"ranking groups ({method})",
+               disable=not progress, leave=False)
+    try:
+        with torch.inference_mode():
+            fast, plan = [], None
+            if method == "fast":
+                plan = _fast_plan(model)
+                fast = [n for n in groups if plan is not None and layers[n] is not None]
+                slow = [n for n in groups if n not in fast]
+                if slow:
+                    why = ("it is not a network built by spvr_lib.models" if plan is None
+                           else "they are not prunable layers of the network")
+                    warnings.warn(f"fast ranking does not support {slow[:5]}{'...' if len(slow) > 5 else ''} "
+                                  f"({why}); using the naive method for them", stacklevel=2)
+            out: dict[str, Tensor] = {}
+            if fast:
+                out.update(_fast_importance(plan, x, {n: (layers[n].name, groups[n]) for n in fast}, loss, bar))
+            slow = {n: groups[n] for n in groups if n not in out}
+            if slow:
+                bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * _sample_bytes(model, x[:1]))))
+                p = _outputs(model, x, bs).double()
+                for name, gs in slow.items():
+                    scores = []
+                    for g in gs:
+                        with mask_output(targets[name], g):
+                            scores.append(loss(p, _outputs(model, x, bs).double().unsqueeze(0))[0])
+                        bar.update()
+                    out[name] = torch.stack(scores).cpu()
+            return {n: out[n] for n in groups}
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- the fast path
+class _Affine:
+    """A conv (or linear) layer with its eval-mode BN folded in: ``y = W_f x + b_f``."""
+
+    def __init__(self, layer: nn.Module, bn: nn.BatchNorm2d | None = None):
+        W = layer.weight.detach()
+        b = layer.bias.detach() if layer.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        if bn is not None:
+            gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(b)
+            beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(b)
+            s = gamma / torch.sqrt(bn.running_var + bn.eps)
+            W = W * s.reshape(-1, *[1] * (W.ndim - 1))
+            b = (b - bn.running_mean) * s + beta
+        self.W, self.b = W.contiguous(), b.contiguous()
+        self.conv = isinstance(layer, nn.Conv2d)
+        if self.conv:
+            self.kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.W, self.b, **self.kw) if self.conv else F.linear(x, self.W, self.b)
+
+    def partial(self, x_sub: Tensor, channels: list[int]) -> Tensor:
+        """Contribution of the input ``channels`` alone (no bias); ``x_sub`` holds only those channels."""
+        W = self.W[:, channels]
+        return F.conv2d(x_sub, W, None, **self.kw) if self.conv else F.linear(x_sub, W)
+
+
+def _foldable(model: nn.Module) -> bool:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
+            return False
+        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
+            return False
+    return True
+
+
+def _fast_plan(model: nn.Module) -> "_Plan | None":
+    from spvr_lib import models
+
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, dict) or not _foldable(model):
+        return None
+    try:
+        layers = models.prunable_layers(model, spec)
+    except ValueError:
+        return None
+    if isinstance(model, models.VGG):
+        return _VGGPlan(model, layers)
+    if isinstance(model, models.ResNet):
+        return _ResNetPlan(model, layers)
+    if isinstance(model, models.MLP):
+        return _MLPPlan(model, layers)
+    return None
+
+
+class _Plan:
+    """A BN-folded inference copy of a network that evaluates many masks of one layer at once.
+
+    ``prepare(x)`` runs the network on a chunk of samples, caching what ``masked(name, groups)``
+    needs, and returns the logits; ``masked`` returns the logits of the ``g`` masked networks,
+    [g * n, classes] (variant-major).  ``numel_after(name)``: per-sample size of the largest
+    activation computed after the mask point (for choosing how many variants to batch).
+    """
+
+    cache: dict
+
+    def prepare(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
+        raise NotImplementedError
+
+    def numel_after(self, name: str) -> int:
+        raise NotImplementedError
+
+    def cache_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in _tensors(self.cache):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+def _tensors(obj) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _variants(t: Tensor, g: int) -> Tensor:
+    """[g, *t.shape]: g copies of ``t`` (a fresh tensor, safe to modify in place)."""
+    return t.unsqueeze(0).repeat(g, *[1] * t.ndim)
+
+
+def _minus_partials(z: Tensor, x: Tensor, op: _Affine, groups: list[list[int]], sign: float = -1.0) -> Tensor:
+    """[g * n, ...]: ``z + sign * op.partial(x[:, G_j], G_j)`` for each group j (x, z: [n, ...])."""
+    out = _variants(z, len(groups))
+    for j, g in enumerate(groups):
+        out[j].add_(op.partial(x[:, g], g), alpha=sign)
+    return out.flatten(0, 1)
+
+
+class _VGGPlan(_Plan):
+    def __init__(self, model: nn.Module, layers: list) -> None:
+        by_conv = {id(layer.conv): layer.name for layer in layers}
+        self.ops: list[tuple[str, _Affine | None]] = []
+        self.index: dict[str, int] = {}
+        for item in model.features:
+            if isinstance(item, nn.MaxPool2d):
+                self.ops.append(("pool", None))
+            else:
+                conv, bn = item[0], item[1]
+                self.index[by_conv[id(conv)]] = len(self.ops)
+                self.ops.append(("conv", _Affine(conv, bn)))
+        self.pool, self.classifier = model.pool, model.classifier
+        self.cache = {}
+
+    def _run(self, x: Tensor, start: int, record: bool = False) -> Tensor:
+        for j in range(start, len(self.ops)):
+            kind, op = self.ops[j]
+            if kind == "pool":
+                x = F.max_pool2d(x, 2)
+            else:
+                z = op(x)
+                if record:
+                    self.cache[j] = (x, z)
+                    x = F.relu(z)
+                else:
+                    x = F.relu_(z)
+        if record:
+            self.cache["head"] = x
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def prepare(self, x: Tensor) -> Tensor:
+        self.cache = {}
+        return self._run(x, 0, record=True)
+
+    def _next_conv(self, j: int) -> int | None:
+        return next((k for k in range(j + 1, len(self.ops)) if self.ops[k][0] == "conv"), None)
+
+    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
+        k = self._next_conv(self.index[name])
+        if k is None:                                       # last conv: mask the head's input
+            h = _variants(self.cache["head"], len(groups))
+            for j, g in enumerate(groups):
+                h[j][:, g] = 0
+            return self.classifier(torch.flatten(self.pool(h.flatten(0, 1)), 1))
+        x, z = self.cache[k]                                # relu and max-pool keep zeros zero
+        return self._run(F.relu_(_minus_partials(z, x, self.ops[k][1], groups)), k + 1)
+
+    def numel_after(self, name: str) -> int:
+        k = self._next_conv(self.index[name])
+        if k is None:
+            return self.cache["head"][0].numel()
+        return max(z[0].numel() for j, (x, z) in self.cache.items() if j != "head" and j >= k)
+
+
+class _ResNetPlan(_Plan):
+    def __init__(self, model: nn.Module, layers: list) -> None:
+        self.stem, self.maxpool = _Affine(model.conv1, model.bn1), model.maxpool
+        self.blocks: list[dict] = []
+        self.where: dict[str, tuple[int, int]] = {}
+        by_conv = {id(layer.conv): layer.name for layer in layers}
+        for stage in model.stage_names:
+            for block in getattr(model, stage):
+                k_convs = 3 if hasattr(block, "conv3") else 2
+                convs = [getattr(block, f"conv{k}") for k in range(1, k_convs + 1)]
+                bns = [getattr(block, f"bn{k}") for k in range(1, k_convs + 1)]
+                for k, conv in enumerate(convs):
+                    self.where[by_conv[id(conv)]] = (len(self.blocks), k)
+                ds = None if block.downsample is None else _Affine(block.downsample[0], block.downsample[1])
+                self.blocks.append({"convs": [_Affine(c, b) for c, b in zip(convs, bns)], "ds": ds})
+        self.fc = model.fc
+        self.cache = {}
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def _finish_block(self, b: int, k: int, z: Tensor, sc: Tensor) -> Tensor:
+        """Block ``b`` from conv ``k``'s pre-activation ``z`` [g*n, ...] on, with shortcut ``sc``."""
+        convs = self.blocks[b]["convs"]
+        for op in convs[k + 1:]:
+            z = op(F.relu_(z))
+        g = z.shape[0] // sc.shape[0] if sc.shape[0] != z.shape[0] else 1
+        if g > 1:   # sc [n, ...] shared by the g variants
+            z = z.view(g, sc.shape[0], *z.shape[1:]).add_(sc.unsqueeze(0)).flatten(0, 1)
+        else:
+            z = z.add_(sc)
+        return F.relu_(z)
+
+    def _run(self, x: Tensor, start: int, record: bool = False) -> Tensor:
+        for b in range(start, len(self.blocks)):
+            convs, ds = self.blocks[b]["convs"], self.blocks[b]["ds"]
+            inp, xs, zs = x, [x], []
+            for k, op in enumerate(convs):
+                zs.append(op(xs[k]))
+                if k + 1 < len(convs):
+                    xs.append(F.relu(zs[k]) if record else F.relu_(zs[k]))
+            sc = inp if ds is None else ds(inp)
+            if record:
+                x = F.relu(zs[-1] + sc)
+                self.cache[b] = {"xs": xs, "zs": zs, "sc": sc, "out": x}
+            else:
+                x = F.relu_(zs[-1].add_(sc))
+        return self._head(x)
+
+    def prepare(self, x: Tensor) -> Tensor:
+        self.cache = {}
+        x = self.maxpool(F.relu(self.stem(x)))
+        return self._run(x, 0, record=True)
+
+    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
+        b, k = self.where[name]
+        c = self.cache[b]
+        convs = self.blocks[b]["convs"]
+        if k + 1 < len(convs):      # inside the block: correct the next conv, finish the block
+            z = _minus_partials(c["zs"][k + 1], c["xs"][k + 1], convs[k + 1], groups)
+            return self._run(self._finish_block(b, k + 1, z, c["sc"]), b + 1)
+        # last conv of the block: its branch adds nothing on channels G, out'[G] = relu(sc[G])
+        out = _variants(c["out"], len(groups))
+        deltas = []
+        for j, g in enumerate(groups):
+            new = F.relu(c["sc"][:, g])
+            deltas.append(new - c["out"][:, g])
+            out[j][:, g] = new
+        out = out.flatten(0, 1)
+        if b + 1 == len(self.blocks):
+            return self._head(out)
+        nxt, cn = self.blocks[b + 1], self.cache[b + 1]
+        z = _variants(cn["zs"][0], len(groups))
+        for j, g in enumerate(groups):   # the next block's first conv (and projection) by linearity
+            z[j].add_(nxt["convs"][0].partial(deltas[j], g))
+        if nxt["ds"] is None:
+            sc = out
+        else:
+            sc = _variants(cn["sc"], len(groups))
+            for j, g in enumerate(groups):
+                sc[j].add_(nxt["ds"].partial(deltas[j], g))
+            sc = sc.flatten(0, 1)
+        return self._run(self._finish_block(b + 1, 0, z.flatten(0, 1), sc), b + 2)
+
+    def numel_after(self, name: str) -> int:
+        b, _ = self.where[name]
+        return max(t[0].numel() for bb in range(b, len(self.blocks)) for t in _tensors(self.cache[bb]))
+
+
+class _MLPPlan(_Plan):
+    def __init__(self, model: nn.Module, layers: list) -> None:
+        self.fcs = [_Affine(m) for m in model if isinstance(m, nn.Linear)]
+        self.index = {layer.name: int(layer.name[2:]) - 1 for layer in layers}   # "fc3" -> 2
+        self.cache = {}
+
+    def _run(self, z: Tensor, start: int, record: bool = False) -> Tensor:
+        """From fc ``start``'s pre-activation ``z`` on."""
+        for i in range(start + 1, len(self.fcs)):
+            x = F.relu(z) if record else F.relu_(z)
+            z = self.fcs[i](x)
+            if record:
+                self.cache[i] = (x, z)
+        return z
+
+    def prepare(self, x: Tensor) -> Tensor:
+        self.cache = {}
+        return self._run(self.fcs[0](x.flatten(1)), 0, record=True)
+
+    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
+        i = self.index[name] + 1
+        x, z = self.cache[i]
+        return self._run(_minus_partials(z, x, self.fcs[i], groups), i)
+
+    def numel_after(self, name: str) -> int:
+        return max(z[0].numel() for i, (x, z) in self.cache.items() if i > self.index[name])
+
+
+def _fast_importance(plan: _Plan, x: Tensor, work: dict[str, tuple[str, list[list[int]]]], loss,
+                     bar) -> dict[str, Tensor]:
+    """``work``: {key: (prunable layer name, groups)}.  Sums ``loss`` over chunks of samples."""
+    plan.prepare(x[:1])
+    n_chunk = max(1, min(len(x), _MEMORY_BYTES // max(1, plan.cache_bytes())))
+    totals = {key: torch.zeros(len(gs), dtype=torch.float64) for key, (_, gs) in work.items()}
+    for start in range(0, len(x), n_chunk):
+        xb = x[start:start + n_chunk]
+        p = torch.softmax(plan.prepare(xb), dim=1).double()
+        n = len(xb)
+        for key, (name, gs) in work.items():
+            per_variant = 4 * plan.numel_after(name) * x.element_size()
+            g_chunk = max(1, min(len(gs), _MEMORY_BYTES // max(1, n * per_variant)))
+            for j in range(0, len(gs), g_chunk):
+                chunk = gs[j:j + g_chunk]
+                logits = plan.masked(name, chunk)
+                pm = torch.softmax(logits.view(len(chunk), n, *logits.shape[1:]), dim=2).double()
+                totals[key][j:j + len(chunk)] += loss(p, pm).cpu()
+                bar.update(len(chunk) * n / len(x))
+    return totals

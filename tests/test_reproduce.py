@@ -1,0 +1,65 @@
+"""The papermill runner on tiny notebooks: parameters injected, outputs kept, failures named."""
+import json
+import sys
+
+import nbformat
+import pytest
+
+from spvr_lib import reproduce
+
+
+def _notebook(path, cells):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('SCALE = "smoke"')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_runner_injects_scale_and_writes_executed_copy(tmp_path):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    marker = tmp_path / "marker.txt"
+    _notebook(nbdir / "01_tiny.ipynb", [f"open({str(marker)!r}, 'w').write(SCALE)"])
+    _notebook(nbdir / "02_other.ipynb", ["raise RuntimeError('must not run')"])
+    out = tmp_path / "executed"
+    rc = reproduce.main(["--scale", "cpu", "--only", "01", "--notebooks", str(nbdir), "--out", str(out),
+                         "--timeout", "120"])
+    assert rc == 0
+    assert marker.read_text() == "cpu"
+    executed = json.loads((out / "01_tiny.ipynb").read_text())
+    assert any(c.get("metadata", {}).get("tags") == ["injected-parameters"] for c in executed["cells"])
+    assert not (out / "02_other.ipynb").exists()
+
+
+def test_runner_stops_at_failure_and_names_the_cell(tmp_path, capsys):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _notebook(nbdir / "01_fails.ipynb", ["x = 1", "raise ValueError('boom here')"])
+    _notebook(nbdir / "02_after.ipynb", [f"open({str(tmp_path / 'ran')!r}, 'w')"])
+    rc = reproduce.main(["--scale", "smoke", "--notebooks", str(nbdir), "--out", str(tmp_path / "ex"),
+                         "--timeout", "120"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "01_fails.ipynb" in err and "ValueError: boom here" in err and "code cell 3" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_runner_rejects_bad_arguments(tmp_path, capsys):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _notebook(nbdir / "01_tiny.ipynb", ["pass"])
+    assert reproduce.main(["--scale", "huge", "--notebooks", str(nbdir)]) == 2
+    assert "scale='huge'" in capsys.readouterr().err
+    assert reproduce.main(["--scale", "smoke", "--only", "07", "--notebooks", str(nbdir)]) == 2
+    assert "matches no notebook" in capsys.readouterr().err
+
+
+def test_wall_clock_limit(tmp_path, capsys):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    _notebook(nbdir / "01_slow.ipynb", ["import time; time.sleep(60)"])
+    rc = reproduce.main(["--scale", "smoke", "--notebooks", str(nbdir), "--out", str(tmp_path / "ex"),
+                         "--timeout", "8"])
+    assert rc == 1 and "wall-clock limit of 8 s" in capsys.readouterr().err
