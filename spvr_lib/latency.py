@@ -1,0 +1,132 @@
+"""Inference latency (Section 5.3, Figure 1) and the one MAC counter.
+
+``measure_latency`` times a model's prediction as the paper does: the mean over 1500 forward
+passes after a warm-up, here with per-run statistics (median, spread) and the device and thread
+count written into the result so they go into a notebook's provenance. ``count_macs`` counts
+multiply-accumulates with torch-pruning's counter, the same function for every method.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+
+__all__ = ["measure_latency", "count_macs"]
+
+
+def _check_input_shape(input_shape) -> tuple[int, int, int]:
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 3 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in input_shape):
+        raise ValueError(f"input_shape must be a tuple of 3 positive ints (C, H, W), got {input_shape!r}")
+    return tuple(input_shape)
+
+
+def _check_int(value, what: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    """None: CUDA if available else CPU; "cuda" means the current CUDA device."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be None, 'cpu' or 'cuda[:index]', got {device!r}") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu' or 'cuda[:index]', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int = 1, runs: int = 1500,
+                    warmup: int = 50, device: str | None = None, threads: int | None = None) -> dict:
+    """Time ``model`` predicting a batch of ``batch_size`` random inputs of shape ``input_shape`` (C, H, W).
+
+    ``warmup`` untimed forwards, then ``runs`` timed ones, in eval mode under
+    ``torch.inference_mode``. CPU: ``time.perf_counter`` around each forward. CUDA: a pair of CUDA
+    events around each forward, read after one ``torch.cuda.synchronize``. ``device`` None: CUDA if
+    available, else CPU; a model elsewhere is timed on a copy moved to ``device`` (the caller's model
+    is not moved, and its train/eval mode is restored). ``threads``: torch's intra-op thread count
+    during the measurement (restored after); None keeps the current one.
+
+    Returns {"mean_ms", "median_ms", "std_ms", "p10_ms", "p90_ms": milliseconds per forward of one
+    batch (std over runs, 0 for one run), "runs", "batch_size", "device" (e.g. "cpu", "cuda:0"),
+    "threads" (``torch.get_num_threads()`` during the runs)}.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    shape = _check_input_shape(input_shape)
+    _check_int(batch_size, "batch_size", 1)
+    _check_int(runs, "runs", 1)
+    _check_int(warmup, "warmup", 0)
+    if threads is not None:
+        _check_int(threads, "threads", 1)
+    dev = _resolve_device(device)
+
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    net = model if all(t.device == dev for t in tensors) else copy.deepcopy(model).to(dev)
+    was_training, old_threads = net.training, torch.get_num_threads()
+    x = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0)).to(dev)
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
+        net.eval()
+        with torch.inference_mode():
+            for _ in range(warmup):
+                net(x)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+                events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                          for _ in range(runs)]
+                for start, end in events:
+                    start.record()
+                    net(x)
+                    end.record()
+                torch.cuda.synchronize(dev)
+                times_ms = np.array([start.elapsed_time(end) for start, end in events])
+            else:
+                times_ms = np.empty(runs)
+                for r in range(runs):
+                    t0 = time.perf_counter()
+                    net(x)
+                    times_ms[r] = (time.perf_counter() - t0) * 1e3
+    finally:
+        net.train(was_training)
+        torch.set_num_threads(old_threads)
+    return {"mean_ms": float(times_ms.mean()), "median_ms": float(np.median(times_ms)),
+            "std_ms": float(times_ms.std(ddof=1)) if runs > 1 else 0.0,
+            "p10_ms": float(np.percentile(times_ms, 10)), "p90_ms": float(np.percentile(times_ms, 90)),
+            "runs": runs, "batch_size": batch_size, "device": str(dev), "threads": used_threads}
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates for ONE sample of shape ``input_shape`` (C, H, W): THE op counter.
+
+    ``torch_pruning.utils.count_ops_and_params`` (torch-pruning 1.6.1, ptflops' convention; it runs
+    on a deepcopy in eval mode, with a zero input of shape (1, C, H, W) on the model's device). Its
+    "ops" are MACs for the layers that dominate: Conv2d counts k_h * k_w * (c_in / groups) per output
+    element, Linear c_in per output feature. It also adds, per OUTPUT element, 1 for a conv bias,
+    per output feature 1 for a linear bias, and per INPUT element 2 for an affine BatchNorm, 1 for a
+    ReLU (output element) and 1 for a pooling layer. Functional ops (residual additions, flatten)
+    and modules it does not know (Hardswish, MaxUnpool2d, Dropout) count 0. FLOPs are about 2x this.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    shape = _check_input_shape(input_shape)
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    x = torch.zeros((1, *shape), device=first.device if first is not None else "cpu")
+    with torch.no_grad():
+        ops, _ = tp.utils.count_ops_and_params(model, x)
+    return int(ops)
