@@ -1,0 +1,620 @@
+"""Training and evaluation with the paper's recipe (Section 4.3), resumable and cached.
+
+* SGD with momentum 0.9 (weight decay 5e-4 unless set otherwise), cross-entropy, cosine
+  annealing of the learning rate stepped once per EPOCH (``CosineAnnealingLR(T_max=epochs)``,
+  no warm-up, ``eta_min=0``); the ``lr`` recorded for an epoch is the one used during it.
+* Augmentation is the dataset's job (``data.load_dataset(..., augment=True)``).
+* Two modes: ``"scratch"`` re-initialises the model first (training from scratch, TFS) and
+  ``"finetune"`` keeps its weights (FT).
+* Deterministic given ``seed`` on CPU: the global torch/numpy/python RNGs are seeded, the
+  DataLoader shuffles with its own ``torch.Generator`` and a dataset's augmentation generator
+  (a ``generator`` attribute holding a ``torch.Generator``) is re-seeded; all are derived from
+  ``seed``.  A checkpoint written after every epoch holds the model, optimizer, scheduler and
+  every RNG state, so an interrupted run resumed from it ends with bit-identical weights.
+* Data-parallel under ``torchrun`` (``WORLD_SIZE > 1``): ``DistributedDataParallel`` with a
+  seeded ``DistributedSampler``; ``recipe.batch_size`` is the GLOBAL batch (each rank takes
+  ``batch_size // world_size``).  BatchNorm buffers are broadcast from rank 0 at the end of every
+  epoch so all ranks hold identical weights; evaluation shards the test set across ranks and
+  sums the counts (exact, no padding).  Only rank 0 writes checkpoints and shows progress.
+
+``train_run`` is the cached run every notebook uses; ``python -m spvr_lib.train`` is the CLI
+(the way to train data-parallel: ``torchrun --nproc_per_node N -m spvr_lib.train ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from spvr_lib import results
+
+MODES = ("scratch", "finetune")
+
+
+# --------------------------------------------------------------------------- recipe
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a training run besides model, data and seed.
+
+    ``batch_size`` is the global batch (summed over data-parallel ranks); ``lr`` the initial
+    learning rate of SGD, annealed to 0 by a per-epoch cosine schedule over ``epochs``.
+    ``amp`` trains in bfloat16 autocast on CUDA (ignored on CPU).
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    mode: str = "scratch"
+    num_workers: int = 0
+    augment: bool = True
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        def require(ok: bool, field: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"Recipe.{field}={getattr(self, field)!r}: expected {expected}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+                and math.isfinite(v)
+
+        require(is_int(self.epochs) and self.epochs >= 1, "epochs", "an int >= 1")
+        require(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an int >= 1")
+        require(is_num(self.lr) and self.lr > 0, "lr", "a finite float > 0")
+        require(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "a float in [0, 1)")
+        require(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a float >= 0")
+        require(self.mode in MODES, "mode", f"one of {MODES}")
+        require(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "an int >= 0")
+        require(isinstance(self.augment, bool), "augment", "a bool")
+        require(isinstance(self.amp, bool), "amp", "a bool")
+        # Normalise types so that to_dict() (and with it every cache key) is canonical: lr=1 == lr=1.0.
+        for name in ("epochs", "batch_size", "num_workers"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("lr", "momentum", "weight_decay"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- helpers
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a ``torch.device``; None: CUDA if available, else CPU.  CUDA without an index
+    means ``cuda:<LOCAL_RANK>`` (0 outside torchrun)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Initialise torch.distributed when started by torchrun (``WORLD_SIZE > 1``) and not yet done.
+
+    Backend: nccl for a CUDA ``device``, gloo otherwise.  Returns (rank, world_size).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _world()
+
+
+def reset_parameters(model: nn.Module) -> None:
+    """Re-initialise ``model`` in place: ``reset_parameters()`` on every submodule that has one."""
+    for module in model.modules():
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+
+
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of a state dict: names, dtypes, shapes and raw bytes, in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _augmentation_generator(dataset: Any) -> torch.Generator | None:
+    """The dataset's ``generator`` (a torch.Generator), looking through ``Subset``-like wrappers."""
+    while dataset is not None:
+        gen = getattr(dataset, "generator", None)
+        if isinstance(gen, torch.Generator):
+            return gen
+        dataset = getattr(dataset, "dataset", None)
+    return None
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader worker init: derive the worker's augmentation/numpy/random seeds from its torch seed.
+
+    torch gives each worker ``base_seed + worker_id`` with ``base_seed`` drawn from the loader's
+    generator every epoch, so this is deterministic and differs between epochs and workers.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    gen = _augmentation_generator(info.dataset if info is not None else None)
+    if gen is not None:
+        gen.manual_seed(seed)
+
+
+def _derived_seeds(seed: int) -> tuple[int, int]:
+    """Two independent 32-bit seeds (DataLoader shuffling, dataset augmentation) derived from ``seed``."""
+    loader_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(loader_seed), int(augment_seed)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state(loader_gen: torch.Generator, augment_gen: torch.Generator | None) -> dict[str, Any]:
+    """Every RNG state as tensors/ints (loadable with ``torch.load(weights_only=True)``)."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "loader": loader_gen.get_state(),
+        "numpy": {"keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if augment_gen is not None:
+        state["augment"] = augment_gen.get_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], loader_gen: torch.Generator,
+                   augment_gen: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    loader_gen.set_state(state["loader"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if augment_gen is not None and "augment" in state:
+        augment_gen.set_state(state["augment"])
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def _eval_sums(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+               num_workers: int) -> tuple[torch.Tensor, int]:
+    """([summed CE, top-1 hits, top-5 hits, n] as float64 on ``device``, number of classes or 0)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    num_classes = 0
+    # its own generator: a DataLoader without one draws its worker seed from the GLOBAL torch RNG,
+    # so evaluating would shift the training's random stream
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator())
+    try:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = torch.as_tensor(y).to(device, non_blocking=True)
+            logits = model(x).float()
+            num_classes = logits.shape[1]
+            top = logits.topk(min(5, num_classes), dim=1).indices
+            hits = top == y[:, None]
+            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+    finally:
+        model.train(was_training)
+    return sums, num_classes
+
+
+def _metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    loss_sum, top1, top5, n = sums.tolist()
+    if n == 0:
+        raise ValueError("dataset is empty: cannot evaluate on 0 samples")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n if num_classes > 5 else None,
+            "loss": loss_sum / n, "n": int(n)}
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+             device: str | torch.device | None = None, num_workers: int = 0) -> dict[str, Any]:
+    """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``dataset``.
+
+    ``dataset`` yields (x, int label); ``model(x)`` gives logits [batch, num_classes].  Returns
+    ``{"top1", "top5", "loss", "n"}``; top5 is None when num_classes <= 5 (it would be trivially 100).
+    The model is moved to ``device`` and left in the train/eval mode it came in.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+    dev = resolve_device(device)
+    model.to(dev)
+    return _metrics(*_eval_sums(model, dataset, batch_size, dev, num_workers))
+
+
+def _evaluate_distributed(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
+                          num_workers: int) -> dict[str, Any]:
+    """``evaluate`` with the dataset split into disjoint shards over ranks and the counts summed."""
+    rank, world = _world()
+    if world == 1:
+        return _metrics(*_eval_sums(model, dataset, batch_size, device, num_workers))
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    sums, num_classes = _eval_sums(model, shard, batch_size, device, num_workers)
+    classes = torch.tensor([num_classes], dtype=torch.float64, device=device)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(classes, op=dist.ReduceOp.MAX)
+    return _metrics(sums, int(classes.item()))
+
+
+# --------------------------------------------------------------------------- training
+def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict[str, Any]:
+    # on the CPU: RNG states must stay CPU tensors; model/optimizer loading moves the rest
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("recipe") != recipe.to_dict() or ckpt.get("seed") != seed:
+        raise ValueError(f"checkpoint={str(path)!r} belongs to another run (recipe {ckpt.get('recipe')}, "
+                         f"seed {ckpt.get('seed')}); expected recipe {recipe.to_dict()}, seed {seed}. "
+                         "Delete it or pass another checkpoint path.")
+    return ckpt
+
+
+def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe, seed: int = 0,
+        checkpoint: str | Path | None = None, device: str | torch.device | None = None,
+        progress: bool = True, reinit: Callable[[nn.Module], None] | None = None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train ``model`` in place with ``recipe`` and evaluate it on ``test_set`` after every epoch.
+
+    ``recipe.mode == "scratch"`` first re-initialises the model with ``reinit`` (default:
+    ``reset_parameters`` on every submodule) after seeding; ``"finetune"`` keeps its weights.
+    ``checkpoint``: a file written atomically after every epoch and resumed from when it exists.
+    ``on_epoch_end(history_entry)`` is called after each epoch's checkpoint (an exception raised
+    there interrupts the run, which the checkpoint then resumes).
+
+    Returns ``{"top1", "top5", "loss"}`` of the final model on ``test_set`` plus ``"history"``
+    (one dict per epoch: epoch (1-based), lr, train_loss, test_top1, test_top5, test_loss) and
+    ``"epochs"``.
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe={recipe!r}: expected a spvr_lib.train.Recipe")
+    if len(train_set) == 0:
+        raise ValueError("train_set is empty: expected at least one sample")
+    dev = resolve_device(device)
+    rank, world = init_distributed(dev)
+    if recipe.batch_size % world:
+        raise ValueError(f"recipe.batch_size={recipe.batch_size} is not divisible by the world size {world}")
+    per_rank_batch = recipe.batch_size // world
+    ckpt_path = Path(checkpoint) if checkpoint is not None else None
+
+    _seed_everything(seed)
+    if recipe.mode == "scratch":
+        (reinit or reset_parameters)(model)
+    model.to(dev)
+    loader_seed, augment_seed = _derived_seeds(seed)
+    loader_gen = torch.Generator().manual_seed(loader_seed)
+    augment_gen = _augmentation_generator(train_set)
+    if augment_gen is not None:
+        augment_gen.manual_seed(augment_seed)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    history: list[dict[str, Any]] = []
+    start = 0
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = _load_checkpoint(ckpt_path, recipe, seed)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _set_rng_state(ckpt["rng"], loader_gen, augment_gen)
+        history, start = list(ckpt["history"]), int(ckpt["epoch"])
+
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
+                                                      shuffle=True, seed=seed)
+        net: nn.Module = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        shard_len = len(sampler)
+    else:
+        sampler, net, shard_len = None, model, len(train_set)
+    loader = DataLoader(train_set, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
+                        generator=loader_gen, num_workers=recipe.num_workers, worker_init_fn=_seed_worker,
+                        pin_memory=dev.type == "cuda",
+                        # a last batch of one sample would break BatchNorm in train mode
+                        drop_last=shard_len % per_rank_batch == 1 and shard_len > 1)
+    use_amp = recipe.amp and dev.type == "cuda"
+    show = progress and rank == 0
+
+    epochs_bar = tqdm(range(start, recipe.epochs), total=recipe.epochs, initial=start, desc="epochs",
+                      disable=not show)
+    for epoch in epochs_bar:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        seen = torch.zeros((), dtype=torch.float64, device=dev)
+        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show):
+            x = x.to(dev, non_blocking=True)
+            y = torch.as_tensor(y).to(dev, non_blocking=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                loss = F.cross_entropy(net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach().double() * len(y)
+            seen += len(y)
+        scheduler.step()
+        if world > 1:
+            for buf in model.buffers():  # BatchNorm statistics: rank 0's, so all ranks agree
+                dist.broadcast(buf, src=0)
+            dist.all_reduce(loss_sum)
+            dist.all_reduce(seen)
+        test = _evaluate_distributed(model, test_set, max(per_rank_batch, 256), dev, recipe.num_workers)
+        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": (loss_sum / seen).item(),
+                 "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
+        history.append(entry)
+        epochs_bar.set_postfix(loss=f"{entry['train_loss']:.4f}", top1=f"{test['top1']:.2f}")
+        if ckpt_path is not None and rank == 0:
+            results.atomic_torch_save({
+                "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": history, "recipe": recipe.to_dict(),
+                "seed": seed, "world_size": world, "rng": _rng_state(loader_gen, augment_gen),
+            }, ckpt_path)
+        if world > 1:
+            dist.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(entry)
+    epochs_bar.close()
+
+    last = history[-1]
+    return {"top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"],
+            "history": history, "epochs": recipe.epochs}
+
+
+# --------------------------------------------------------------------------- learning-rate search
+def validation_split(dataset: Dataset, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices) of ``dataset``, stratified by ``dataset.targets`` if present.
+
+    Each class with at least 2 samples gives ``max(1, round(val_fraction * count))`` of them
+    (but never all) to validation; without ``targets`` a seeded random ``val_fraction`` is taken.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction!r}: expected a float in (0, 1)")
+    rng = np.random.default_rng(seed)
+    n = len(dataset)
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        perm = rng.permutation(n)
+        n_val = min(n - 1, max(1, round(val_fraction * n)))
+        return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
+    targets = np.asarray(torch.as_tensor(targets).cpu())
+    if len(targets) != n:
+        raise ValueError(f"dataset.targets has {len(targets)} entries for {n} samples")
+    val: list[int] = []
+    for label in np.unique(targets):
+        idx = rng.permutation(np.flatnonzero(targets == label))
+        if len(idx) >= 2:
+            val.extend(idx[: min(len(idx) - 1, max(1, round(val_fraction * len(idx))))].tolist())
+    val_set = set(val)
+    return [i for i in range(n) if i not in val_set], sorted(val)
+
+
+def lr_search(make_model: Callable[[], nn.Module], train_set: Dataset, grid: Sequence[float], recipe: Recipe,
+              seed: int = 0, val_fraction: float = 0.1, eval_set: Dataset | None = None,
+              device: str | torch.device | None = None, progress: bool = True) -> tuple[float, dict[float, float]]:
+    """Grid search of the learning rate on a validation part split off ``train_set`` (never the test set).
+
+    One ``fit`` per lr in ``grid`` (``recipe`` with that lr) on a fresh ``make_model()``, trained on
+    the rest of ``train_set`` and scored by validation top-1.  ``eval_set``: the same samples as
+    ``train_set`` without augmentation, to validate on (default: ``train_set`` itself).  A run whose
+    last training loss is not finite (diverged) scores 0.  Returns (best lr, {lr: validation top-1});
+    ties go to the smaller lr.
+    """
+    grid = [float(lr) for lr in grid]
+    if not grid:
+        raise ValueError("grid is empty: expected at least one learning rate")
+    if eval_set is not None and len(eval_set) != len(train_set):
+        raise ValueError(f"eval_set has {len(eval_set)} samples, train_set {len(train_set)}: "
+                         "expected the same samples")
+    train_idx, val_idx = validation_split(train_set, val_fraction, seed)
+    train_part = Subset(train_set, train_idx)
+    val_part = Subset(eval_set if eval_set is not None else train_set, val_idx)
+    scores: dict[float, float] = {}
+    for lr in tqdm(grid, desc="lr search", disable=not progress):
+        result = fit(make_model(), train_part, val_part, dataclasses.replace(recipe, lr=lr), seed=seed,
+                     device=device, progress=progress)
+        diverged = not math.isfinite(result["history"][-1]["train_loss"])
+        scores[lr] = 0.0 if diverged else float(result["top1"])
+    best = max(sorted(scores), key=lambda lr: scores[lr])  # max keeps the first (smallest) of ties
+    return best, scores
+
+
+# --------------------------------------------------------------------------- the cached run
+def checkpoint_dir() -> Path:
+    """Checkpoints live beside the run cache: ``<cache_dir>/../checkpoints`` (data/checkpoints)."""
+    return results.cache_dir().parent / "checkpoints"
+
+
+def _relative_to_repo(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(results.REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_train: int | None,
+              per_class_test: int | None, init_state: Mapping[str, torch.Tensor] | None = None,
+              tag: str = "", progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
+    """Build ``spec``, train it on ``dataset`` with ``recipe`` and cache the record (single process).
+
+    The cache key is (spec, dataset, per-class subset sizes, recipe, seed, tag, sha256 of
+    ``init_state``); a finished run is never recomputed, an interrupted one resumes from its
+    per-epoch checkpoint, and a cached record whose weights file was deleted is retrained.
+    ``init_state`` (a state dict, loaded strictly) is only allowed with ``recipe.mode == "finetune"``.
+    The train split is built with ``augment=recipe.augment``, the test split without; both
+    subsets (``per_class_*`` samples per class, None: all) are drawn with ``seed``.
+
+    ``device`` (default: CUDA if available) is not part of the key.
+
+    Returns the record: top1, top5, loss, history, epochs, params, size_mb, wall_s, weights
+    (path of the final state dict, relative to the repo root when inside it), spec.
+    """
+    if not isinstance(recipe, Recipe):
+        raise ValueError(f"recipe={recipe!r}: expected a spvr_lib.train.Recipe")
+    if init_state is not None and recipe.mode != "finetune":
+        raise ValueError(f"init_state is given but recipe.mode={recipe.mode!r}: initial weights are only "
+                         "used with mode='finetune' (scratch re-initialises the model)")
+    key = {"spec": spec, "dataset": dataset, "per_class_train": per_class_train,
+           "per_class_test": per_class_test, "recipe": recipe.to_dict(), "seed": seed, "tag": tag,
+           "init": None if init_state is None else state_dict_digest(init_state)}
+    stem = results.cache_path(key, kind="train").stem
+    resume_path = checkpoint_dir() / f"{stem}.pt"
+    final_path = checkpoint_dir() / f"{stem}.final.pt"
+
+    def compute() -> dict[str, Any]:
+        from spvr_lib import data, models
+
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        model = models.build(spec)
+        if init_state is not None:
+            model.load_state_dict(init_state, strict=True)
+        train_set = data.load_dataset(dataset, "train", augment=recipe.augment, per_class=per_class_train,
+                                      seed=seed)
+        test_set = data.load_dataset(dataset, "test", augment=False, per_class=per_class_test, seed=seed)
+        out = fit(model, train_set, test_set, recipe, seed=seed, checkpoint=resume_path, device=device,
+                  progress=progress, reinit=models.reinitialize)
+        results.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, final_path)
+        return {**out, "params": int(models.count_params(model)), "size_mb": float(models.model_size_mb(model)),
+                "wall_s": round(time.perf_counter() - t0, 3), "weights": _relative_to_repo(final_path),
+                "spec": spec}
+
+    record_exists = results.cache_path(key, kind="train").exists()
+    record = results.cached(key, compute, kind="train", refresh=record_exists and not final_path.exists())
+    resume_path.unlink(missing_ok=True)  # the run is finished and recorded
+    return record
+
+
+def load_weights(record: Mapping[str, Any]) -> nn.Module:
+    """The trained model of a ``train_run`` record: ``models.build(record["spec"])`` with its final weights (CPU)."""
+    from spvr_lib import models
+
+    path = Path(record["weights"])
+    if not path.is_absolute():
+        path = results.REPO_ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
+                                "train_run again with the same arguments: it retrains when the weights are gone")
+    model = models.build(record["spec"])
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m spvr_lib.train`` (or ``torchrun --nproc_per_node N -m spvr_lib.train``).
+
+    Trains a preset on a dataset and writes ``<out>/train-<hash>.json`` (the record, including the
+    sha256 of the final state dict on every rank) and ``<out>/train-<hash>.final.pt``; the per-epoch
+    checkpoint ``<out>/train-<hash>.ckpt.pt`` makes a rerun with the same arguments resume.
+    """
+    p = argparse.ArgumentParser(prog="python -m spvr_lib.train", description=main.__doc__.splitlines()[0])
+    p.add_argument("--preset", required=True, help="models preset: vgg16_bn, resnet34, resnet50")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--dataset", required=True, help="data.load_dataset name, e.g. fashion-mnist")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True, help="global batch size (all ranks)")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--per-class-train", type=int, default=None, help="training samples per class (default all)")
+    p.add_argument("--per-class-test", type=int, default=None, help="test samples per class (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the JSON record and weights")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+
+    from spvr_lib import data, models
+
+    t0 = time.perf_counter()
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                    num_workers=args.num_workers, augment=not args.no_augment, amp=args.amp)
+    dev = resolve_device(args.device)
+    started_here = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
+    rank, world = init_distributed(dev)
+    train_set = data.load_dataset(args.dataset, "train", augment=recipe.augment, per_class=args.per_class_train,
+                                  seed=args.seed)
+    test_set = data.load_dataset(args.dataset, "test", augment=False, per_class=args.per_class_test,
+                                 seed=args.seed)
+    in_channels = int(train_set[0][0].shape[0])
+    spec = models.preset(args.preset, num_classes=train_set.num_classes, in_channels=in_channels, width=args.width)
+    key = {"spec": spec, "dataset": args.dataset, "per_class_train": args.per_class_train,
+           "per_class_test": args.per_class_test, "recipe": recipe.to_dict(), "seed": args.seed}
+    stem = f"train-{results.run_hash(key)}"
+    torch.manual_seed(args.seed)
+    model = models.build(spec)
+    out = fit(model, train_set, test_set, recipe, seed=args.seed, checkpoint=args.out / f"{stem}.ckpt.pt",
+              device=dev, progress=not args.no_progress, reinit=models.reinitialize)
+    digest = state_dict_digest(model.state_dict())
+    digests = [digest]
+    if world > 1:
+        digests = [None] * world
+        dist.all_gather_object(digests, digest)
+    if rank == 0:
+        weights = args.out / f"{stem}.final.pt"
+        results.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        record = {**out, "key": key, "spec": spec, "params": int(models.count_params(model)),
+                  "size_mb": float(models.model_size_mb(model)), "world_size": world,
+                  "state_sha256_per_rank": digests, "weights": str(weights),
+                  "wall_s": round(time.perf_counter() - t0, 3),
+                  "provenance": {"git": results.git_state(), "versions": results.library_versions(),
+                                 "device": results.device_info()}}
+        path = results.atomic_write_json(args.out / f"{stem}.json", record)
+        print(f"top1 {out['top1']:.2f}%  record {path}")
+    if started_here:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
