@@ -181,3 +181,102 @@ def guyon_ranks(setup: GuyonSetup, seed: int) -> pd.DataFrame:
                          lambda: guyon_run(setup, int(seed)), kind="guyon")
     df = pd.DataFrame({"ground truth": rec["ground_truth"], "SPvR": rec["scores_SPvR"], "KL": rec["scores_KL"]})
     return df.rank(ascending=False, method="average")
+
+
+# ----------------------------------------------------------------- the base models (notebook 03)
+# Table 1's base rows and the sizes of Tables 6-8's 0% rows, as the paper prints them.
+PAPER_BASE = {
+    "vgg16": {"paper dataset": "CIFAR-10", "paper top1": 94.25, "paper top5": None, "paper size (MB)": 112},
+    "resnet34": {"paper dataset": "Tiny ImageNet", "paper top1": 63.02, "paper top5": 83.22, "paper size (MB)": 163},
+    "resnet50": {"paper dataset": "ImageNet1K", "paper top1": 76.32, "paper top5": 92.89, "paper size (MB)": 195},
+}
+
+
+def base_spec(setup: Any) -> dict:
+    """The unpruned network of a :class:`config.ModelSetup`, sized for its dataset."""
+    from . import data, models
+
+    info = data.dataset_info(setup.dataset)
+    kw = {"stem": setup.stem} if setup.stem else {}
+    return models.preset(setup.preset, num_classes=info.num_classes, in_channels=info.in_channels,
+                         width=setup.width, **kw)
+
+
+def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Any:
+    """The training recipe of a setup (SGD, momentum 0.9, cosine annealing; Section 4.3)."""
+    from .train import Recipe
+
+    return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
+                  weight_decay=setup.weight_decay, mode=mode, augment=setup.augment)
+
+
+def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict | None = None,
+                seed: int = 0, progress: bool = True) -> tuple[float, dict[float, float]]:
+    """Grid search of the learning rate over ``setup.lr_grid`` on a validation split of the
+    training subset (never the test set); cached.  Returns (best lr, {lr: validation top-1})."""
+    from . import data, models, train
+
+    key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset,
+           "grid": list(setup.lr_grid), "recipe": recipe(setup, mode=mode).to_dict(), "seed": seed,
+           "init": None if init_state is None else train.state_dict_digest(init_state)}
+
+    def compute() -> dict[str, Any]:
+        if len(setup.lr_grid) == 1:
+            return {"best": setup.lr_grid[0], "scores": {str(setup.lr_grid[0]): None}}
+        ds = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset, seed=seed)
+        plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+
+        def make() -> torch.nn.Module:
+            m = models.build(spec)
+            if init_state is not None:
+                m.load_state_dict(init_state)
+            return m
+
+        best, scores = train.lr_search(make, ds, setup.lr_grid, recipe(setup, mode=mode), seed=seed,
+                                       eval_set=plain, progress=progress)
+        return {"best": best, "scores": {str(k): v for k, v in scores.items()}}
+
+    rec = results.cached(key, compute, kind="lrsearch")
+    return float(rec["best"]), {float(k): v for k, v in rec["scores"].items()}
+
+
+def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record."""
+    from .train import train_run
+
+    setup = cfg.model(key)
+    spec = base_spec(setup)
+    lr, _ = searched_lr(setup, spec, progress=progress)
+    return train_run(spec, setup.dataset, recipe(setup, lr=lr), seed, setup.train_subset, setup.test_subset,
+                     tag="base", progress=progress)
+
+
+def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained base network (eval mode) and its run record."""
+    from .train import load_weights
+
+    rec = train_base(cfg, key, seed, progress=progress)
+    return load_weights(rec).eval(), rec
+
+
+def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration subset SPvR ranks with: ``calib_per_class`` training images per class."""
+    from . import data
+
+    setup = cfg.model(key)
+    return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
+
+
+def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Notebook 03's table: our base models beside the paper's base rows."""
+    from .models import spec_to_str
+
+    rows = []
+    for key, rec in records.items():
+        setup = cfg.model(key)
+        rows.append({"model": key, "dataset": setup.dataset, "width": setup.width,
+                     "train images": rec["key"]["per_class_train"], "epochs": setup.epochs,
+                     "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
+                     "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
+                     **PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
+    return pd.DataFrame(rows)

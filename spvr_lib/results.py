@@ -176,11 +176,13 @@ class NotebookRun:
         self.params, self.seeds = dict(params or {}), seeds
         self.dir = output_dir(scale)
         self.t0 = time.perf_counter()
+        self.git = git_state()          # the code the run started from, not what it is when a file is written
 
     def _provenance(self, files: list[Path], **extra: Any) -> dict[str, Any]:
-        return provenance(self.scale, self.params, self.seeds, wall_s=time.perf_counter() - self.t0,
-                          notebook=self.notebook,
-                          files={p.name: file_sha256(p) for p in files}, **extra)
+        rec = provenance(self.scale, self.params, self.seeds, wall_s=time.perf_counter() - self.t0,
+                         notebook=self.notebook, files={p.name: file_sha256(p) for p in files}, **extra)
+        rec["git"] = self.git
+        return rec
 
     def table(self, df: Any, name: str, floatfmt: str = ".4g", **extra: Any) -> Path:
         """Write ``df`` (a pandas DataFrame) as ``<name>.csv`` and ``<name>.md``; returns the CSV path."""

@@ -1,0 +1,67 @@
+"""Atomic writes, provenance beside every artifact, the run cache, and the README generator."""
+import json
+
+import pandas as pd
+import pytest
+
+from spvr_lib import reproduce, results
+
+
+def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
+    target = tmp_path / "out.json"
+    results.atomic_write_json(target, {"a": 1})
+
+    class Boom:
+        pass
+
+    with pytest.raises(TypeError):
+        results.atomic_write_json(target, {"a": Boom()})
+    assert json.loads(target.read_text()) == {"a": 1}            # old content intact
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
+
+
+def test_run_hash_is_order_independent_and_sensitive():
+    assert results.run_hash({"a": 1, "b": [1, 2]}) == results.run_hash({"b": [1, 2], "a": 1})
+    assert results.run_hash({"a": 1}) != results.run_hash({"a": 2})
+
+
+def test_cached_computes_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path))
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": 42}
+
+    a = results.cached({"x": 1}, compute, kind="t")
+    b = results.cached({"x": 1}, compute, kind="t")
+    c = results.cached({"x": 2}, compute, kind="t")
+    assert a["value"] == b["value"] == c["value"] == 42 and len(calls) == 2
+    assert a["key"] == {"x": 1} and a["hash"] == results.run_hash({"kind": "t", "x": 1})
+
+
+def test_notebook_run_writes_artifacts_with_provenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
+    run = results.NotebookRun("99_test", "smoke", params={"d": 2}, seeds=[0, 1])
+    run.table(pd.DataFrame({"a": [1, 2]}), "t")
+    out = tmp_path / "figures" / "smoke"
+    assert (out / "t.csv").read_text() == "a\n1\n2\n"
+    prov = json.loads((out / "t.provenance.json").read_text())
+    assert prov["scale"] == "smoke" and prov["params"] == {"d": 2} and prov["seeds"] == [0, 1]
+    assert set(prov["files"]) == {"t.csv", "t.md"} and prov["files"]["t.csv"] == results.file_sha256(out / "t.csv")
+    assert {"commit", "dirty"} <= set(prov["git"]) and "torch" in prov["versions"]
+    with pytest.raises(ValueError, match="scale='huge'"):
+        results.NotebookRun("99_test", "huge")
+
+
+def test_readme_section_is_generated_from_artifacts(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
+    (tmp_path / "figures" / "cpu").mkdir(parents=True)
+    (tmp_path / "figures" / "cpu" / "table5_kendall_tau.md").write_text("| tau |\n|---|\n| 0.5 |\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{reproduce.README_START}\nold\n{reproduce.README_END}\nafter\n")
+    assert reproduce.update_readme("cpu", readme)
+    text = readme.read_text()
+    assert "| 0.5 |" in text and "old" not in text and text.startswith("intro") and text.endswith("after\n")
+    assert "*Not yet produced at the cpu scale*" in text          # missing artifacts are shown as missing
+    assert not reproduce.update_readme("cpu", readme)              # idempotent
