@@ -6,6 +6,7 @@ of the SPvR and KL neuron rankings against a ground truth).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -280,3 +281,87 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
                      "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
                      **PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------- SPvR pruning of the base models
+def _prunable_count(spec: dict) -> int:
+    from . import models
+
+    with torch.device("meta"):
+        return len(models.prunable_layers(models.build(spec), spec))
+
+
+def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, method: str = "fast",
+                criterion: str = "spvr", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """SPvR applied to the scale's trained base network at ``rate`` (fraction of parameters removed).
+
+    Cached (kind ``prune``) by the base run, rate, group size, ranking method, criterion and
+    calibration seed.  The record holds the pruned ``spec``, ``arch`` (the paper's notation),
+    ``params_before``, ``params_after``, ``budget``, ``prune_s`` (grouping + ranking + budget, in
+    seconds), ``collapsed`` (whether a layer or stage disappeared) and ``kept`` (channels kept per
+    layer, indices into the base network).
+    """
+    from . import models
+    from .prune import spvr_prune
+
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate={rate!r}; expected the fraction of parameters removed, in (0, 1)")
+    setup = cfg.model(key)
+    d = int(group_size or setup.group_size)
+    base_rec = train_base(cfg, key, progress=progress)
+    rkey = {"base": base_rec["hash"], "rate": float(rate), "group_size": d, "method": method,
+            "criterion": criterion, "calib_seed": int(seed), "calib_per_class": setup.calib_per_class}
+
+    def compute() -> dict[str, Any]:
+        from .train import load_weights
+
+        model = load_weights(base_rec).eval()
+        x, y = calibration(cfg, key, seed)
+        t0 = time.perf_counter()
+        res = spvr_prune(model, (x, y), keep=1.0 - rate, group_size=d, criterion=criterion, method=method,
+                         progress=progress)
+        prune_s = time.perf_counter() - t0
+        return {"spec": res.spec, "arch": models.spec_to_str(res.spec), "params_before": res.params_before,
+                "params_after": res.params_after, "budget": res.budget, "prune_s": round(prune_s, 3),
+                "collapsed": _prunable_count(res.spec) < _prunable_count(base_rec["spec"]),
+                "size_mb": models.model_size_mb(res.model), "kept": res.kept,
+                "removed_fraction": 1.0 - res.params_after / res.params_before}
+
+    return results.cached(rkey, compute, kind="prune")
+
+
+def spvr_model(record: dict[str, Any]) -> torch.nn.Module:
+    """The freshly initialised network of a :func:`spvr_pruned` record (SPvR trains it from scratch)."""
+    from .models import build
+
+    return build(record["spec"])
+
+
+# ----------------------------------------------------------------- the grouping module (notebook 02)
+@torch.no_grad()
+def layer_activations(model: torch.nn.Module, x: torch.Tensor, layer: str, batch_size: int = 256) -> torch.Tensor:
+    """The output of prunable layer ``layer`` at its mask point (after BN), [n, m, h, w], for inputs ``x``."""
+    from .models import prunable_layers
+
+    layers = {pl.name: pl for pl in prunable_layers(model, model.spec)}
+    if layer not in layers:
+        raise ValueError(f"layer={layer!r} is not a prunable layer; expected one of {list(layers)}")
+    out: list[torch.Tensor] = []
+    handle = layers[layer].mask_module.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+    try:
+        model.eval()
+        for chunk in x.split(batch_size):
+            model(chunk)
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def forward_passes(spec: dict, group_sizes: Sequence[int]) -> pd.DataFrame:
+    """Section 3.2's cost: the ranking needs sum_i ceil(m_i / d) forward passes (one per group)."""
+    from .models import build, prunable_layers
+
+    with torch.device("meta"):
+        widths = [pl.width for pl in prunable_layers(build(spec), spec)]
+    return pd.DataFrame([{"d": d, "layers": len(widths), "channels": sum(widths),
+                          "forward passes": sum(-(-m // d) for m in widths)} for d in group_sizes])
