@@ -1,0 +1,665 @@
+"""The pruning baselines of the paper's Table 1 (Section 4.2), pruned to the SAME parameter budget as SPvR.
+
+One entry point, :func:`prune`. Every method keeps the trained weights of the channels it keeps
+(so the result can be fine-tuned) and is built on torch-pruning's ``DependencyGraph`` (the
+paper's Section 4.3: "the pruning library by Fang et al. [2023] was utilized to implement the
+baseline methods, except for OTOv2").
+
+Channel units. A *unit* is one torch-pruning dependency group: the output channels of one
+conv/linear layer together with everything coupled to them (its BN, the next layer's input
+channels, and in a ResNet the whole residual stream of a stage: stem or projection conv, every
+block's last conv and BN). The final classifier's outputs are never pruned. Units are the same
+for every method; the methods differ in how they rank channels inside a unit and how many they
+keep per unit:
+
+- ``l1``, ``l2``, ``fpgm``, ``taylor``, ``hrank``, ``nisp``: torch-pruning's LOCAL pruning
+  (``MetaPruner(global_pruning=False, pruning_ratio=r, round_to=group_size)``, as the papers
+  of L1/L2/FPGM prune every layer by the same ratio): every unit keeps
+  ``int(C * (1 - r))`` channels rounded down to a multiple of ``group_size``, the ones with the
+  highest importance. ``r`` is a fraction of CHANNELS, so it is found by bisection: the smallest
+  ``r`` whose pruned model has ``count_params <= budget``.
+- ``curl``: KL-criterion scores by masking (``ranking.group_importance``), ranked GLOBALLY
+  across units; the least important channels are removed until the budget is met, with a
+  per-unit floor.
+- ``rcp``: random per-unit keep fractions scaled to the budget, the best of ``n_samples``.
+- ``otov2``: reported as failed with its reason (see :data:`OTOV2_UNAVAILABLE`).
+
+A method that cannot run or cannot reach the budget does not raise: its result has
+``status="failed"`` and the reason in ``error``, so a table can show it as missing.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Callable, Sequence
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from spvr_lib import models
+
+__all__ = ["METHODS", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune", "reinitialize_any",
+           "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
+
+METHODS = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
+DISPLAY_NAMES = {"l1": "ℓ1", "l2": "ℓ2", "taylor": "Taylor", "fpgm": "FPGM", "rcp": "RCP", "hrank": "HRank",
+                 "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2"}
+
+_LOCAL = ("torch-pruning local pruning: one channel ratio r for every unit (bisected to the parameter budget), "
+          "importance computed once on the unpruned model; every unit keeps at least one channel group.")
+NOTES = {
+    "l1": _LOCAL + " Importance: tp.importance.MagnitudeImportance(p=1) (torch-pruning's group L1 norm: the mean "
+          "over the coupled layers of the filter, BN and next-layer input weights, not only the filter of Li et "
+          "al. 2016).",
+    "l2": _LOCAL + " Importance: tp.importance.MagnitudeImportance(p=2) (group L2 norm, see l1).",
+    "fpgm": _LOCAL + " Importance: tp.importance.FPGMImportance (torch-pruning's distance-sum approximation to the "
+            "geometric median of He et al. 2019).",
+    "taylor": _LOCAL + " Importance: tp.importance.TaylorImportance (|w * dL/dw| summed per channel) with the "
+              "cross-entropy gradient accumulated over the calibration set in eval mode (BN running statistics), "
+              "one shot instead of Molchanov et al.'s iterative prune-and-finetune.",
+    "hrank": _LOCAL + " Importance: HRank's average rank of each channel's feature map over the calibration images, "
+             "taken at ReLU(BN output) (at the conv output in a model without BN); a ResNet block's last BN is "
+             "ranked before the residual addition and a residual-stream unit sums the ranks of its coupled BNs. "
+             "One shot (HRank prunes layer by layer with fine-tuning in between).",
+    "nisp": _LOCAL + " Importance: NISP (Yu et al. 2018): Inf-FS (unsupervised, alpha=0.5) scores of the final "
+            "response layer (the classifier's input) on the calibration set, propagated back by s_in = |W|^T s_out "
+            "with a conv's |W| summed over its kernel and each BN folded in as the diagonal |gamma / sigma|; "
+            "pooling, ReLU and dropout pass scores through per channel. ResNet: the score of a block's input is the "
+            "residual branch's back-propagated score plus the shortcut's (identity, or the projection's |W|); a "
+            "residual-stream unit sums the scores of its coupled convs. Implemented for spvr_lib VGG and ResNet.",
+    "curl": "CURL (Luo and Wu 2020) one shot: KL divergence between the original and masked outputs on the "
+            "calibration set (ranking.group_importance, criterion='kl'; groups of group_size consecutive channels), "
+            "all units ranked together (global), the least important groups removed until the parameter budget, "
+            "never below floor_fraction (default 10%, at least one group) of a unit. A ResNet residual-stream "
+            "channel is scored by the sum of the KL scores of masking it at each block's last BN of the stage (the "
+            "stem and projection BNs are not masked). No iterative pruning/fine-tuning or distillation.",
+    "rcp": "Random Channel Pruning (Li et al. 2022): n_samples architectures with per-unit keep fractions drawn "
+           "from U(0.1, 1), each scaled by one multiplier bisected to the parameter budget; channels kept inside a "
+           "unit by L1 importance (tp.importance.MagnitudeImportance(p=1)) so the chosen network can be fine-tuned.",
+    "otov2": "OTOv2 (Chen et al. 2023) trains the full network with its DHSPG optimizer and builds the subnet from "
+             "its zero groups; no installable release runs here (see error).",
+}
+_RCP_PROXY = (" Candidates ranked by a cheap proxy (short_train=None): accuracy on the calibration set after "
+              "re-estimating BN statistics on it (EagleEye-style adaptive BN), not by the paper's short training.")
+_RCP_TRAIN = " Candidates ranked by the caller's short_train (a brief training run returning validation accuracy)."
+
+OTOV2_UNAVAILABLE = (
+    "OTOv2 cannot run in this environment: only_train_once 3.0.1 (the last release on PyPI) imports "
+    "torch.onnx._globals and calls torch.onnx._optimize_graph, both removed from torch 2.15; it no longer ships "
+    "DHSPG, OTOv2's optimizer (`from .dhspg import DHSPG` is commented out in only_train_once/optimizer/__init__.py), "
+    "only OTOv3's HESSO, which hard-codes .cuda(); and otoml 2.0.1, the OTOv2 release that has DHSPG, declares "
+    "non-PEP 440 requirements ('onnx (>=1.12.*)') that pip >= 24.1 refuses to install.")
+
+_KWARGS = {"l1": set(), "l2": set(), "fpgm": set(), "taylor": {"batch_size"}, "hrank": {"batch_size"},
+           "nisp": {"batch_size"}, "curl": {"floor_fraction", "batch_size"}, "rcp": {"n_samples", "short_train", "batch_size"},
+           "otov2": set()}
+_DEFAULT_KW = {"batch_size": 64, "floor_fraction": 0.1, "n_samples": 20, "short_train": None}
+
+
+@dataclass(eq=False)
+class BaselineResult:
+    """What :func:`prune` returns.
+
+    model: the pruned nn.Module with the kept channels' trained weights (None when failed); it is not
+    a ``models.build`` model any more (per-layer widths), so it has no ``.spec``.
+    params_before / params_after: ``models.count_params`` of the input / pruned model (after is None
+    when failed); budget: the parameter budget from ``keep``.
+    ratio: the per-unit channel pruning ratio found by bisection for the local methods; the fraction of
+    all unit channels removed for curl and rcp; None for otov2 and failures.
+    notes: how this implementation differs from the published method; seconds: wall time of the method.
+    """
+
+    method: str
+    model: nn.Module | None
+    params_before: int
+    params_after: int | None
+    budget: int
+    ratio: float | None
+    notes: str
+    status: str
+    error: str | None
+    seconds: float
+
+
+class _MethodFailure(Exception):
+    """A method cannot run on this model / reach this budget: recorded in the result, never raised by prune."""
+
+
+# --------------------------------------------------------------------------- validation
+def budget_from_keep(keep: int | float, params: int) -> int:
+    """Parameter budget: ``keep`` itself if an int in [1, params]; ``floor(keep * params)`` if a float in (0, 1]."""
+    if isinstance(keep, bool) or not isinstance(keep, Real):
+        raise ValueError(f"keep must be a parameter count (int) or a fraction (float), got {keep!r}")
+    if isinstance(keep, Integral):
+        if not 1 <= keep <= params:
+            raise ValueError(f"keep={keep} parameters must be in [1, {params}] (the model's size)")
+        return int(keep)
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep={keep} as a fraction of the model's {params} parameters must be in (0, 1]")
+    budget = math.floor(keep * params)
+    if budget < 1:
+        raise ValueError(f"keep={keep} leaves a budget of {budget} parameters (model has {params})")
+    return budget
+
+
+def _check_calib(calib) -> tuple[Tensor, Tensor]:
+    if not (isinstance(calib, (tuple, list)) and len(calib) == 2 and all(isinstance(t, Tensor) for t in calib)):
+        raise ValueError(f"calib must be a tuple (x, y) of tensors, got {type(calib).__name__}")
+    x, y = calib
+    if x.ndim < 2 or x.shape[0] < 1 or y.shape != (x.shape[0],) or y.dtype != torch.long:
+        raise ValueError(f"calib must be x [n, ...] and integer labels y [n] (n >= 1), got x {tuple(x.shape)}, "
+                         f"y {tuple(y.shape)} {y.dtype}")
+    return x, y
+
+
+def _check_pos_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _check_kwargs(method: str, method_kw: dict) -> dict:
+    """The method's keyword arguments, validated, with defaults filled in."""
+    if unknown := set(method_kw) - _KWARGS[method]:
+        raise ValueError(f"unknown keyword(s) {sorted(unknown)} for method {method!r}; allowed: "
+                         f"{sorted(_KWARGS[method])}")
+    kw = {**_DEFAULT_KW, **method_kw}
+    _check_pos_int(kw["batch_size"], "batch_size")
+    _check_pos_int(kw["n_samples"], "n_samples")
+    f = kw["floor_fraction"]
+    if isinstance(f, bool) or not isinstance(f, Real) or not 0 <= f < 1:
+        raise ValueError(f"floor_fraction must be a number in [0, 1), got {f!r}")
+    if kw["short_train"] is not None and not callable(kw["short_train"]):
+        raise ValueError(f"short_train must be a callable(nn.Module) -> float, or None; got {kw['short_train']!r}")
+    return kw
+
+
+# --------------------------------------------------------------------------- bisection
+def bisect_budget(count_at: Callable[[float], int], budget: int, tol: float = 1e-9,
+                  max_iter: int = 40) -> tuple[float, int]:
+    """Smallest x in [0, 1] with ``count_at(x) <= budget``, for a non-increasing step function ``count_at``.
+
+    Returns (x, count_at(x)). Bisection stops when the bracket [x_lo, x] (count_at(x_lo) > budget) is
+    narrower than ``tol`` or after ``max_iter`` halvings, so x is within ``tol`` of the step where the
+    count first fits: one more channel (group) kept would exceed the budget. Raises _MethodFailure if
+    even ``count_at(1)`` exceeds the budget.
+    """
+    count = count_at(0.0)
+    if count <= budget:
+        return 0.0, count
+    lo, hi, count = 0.0, 1.0, count_at(1.0)
+    if count > budget:
+        raise _MethodFailure(f"budget unreachable: the most this method can prune leaves {count} parameters "
+                             f"> budget {budget}")
+    for _ in range(max_iter):
+        if hi - lo <= tol:
+            break
+        mid = (lo + hi) / 2
+        c = count_at(mid)
+        if c <= budget:
+            hi, count = mid, c
+        else:
+            lo = mid
+    return hi, count
+
+
+# --------------------------------------------------------------------------- channel units
+def _classifier_name(model: nn.Module) -> str:
+    """The final classifier: the last nn.Linear (or, with none, the last nn.Conv2d) in module order."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)] or \
+            [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not names:
+        raise ValueError(f"model {type(model).__name__} has no nn.Linear or nn.Conv2d layer to prune around")
+    return names[-1]
+
+
+class _Units:
+    """The channel units (torch-pruning dependency groups) of ``model`` and how to cut them.
+
+    ``model`` is a working copy in eval mode that is never pruned; ``example`` [1, ...] one input for
+    tracing. ``count`` prunes a meta-device copy (no weights allocated), memoised by the units' widths;
+    ``apply`` prunes a real deep copy.
+    """
+
+    def __init__(self, model: nn.Module, example: Tensor):
+        self.model, self.example = model, example
+        self.classifier = _classifier_name(model)
+        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        names = {m: n for n, m in model.named_modules()}
+        clf = model.get_submodule(self.classifier)
+        self.groups = {names[g[0].dep.target.module]: g for g in self.dg.get_all_groups(
+            ignored_layers=[clf], root_module_types=[nn.Conv2d, nn.Linear])}
+        self.widths = {n: len(g[0].idxs) for n, g in self.groups.items()}
+        self._meta = copy.deepcopy(model).to("meta")
+        self._counts: dict[tuple, int] = {}
+
+    def scores(self, importance: tp.importance.Importance) -> dict[str, Tensor | None]:
+        """Per-channel importance [width] of every unit (None: the importance has nothing to score there)."""
+        out = {}
+        for name, group in self.groups.items():
+            s = importance(group)
+            out[name] = None if s is None else s.detach().double().cpu()
+        return out
+
+    def out_modules(self, name: str) -> list[nn.Module]:
+        """The layers whose output channels make up unit ``name``."""
+        return [dep.target.module for dep, _ in self.groups[name] if self.dg.is_out_channel_pruning_fn(dep.handler)]
+
+    @staticmethod
+    def _cut(model: nn.Module, example: Tensor, removals: dict[str, Sequence[int]]) -> nn.Module:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        for name, idxs in removals.items():
+            if len(idxs):
+                root = model.get_submodule(name)
+                dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
+                                     sorted(int(i) for i in idxs)).prune()
+        return model
+
+    def count(self, removals: dict[str, Sequence[int]]) -> int:
+        """count_params of the model with ``removals`` {unit: channel indices} cut (only the numbers matter)."""
+        key = tuple(len(removals.get(n, ())) for n in self.groups)
+        if key not in self._counts:
+            meta = copy.deepcopy(self._meta)
+            plan = {n: range(len(removals.get(n, ()))) for n in self.groups}
+            self._counts[key] = models.count_params(self._cut(meta, self.example.to("meta"), plan))
+        return self._counts[key]
+
+    def apply(self, removals: dict[str, Sequence[int]]) -> nn.Module:
+        """A pruned deep copy of the model, trained weights of the kept channels kept."""
+        return self._cut(copy.deepcopy(self.model), self.example, removals)
+
+    def removed_fraction(self, removals: dict[str, Sequence[int]]) -> float:
+        return sum(len(v) for v in removals.values()) / sum(self.widths.values())
+
+
+def _keep_local(width: int, ratio: float, group_size: int) -> int:
+    """torch-pruning's local rule: int(C * (1 - r)) rounded down to a multiple of round_to (only when pruning),
+    but at least one group (torch-pruning skips a layer that would lose every channel)."""
+    keep = int(width * (1 - ratio))
+    if keep < width:
+        keep -= keep % group_size
+    return max(keep, min(group_size, width))
+
+
+def _local_removals(scores: dict[str, Tensor | None], widths: dict[str, int], ratio: float,
+                    group_size: int) -> dict[str, list[int]]:
+    """{unit: the width - keep least important channels} for one ratio r (units without scores untouched)."""
+    out = {}
+    for name, s in scores.items():
+        if s is not None:
+            n_drop = widths[name] - _keep_local(widths[name], ratio, group_size)
+            out[name] = torch.argsort(s, stable=True)[:n_drop].tolist()
+    return out
+
+
+_OUT_CHANNEL_FNS = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_batchnorm_out_channels)
+
+
+class ChannelScoreImportance(tp.importance.Importance):
+    """A torch-pruning importance from precomputed per-channel scores {layer module: Tensor[out channels]}.
+
+    The score of a dependency group is the sum, over its layers whose OUTPUT channels are pruned and that
+    have scores, of those scores (mapped to the group's root channels); so a ResNet residual-stream group
+    sums its coupled layers. Returns None for a group with no scored layer (left unpruned).
+    """
+
+    def __init__(self, scores: dict[nn.Module, Tensor]):
+        self.scores = scores
+
+    @torch.no_grad()
+    def __call__(self, group) -> Tensor | None:
+        total = None
+        for i, (dep, idxs) in enumerate(group):
+            s = self.scores.get(dep.target.module)
+            if s is None or dep.handler not in _OUT_CHANNEL_FNS:
+                continue
+            if total is None:
+                total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+            total.index_add_(0, torch.as_tensor(group[i].root_idxs), s.double().cpu()[idxs])
+        return total
+
+
+# --------------------------------------------------------------------------- importances
+def _batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, desc: str, progress: bool):
+    starts = range(0, x.shape[0], batch_size)
+    for i in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
+        yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+
+
+def _taylor_gradients(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device, progress: bool) -> None:
+    """Accumulate d(mean cross-entropy over the calibration set)/dw into .grad (eval mode)."""
+    work.zero_grad(set_to_none=True)
+    for xb, yb in _batches(x, y, batch_size, device, "taylor grads", progress):
+        (nn.functional.cross_entropy(work(xb), yb, reduction="sum") / x.shape[0]).backward()
+
+
+def _hrank_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
+                  progress: bool) -> dict[nn.Module, Tensor]:
+    """HRank: mean matrix rank of each channel's feature map [H, W] over the calibration images.
+
+    Taken at ReLU(BN output) for every BatchNorm2d, or at every Conv2d output in a model without BN.
+    """
+    bns = [m for m in work.modules() if isinstance(m, nn.BatchNorm2d)]
+    targets = bns or [m for m in work.modules() if isinstance(m, nn.Conv2d)]
+    if not targets:
+        raise _MethodFailure("HRank ranks conv feature maps; the model has no Conv2d layer")
+    sums: dict[nn.Module, Tensor] = {}
+
+    def hook(module, inputs, out):
+        fm = out.relu() if bns else out
+        sums[module] = sums.get(module, 0) + torch.linalg.matrix_rank(fm.float()).sum(0).double().cpu()
+
+    handles = [m.register_forward_hook(hook) for m in targets]
+    try:
+        with torch.no_grad():
+            for xb, _ in _batches(x, y, batch_size, device, "hrank", progress):
+                work(xb)
+    finally:
+        for h in handles:
+            h.remove()
+    return {m: s / x.shape[0] for m, s in sums.items()}
+
+
+def inf_fs(features: Tensor, alpha: float = 0.5) -> Tensor:
+    """Unsupervised Inf-FS (Roffo et al. 2015) feature scores, the NISP paper's ranking of its final layer.
+
+    features: [n, F] (n >= 2 samples). A_ij = alpha * sigma_ij + (1 - alpha) * (1 - |Spearman rho_ij|) with
+    sigma_ij = max(std_i, std_j) min-max normalised; scores = (I - r A)^-1 1 with r = 0.9 / lambda_max(A)
+    (the energy of all paths through each feature). Returns [F], higher = more important.
+    """
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be [n, F] with n >= 2, got shape {tuple(features.shape)}")
+    f = features.double()
+    std = f.std(dim=0)
+    sigma = torch.maximum(std[:, None], std[None, :])
+    span = sigma.max() - sigma.min()
+    sigma = (sigma - sigma.min()) / span if span > 0 else torch.zeros_like(sigma)
+    ranks = f.argsort(dim=0).argsort(dim=0).double()
+    ranks = ranks - ranks.mean(dim=0)
+    norm = ranks.norm(dim=0)
+    rho = (ranks.T @ ranks) / (norm[:, None] * norm[None, :])
+    rho = torch.nan_to_num(rho, nan=0.0)                 # a constant feature correlates with nothing
+    a = alpha * sigma + (1 - alpha) * (1 - rho.abs())
+    lam = torch.linalg.eigvalsh(a).max()
+    if lam <= 0:
+        return torch.ones(f.shape[1], dtype=torch.float64)
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(eye - (0.9 / lam) * a, torch.ones(a.shape[0], 1, dtype=torch.float64))[:, 0]
+
+
+def _abs_weight(layer: nn.Module) -> Tensor:
+    """|W| as [out, in]: a conv's kernel summed over its spatial positions."""
+    w = layer.weight.detach().double().abs()
+    return w.flatten(2).sum(2) if w.ndim > 2 else w
+
+
+def _bn_scale(bn: nn.BatchNorm2d) -> Tensor:
+    scale = torch.ones(bn.num_features, dtype=torch.float64, device=bn.running_var.device) \
+        if bn.weight is None else bn.weight.detach().double()
+    return (scale / (bn.running_var.double() + bn.eps).sqrt()).abs()
+
+
+def _nisp_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
+                 progress: bool) -> dict[nn.Module, Tensor]:
+    """NISP importance of every conv's (and hidden linear's) output channels; see NOTES['nisp']."""
+    if not isinstance(work, (models.VGG, models.ResNet)):
+        raise _MethodFailure(f"NISP back-propagation is implemented for spvr_lib VGG and ResNet models, "
+                             f"got {type(work).__name__}")
+    if x.shape[0] < 2:
+        raise _MethodFailure("NISP's Inf-FS needs at least 2 calibration samples")
+    linears = [m for m in work.modules() if isinstance(m, nn.Linear)]
+    frl = []
+    handle = linears[-1].register_forward_pre_hook(lambda m, inp: frl.append(inp[0].detach().flatten(1).cpu()))
+    try:
+        with torch.no_grad():
+            for xb, _ in _batches(x, y, batch_size, device, "nisp", progress):
+                work(xb)
+    finally:
+        handle.remove()
+    s = inf_fs(torch.cat(frl)).to(device)
+    scores: dict[nn.Module, Tensor] = {}
+    for lin in reversed(linears[:-1]):                      # VGG "imagenet" head: hidden linears
+        scores[lin] = s
+        s = _abs_weight(lin).T @ s
+
+    def chain(pairs, s):                                   # [(conv, bn), ...] in forward order
+        for conv, bn in reversed(pairs):
+            scores[conv] = s
+            s = _abs_weight(conv).T @ (s * _bn_scale(bn))
+        return s
+
+    if isinstance(work, models.VGG):
+        blocks = [b for b in work.features if isinstance(b, nn.Sequential)]
+        s = s.view(blocks[-1][0].out_channels, -1).sum(1)  # flattened pooled map -> channels
+        chain([(b[0], b[1]) for b in blocks], s)
+        return scores
+    for name in reversed(work.stage_names):
+        for block in reversed(getattr(work, name)):
+            k = 3 if isinstance(block, models.Bottleneck) else 2
+            pairs = [(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, k + 1)]
+            if block.downsample is None:
+                shortcut = s
+            else:
+                scores[block.downsample[0]] = s
+                shortcut = _abs_weight(block.downsample[0]).T @ (s * _bn_scale(block.downsample[1]))
+            s = chain(pairs, s) + shortcut
+    scores[work.conv1] = s
+    return scores
+
+
+def _curl_scores(work: nn.Module, x: Tensor, group_size: int, batch_size: int,
+                 progress: bool) -> dict[nn.Module, Tensor]:
+    """KL score of masking each group of ``group_size`` consecutive channels, spread to its channels."""
+    from spvr_lib.ranking import group_importance
+    spec = getattr(work, "spec", None)
+    if spec is None:
+        raise _MethodFailure("CURL masks the prunable layers of a spvr_lib.models.build model (model.spec); "
+                             f"{type(work).__name__} has no .spec")
+    layers = models.prunable_layers(work, spec)
+    groups = {L.name: _chunks(L.width, group_size) for L in layers}
+    kl = group_importance(work, x, groups, criterion="kl", method="fast", batch_size=batch_size, progress=progress)
+    out = {}
+    for L in layers:
+        s = torch.empty(L.width, dtype=torch.float64)
+        for chunk, v in zip(groups[L.name], kl[L.name].tolist()):
+            s[chunk] = v
+        out[L.conv] = s
+    return out
+
+
+def _chunks(width: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, width))) for i in range(0, width, size)]
+
+
+# --------------------------------------------------------------------------- methods
+def _fit_local(units: _Units, scores: dict[str, Tensor | None], budget: int, group_size: int):
+    if all(s is None for s in scores.values()):
+        raise _MethodFailure("the importance scored no prunable unit of this model")
+    ratio, _ = bisect_budget(lambda r: units.count(_local_removals(scores, units.widths, r, group_size)), budget)
+    return units.apply(_local_removals(scores, units.widths, ratio, group_size)), ratio
+
+
+def _curl_removal_order(scores: dict[str, Tensor | None], widths: dict[str, int], group_size: int,
+                        floor_fraction: float) -> list[tuple[str, list[int]]]:
+    """Every (unit, channel group) in increasing global importance, skipping those that would take a unit
+    below max(floor_fraction * width, one group) channels."""
+    candidates = []
+    for u, (name, s) in enumerate(scores.items()):
+        if s is not None:
+            for c, chunk in enumerate(_chunks(widths[name], group_size)):
+                candidates.append((float(s[chunk].mean()), u, c, name, chunk))
+    candidates.sort(key=lambda t: t[:3])
+    left = dict(widths)
+    order = []
+    for *_, name, chunk in candidates:
+        floor = max(math.ceil(floor_fraction * widths[name]), min(group_size, widths[name]))
+        if left[name] - len(chunk) >= floor:
+            left[name] -= len(chunk)
+            order.append((name, chunk))
+    return order
+
+
+def _first(order: list[tuple[str, list[int]]], x: float) -> dict[str, list[int]]:
+    removals: dict[str, list[int]] = {}
+    for name, chunk in order[:math.floor(x * len(order) + 1e-12)]:
+        removals.setdefault(name, []).extend(chunk)
+    return removals
+
+
+def _rcp_removals(scores: dict[str, Tensor], widths: dict[str, int], fractions: dict[str, float],
+                  x: float, group_size: int) -> dict[str, list[int]]:
+    """Keep int(C * min(1, u * m)) channels per unit (m = (1 - x) / min u; rounded down to a group; at least
+    one group), the highest-L1 ones."""
+    m = (1 - x) / min(fractions.values())
+    out = {}
+    for name, s in scores.items():
+        width = widths[name]
+        keep = int(width * min(1.0, fractions[name] * m))
+        if keep < width:
+            keep -= keep % group_size
+        keep = max(keep, min(group_size, width))
+        out[name] = torch.argsort(s, stable=True)[:width - keep].tolist()
+    return out
+
+
+def _adaptive_bn_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int, device) -> float:
+    """Accuracy on (x, y) after re-estimating every BN's running statistics on x (cumulative average)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for xb, _ in _batches(x, y, batch_size, device, "", False):
+            model(xb)
+        model.eval()
+        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in _batches(x, y, batch_size, device, "",
+                                                                                        False))
+    return correct / x.shape[0]
+
+
+def _run(method: str, model: nn.Module, x: Tensor, y: Tensor, budget: int, group_size: int, seed: int,
+         progress: bool, kw: dict) -> tuple[nn.Module, float | None, str]:
+    """The pruned model, its ratio and the notes; raises _MethodFailure when the method cannot do it."""
+    if method == "otov2":
+        raise _MethodFailure(OTOV2_UNAVAILABLE)
+    device = next(model.parameters()).device
+    work = copy.deepcopy(model).eval()
+    batch_size = kw["batch_size"]
+    units = _Units(work, x[:1].to(device))
+    notes = NOTES[method]
+    if method in ("l1", "l2", "fpgm", "taylor", "hrank", "nisp"):
+        if method in ("l1", "l2"):
+            importance = tp.importance.MagnitudeImportance(p=1 if method == "l1" else 2)
+        elif method == "fpgm":
+            importance = tp.importance.FPGMImportance()
+        elif method == "taylor":
+            _taylor_gradients(work, x, y, batch_size, device, progress)
+            importance = tp.importance.TaylorImportance()
+        else:
+            compute = _hrank_scores if method == "hrank" else _nisp_scores
+            importance = ChannelScoreImportance(compute(work, x, y, batch_size, device, progress))
+        scores = units.scores(importance)
+        work.zero_grad(set_to_none=True)
+        pruned, ratio = _fit_local(units, scores, budget, group_size)
+        unscored = sorted(n for n, s in scores.items() if s is None)
+        if unscored:
+            notes += f" Units left unpruned (nothing to score): {', '.join(unscored)}."
+        return pruned, ratio, notes
+    if method == "curl":
+        floor_fraction = kw["floor_fraction"]
+        scores = units.scores(ChannelScoreImportance(_curl_scores(work, x, group_size, batch_size, progress)))
+        order = _curl_removal_order(scores, units.widths, group_size, floor_fraction)
+        try:
+            frac, _ = bisect_budget(lambda f: units.count(_first(order, f)), budget)
+        except _MethodFailure as e:
+            raise _MethodFailure(f"{e} (CURL keeps at least {floor_fraction:.0%} of every unit)") from None
+        removals = _first(order, frac)
+        return units.apply(removals), units.removed_fraction(removals), notes
+    # rcp
+    n_samples, short_train = kw["n_samples"], kw["short_train"]
+    scores = {n: s for n, s in units.scores(tp.importance.MagnitudeImportance(p=1)).items() if s is not None}
+    gen = torch.Generator().manual_seed(seed)
+    best, failures = None, []
+    for _ in tqdm(range(n_samples), desc="rcp samples", disable=not progress, leave=False):
+        fractions = dict(zip(scores, (0.1 + 0.9 * torch.rand(len(scores), generator=gen, dtype=torch.float64))
+                             .tolist()))
+        try:
+            x_fit, _ = bisect_budget(lambda v: units.count(_rcp_removals(scores, units.widths, fractions, v,
+                                                                         group_size)), budget)
+        except _MethodFailure as e:
+            failures.append(str(e))
+            continue
+        removals = _rcp_removals(scores, units.widths, fractions, x_fit, group_size)
+        candidate = units.apply(removals)
+        trial = copy.deepcopy(candidate)
+        acc = float(short_train(trial)) if short_train is not None else \
+            _adaptive_bn_accuracy(trial, x, y, batch_size, device)
+        if best is None or acc > best[0]:
+            best = (acc, candidate, removals)
+    if best is None:
+        raise _MethodFailure(f"no random architecture reaches the budget: {failures[0]}")
+    notes += (_RCP_TRAIN if short_train is not None else _RCP_PROXY) + \
+        f" {n_samples} samples; best score {best[0]:.4f}."
+    return best[1], units.removed_fraction(best[2]), notes
+
+
+def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float, *, group_size: int = 1,
+          seed: int = 0, progress: bool = True, **method_kw) -> BaselineResult:
+    """Prune a deep copy of ``model`` with baseline ``method`` to the parameter budget given by ``keep``.
+
+    method: one of METHODS. calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
+    HRank ranks, Taylor gradients, NISP/CURL outputs; x[:1] traces the graph). keep: parameters to keep
+    (int) or a fraction of ``count_params(model)`` (float in (0, 1]). group_size: channels are removed in
+    multiples of it (torch-pruning's round_to; CURL's group). method_kw: ``batch_size`` (taylor, hrank,
+    nisp, rcp; default 64), ``floor_fraction`` (curl; default 0.1), ``n_samples`` (rcp; default 20),
+    ``short_train`` (rcp: callable(model) -> validation accuracy; the model passed is a copy).
+    Bad arguments raise ValueError; a method that cannot run or reach the budget returns status "failed".
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
+        raise ValueError(f"model must be an nn.Module with parameters, got {type(model).__name__}")
+    x, y = _check_calib(calib)
+    group_size = _check_pos_int(group_size, "group_size")
+    kw = _check_kwargs(method, method_kw)
+    params_before = models.count_params(model)
+    budget = budget_from_keep(keep, params_before)
+    start = time.perf_counter()
+    try:
+        pruned, ratio, notes = _run(method, model, x, y, budget, group_size, seed, progress, kw)
+        params_after = models.count_params(pruned)
+        if params_after > budget:
+            raise _MethodFailure(f"pruned model has {params_after} parameters > budget {budget}")
+    except Exception as e:                                 # a method failure is a result, not an exception
+        error = str(e) if isinstance(e, _MethodFailure) else f"{type(e).__name__}: {e}"
+        return BaselineResult(method, None, params_before, None, budget, None, NOTES[method], "failed", error,
+                              time.perf_counter() - start)
+    if hasattr(pruned, "spec"):
+        del pruned.spec                                    # per-layer widths no longer match any spec
+    pruned.train(model.training)
+    return BaselineResult(method, pruned, params_before, params_after, budget, ratio, notes, "ok", None,
+                          time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- Table 3
+def reinitialize_any(model: nn.Module) -> nn.Module:
+    """Re-initialise every Conv2d / BatchNorm2d / Linear of an arbitrary (pruned) module in place, as
+    ``models.build`` does: kaiming-normal fan_out convs, BN weight 1 bias 0 with running stats reset, Linear
+    N(0, 0.01) if the model's class says ``linear_init = "normal"`` (torchvision VGG) else PyTorch's default
+    (torchvision ResNet). Raises ValueError if another module type holds parameters."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+    handled = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    if odd := sorted({type(m).__name__ for m in model.modules()
+                      if not isinstance(m, handled) and any(True for _ in m.parameters(recurse=False))}):
+        raise ValueError(f"reinitialize_any handles Conv2d, BatchNorm2d and Linear; model has parameters in {odd}")
+    linear_init = getattr(model, "linear_init", "default")
+    for m in model.modules():
+        models._init_module(m, linear_init)
+    return model
