@@ -247,9 +247,10 @@ def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict
 
     setup = cfg.model(key)
     spec = base_spec(setup)
-    lr, _ = searched_lr(setup, spec, progress=progress)
-    return train_run(spec, setup.dataset, recipe(setup, lr=lr), seed, setup.train_subset, setup.test_subset,
-                     tag="base", progress=progress)
+    lr, _ = searched_lr(setup, spec, progress=progress)   # searched at the pruned networks' budget
+    base = dataclasses.replace(recipe(setup, lr=lr), epochs=setup.base_epochs or setup.epochs)
+    per_class = setup.base_train_subset or setup.train_subset
+    return train_run(spec, setup.dataset, base, seed, per_class, setup.test_subset, tag="base", progress=progress)
 
 
 def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -276,7 +277,7 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     for key, rec in records.items():
         setup = cfg.model(key)
         rows.append({"model": key, "dataset": setup.dataset, "width": setup.width,
-                     "train images": rec["key"]["per_class_train"], "epochs": setup.epochs,
+                     "train images per class": rec["key"]["per_class_train"], "epochs": rec["key"]["recipe"]["epochs"],
                      "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
                      "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
                      **PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
@@ -365,3 +366,55 @@ def forward_passes(spec: dict, group_sizes: Sequence[int]) -> pd.DataFrame:
         widths = [pl.width for pl in prunable_layers(build(spec), spec)]
     return pd.DataFrame([{"d": d, "layers": len(widths), "channels": sum(widths),
                           "forward passes": sum(-(-m // d) for m in widths)} for d in group_sizes])
+
+
+# ----------------------------------------------------------------- the architectures (notebook 08)
+# Tables 6-8 as the paper prints them: rate -> (size on disk in MB, architecture).  Table 8's 70% row
+# lists "x 6" for the last stage; ResNet50's last stage has 3 blocks, so we read it as a typo and
+# show it as printed.
+PAPER_ARCHITECTURES = {
+    "vgg16": {
+        0.0: (112, '64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"'),
+        0.7: (33.7, '58, 64, "M", 126, 128, "M", 238, 224, "M", 192, 192, 94, "M", 56, 482, 512, "M"'),
+        0.8: (22.5, '58, 64, "M", 126, 128, "M", 238, 224, "M", 192, 192, 94, "M", 56, 196, 512, "M"'),
+        0.9: (11.2, '54, 64, "M", 124, 128, "M", 224, 220, "M", 174, 110, "M"'),
+        0.95: (5.56, '42, 64, "M", 110, 126, "M", 170, 138, 92, "M"'),
+        0.98: (2.25, '36, 62, "M", 78, 112, "M", 92, 44, 46, "M"'),
+    },
+    "resnet34": {
+        0.0: (163, "[64, 64] × 3, [128, 128] × 4, [256, 256] × 6, [512, 512] × 3"),
+        0.7: (46.8, "[60, 60] × 3, [112, 112] × 4, [328, 328] × 3"),
+        0.8: (30.6, "[60, 60] × 3, [104, 104] × 4, [256, 256] × 3"),
+        0.9: (15.2, "[60, 60] × 3, [100, 100] × 4, [152, 152] × 3"),
+        0.95: (8.03, "[60, 60] × 3, [76, 76] × 4, [88, 88] × 3"),
+        0.98: (2.72, "[60, 60] × 3, [36, 36] × 4, [44, 44] × 3"),
+    },
+    "resnet50": {
+        0.0: (195, "[64, 64, 64] × 3, [128, 128, 128] × 4, [256, 256, 256] × 6, [512, 512, 512] × 3"),
+        0.4: (118, "[64, 64, 64] × 3, [120, 120, 120] × 4, [240, 240, 240] × 6, [328, 328, 328] × 3"),
+        0.7: (60.3, "[64, 64, 64] × 3, [112, 112, 112] × 4, [200, 200, 200] × 6, [152, 152, 152] × 6"),
+        0.8: (41.5, "[56, 56, 56] × 3, [112, 112, 112] × 4, [168, 168, 168] × 6, [96, 96, 96] × 3"),
+        0.95: (12, "[56, 56, 56] × 3, [88, 88, 88] × 4, [64, 64, 64] × 6"),
+    },
+}
+
+
+def architectures_table(cfg: Any, keys: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Tables 6-8: the architecture SPvR recommends at each of the paper's rates, beside the paper's."""
+    from . import models
+
+    rows = []
+    for key in keys or list(cfg.models):
+        setup = cfg.model(key)
+        base = train_base(cfg, key, progress=progress)
+        paper = PAPER_ARCHITECTURES[key]
+        rows.append({"model": key, "rate": 0.0, "removed": 0.0, "params": base["params"], "size (MB)": base["size_mb"],
+                     "layers": _prunable_count(base["spec"]), "architecture": models.spec_to_str(base["spec"]),
+                     "paper size (MB)": paper[0.0][0], "paper architecture": paper[0.0][1]})
+        for rate in setup.rates:
+            rec = spvr_pruned(cfg, key, rate, progress=progress)
+            p = paper.get(rate, (None, None))
+            rows.append({"model": key, "rate": rate, "removed": rec["removed_fraction"], "params": rec["params_after"],
+                         "size (MB)": rec["size_mb"], "layers": _prunable_count(rec["spec"]),
+                         "architecture": rec["arch"], "paper size (MB)": p[0], "paper architecture": p[1]})
+    return pd.DataFrame(rows)
