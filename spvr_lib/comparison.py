@@ -1,0 +1,766 @@
+"""SPvR against the nine baselines at equal parameter budgets (Tables 1-3, Figure 1).
+
+Every method prunes the SAME trained base network (``experiments.base_model``, seed 0) with the
+SAME calibration set (``experiments.calibration``, seed 0) to the SAME parameter budget
+``floor((1 - rate) * params of the base)``:
+
+* ``"spvr"``: ``experiments.spvr_pruned`` (its cache is shared with every notebook); SPvR's
+  network is always trained from scratch (fresh initialisation, Section 5.2).
+* a baseline of ``baselines.METHODS``: ``baselines.prune`` with the budget as an int, keeping the
+  trained weights of the kept channels.  The pruned structure and weights are cached under
+  ``data/pruned/<hash>.pt`` (see :func:`save_pruned` for the format) with a JSON record in the
+  run cache (kind ``baseline``); a method failure (OTOv2 here) is cached as a record with
+  ``status="failed"`` and its reason.
+
+The architecture is fixed once per (model, method, rate): the pruning uses seed 0's base model and
+calibration set, and seed 0 for RCP's random architecture sampling (as the paper prunes once).  Seeds
+vary the training (initialisation, data order, augmentation) and the training and test subsets, drawn
+with the seed as ``train.train_run`` does.
+
+Every trained comparison uses the SAME recipe for every method (Appendix D: "Consistency was
+maintained across all methods ... optimizer, scheduler, batch size, and training duration"):
+``experiments.recipe(setup, lr=<the base model's searched lr>)``.  Table 2 alone searches the
+learning rate for each of fine-tuning and training from scratch, as the paper says.
+
+Noise rule (one rule everywhere): two methods differ beyond the noise when
+``|mean_a - mean_b| >= 2 * pooled std`` over seeds (:func:`within_noise`); with fewer than two
+seeds per method the verdict is "n/a".
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from spvr_lib import baselines, experiments, models, results
+
+__all__ = ["METHODS", "DISPLAY_NAMES", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLE3", "NOISE_RULE",
+           "parameter_budget", "rcp_samples", "pruned_network", "save_pruned", "load_pruned", "trained_accuracy",
+           "accuracy_runs", "summarize", "within_noise", "noise_verdict", "table1", "highest_uncollapsed_rate",
+           "table2", "table3", "latency_runs", "latency_claims", "accuracy_figure", "latency_figure"]
+
+METHODS = (*baselines.METHODS, "spvr")             # the paper's column order: l1 ... otov2, SPvR
+DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
+NOISE_RULE = "|mean difference| < 2 x pooled std over seeds (fewer than 2 seeds: n/a)"
+TABLE2_GRID = tuple(round(0.05 * k, 2) for k in range(19, 0, -1))   # 0.95, 0.90, ..., 0.05
+_RCP_SAMPLES = {"smoke": 4, "cpu": 20, "paper": 20}  # the paper's 20 (Appendix D); few at smoke
+
+# --------------------------------------------------------------------------- the paper's numbers
+# Table 1 (top-1 and top-5 in %, as printed; None where the paper prints "-"). Keyed by
+# (model key, rate, method); "base" at rate 0.0 is the unpruned network.  The paper's rows are
+# CIFAR-10 (VGG16), Tiny ImageNet (ResNet34) and ImageNet1K (ResNet50).
+_T1_METHODS = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2", "spvr")
+_T1_TOP1 = {
+    ("vgg16", 0.70): (93.53, 93.45, 93.23, 92.72, 86.68, 92.84, 94.18, 92.51, 93.20, 94.21),
+    ("vgg16", 0.80): (92.60, 92.99, 92.87, 91.63, 85.90, 93.09, 93.89, 91.48, 92.70, 94.33),
+    ("vgg16", 0.90): (92.05, 91.64, 91.55, 90.85, 84.00, 92.36, 93.49, 90.28, 91.07, 94.43),
+    ("vgg16", 0.95): (90.20, 90.36, 90.37, 88.41, 84.09, 91.44, 92.14, 88.77, 91.03, 93.64),
+    ("vgg16", 0.98): (87.32, 87.64, 87.22, 87.09, 83.78, 91.10, 91.66, 87.00, 87.88, 92.60),
+    ("resnet34", 0.70): (60.95, 60.50, 60.65, 60.73, 58.18, 57.90, 58.38, 57.06, 58.72, 62.89),
+    ("resnet34", 0.80): (58.73, 58.51, 59.40, 59.14, 56.52, 55.30, 56.85, 54.76, 59.05, 62.55),
+    ("resnet34", 0.90): (56.42, 56.78, 57.06, 56.22, 54.21, 52.85, 55.13, 52.62, 55.94, 60.36),
+    ("resnet34", 0.95): (55.07, 54.96, 55.16, 52.88, 50.65, 50.55, 48.33, 50.82, 52.10, 58.95),
+    ("resnet34", 0.98): (52.15, 51.18, 51.59, 50.42, 45.46, 46.83, 39.49, 45.10, 47.73, 55.84),
+    ("resnet50", 0.40): (73.82, 73.89, 71.69, 74.83, 75.13, 74.98, None, 75.43, None, 75.58),
+    ("resnet50", 0.70): (70.07, 70.91, None, None, None, 69.10, 73.39, None, 72.20, 73.70),
+    ("resnet50", 0.80): (68.11, 69.00, None, None, None, None, None, None, 70.10, 72.18),
+}
+_T1_TOP5 = {
+    ("resnet34", 0.70): (81.59, 81.28, 81.68, 81.68, 80.51, 80.27, 80.68, 79.39, 82.04, 83.08),
+    ("resnet34", 0.80): (80.65, 80.58, 80.61, 80.39, 79.26, 78.85, 80.22, 77.56, 82.18, 82.73),
+    ("resnet34", 0.90): (79.30, 79.40, 79.79, 78.70, 78.08, 77.02, 79.81, 76.78, 81.00, 82.34),
+    ("resnet34", 0.95): (79.16, 78.32, 78.86, 76.46, 75.57, 75.68, 74.80, 75.35, 78.66, 81.59),
+    ("resnet34", 0.98): (76.68, 77.42, 77.42, 76.13, 72.19, 73.26, 67.46, 71.89, 74.66, 80.72),
+    ("resnet50", 0.40): (91.76, 91.82, 91.01, 92.32, 92.52, 92.33, None, 92.45, None, 92.69),
+    ("resnet50", 0.70): (89.23, 89.57, None, None, None, 89.58, 91.46, None, 90.70, 91.91),
+    ("resnet50", 0.80): (88.06, 88.43, None, None, None, None, None, None, 89.30, 90.58),
+}
+PAPER_TABLE1: dict[tuple[str, float, str], dict[str, float | None]] = {
+    (model, rate, m): {"top1": v1, "top5": _T1_TOP5.get((model, rate), (None,) * 10)[i]}
+    for (model, rate), row in _T1_TOP1.items() for i, (m, v1) in enumerate(zip(_T1_METHODS, row))
+}
+PAPER_TABLE1.update({("vgg16", 0.0, "base"): {"top1": 94.25, "top5": None},
+                     ("resnet34", 0.0, "base"): {"top1": 63.02, "top5": 83.22},
+                     ("resnet50", 0.0, "base"): {"top1": 76.32, "top5": 92.89}})
+
+# Table 2: fine-tuning (FT) against training from scratch (TFS) at the highest rate without depth reduction.
+PAPER_TABLE2: dict[str, dict[str, float | None]] = {
+    "vgg16": {"rate": 0.60, "FT top1": 93.40, "TFS top1": 94.25, "FT top5": None, "TFS top5": None},
+    "resnet34": {"rate": 0.60, "FT top1": 61.60, "TFS top1": 62.91, "FT top5": 82.70, "TFS top5": 83.11},
+    "resnet50": {"rate": 0.90, "FT top1": 67.77, "TFS top1": 69.37, "FT top5": 87.91, "TFS top5": 89.08},
+}
+
+# Table 3: every method's network trained from scratch at one high rate (OTOv2 excluded).
+_T3_METHODS = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "spvr")
+_T3 = {
+    ("vgg16", 0.90, "top1"): (92.70, 92.12, 91.65, 91.00, 88.07, 93.10, 93.69, 90.01, 94.43),
+    ("resnet34", 0.90, "top1"): (56.20, 56.88, 57.16, 56.23, 54.25, 52.35, 55.43, 52.93, 60.36),
+    ("resnet34", 0.90, "top5"): (79.10, 79.30, 79.89, 78.60, 78.28, 77.34, 80.00, 76.97, 82.34),
+    ("resnet50", 0.80, "top1"): (71.50, 71.45, None, None, None, None, None, None, 72.18),
+    ("resnet50", 0.80, "top5"): (90.30, 90.40, None, None, None, None, None, None, 90.58),
+}
+PAPER_TABLE3: dict[tuple[str, float, str], dict[str, float | None]] = {}
+for (_model, _rate, _metric), _row in _T3.items():
+    for _m, _v in zip(_T3_METHODS, _row):
+        PAPER_TABLE3.setdefault((_model, _rate, _m), {"top1": None, "top5": None})[_metric] = _v
+
+
+# --------------------------------------------------------------------------- validation / small helpers
+def _check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
+    return method
+
+
+def _check_rate(rate: float) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < float(rate) < 1.0:
+        raise ValueError(f"rate={rate!r}; expected the fraction of parameters removed, in (0, 1)")
+    return round(float(rate), 6)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in ("finetune", "scratch"):
+        raise ValueError(f"mode={mode!r}; expected 'finetune' (keep the pruned weights) or 'scratch' (re-initialise)")
+    return mode
+
+
+def parameter_budget(params: int, rate: float) -> int:
+    """The parameter budget of every method: ``floor((1 - rate) * params)``, computed as
+    ``baselines.budget_from_keep(1 - rate, params)`` (the same float ``keep`` SPvR is given)."""
+    return baselines.budget_from_keep(1.0 - _check_rate(rate), int(params))
+
+
+def rcp_samples(cfg: Any) -> int:
+    """Architectures RCP samples: the paper's 20 (Appendix D) at cpu and paper scale, 4 at smoke."""
+    return _RCP_SAMPLES.get(cfg.name, 20)
+
+
+def _conv_widths(model: nn.Module) -> list[int]:
+    """Output channels of every Conv2d, in module order: a pruned network's per-layer widths."""
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+# --------------------------------------------------------------------------- pruned-network files
+_SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.BatchNorm2d: ("num_features",),
+                nn.Linear: ("in_features", "out_features")}
+
+
+def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
+    return next((a for t, a in _SHAPE_ATTRS.items() if isinstance(module, t)), ())
+
+
+def pruned_dir() -> Path:
+    """``data/pruned/``: pruned baseline networks, beside the run cache."""
+    return results.cache_dir().parent / "pruned"
+
+
+def save_pruned(model: nn.Module, path: str | Path) -> Path:
+    """Write a pruned network as {"attrs": {module: {shape attribute: int}}, "state": state_dict}, atomically.
+
+    torch-pruning's own ``tp.state_dict`` pickles every module's ``__dict__`` (hooks and all) and
+    cannot be read back with ``torch.load(weights_only=True)``; this format can (ints and tensors only).
+    """
+    attrs = {name: {a: int(getattr(m, a)) for a in _shape_attrs(m)} for name, m in model.named_modules()
+             if _shape_attrs(m)}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return results.atomic_torch_save({"attrs": attrs, "state": state}, path)
+
+
+def load_pruned(base_spec: dict, path: str | Path) -> nn.Module:
+    """The pruned network written by :func:`save_pruned` from a network built with ``base_spec``: its
+    layers are resized to the stored shapes and the stored weights loaded strictly (CPU, eval mode)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pruned network file {str(path)!r} does not exist")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = models.build(base_spec)
+    modules = dict(model.named_modules())
+    for name, attrs in saved["attrs"].items():
+        for a, v in attrs.items():
+            setattr(modules[name], a, v)
+    for key, value in saved["state"].items():
+        owner, _, leaf = key.rpartition(".")
+        m = modules[owner]
+        if leaf in m._parameters:
+            m._parameters[leaf] = nn.Parameter(value.clone(), requires_grad=m._parameters[leaf].requires_grad)
+        elif leaf in m._buffers:
+            m._buffers[leaf] = value.clone()
+    model.load_state_dict(saved["state"], strict=True)
+    del model.spec                      # per-layer widths no longer match a spec (as baselines.prune leaves it)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- pruning
+def _base(cfg: Any, key: str, progress: bool) -> dict[str, Any]:
+    return experiments.train_base(cfg, key, progress=progress)
+
+
+def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
+                   progress: bool = True) -> tuple[nn.Module | None, dict[str, Any]]:
+    """The network of ``method`` at ``rate`` (fraction of the base's parameters removed), and its record.
+
+    ``"spvr"``: SPvR's architecture, freshly initialised (``experiments.spvr_model``).  A baseline:
+    the base network pruned by ``baselines.prune`` to the same budget, trained weights kept (eval mode).
+    ``seed``: RCP's sampling seed (the other methods are deterministic); the comparisons use 0.
+    The record: method, rate, budget, params_before, params_after, status ("ok" | "failed"), error,
+    notes, prune_s, arch (per-layer widths), hash.  A failed method returns (None, record with its reason).
+    """
+    _check_method(method)
+    rate = _check_rate(rate)
+    setup = cfg.model(key)
+    base_rec = _base(cfg, key, progress)
+    budget = parameter_budget(base_rec["params"], rate)
+    if method == "spvr":
+        rec = experiments.spvr_pruned(cfg, key, rate, progress=progress)
+        info = {"method": method, "rate": rate, "budget": budget, "params_before": rec["params_before"],
+                "params_after": rec["params_after"], "status": "ok", "error": None,
+                "notes": "SPvR (experiments.spvr_pruned); trained from scratch", "prune_s": rec["prune_s"],
+                "arch": rec["arch"], "hash": rec["hash"], "collapsed": rec["collapsed"]}
+        if rec["params_after"] > budget:
+            info.update(status="failed", error=f"SPvR's network has {rec['params_after']} parameters > the "
+                                               f"common budget {budget} (its own budget: {rec['budget']})")
+            return None, info
+        return experiments.spvr_model(rec), info
+
+    prune_seed = int(seed) if method == "rcp" else 0      # the other methods are deterministic
+    kw = {"n_samples": rcp_samples(cfg)} if method == "rcp" else {}
+    pkey = {"base": base_rec["hash"], "method": method, "budget": budget, "group_size": setup.group_size,
+            "calib_seed": 0, "calib_per_class": setup.calib_per_class, "seed": prune_seed, "kw": kw}
+    record_path = results.cache_path(pkey, kind="baseline")
+    weights = pruned_dir() / f"{record_path.stem}.pt"
+    built: dict[str, nn.Module] = {}
+
+    def compute() -> dict[str, Any]:
+        base, _ = experiments.base_model(cfg, key, progress=progress)
+        calib = experiments.calibration(cfg, key, 0)
+        res = baselines.prune(method, base, calib, keep=budget, group_size=setup.group_size, seed=prune_seed,
+                              progress=progress, **kw)
+        if res.status == "ok":
+            save_pruned(res.model, weights)
+            built["model"] = res.model.eval()
+        return {"method": method, "rate": rate, "budget": res.budget, "params_before": res.params_before,
+                "params_after": res.params_after, "status": res.status, "error": res.error, "notes": res.notes,
+                "prune_s": round(res.seconds, 3), "ratio": res.ratio,
+                "arch": None if res.model is None else ", ".join(map(str, _conv_widths(res.model))),
+                "weights": str(weights.name)}
+
+    stale = record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok" \
+        and not weights.exists()
+    rec = results.cached(pkey, compute, kind="baseline", refresh=stale)
+    info = {k: rec.get(k) for k in ("method", "rate", "budget", "params_before", "params_after", "status", "error",
+                                    "notes", "prune_s", "arch")}
+    info.update(hash=rec["hash"], rate=rate)     # a rate with the same budget shares the record
+    if rec["status"] != "ok":
+        return None, info
+    model = built.get("model") or load_pruned(base_rec["spec"], weights)
+    return model, info
+
+
+# --------------------------------------------------------------------------- training
+def _fit(model: nn.Module, train_set: Any, test_set: Any, recipe: Any, seed: int, checkpoint: Path,
+         progress: bool, reinit: Any) -> dict[str, Any]:
+    """``train.fit`` (one indirection so tests can count the training runs)."""
+    from spvr_lib import train
+
+    return train.fit(model, train_set, test_set, recipe, seed=seed, checkpoint=checkpoint, progress=progress,
+                     reinit=reinit)
+
+
+def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str,
+                     progress: bool = True) -> dict[str, Any]:
+    """Prune with ``method`` at ``rate``, train with the common recipe, and return the cached record.
+
+    ``mode``: "finetune" keeps the pruned weights, "scratch" re-initialises (``models.reinitialize``
+    for SPvR, ``baselines.reinitialize_any`` for a pruned baseline).  SPvR always trains from scratch,
+    whatever ``mode`` says (the record's ``mode`` is the one used).  The recipe is
+    ``experiments.recipe(setup, lr=<the base model's searched lr>, mode)`` for every method; training
+    writes a per-epoch checkpoint under ``data/checkpoints`` so an interrupted run resumes.
+    Cached (kind ``compare``).  Returns: model, method, rate, seed, mode, top1, top5 (None with <= 5
+    classes), params, budget, params_before, status ("ok" | "failed"), error, notes, arch, lr,
+    history, wall_s.  A method that cannot prune is a cached record with status "failed"; an
+    exception while training propagates (nothing is cached, so a rerun retries).
+    """
+    from spvr_lib import data, train
+
+    _check_method(method)
+    rate = _check_rate(rate)
+    _check_mode(mode)
+    mode = "scratch" if method == "spvr" else mode         # SPvR trains from scratch (Section 5.2)
+    setup = cfg.model(key)
+    base_rec = _base(cfg, key, progress)
+    lr = float(base_rec["key"]["recipe"]["lr"])
+    recipe = experiments.recipe(setup, lr=lr, mode=mode)
+    budget = parameter_budget(base_rec["params"], rate)
+    ckey = {"base": base_rec["hash"], "method": method, "rate": rate, "budget": budget, "seed": int(seed),
+            "mode": mode, "recipe": recipe.to_dict(), "dataset": setup.dataset,
+            "per_class_train": setup.train_subset, "per_class_test": setup.test_subset,
+            "rcp_samples": rcp_samples(cfg) if method == "rcp" else None, "group_size": setup.group_size}
+    checkpoint = train.checkpoint_dir() / f"{results.cache_path(ckey, kind='compare').stem}.pt"
+
+    def compute() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        model, info = pruned_network(cfg, key, method, rate, seed=0, progress=progress)
+        out = {"model": key, "method": method, "rate": rate, "seed": int(seed), "mode": mode, "lr": lr,
+               "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
+               "status": info["status"], "error": info["error"], "notes": info["notes"], "arch": info["arch"],
+               "prune_hash": info["hash"], "top1": None, "top5": None, "history": []}
+        if info["status"] != "ok":
+            return out
+        train_set = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset,
+                                      seed=seed)
+        test_set = data.load_dataset(setup.dataset, "test", augment=False, per_class=setup.test_subset, seed=seed)
+        reinit = models.reinitialize if method == "spvr" else baselines.reinitialize_any
+        fit = _fit(model, train_set, test_set, recipe, int(seed), checkpoint, progress, reinit)
+        out.update(top1=fit["top1"], top5=fit["top5"], history=fit["history"],
+                   wall_s=round(time.perf_counter() - t0, 3))
+        return out
+
+    record = results.cached(ckey, compute, kind="compare")
+    checkpoint.unlink(missing_ok=True)          # finished and recorded
+    return record
+
+
+_RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "method", "name", "seed", "mode", "top1", "top5",
+                "params", "budget", "params_before", "status", "error", "notes", "arch", "wall_s")
+
+
+def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: Iterable[int], mode: str,
+                  rates: dict[str, Sequence[float]] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Every (model, rate, method, seed) run of :func:`trained_accuracy`: one row each (long format).
+
+    ``rates``: {model key: rates}; default each setup's ``compare_rates``.  An exception in one run is
+    caught and recorded as a row with status "failed" and ``error`` "<type>: <message>" (not cached:
+    a rerun retries it); the other runs go on.  Finished runs come from the cache.
+    """
+    _check_mode(mode)
+    keys, methods, seeds = list(keys), [_check_method(m) for m in methods], [int(s) for s in seeds]
+    jobs = [(k, r, m, s) for k in keys for r in (rates or {}).get(k, cfg.model(k).compare_rates)
+            for m in methods for s in seeds]
+    rows = []
+    for k, r, m, s in tqdm(jobs, desc=f"{mode} runs", disable=not progress):
+        try:
+            rec = trained_accuracy(cfg, k, m, r, s, mode, progress=False)
+        except Exception as e:                        # recorded, not cached: the rerun retries it
+            rec = {"model": k, "method": m, "rate": round(float(r), 6), "seed": s, "mode": mode,
+                   "status": "failed", "error": f"{type(e).__name__}: {e} (not cached; a rerun retries)"}
+        rows.append({**{c: rec.get(c) for c in _RUN_COLUMNS}, "dataset": cfg.model(k).dataset,
+                     "params removed (%)": round(100 * rec["rate"], 2), "name": DISPLAY_NAMES[m]})
+    return _nullable_ints(pd.DataFrame(rows, columns=list(_RUN_COLUMNS)))
+
+
+def _errors(sub: pd.DataFrame) -> str | None:
+    errs = sorted({str(e) for e in sub.loc[sub["status"] != "ok", "error"] if e is not None})
+    return " | ".join(errs) or None
+
+
+def summarize(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, rate, method): top1/top5 mean and std over the seeds that ran (std NaN for one seed),
+    ``n_ok`` of ``n_runs``, status ("ok", "failed" when no seed ran, "partial"), error (distinct reasons)."""
+    rows = []
+    for (model, rate, method), sub in runs.groupby(["model", "rate", "method"], sort=False):
+        ok = sub[sub["status"] == "ok"]
+        row = {"model": model, "dataset": sub["dataset"].iloc[0], "rate": rate,
+               "params removed (%)": round(100 * rate, 2), "method": method, "name": DISPLAY_NAMES[method],
+               "mode": sub["mode"].iloc[0]}
+        for metric in ("top1", "top5"):
+            v = pd.to_numeric(ok[metric], errors="coerce").dropna()
+            row[f"{metric} mean"] = float(v.mean()) if len(v) else np.nan
+            row[f"{metric} std"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
+        params = pd.to_numeric(ok["params"], errors="coerce").dropna()
+        row.update({"params": int(params.iloc[0]) if len(params) else None,
+                    "budget": sub["budget"].dropna().iloc[0] if sub["budget"].notna().any() else None,
+                    "n_ok": len(ok), "n_runs": len(sub),
+                    "status": "ok" if len(ok) == len(sub) else ("failed" if ok.empty else "partial"),
+                    "error": _errors(sub)})
+        rows.append(row)
+    return _nullable_ints(pd.DataFrame(rows))
+
+
+# --------------------------------------------------------------------------- the noise rule
+def within_noise(a: Sequence[float], b: Sequence[float], k: float = 2.0) -> bool | None:
+    """True when ``|mean(a) - mean(b)| < k * pooled std`` (sample std, ddof=1, pooled over both);
+    None when either has fewer than two values (no spread to compare with)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+    return bool(abs(a.mean() - b.mean()) < k * pooled)
+
+
+def noise_verdict(spvr: Sequence[float], other: Sequence[float], other_name: str) -> str:
+    """"SPvR better", "<other> better", "within noise" or "n/a (< 2 seeds)" by :func:`within_noise`."""
+    inside = within_noise(spvr, other)
+    if inside is None:
+        return "n/a (< 2 seeds)"
+    if inside:
+        return "within noise"
+    return "SPvR better" if np.mean(spvr) > np.mean(other) else f"{other_name} better"
+
+
+def _fmt(mean: float, std: float, n_ok: int, status: str) -> str:
+    if status == "failed" or n_ok == 0 or not np.isfinite(mean):
+        return "failed"
+    text = f"{mean:.2f}" if not np.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
+    return text if status == "ok" else f"{text} ({n_ok} seeds)"
+
+
+def _paper_fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _comparison_row(sub: pd.DataFrame, runs: pd.DataFrame, metric: str, methods: Sequence[str]) -> dict[str, Any]:
+    """Method cells ("mean ± std"), the best baseline, SPvR's difference to it and the noise verdict."""
+    row: dict[str, Any] = {}
+    by_method = sub.set_index("method")
+    for m in methods:
+        r = by_method.loc[m] if m in by_method.index else None
+        row[DISPLAY_NAMES[m]] = "-" if r is None else _fmt(r[f"{metric} mean"], r[f"{metric} std"], r["n_ok"],
+                                                          r["status"])
+    ok = by_method[(by_method["n_ok"] > 0) & by_method[f"{metric} mean"].notna()]
+    others = ok.drop(index="spvr", errors="ignore")
+    if "spvr" in ok.index and len(others):
+        best = others[f"{metric} mean"].idxmax()
+        vals = {m: runs.loc[(runs["method"] == m) & (runs["status"] == "ok"), metric].astype(float).tolist()
+                for m in ("spvr", best)}
+        row["best baseline"] = DISPLAY_NAMES[best]
+        row["SPvR - best"] = round(float(ok.loc["spvr", f"{metric} mean"] - others.loc[best, f"{metric} mean"]), 2)
+        row["verdict"] = noise_verdict(vals["spvr"], vals[best], DISPLAY_NAMES[best])
+    else:
+        row.update({"best baseline": None, "SPvR - best": None, "verdict": "n/a (SPvR or every baseline failed)"})
+    row["failures"] = _failures({m: by_method.loc[m, "error"] for m in by_method.index
+                                 if by_method.loc[m, "status"] != "ok"})
+    return row
+
+
+def _failures(errors: dict[str, str | None], width: int = 110) -> str | None:
+    """"ℓ1, ℓ2: <reason>; OTOv2: <reason>": methods grouped by identical reason, each reason cut to ``width``
+    characters (the full reasons are in the per-run table)."""
+    by_reason: dict[str, list[str]] = {}
+    for m, err in errors.items():
+        by_reason.setdefault(str(err), []).append(DISPLAY_NAMES[m])
+    short = {r: r if len(r) <= width else r[:width - 1].rstrip() + "…" for r in by_reason}
+    return "; ".join(f"{', '.join(names)}: {short[r]}" for r, names in by_reason.items()) or None
+
+
+def _nullable_ints(df: pd.DataFrame, columns: Sequence[str] = ("params", "budget", "params_before", "seed",
+                                                                  "batch_size", "runs", "threads")) -> pd.DataFrame:
+    """Count columns as pandas' nullable Int64 (a failed run's missing count does not turn them into floats)."""
+    return df.astype({c: "Int64" for c in columns if c in df})
+
+
+def _tidy(df: pd.DataFrame, int_columns: Sequence[str] = ()) -> pd.DataFrame:
+    """Missing values as None (empty cells in CSV and Markdown), ``int_columns`` as ints (not 1.9e+04)."""
+    out = df.astype(object).where(df.notna(), None)
+    for c in int_columns:
+        if c in out:
+            out[c] = pd.Series([None if v is None else int(v) for v in out[c]], dtype=object, index=out.index)
+    return out
+
+
+def _metrics(cfg: Any, key: str) -> list[str]:
+    from spvr_lib import data
+
+    return ["top1", "top5"] if data.dataset_info(cfg.model(key).dataset).num_classes > 5 else ["top1"]
+
+
+# --------------------------------------------------------------------------- Table 1
+def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seeds: Iterable[int] | None = None,
+           runs: pd.DataFrame | None = None, progress: bool = True) -> pd.DataFrame:
+    """Table 1: every method fine-tuned (SPvR from scratch) at each setup's ``compare_rates``.
+
+    Two rows per (model, metric, rate): "ours" (this scale's dataset; cells "mean ± std" over seeds,
+    "failed" with the reason in ``failures``) and "paper" (the paper's Table 1 on its dataset, "-"
+    where it prints none).  Columns: model, metric, params removed (%), source, dataset, budget,
+    base, one per method, best baseline, SPvR - best, verdict (:data:`NOISE_RULE`), failures.
+    ``runs``: the output of :func:`accuracy_runs` (mode "finetune") if already computed.
+    """
+    keys, methods = list(keys), [_check_method(m) for m in methods]
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    if runs is None:
+        runs = accuracy_runs(cfg, keys, methods, seeds, "finetune", progress=progress)
+    summary = summarize(runs)
+    rows = []
+    for key in keys:
+        base = _base(cfg, key, progress)
+        paper_ds = experiments.PAPER_BASE[key]["paper dataset"]
+        for metric in _metrics(cfg, key):
+            for rate in cfg.model(key).compare_rates:
+                rate = round(float(rate), 6)
+                sub = summary[(summary["model"] == key) & (summary["rate"] == rate)]
+                rsub = runs[(runs["model"] == key) & (runs["rate"] == rate)]
+                head = {"model": key, "metric": metric, "params removed (%)": round(100 * rate, 2)}
+                ours = {**head, "source": f"ours ({cfg.name})", "dataset": cfg.model(key).dataset,
+                        "budget": int(parameter_budget(base["params"], rate)),
+                        "base": None if base[metric] is None else round(float(base[metric]), 2),
+                        **_comparison_row(sub, rsub, metric, methods)}
+                paper_base = PAPER_TABLE1[(key, 0.0, "base")][metric]
+                paper = {**head, "source": "paper", "dataset": paper_ds, "budget": None,
+                         "base": paper_base,
+                         **{DISPLAY_NAMES[m]: _paper_fmt(PAPER_TABLE1.get((key, rate, m), {}).get(metric))
+                            for m in methods}}
+                rows += [ours, paper]
+    return _tidy(pd.DataFrame(rows), ["budget"])
+
+
+# --------------------------------------------------------------------------- Table 2
+def highest_uncollapsed_rate(cfg: Any, key: str, grid: Sequence[float] = TABLE2_GRID,
+                             progress: bool = True) -> tuple[float | None, dict[str, Any] | None]:
+    """The highest rate of ``grid`` at which SPvR's network keeps every layer (``collapsed`` False), and
+    its ``spvr_pruned`` record; (None, None) when every rate collapses.  Rates are tried from the highest
+    down and the search stops at the first that does not collapse."""
+    for rate in sorted({_check_rate(r) for r in grid}, reverse=True):
+        rec = experiments.spvr_pruned(cfg, key, rate, progress=progress)
+        if not rec["collapsed"]:
+            return rate, rec
+    return None, None
+
+
+def _finetune_init(cfg: Any, key: str, record: dict[str, Any], progress: bool) -> dict[str, torch.Tensor]:
+    """State dict of SPvR's network with the base network's weights of the kept channels."""
+    from types import SimpleNamespace
+
+    from spvr_lib import prune
+
+    base, base_rec = experiments.base_model(cfg, key, progress=progress)
+    # inherit_weights reads spec, kept and original_spec of a PruneResult; the cached record has the first two
+    result = SimpleNamespace(spec=record["spec"], kept=record["kept"], original_spec=base_rec["spec"])
+    model = prune.inherit_weights(base, result)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, grid: Sequence[float] = TABLE2_GRID,
+           progress: bool = True) -> pd.DataFrame:
+    """Table 2: SPvR's network at the highest rate of ``grid`` without layer collapse, fine-tuned from the
+    base network's weights (FT) against trained from scratch (TFS): same epochs, learning rate searched
+    for EACH (``experiments.searched_lr`` with its mode and initial weights), ``cfg.seeds`` seeds.
+
+    One row per (model, metric): rate, architecture, params, FT and TFS ("mean ± std" and numeric mean
+    and std), their lrs, TFS - FT, the noise verdict, the paper's rate, FT and TFS, status and error.
+    """
+    from spvr_lib import train
+
+    seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    rows = []
+    for key in keys:
+        setup = cfg.model(key)
+        paper = PAPER_TABLE2[key]
+        rate, rec = highest_uncollapsed_rate(cfg, key, grid, progress=progress)
+        per_mode: dict[str, list[dict]] = {"FT": [], "TFS": []}
+        lrs: dict[str, float | None] = {"FT": None, "TFS": None}
+        error = None if rec is not None else f"SPvR collapses a layer at every rate of {list(grid)}"
+        if rec is not None:
+            try:
+                init = _finetune_init(cfg, key, rec, progress)
+                for label, mode, state in (("FT", "finetune", init), ("TFS", "scratch", None)):
+                    lrs[label], _ = experiments.searched_lr(setup, rec["spec"], mode=mode, init_state=state,
+                                                            progress=progress)
+                    for s in seeds:
+                        per_mode[label].append(train.train_run(
+                            rec["spec"], setup.dataset, experiments.recipe(setup, lr=lrs[label], mode=mode), s,
+                            setup.train_subset, setup.test_subset, init_state=state, tag=f"table2-{label}",
+                            progress=progress))
+            except Exception as e:                    # recorded; the other models go on
+                error = f"{type(e).__name__}: {e}"
+        for metric in _metrics(cfg, key):
+            vals = {lab: [r[metric] for r in per_mode[lab] if r.get(metric) is not None] for lab in per_mode}
+            row = {"model": key, "dataset": setup.dataset, "metric": metric,
+                   "params removed (%)": None if rate is None else round(100 * rate, 2),
+                   "architecture": None if rec is None else rec["arch"],
+                   "params": None if rec is None else rec["params_after"]}
+            for lab in ("FT", "TFS"):
+                v = np.asarray(vals[lab], dtype=float)
+                row[f"{lab} mean"] = float(v.mean()) if len(v) else np.nan
+                row[f"{lab} std"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
+                row[lab] = _fmt(row[f"{lab} mean"], row[f"{lab} std"], len(v),
+                                "ok" if len(v) == len(seeds) else ("failed" if not len(v) else "partial"))
+                row[f"{lab} lr"] = lrs[lab]
+            row["TFS - FT"] = round(row["TFS mean"] - row["FT mean"], 2) \
+                if np.isfinite(row["TFS mean"]) and np.isfinite(row["FT mean"]) else None
+            inside = within_noise(vals["TFS"], vals["FT"])
+            row["verdict"] = "n/a (< 2 seeds)" if inside is None else "within noise" if inside else \
+                ("TFS better" if row["TFS - FT"] > 0 else "FT better")
+            row.update({"paper dataset": experiments.PAPER_BASE[key]["paper dataset"],
+                        "paper params removed (%)": round(100 * paper["rate"]), "paper FT": paper[f"FT {metric}"],
+                        "paper TFS": paper[f"TFS {metric}"], "seeds": len(seeds),
+                        "status": "ok" if error is None else "failed", "error": error})
+            rows.append(row)
+    return _tidy(pd.DataFrame(rows), ["params"])
+
+
+# --------------------------------------------------------------------------- Table 3
+def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seeds: Iterable[int] | None = None,
+           with_finetune: bool = True, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Table 3: every method's network re-initialised and trained from scratch at ``setup.table3_rate``
+    (OTOv2 excluded: it retrains the original network).  Returns (wide table, per-seed runs).
+
+    Rows per (model, metric): "scratch (Table 3)", with ``with_finetune`` "Table 1 (baselines fine-tuned)"
+    (the fine-tuned runs of Table 1 at the same rate; SPvR's cell there is its from-scratch run) and
+    "scratch - fine-tune", and "paper (Table 3)".  Columns as :func:`table1`.
+    """
+    keys = list(keys)
+    methods = [_check_method(m) for m in methods if m != "otov2"]
+    seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    rates = {k: [cfg.model(k).table3_rate] for k in keys}
+    scratch = accuracy_runs(cfg, keys, methods, seeds, "scratch", rates=rates, progress=progress)
+    finetune = accuracy_runs(cfg, keys, methods, seeds, "finetune", rates=rates, progress=progress) \
+        if with_finetune else None
+    rows = []
+    for key in keys:
+        rate = round(float(cfg.model(key).table3_rate), 6)
+        for metric in _metrics(cfg, key):
+            head = {"model": key, "metric": metric, "params removed (%)": round(100 * rate, 2)}
+            parts = [("scratch (Table 3)", scratch)] + ([("Table 1 (baselines fine-tuned)", finetune)]
+                                                         if finetune is not None else [])
+            summaries = {}
+            for label, runs in parts:
+                rsub = runs[runs["model"] == key]
+                summaries[label] = summarize(rsub).set_index("method")
+                rows.append({**head, "rows": label, "dataset": cfg.model(key).dataset,
+                             **_comparison_row(summarize(rsub), rsub, metric, methods)})
+            if finetune is not None:
+                s, f = summaries["scratch (Table 3)"], summaries["Table 1 (baselines fine-tuned)"]
+                diff = {DISPLAY_NAMES[m]: "same run" if m == "spvr" else
+                        (f"{s.loc[m, metric + ' mean'] - f.loc[m, metric + ' mean']:+.2f}"
+                                           if m in s.index and m in f.index and
+                                           np.isfinite(s.loc[m, metric + " mean"] - f.loc[m, metric + " mean"])
+                                           else "-") for m in methods}
+                rows.append({**head, "rows": "scratch - fine-tune", "dataset": cfg.model(key).dataset, **diff})
+            rows.append({**head, "rows": "paper (Table 3)", "dataset": experiments.PAPER_BASE[key]["paper dataset"],
+                         **{DISPLAY_NAMES[m]: _paper_fmt(PAPER_TABLE3.get((key, rate, m), {}).get(metric))
+                            for m in methods}})
+    runs = pd.concat([scratch] + ([finetune] if finetune is not None else []), ignore_index=True)
+    return _tidy(pd.DataFrame(rows)), runs
+
+
+# --------------------------------------------------------------------------- Figure 1: latency
+def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS,
+                 rates: dict[str, Sequence[float]] | None = None, runs: int = 1500, warmup: int = 50,
+                 batch_sizes: Sequence[int] = (1, 64), device: str | None = None, threads: int | None = None,
+                 progress: bool = True) -> pd.DataFrame:
+    """Inference latency (``latency.measure_latency``), MACs (``latency.count_macs``) and parameters of the
+    unpruned network and of every method's network at each rate (default: each setup's ``rates``, the
+    paper's), at every batch size.  Weights do not matter for latency, so the networks are not trained
+    (SPvR's is freshly initialised; a baseline's keeps the base's weights).  Not cached: timings
+    belong to the machine they ran on.  One row per (model, rate, method, batch size); a failed method
+    is a row with status "failed" and its reason.
+    """
+    from spvr_lib import data, latency
+
+    keys, methods = list(keys), [_check_method(m) for m in methods]
+    rows = []
+    for key in keys:
+        setup = cfg.model(key)
+        info = data.dataset_info(setup.dataset)
+        shape = (info.in_channels, info.image_size, info.image_size)
+        base, base_rec = experiments.base_model(cfg, key, progress=progress)
+        jobs = [(0.0, "unpruned")] + [(r, m) for r in (rates or {}).get(key, setup.rates) for m in methods]
+        for rate, method in tqdm(jobs, desc=f"latency {key}", disable=not progress):
+            head = {"model": key, "rate": round(float(rate), 6), "params removed (%)": round(100 * rate, 2),
+                    "method": method, "name": "unpruned" if method == "unpruned" else DISPLAY_NAMES[method]}
+            try:
+                if method == "unpruned":
+                    net, rec = base, {"status": "ok", "error": None, "params_after": base_rec["params"],
+                                      "budget": base_rec["params"]}
+                else:
+                    net, rec = pruned_network(cfg, key, method, rate, progress=False)
+            except Exception as e:                    # recorded; the other networks go on
+                net, rec = None, {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            if net is None:
+                rows += [{**head, "batch_size": b, "status": "failed", "error": rec["error"]} for b in batch_sizes]
+                continue
+            macs = latency.count_macs(net, shape)
+            for b in batch_sizes:
+                t = latency.measure_latency(net, shape, batch_size=b, runs=runs, warmup=warmup, device=device,
+                                            threads=threads)
+                rows.append({**head, "batch_size": b, "params": models.count_params(net),
+                             "budget": rec.get("budget"), "MMACs": macs / 1e6, **t, "status": "ok", "error": None})
+    return _nullable_ints(pd.DataFrame(rows))
+
+
+# --------------------------------------------------------------------------- figures
+def accuracy_figure(summary: pd.DataFrame, metric: str = "top1", title: str = "") -> Any:
+    """Accuracy (mean over seeds, std as error bars) against parameters removed (%): one panel per model,
+    one line per method (failed methods have no points)."""
+    import matplotlib.pyplot as plt
+
+    from spvr_lib import plotting
+
+    ok = summary[summary[f"{metric} mean"].notna()]
+    model_keys = list(dict.fromkeys(summary["model"]))
+    with plt.rc_context(plotting.PAPER_STYLE):
+        fig, axes = plt.subplots(1, len(model_keys), figsize=(4.6 * len(model_keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], model_keys):
+        sub = ok[ok["model"] == key].assign(err=lambda d: d[f"{metric} std"].fillna(0.0))
+        plotting.lines(sub, x="params removed (%)", y=f"{metric} mean", hue="name", yerr="err", ax=ax,
+                       title=key, ylabel=f"{metric} accuracy (%)")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def latency_figure(lat: pd.DataFrame, batch_sizes: Sequence[int] | None = None, stat: str = "mean_ms",
+                   title: str = "") -> Any:
+    """Figure 1: latency (``stat``: "mean_ms" as the paper, or "median_ms") against parameters removed (%),
+    one line per method, the unpruned network as a dashed horizontal line; one panel per model (columns)
+    and batch size (rows)."""
+    import matplotlib.pyplot as plt
+
+    from spvr_lib import plotting
+
+    ok = lat[lat["status"] == "ok"]
+    model_keys = list(dict.fromkeys(lat["model"]))
+    batch_sizes = list(batch_sizes or sorted(ok["batch_size"].unique()))
+    with plt.rc_context(plotting.PAPER_STYLE):
+        fig, axes = plt.subplots(len(batch_sizes), len(model_keys), figsize=(4.6 * len(model_keys),
+                                                                            3.4 * len(batch_sizes)), squeeze=False)
+    for i, b in enumerate(batch_sizes):
+        for ax, key in zip(axes[i], model_keys):
+            sub = ok[(ok["model"] == key) & (ok["batch_size"] == b)]
+            pruned = sub[sub["method"] != "unpruned"]
+            plotting.lines(pruned, x="params removed (%)", y=stat, hue="name", ax=ax,
+                           title=f"{key}, batch {b}", ylabel=f"latency (ms, {stat.removesuffix('_ms')})")
+            base = sub[sub["method"] == "unpruned"][stat]
+            if len(base):
+                ax.axhline(float(base.iloc[0]), color="k", ls="--", lw=0.8, label="unpruned")
+                ax.legend(fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def latency_claims(lat: pd.DataFrame, batch_size: int = 1, stat: str = "mean_ms") -> pd.DataFrame:
+    """Section 5.3's two claims, per (model, rate) at ``batch_size``: is SPvR's network the fastest at the
+    common budget, and which networks are slower than the unpruned one (CURL's, says the paper)?
+
+    Latencies are ``stat`` ("mean_ms" or "median_ms").  Columns: model, params removed (%), batch size,
+    unpruned ms, SPvR ms, fastest, fastest ms, SPvR fastest, SPvR / best other (ratio of latencies;
+    NaN when every other method failed), slower than unpruned (names, or "none").
+    """
+    ok = lat[(lat["status"] == "ok") & (lat["batch_size"] == batch_size)]
+    rows = []
+    for key, sub in ok.groupby("model", sort=False):
+        base = sub.loc[sub["method"] == "unpruned", stat]
+        base_ms = float(base.iloc[0]) if len(base) else np.nan
+        for rate, r in sub[sub["method"] != "unpruned"].groupby("rate"):
+            ms = r.set_index("method")[stat].astype(float)
+            fastest = ms.idxmin()
+            others = ms.drop(index="spvr", errors="ignore")
+            spvr_ms = float(ms["spvr"]) if "spvr" in ms.index else np.nan
+            rows.append({"model": key, "params removed (%)": round(100 * rate, 2), "batch size": batch_size,
+                         "unpruned ms": base_ms, "SPvR ms": spvr_ms, "fastest": DISPLAY_NAMES[fastest],
+                         "fastest ms": float(ms[fastest]), "SPvR fastest": fastest == "spvr",
+                         "SPvR / best other": spvr_ms / float(others.min()) if len(others) else np.nan,
+                         "slower than unpruned": ", ".join(DISPLAY_NAMES[m] for m in ms.index if ms[m] > base_ms)
+                         or "none"})
+    return pd.DataFrame(rows)
