@@ -4,13 +4,22 @@
 (Luo and Wu, 2020), which Section 3.1.1 and Appendix A compare it with.  Both take the softmax
 output of the original network and the outputs of ``g`` masked variants and return one
 importance per variant, summed over the samples (and, for segmentation, over the pixels).
+``group_importance`` masks channel groups of a network (``mask_output``) and scores each one
+over a calibration set, by the paper's algorithm ("naive") or an exact, faster one ("fast").
 """
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 
-__all__ = ["spvr_loss", "kl_loss", "CRITERIA"]
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["spvr_loss", "kl_loss", "CRITERIA", "mask_output", "group_importance", "METHODS"]
 
 
 def _check_probs(p: Tensor, p_masked: Tensor) -> None:
@@ -73,20 +82,9 @@ CRITERIA = {"spvr": spvr_loss, "kl": kl_loss}
 #     i.e. the cached pre-activation minus the contribution of the masked input channels alone,
 #   * recomputes only what follows (the rest of the block, the residual add, later blocks, head).
 # =============================================================================================
-import contextlib  # noqa: E402  (imports of the second half of the module)
-import math  # noqa: E402
-import warnings  # noqa: E402
-from collections.abc import Iterator, Mapping, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-__all__ += ["mask_output", "group_importance", "METHODS"]
-
 METHODS = ("fast", "naive")
 _MEMORY_BYTES = 1 << 30      # working memory the fast path aims for (caches, and masked variants)
+_FORMAT = torch.channels_last  # memory format of the fast path's feature maps (faster convs on CPU)
 
 
 @contextlib.contextmanager
@@ -128,7 +126,8 @@ def _check_groups(groups: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, li
         for j, g in enumerate(gs):
             if isinstance(g, (str, bytes)) or not isinstance(g, Sequence) or not g or not all(
                     isinstance(c, (int, np.integer)) and not isinstance(c, bool) and c >= 0 for c in g):
-                raise ValueError(f"groups[{name!r}][{j}] must be a non-empty list of channel indices >= 0, got {g!r:.80}")
+                raise ValueError(f"groups[{name!r}][{j}] must be a non-empty list of channel indices >= 0, "
+                                 f"got {g!r:.80}")
             clean.append([int(c) for c in g])
         out[name] = clean
     return out
@@ -196,9 +195,10 @@ def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[
 
     ``method="naive"``: one forward pass of the whole calibration set per group (the paper's
     algorithm; ``batch_size`` samples at a time, default: as many as fit in ~1 GiB).
-    ``method="fast"``: the same numbers, much faster (see the comment above); for a network
-    that is not one of ``spvr_lib.models`` (or a key that is not a prunable layer) it falls
-    back to naive with a warning.
+    ``method="fast"``: the same numbers (to float rounding), much faster, as described in the
+    comment above this function; ``batch_size`` does not apply (it sizes its batches itself).
+    For a network that is not one of ``spvr_lib.models`` (or a key that is not a prunable
+    layer) it falls back to naive with a warning.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
@@ -214,44 +214,56 @@ def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[
     groups = _check_groups(groups)
     loss = CRITERIA[criterion]
     targets, layers = _resolve_targets(model, list(groups))
+    for name, gs in groups.items():
+        top = max(c for g in gs for c in g)
+        if layers[name] is not None and top >= layers[name].width:
+            raise ValueError(f"groups[{name!r}] holds channel {top}, out of range for a layer with "
+                             f"{layers[name].width} channels")
     param = next(model.parameters(), None)
-    device = param.device if param is not None else x.device
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = x.to(device=device, dtype=dtype)
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
     was_training = model.training
     model.eval()
     bar = tqdm(total=sum(len(g) for g in groups.values()), desc=f"ranking groups ({method})",
                disable=not progress, leave=False)
     try:
         with torch.inference_mode():
-            fast, plan = [], None
-            if method == "fast":
-                plan = _fast_plan(model)
-                fast = [n for n in groups if plan is not None and layers[n] is not None]
-                slow = [n for n in groups if n not in fast]
-                if slow:
-                    why = ("it is not a network built by spvr_lib.models" if plan is None
-                           else "they are not prunable layers of the network")
-                    warnings.warn(f"fast ranking does not support {slow[:5]}{'...' if len(slow) > 5 else ''} "
-                                  f"({why}); using the naive method for them", stacklevel=2)
+            plan = _fast_plan(model) if method == "fast" else None
+            fast = [n for n in groups if plan is not None and layers[n] is not None]
+            naive = {n: groups[n] for n in groups if n not in fast}
+            if method == "fast" and naive:
+                why = ("it is not a network built by spvr_lib.models" if plan is None
+                       else "they are not prunable layers of the network")
+                warnings.warn(f"fast ranking does not support {list(naive)[:5]}{'...' if len(naive) > 5 else ''} "
+                              f"({why}); using the naive method for them", stacklevel=2)
             out: dict[str, Tensor] = {}
             if fast:
                 out.update(_fast_importance(plan, x, {n: (layers[n].name, groups[n]) for n in fast}, loss, bar))
-            slow = {n: groups[n] for n in groups if n not in out}
-            if slow:
-                bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * _sample_bytes(model, x[:1]))))
-                p = _outputs(model, x, bs).double()
-                for name, gs in slow.items():
-                    scores = []
-                    for g in gs:
-                        with mask_output(targets[name], g):
-                            scores.append(loss(p, _outputs(model, x, bs).double().unsqueeze(0))[0])
-                        bar.update()
-                    out[name] = torch.stack(scores).cpu()
+            if naive:
+                out.update(_naive_importance(model, x, {n: (targets[n], naive[n]) for n in naive}, loss,
+                                             batch_size, bar))
             return {n: out[n] for n in groups}
     finally:
         bar.close()
         model.train(was_training)
+
+
+def _naive_importance(model: nn.Module, x: Tensor, work: dict[str, tuple[nn.Module, list[list[int]]]], loss,
+                      batch_size: int | None, bar) -> dict[str, Tensor]:
+    """The paper's algorithm: for each group, a forward pass of all of ``x`` with it masked.
+
+    ``work``: {key: (module whose output is masked, groups)}."""
+    bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * _sample_bytes(model, x[:1]))))
+    p = _outputs(model, x, bs).double()
+    out = {}
+    for key, (module, gs) in work.items():
+        scores = []
+        for g in gs:
+            with mask_output(module, g):
+                scores.append(loss(p, _outputs(model, x, bs).double().unsqueeze(0))[0])
+            bar.update()
+        out[key] = torch.stack(scores).cpu()
+    return out
 
 
 # --------------------------------------------------------------------------- the fast path
@@ -267,18 +279,35 @@ class _Affine:
             s = gamma / torch.sqrt(bn.running_var + bn.eps)
             W = W * s.reshape(-1, *[1] * (W.ndim - 1))
             b = (b - bn.running_mean) * s + beta
-        self.W, self.b = W.contiguous(), b.contiguous()
         self.conv = isinstance(layer, nn.Conv2d)
+        self.W, self.b = W.contiguous(memory_format=_FORMAT) if self.conv else W.contiguous(), b.contiguous()
         if self.conv:
             self.kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
 
     def __call__(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.W, self.b, **self.kw) if self.conv else F.linear(x, self.W, self.b)
 
-    def partial(self, x_sub: Tensor, channels: list[int]) -> Tensor:
-        """Contribution of the input ``channels`` alone (no bias); ``x_sub`` holds only those channels."""
-        W = self.W[:, channels]
-        return F.conv2d(x_sub, W, None, **self.kw) if self.conv else F.linear(x_sub, W)
+    def partials(self, x_sub: Tensor, groups: list[list[int]]) -> Tensor:
+        """[g, n, out, ...]: the contribution of each group's input channels alone (no bias).
+
+        ``x_sub`` [n, sum |G_j|, ...] holds the groups' input channels, concatenated in order.
+        Groups of equal size go through ONE grouped conv (a block-diagonal weight).
+        """
+        g, n = len(groups), x_sub.shape[0]
+        flat = [c for grp in groups for c in grp]
+        W = self.W[:, flat]                                              # [out, sum |G|, *k]
+        if not self.conv:
+            parts = [F.linear(part, w) for part, w in zip(x_sub.split([len(grp) for grp in groups], dim=1),
+                                                           W.split([len(grp) for grp in groups], dim=1))]
+            return torch.stack(parts)
+        d, out = len(groups[0]), W.shape[0]
+        if any(len(grp) != d for grp in groups):
+            sizes = [len(grp) for grp in groups]
+            return torch.stack([F.conv2d(part, w, None, **self.kw)
+                                for part, w in zip(x_sub.split(sizes, dim=1), W.split(sizes, dim=1))])
+        W = W.reshape(out, g, d, *W.shape[2:]).transpose(0, 1).reshape(g * out, d, *W.shape[2:])
+        y = F.conv2d(x_sub, W.contiguous(memory_format=_FORMAT), None, groups=g, **self.kw)
+        return y.view(n, g, out, *y.shape[2:]).transpose(0, 1)
 
 
 def _foldable(model: nn.Module) -> bool:
@@ -350,15 +379,20 @@ def _tensors(obj) -> Iterator[Tensor]:
 
 
 def _variants(t: Tensor, g: int) -> Tensor:
-    """[g, *t.shape]: g copies of ``t`` (a fresh tensor, safe to modify in place)."""
-    return t.unsqueeze(0).repeat(g, *[1] * t.ndim)
+    """[g, *t.shape]: g copies of ``t``, a view of a fresh [g * n, ...] tensor in ``t``'s memory
+    format (``.flatten(0, 1)`` gives it back without a copy; safe to modify in place)."""
+    fmt = _FORMAT if t.ndim == 4 else torch.contiguous_format
+    flat = torch.empty((g * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=fmt)
+    view = flat.view(g, *t.shape)
+    view.copy_(t.unsqueeze(0).expand_as(view))
+    return view
 
 
-def _minus_partials(z: Tensor, x: Tensor, op: _Affine, groups: list[list[int]], sign: float = -1.0) -> Tensor:
-    """[g * n, ...]: ``z + sign * op.partial(x[:, G_j], G_j)`` for each group j (x, z: [n, ...])."""
+def _minus_partials(z: Tensor, x: Tensor, op: _Affine, groups: list[list[int]]) -> Tensor:
+    """[g * n, ...]: ``z - op.partial(x[:, G_j])`` for each group j (x, z: [n, ...]): op's output
+    with the groups' input channels zeroed, one group per variant."""
     out = _variants(z, len(groups))
-    for j, g in enumerate(groups):
-        out[j].add_(op.partial(x[:, g], g), alpha=sign)
+    out.sub_(op.partials(x[:, [c for g in groups for c in g]], groups))
     return out.flatten(0, 1)
 
 
@@ -414,7 +448,7 @@ class _VGGPlan(_Plan):
         k = self._next_conv(self.index[name])
         if k is None:
             return self.cache["head"][0].numel()
-        return max(z[0].numel() for j, (x, z) in self.cache.items() if j != "head" and j >= k)
+        return max(self.cache[j][1][0].numel() for j in self.cache if j != "head" and j >= k)
 
 
 class _ResNetPlan(_Plan):
@@ -479,26 +513,25 @@ class _ResNetPlan(_Plan):
             z = _minus_partials(c["zs"][k + 1], c["xs"][k + 1], convs[k + 1], groups)
             return self._run(self._finish_block(b, k + 1, z, c["sc"]), b + 1)
         # last conv of the block: its branch adds nothing on channels G, out'[G] = relu(sc[G])
+        flat = [ch for g in groups for ch in g]
+        new = F.relu(c["sc"][:, flat])                       # [n, sum |G|, ...]
+        delta = new - c["out"][:, flat]                      # change of the block output on G
         out = _variants(c["out"], len(groups))
-        deltas = []
+        start = 0
         for j, g in enumerate(groups):
-            new = F.relu(c["sc"][:, g])
-            deltas.append(new - c["out"][:, g])
-            out[j][:, g] = new
+            out[j][:, g] = new[:, start:start + len(g)]
+            start += len(g)
         out = out.flatten(0, 1)
         if b + 1 == len(self.blocks):
             return self._head(out)
         nxt, cn = self.blocks[b + 1], self.cache[b + 1]
-        z = _variants(cn["zs"][0], len(groups))
-        for j, g in enumerate(groups):   # the next block's first conv (and projection) by linearity
-            z[j].add_(nxt["convs"][0].partial(deltas[j], g))
+        z = _variants(cn["zs"][0], len(groups))             # the next block's first conv by linearity
+        z.add_(nxt["convs"][0].partials(delta, groups))
         if nxt["ds"] is None:
             sc = out
-        else:
+        else:                                               # and its projection shortcut
             sc = _variants(cn["sc"], len(groups))
-            for j, g in enumerate(groups):
-                sc[j].add_(nxt["ds"].partial(deltas[j], g))
-            sc = sc.flatten(0, 1)
+            sc = sc.add_(nxt["ds"].partials(delta, groups)).flatten(0, 1)
         return self._run(self._finish_block(b + 1, 0, z.flatten(0, 1), sc), b + 2)
 
     def numel_after(self, name: str) -> int:
@@ -537,6 +570,8 @@ class _MLPPlan(_Plan):
 def _fast_importance(plan: _Plan, x: Tensor, work: dict[str, tuple[str, list[list[int]]]], loss,
                      bar) -> dict[str, Tensor]:
     """``work``: {key: (prunable layer name, groups)}.  Sums ``loss`` over chunks of samples."""
+    if x.ndim == 4:
+        x = x.contiguous(memory_format=_FORMAT)
     plan.prepare(x[:1])
     n_chunk = max(1, min(len(x), _MEMORY_BYTES // max(1, plan.cache_bytes())))
     totals = {key: torch.zeros(len(gs), dtype=torch.float64) for key, (_, gs) in work.items()}

@@ -1,0 +1,148 @@
+"""Benchmarks: ``python -m spvr_lib.bench ranking --model vgg16 --scale cpu --group-size 2 [--json]``.
+
+``ranking`` times the naive ranking (one forward pass of the calibration set per group, the
+paper's algorithm) and the fast one on the same model, groups and calibration set in one
+process, and prints one JSON object: model, groups, naive_s, fast_s, speedup, max_rel_diff,
+same_ranking, n_calib, device, threads, weights ("trained" when a cached trained base model of
+that setup exists in the run cache, else "random-init"), loadavg (the machine's 1-minute load
+before and after, since a shared machine skews timings), repeat, and naive_cpu_s / fast_cpu_s /
+speedup_cpu (process CPU time, less sensitive to other processes than wall-clock time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None:
+    """The best cached ``train_run`` of ``spec`` on ``dataset`` whose weights file exists, or None.
+
+    Returns (model with those weights, record hash); "best" is the highest top-1.
+    """
+    from spvr_lib import models, results, train
+
+    folder = results.cache_dir()
+    if not folder.is_dir():
+        return None
+    want = results.canonical_json(spec)
+    candidates = []
+    for path in sorted(folder.glob("train-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        key = record.get("key", {})
+        if results.canonical_json(record.get("spec")) != want or key.get("dataset") != dataset:
+            continue
+        weights = Path(record.get("weights", ""))
+        if not weights.is_absolute():
+            weights = results.REPO_ROOT / weights
+        if weights.is_file():
+            candidates.append((float(record.get("top1", 0.0)), path.name, record))
+    if not candidates:
+        return None
+    _, _, record = max(candidates, key=lambda c: (c[0], c[1]))
+    model = train.load_weights(record)
+    assert models.count_params(model) == models.spec_params(spec)
+    return model, str(record.get("hash"))
+
+
+def _timed_pair(first, second, repeat: int) -> tuple[tuple[float, float, Any], tuple[float, float, Any]]:
+    """Run ``first`` and ``second`` alternately ``repeat`` times; for each the fastest wall-clock
+    seconds, the fastest process CPU seconds and its result (alternating spreads a shared
+    machine's load over both)."""
+    best = [[float("inf"), float("inf"), None], [float("inf"), float("inf"), None]]
+    for _ in range(repeat):
+        for slot, fn in ((0, first), (1, second)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn()
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            best[slot] = [min(best[slot][0], wall), min(best[slot][1], cpu), out]
+    return tuple(best[0]), tuple(best[1])
+
+
+def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per_class: int | None = None,
+                  seed: int = 0, repeat: int = 1, criterion: str = "spvr", progress: bool = False) -> dict[str, Any]:
+    """Naive vs fast ranking of ``config.get_scale(scale).models[model_key]`` (its preset, width,
+    dataset, group size and calibration samples per class unless given); the JSON record."""
+    from spvr_lib import config, data, experiments, models
+    from spvr_lib.prune import layer_groups
+    from spvr_lib.ranking import group_importance
+
+    setup = config.get_scale(scale).model(model_key)
+    group_size = setup.group_size if group_size is None else group_size
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r}; expected an integer >= 1")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat={repeat!r}; expected an integer >= 1")
+    spec = experiments.base_spec(setup)
+    found = trained_base_model(spec, setup.dataset)
+    if found is None:
+        torch.manual_seed(seed)
+        model, weights, run = models.build(spec), "random-init", None
+    else:
+        (model, run), weights = found, "trained"
+    model.eval()
+    k = setup.calib_per_class if per_class is None else per_class
+    x, y = data.calibration_set(data.load_dataset(setup.dataset, "train"), k, seed=seed, progress=progress)
+    groups = layer_groups(model, x, group_size)
+    load_before = os.getloadavg()[0]
+    (naive_s, naive_cpu, naive), (fast_s, fast_cpu, fast) = _timed_pair(
+        lambda: group_importance(model, x, groups, criterion, "naive", progress=progress),
+        lambda: group_importance(model, x, groups, criterion, "fast", progress=progress), repeat)
+    a = torch.cat([naive[n] for n in groups])
+    b = torch.cat([fast[n] for n in groups])
+    rel = ((a - b).abs() / a.abs().clamp_min(1e-12)).max().item()
+    same = torch.equal(torch.argsort(a, stable=True), torch.argsort(b, stable=True))
+    return {"model": model_key, "preset": setup.preset, "width": setup.width, "scale": scale,
+            "architecture": models.spec_to_str(spec),
+            "dataset": setup.dataset, "group_size": group_size, "criterion": criterion,
+            "groups": int(len(a)), "naive_s": round(naive_s, 3), "fast_s": round(fast_s, 3),
+            "speedup": round(naive_s / fast_s, 2), "max_rel_diff": rel, "same_ranking": bool(same),
+            "naive_cpu_s": round(naive_cpu, 3), "fast_cpu_s": round(fast_cpu, 3),
+            "speedup_cpu": round(naive_cpu / fast_cpu, 2),
+            "n_calib": int(len(x)), "device": str(next(model.parameters()).device),
+            "threads": torch.get_num_threads(), "weights": weights, "weights_run": run,
+            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spvr_lib.bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    r = commands.add_parser("ranking", help="naive vs fast ranking time on one setup")
+    r.add_argument("--model", required=True, help="a key of config.get_scale(SCALE).models: vgg16, resnet34, resnet50")
+    r.add_argument("--scale", default="cpu", help="smoke, cpu or paper (default cpu)")
+    r.add_argument("--group-size", type=int, default=None, help="d, channels per group (default: the setup's)")
+    r.add_argument("--per-class", type=int, default=None, help="calibration samples per class (default: the setup's)")
+    r.add_argument("--criterion", choices=("spvr", "kl"), default="spvr")
+    r.add_argument("--repeat", type=int, default=1,
+                   help="time each method this many times (alternating), report the fastest")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
+    args = parser.parse_args(argv)
+    try:
+        record = bench_ranking(args.model, args.scale, args.group_size, per_class=args.per_class, seed=args.seed,
+                               repeat=args.repeat, criterion=args.criterion, progress=not args.json)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(json.dumps(record, indent=2))
+        print(f"{record['model']}: naive {record['naive_s']} s, fast {record['fast_s']} s, "
+              f"speedup {record['speedup']}x, same ranking: {record['same_ranking']}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

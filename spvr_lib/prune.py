@@ -1,0 +1,440 @@
+"""SPvR: from a trained network, a calibration set and a parameter budget to the smaller
+architecture SPvR recommends (Section 3 and Appendix B), ready to be trained from scratch.
+
+1. Grouping (Section 3.2): one forward pass records every prunable layer's output at its mask
+   point; Eq. 3/4 and Algorithm 1 turn it into groups of ``d`` channels (:func:`layer_groups`).
+2. Ranking (Section 3.1): the importance of each group, Eq. 2 summed over the calibration set
+   (:func:`spvr_lib.ranking.group_importance`).
+3. Budget (Section 3.2, Appendix B): all groups of all layers are sorted together by importance
+   and the least important are discarded until the rebuilt network fits the parameter budget
+   (:func:`apply_budget`).  There is no minimum width: a layer, a VGG block of convs or a whole
+   ResNet stage can disappear ("layer collapse"; ``models.with_widths`` rebuilds the spec).
+
+ResNets (Appendix B).  All layers of a stage share one width (``PrunableLayer.tie``), which is
+what the paper's Tables 7 and 8 show (equal widths in every block).  Our rule: when a group of a
+layer of a stage is discarded, the least significant remaining group of every OTHER layer of
+that stage is discarded too, so the stage width drops by one group (``d`` channels).  A
+bottleneck's conv3 has 4w channels, grouped like every layer in groups of ``d``; it loses FOUR
+groups per step (the trigger and/or its least significant remaining ones), i.e. 4d channels for
+the stage's ``d``.  When ``d`` does not divide the widths (groups of unequal size), the stage
+width is the minimum over its layers of (kept channels / expansion) and every layer keeps its
+most important channels up to that width.  A stage whose width reaches 0 disappears and its
+neighbours are joined by a projection shortcut.  The stem conv and the shortcut convs are not
+ranked: their widths follow the stem width (unchanged) and the stage width.  Block counts are
+kept; Table 8's "x 6" for ResNet50's last stage in the 70% row is read as a typo for "x 3".
+The rule applies to any tie (``PrunableLayer.tie``; e.g. SegNet's encoder conv and the decoder
+conv feeding the same unpool): a tie's unit width is its narrowest layer's and a layer's
+expansion is its width over that.
+
+Parameter counts are always ``models.spec_params`` / ``models.count_params``: every parameter,
+BN and classifier included.  Removing a layer can ADD parameters (its neighbours get joined
+directly), so the count is not monotone along the discard order; the loop stops at the FIRST
+point where it fits.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from spvr_lib import models
+from spvr_lib.grouping import correlation_matrix, group_neurons, reduce_feature_maps
+from spvr_lib.ranking import CRITERIA, METHODS, group_importance
+
+__all__ = ["layer_groups", "apply_budget", "Budgeted", "PruneResult", "spvr_prune", "inherit_weights",
+           "budget_from_keep", "model_spec"]
+
+# leaf modules the engine knows how to mask, rank and rebuild
+_SUPPORTED = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.MaxUnpool2d, nn.AdaptiveAvgPool2d, nn.Linear,
+              nn.Dropout, nn.Identity)
+
+
+# --------------------------------------------------------------------------- input checks
+def model_spec(model: nn.Module) -> dict:
+    """The spec a ``spvr_lib.models`` network carries; ValueError naming what cannot be pruned."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    spec = getattr(model, "spec", None)
+    if not isinstance(spec, dict) or not isinstance(model, tuple(models._CLASSES.values())):
+        raise ValueError(f"model is a {type(model).__module__}.{type(model).__name__} without a spvr_lib spec; "
+                         "the pruner handles networks built by spvr_lib.models.build (VGG, ResNet, MLP)")
+    for name, m in model.named_modules():
+        if not list(m.children()) and not isinstance(m, _SUPPORTED):
+            raise ValueError(f"layer {name!r} is a {type(m).__name__}, which the pruner cannot prune; expected "
+                             f"only {[t.__name__ for t in _SUPPORTED]}")
+    models.prunable_layers(model, spec)     # raises if the model does not match its spec
+    return spec
+
+
+def budget_from_keep(keep: int | float, params_before: int) -> int:
+    """Parameter budget: ``keep`` parameters (int) or a fraction of ``params_before`` (float in (0, 1])."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):
+        raise ValueError(f"keep={keep!r}; expected a parameter count (int) or a fraction in (0, 1] (float)")
+    if isinstance(keep, (int, np.integer)):
+        if not 0 < keep <= params_before:
+            raise ValueError(f"keep={keep}; expected a parameter count in [1, {params_before}] (the original size)")
+        return int(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep={keep!r}; expected a fraction of the original parameters in (0, 1]")
+    return max(1, int(np.floor(keep * params_before)))
+
+
+def _check_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r}; expected an integer >= 1 (d of Section 3.2)")
+
+
+def _check_calib(calib, spec: dict) -> tuple[Tensor, Tensor]:
+    if not isinstance(calib, (tuple, list)) or len(calib) != 2:
+        raise ValueError(f"calib must be a pair (x, y) of tensors, got {type(calib).__name__}")
+    x, y = calib
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ValueError(f"calib must hold tensors (x, y), got ({type(x).__name__}, {type(y).__name__})")
+    if y.ndim < 1 or len(y) != len(x) or len(x) < 2:
+        raise ValueError(f"calib: x {tuple(x.shape)} and y {tuple(y.shape)} must hold the same n >= 2 samples, "
+                         "y one class label per sample (or one mask [H, W] per image)")
+    n_classes = spec["num_classes"]
+    present = set(int(c) for c in y.unique().tolist())
+    missing = sorted(set(range(n_classes)) - present)
+    if y.ndim > 1:      # segmentation masks: other values are ignore labels; a rare class may be absent
+        if missing:
+            warnings.warn(f"the calibration masks contain no pixel of class(es) {missing}", stacklevel=3)
+        return x, y
+    if missing:
+        raise ValueError(f"calib has no sample of class(es) {missing}; expected every one of the "
+                         f"{n_classes} classes at least once")
+    if extra := sorted(present - set(range(n_classes))):
+        raise ValueError(f"calib labels {extra} are outside 0..{n_classes - 1} (the model's classes)")
+    return x, y
+
+
+# --------------------------------------------------------------------------- 1. grouping
+def layer_groups(model: nn.Module, x: Tensor, group_size: int, batch_size: int = 256) -> dict[str, list[list[int]]]:
+    """Section 3.2: {prunable layer name: groups of ``group_size`` channels} from one pass over ``x``.
+
+    Each layer's output is recorded at its mask point (``PrunableLayer.mask_module``: the BN
+    after a conv, the ReLU after an MLP hidden layer), reduced by Eq. 4 to [n, m], correlated by
+    Eq. 3 and split by Algorithm 1.  A bottleneck conv3 (4w channels) is grouped like any layer.
+    """
+    spec = model_spec(model)
+    _check_group_size(group_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
+    layers = models.prunable_layers(model, spec)
+    param = next(model.parameters())
+    x = x.to(device=param.device, dtype=param.dtype)
+    recorded: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
+    handles = []
+    for layer in layers:
+        def hook(_m, _i, out, name=layer.name):
+            recorded[name].append(reduce_feature_maps(out).double().cpu())
+        handles.append(layer.mask_module.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for xb in x.split(batch_size):
+                model(xb)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: group_neurons(correlation_matrix(torch.cat(parts)), int(group_size))
+            for name, parts in recorded.items()}
+
+
+# --------------------------------------------------------------------------- 3. the budget
+@dataclass
+class Budgeted:
+    """What :func:`apply_budget` decided.
+
+    spec: the pruned spec; kept: {layer: sorted kept channel indices of the ORIGINAL layer};
+    removed: {layer: per group, True if none of its channels is kept}; order: {layer: per group,
+    its rank in the global ascending sort}; params_after: parameters of the pruned spec;
+    last_step: parameters removed by the last discarding step (0 if none was needed); steps:
+    how many groups were discarded as triggers (stage partners not counted).
+    """
+
+    spec: dict
+    kept: dict[str, list[int]]
+    removed: dict[str, list[bool]]
+    order: dict[str, list[int]]
+    params_after: int
+    last_step: int
+    steps: int
+
+
+def apply_budget(spec: dict, layers: Sequence[models.PrunableLayer], groups: Mapping[str, Sequence[Sequence[int]]],
+                 scores: Mapping[str, Sequence[float] | Tensor], budget: int) -> Budgeted:
+    """Discard the least important groups until ``models.spec_params`` of the rebuilt spec <= ``budget``.
+
+    ``layers``: ``models.prunable_layers(model, spec)``; ``groups``/``scores``: per layer name,
+    its channel groups (a partition of its channels) and one importance per group.  All groups
+    are sorted together by (importance, layer position, group index), ascending, and discarded
+    in that order (skipping those already gone with their stage) until the first point where the
+    network fits.  See the module docstring for ResNet stages.  ValueError if even discarding
+    every group does not fit.
+    """
+    models.validate(spec)
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget={budget!r}; expected a positive parameter count")
+    tie_width: dict[str, int] = {}       # a tie's unit width: its narrowest layer (a ResNet stage width)
+    for layer in layers:
+        if layer.tie is not None:
+            tie_width[layer.tie] = min(tie_width.get(layer.tie, layer.width), layer.width)
+    imp: dict[str, np.ndarray] = {}
+    expansion: dict[str, int] = {}
+    for layer in layers:
+        gs = groups.get(layer.name)
+        if gs is None or layer.name not in scores:
+            raise ValueError(f"groups and scores need an entry for layer {layer.name!r}")
+        s = np.asarray(scores[layer.name].cpu() if isinstance(scores[layer.name], Tensor) else scores[layer.name],
+                       dtype=np.float64).reshape(-1)
+        if len(s) != len(gs):
+            raise ValueError(f"scores[{layer.name!r}] has {len(s)} values for {len(gs)} groups")
+        if not np.isfinite(s).all():
+            raise ValueError(f"scores[{layer.name!r}] holds NaN or infinite values")
+        flat = sorted(int(c) for g in gs for c in g)
+        if flat != list(range(layer.width)):
+            raise ValueError(f"groups[{layer.name!r}] must partition the layer's {layer.width} channels "
+                             f"(each channel in exactly one group)")
+        imp[layer.name] = s
+        if layer.tie is not None:
+            w = tie_width[layer.tie]
+            if layer.width % w:
+                raise ValueError(f"layer {layer.name!r} has {layer.width} channels, not a multiple of the "
+                                 f"width {w} of its tie {layer.tie!r}")
+            expansion[layer.name] = layer.width // w
+    by_name = {layer.name: layer for layer in layers}
+    stage_layers: dict[str, list[models.PrunableLayer]] = {}
+    for layer in layers:
+        if layer.tie is not None:
+            stage_layers.setdefault(layer.tie, []).append(layer)
+    # least significant first, within each layer and globally
+    remaining = {layer.name: sorted(range(len(groups[layer.name])), key=lambda j, n=layer.name: (imp[n][j], j))
+                 for layer in layers}
+    global_order = sorted(((imp[layer.name][j], pos, j) for pos, layer in enumerate(layers)
+                           for j in range(len(groups[layer.name]))))
+    order = {layer.name: [0] * len(groups[layer.name]) for layer in layers}
+    for rank, (_, pos, j) in enumerate(global_order):
+        order[layers[pos].name][j] = rank
+
+    def kept_count(name: str) -> int:
+        return sum(len(groups[name][j]) for j in remaining[name])
+
+    def width_of_stage(stage: str) -> int:
+        return min(kept_count(layer.name) // expansion[layer.name] for layer in stage_layers[stage])
+
+    def current_spec() -> dict:
+        widths = {}
+        for layer in layers:
+            widths[layer.ref] = kept_count(layer.name) if layer.tie is None else width_of_stage(layer.tie)
+        return models.with_widths(spec, widths)
+
+    params = models.spec_params(spec)
+    last_step, steps = 0, 0
+    if params > budget:
+        for _, pos, j in global_order:
+            layer = layers[pos]
+            if j not in remaining[layer.name]:
+                continue                                  # already gone with its stage
+            if layer.tie is None:
+                remaining[layer.name].remove(j)
+            else:
+                for partner in stage_layers[layer.tie]:
+                    take = expansion[partner.name]
+                    if partner is layer:
+                        remaining[layer.name].remove(j)
+                        take -= 1
+                    del remaining[partner.name][:take]    # its least significant remaining groups
+            steps += 1
+            before, params = params, models.spec_params(current_spec())
+            if params <= budget:
+                last_step = before - params
+                break
+        else:
+            raise ValueError(f"budget={budget} parameters is below the smallest network the pruner can reach "
+                             f"({params} parameters with every prunable layer removed)")
+    new_spec = current_spec()
+    kept: dict[str, list[int]] = {}
+    for layer in layers:
+        most_important_first = [c for j in reversed(remaining[layer.name]) for c in groups[layer.name][j]]
+        n_keep = len(most_important_first) if layer.tie is None else \
+            width_of_stage(layer.tie) * expansion[layer.name]
+        kept[layer.name] = sorted(most_important_first[:n_keep])
+    removed = {name: [not (set(g) & set(kept[name])) for g in groups[name]] for name in by_name}
+    return Budgeted(spec=new_spec, kept=kept, removed=removed, order=order, params_after=int(params),
+                    last_step=int(last_step), steps=steps)
+
+
+# --------------------------------------------------------------------------- the whole method
+@dataclass
+class PruneResult:
+    """The architecture SPvR recommends, and how it got there.
+
+    spec: the pruned spec; model: ``models.build(spec)``, freshly initialised (train it from
+    scratch); scores: one row per group (layer, group, channels, size, importance, order = rank
+    in the global ascending sort, removed); params_before/params_after/budget: parameter counts
+    (every parameter, BN and classifier included); kept: {layer name: sorted kept channel indices
+    in the ORIGINAL model}; groups: {layer name: its channel groups}.
+    """
+
+    spec: dict
+    model: nn.Module
+    scores: pd.DataFrame
+    params_before: int
+    params_after: int
+    budget: int
+    kept: dict[str, list[int]]
+    groups: dict[str, list[list[int]]]
+    last_step: int = 0
+    original_spec: dict = field(default_factory=dict)
+
+
+def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float, group_size: int = 2,
+               criterion: str = "spvr", method: str = "fast", progress: bool = True) -> PruneResult:
+    """SPvR on ``model`` (a trained ``spvr_lib.models`` network) to ``keep`` parameters.
+
+    ``calib``: (x [n, C, H, W], y [n]) calibration samples; y only checks that every class is
+    present.  ``keep``: a parameter count (int) or a fraction of the original count (float in
+    (0, 1]).  ``group_size``: d of Section 3.2.  ``criterion``: "spvr" (Eq. 2) or "kl";
+    ``method``: "fast" or "naive" ranking (same numbers).  The new model is freshly initialised
+    with torch's global RNG (seed it for a reproducible init).
+    """
+    spec = model_spec(model)
+    x, _ = _check_calib(calib, spec)
+    _check_group_size(group_size)
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
+    params_before = models.count_params(model)
+    budget = budget_from_keep(keep, params_before)
+    layers = models.prunable_layers(model, spec)
+    groups = layer_groups(model, x, int(group_size))
+    scores = group_importance(model, x, groups, criterion=criterion, method=method, progress=progress)
+    decided = apply_budget(spec, layers, groups, scores, budget)
+    new_model = models.build(decided.spec)
+    rows = [{"layer": name, "group": j, "channels": list(g), "size": len(g),
+             "importance": float(scores[name][j]), "order": decided.order[name][j],
+             "removed": decided.removed[name][j]}
+            for name, gs in groups.items() for j, g in enumerate(gs)]
+    return PruneResult(spec=decided.spec, model=new_model, scores=pd.DataFrame(rows), params_before=params_before,
+                       params_after=models.count_params(new_model), budget=budget, kept=decided.kept,
+                       groups=groups, last_step=decided.last_step, original_spec=copy.deepcopy(spec))
+
+
+# --------------------------------------------------------------------------- fine-tuning start
+def _copy_conv_bn(dst_conv: nn.Module, dst_bn: nn.Module | None, src_conv: nn.Module, src_bn: nn.Module | None,
+                  rows: list[int], cols: list[int]) -> None:
+    r, c = torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
+    dst_conv.weight.copy_(src_conv.weight[r][:, c])
+    if src_conv.bias is not None:
+        dst_conv.bias.copy_(src_conv.bias[r])
+    if src_bn is not None:
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            getattr(dst_bn, attr).copy_(getattr(src_bn, attr)[r])
+        dst_bn.num_batches_tracked.copy_(src_bn.num_batches_tracked)
+
+
+def _selection_shortcut(ds: nn.Sequential, rows: list[int], cols: list[int]) -> None:
+    """A projection that passes channel ``rows[i]`` (found among ``cols``) through unchanged."""
+    conv, bn = ds[0], ds[1]
+    conv.weight.zero_()
+    where = {c: j for j, c in enumerate(cols)}
+    for i, r in enumerate(rows):
+        conv.weight[i, where[r], 0, 0] = 1.0
+    bn.weight.fill_(1.0)
+    bn.bias.zero_()
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0 - bn.eps)          # sqrt(var + eps) = 1: BN is the identity
+
+
+def inherit_weights(original: nn.Module, result: PruneResult) -> nn.Module:
+    """The pruned architecture holding the ORIGINAL weights of the kept channels (Table 2's fine-tune).
+
+    Only meaningful when no layer collapsed (ValueError otherwise).  VGG/MLP: every layer keeps
+    the rows of its kept channels and the columns of the previous layer's.  ResNet: a stage's
+    residual stream (every block output, the shortcuts and each block's last conv) uses ONE
+    channel set, the kept channels of the stage's last conv (last block); the inner convs use their
+    own kept channels.  Where the pruned network needs a projection the original did not have
+    (a stage narrower than the stem), it is set to pass the stream's channels through (1x1
+    selection, identity BN).  The stem is not pruned.
+    """
+    spec = model_spec(original)
+    if canonical(spec) != canonical(result.original_spec):
+        raise ValueError("original is not the model result was pruned from (its spec differs from "
+                         "result.original_spec)")
+    collapsed = [name for name, k in result.kept.items() if not k]
+    if collapsed:
+        raise ValueError(f"inherit_weights needs every layer to survive, but {len(collapsed)} collapsed "
+                         f"(e.g. {collapsed[:3]}); train the pruned architecture from scratch instead")
+    if spec["arch"] not in ("vgg", "resnet", "mlp"):
+        raise ValueError(f"inherit_weights supports vgg, resnet and mlp specs, got arch={spec['arch']!r}")
+    param = next(original.parameters())
+    new = models.build(result.spec).to(device=param.device, dtype=param.dtype)
+    kept = result.kept
+    with torch.no_grad():
+        if spec["arch"] == "vgg":
+            prev = list(range(spec["in_channels"]))
+            convs_old = [m for m in original.features if isinstance(m, nn.Sequential)]
+            convs_new = [m for m in new.features if isinstance(m, nn.Sequential)]
+            for i, (old, nw) in enumerate(zip(convs_old, convs_new)):
+                name = f"features.{list(original.features).index(old)}.0"
+                _copy_conv_bn(nw[0], nw[1], old[0], old[1], kept[name], prev)
+                prev = kept[name]
+            fc_old = original.classifier if isinstance(original.classifier, nn.Linear) else original.classifier[0]
+            fc_new = new.classifier if isinstance(new.classifier, nn.Linear) else new.classifier[0]
+            per = fc_old.in_features // convs_old[-1][0].out_channels if convs_old else 1
+            cols = [c * per + k for c in prev for k in range(per)]
+            fc_new.weight.copy_(fc_old.weight[:, cols])
+            fc_new.bias.copy_(fc_old.bias)
+            if isinstance(original.classifier, nn.Sequential):
+                for a, b in zip(list(original.classifier)[1:], list(new.classifier)[1:]):
+                    b.load_state_dict(a.state_dict())
+        elif spec["arch"] == "resnet":
+            for attr in ("conv1", "bn1"):
+                getattr(new, attr).load_state_dict(getattr(original, attr).state_dict())
+            stream = list(range(spec["stem_width"]))
+            n_convs = 2 if spec["block"] == "basic" else 3
+            for st in spec["stages"]:
+                name = st["name"]
+                S = kept[f"{name}.{st['blocks'] - 1}.conv{n_convs}"]
+                for b, (old, nw) in enumerate(zip(getattr(original, name), getattr(new, name))):
+                    cols = stream
+                    for k in range(1, n_convs + 1):
+                        rows = S if k == n_convs else kept[f"{name}.{b}.conv{k}"]
+                        _copy_conv_bn(getattr(nw, f"conv{k}"), getattr(nw, f"bn{k}"), getattr(old, f"conv{k}"),
+                                      getattr(old, f"bn{k}"), rows, cols)
+                        cols = rows
+                    if nw.downsample is not None:
+                        if old.downsample is not None:
+                            _copy_conv_bn(nw.downsample[0], nw.downsample[1], old.downsample[0], old.downsample[1],
+                                          S, stream)
+                        else:
+                            _selection_shortcut(nw.downsample, S, stream)
+                    stream = S
+            new.fc.weight.copy_(original.fc.weight[:, stream])
+            new.fc.bias.copy_(original.fc.bias)
+        else:
+            prev = list(range(spec["in_features"]))
+            for i in range(len(spec["hidden"])):
+                name = f"fc{i + 1}"
+                _copy_conv_bn(getattr(new, name), None, getattr(original, name), None, kept[name], prev)
+                prev = kept[name]
+            last = f"fc{len(spec['hidden']) + 1}"
+            getattr(new, last).weight.copy_(getattr(original, last).weight[:, prev])
+            getattr(new, last).bias.copy_(getattr(original, last).bias)
+    return new
+
+
+def canonical(spec: dict) -> str:
+    from spvr_lib.results import canonical_json
+
+    return canonical_json(spec)
