@@ -71,9 +71,12 @@ def _timed_pair(first, second, repeat: int) -> tuple[tuple[float, float, Any], t
 
 
 def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per_class: int | None = None,
-                  seed: int = 0, repeat: int = 1, criterion: str = "spvr", progress: bool = False) -> dict[str, Any]:
+                  seed: int = 0, repeat: int = 1, criterion: str = "spvr", progress: bool = False,
+                  model: nn.Module | None = None) -> dict[str, Any]:
     """Naive vs fast ranking of ``config.get_scale(scale).models[model_key]`` (its preset, width,
-    dataset, group size and calibration samples per class unless given); the JSON record."""
+    dataset, group size and calibration samples per class unless given); the JSON record.
+    ``model``: the trained network to rank (default: the best cached trained base of that setup,
+    else a randomly initialised one)."""
     from spvr_lib import config, data, experiments, models
     from spvr_lib.prune import layer_groups
     from spvr_lib.ranking import group_importance
@@ -85,7 +88,7 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat={repeat!r}; expected an integer >= 1")
     spec = experiments.base_spec(setup)
-    found = trained_base_model(spec, setup.dataset)
+    found = trained_base_model(spec, setup.dataset) if model is None else (model, None)
     if found is None:
         torch.manual_seed(seed)
         model, weights, run = models.build(spec), "random-init", None
@@ -113,6 +116,20 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
             "n_calib": int(len(x)), "device": str(next(model.parameters()).device),
             "threads": torch.get_num_threads(), "weights": weights, "weights_run": run,
             "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat}
+
+
+def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool = False) -> "pd.DataFrame":
+    """Notebook 08: :func:`bench_ranking` on each scale's trained base network, one row per model."""
+    import pandas as pd
+
+    from spvr_lib import experiments
+
+    rows = []
+    for key in keys:
+        model, _ = experiments.base_model(cfg, key, progress=progress)
+        rec = bench_ranking(key, cfg.name, repeat=repeat, progress=progress, model=model)
+        rows.append({k: v for k, v in rec.items() if k not in ("architecture", "weights_run")})
+    return pd.DataFrame(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
