@@ -24,11 +24,15 @@ venv: $(STAMP) ## create .venv and install spvr_lib with its dependencies
 data: $(STAMP) ## make sure Fashion-MNIST is available (system package, data/, or download)
 	$(PY) -m spvr_lib.data ensure fashion-mnist
 
+# one thread: the smoke networks are tiny, and two threads per process oversubscribe a 2-core machine
 test: $(STAMP) data ## run unit tests and every notebook at smoke scale (nbmake)
-	$(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
 
 reproduce: $(STAMP) data ## run the numbered notebooks at SCALE (default cpu), outputs in figures/$(SCALE)/
 	$(PY) -m spvr_lib.reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY))
+
+bench: $(STAMP) data ## time naive vs fast ranking on each model at SCALE (JSON lines)
+	for m in vgg16 resnet34 resnet50; do $(PY) -m spvr_lib.bench ranking --model $$m --scale $(SCALE) --json; done
 
 lab: $(STAMP) ## open JupyterLab on the notebooks with the project's .venv
 	$(VENV)/bin/jupyter lab notebooks
