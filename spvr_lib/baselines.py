@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spvr_lib import models
+from spvr_lib.prune import budget_from_keep  # the one budget rule, shared with SPvR
 
 __all__ = ["METHODS", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune", "reinitialize_any",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
@@ -131,22 +132,6 @@ class _MethodFailure(Exception):
 
 
 # --------------------------------------------------------------------------- validation
-def budget_from_keep(keep: int | float, params: int) -> int:
-    """Parameter budget: ``keep`` itself if an int in [1, params]; ``floor(keep * params)`` if a float in (0, 1]."""
-    if isinstance(keep, bool) or not isinstance(keep, Real):
-        raise ValueError(f"keep must be a parameter count (int) or a fraction (float), got {keep!r}")
-    if isinstance(keep, Integral):
-        if not 1 <= keep <= params:
-            raise ValueError(f"keep={keep} parameters must be in [1, {params}] (the model's size)")
-        return int(keep)
-    if not 0 < keep <= 1:
-        raise ValueError(f"keep={keep} as a fraction of the model's {params} parameters must be in (0, 1]")
-    budget = math.floor(keep * params)
-    if budget < 1:
-        raise ValueError(f"keep={keep} leaves a budget of {budget} parameters (model has {params})")
-    return budget
-
-
 def _check_calib(calib) -> tuple[Tensor, Tensor]:
     if not (isinstance(calib, (tuple, list)) and len(calib) == 2 and all(isinstance(t, Tensor) for t in calib)):
         raise ValueError(f"calib must be a tuple (x, y) of tensors, got {type(calib).__name__}")

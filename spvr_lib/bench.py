@@ -118,7 +118,7 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
             "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat}
 
 
-def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool = False) -> "pd.DataFrame":
+def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool = False) -> Any:
     """Notebook 08: :func:`bench_ranking` on each scale's trained base network, one row per model."""
     import pandas as pd
 

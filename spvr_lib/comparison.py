@@ -135,8 +135,10 @@ def _check_mode(mode: str) -> str:
 
 def parameter_budget(params: int, rate: float) -> int:
     """The parameter budget of every method: ``floor((1 - rate) * params)``, computed as
-    ``baselines.budget_from_keep(1 - rate, params)`` (the same float ``keep`` SPvR is given)."""
-    return baselines.budget_from_keep(1.0 - _check_rate(rate), int(params))
+    ``prune.budget_from_keep(1 - rate, params)`` (the same float ``keep`` SPvR is given)."""
+    from .prune import budget_from_keep
+
+    return budget_from_keep(1.0 - _check_rate(rate), int(params))
 
 
 def rcp_samples(cfg: Any) -> int:

@@ -534,6 +534,8 @@ class MobileNetV3(tv_mobilenetv3.MobileNetV3):
                 for name, child in module.named_children():
                     if isinstance(child, nn.Hardswish):
                         setattr(module, name, nn.ReLU(inplace=True))
+            # torchvision's in-place Dropout after an in-place ReLU breaks backward
+            self.classifier[2] = nn.Dropout(p=self.classifier[2].p)
 
 
 def mobilenetv3(variant: str = "small", num_classes: int = 1000, in_channels: int = 3, width: float = 1.0,

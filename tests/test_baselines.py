@@ -209,6 +209,8 @@ def test_bad_arguments_raise(nets, calib):
     with pytest.raises(ValueError, match="short_train"):
         B.prune("rcp", nets["vgg"], calib, 0.5, short_train=3)
     assert B.budget_from_keep(7, 10) == 7 and B.budget_from_keep(0.55, 10) == 5 and B.budget_from_keep(1.0, 10) == 10
+    from spvr_lib import prune
+    assert B.budget_from_keep is prune.budget_from_keep
 
 
 def test_names():

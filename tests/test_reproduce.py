@@ -1,9 +1,7 @@
 """The papermill runner on tiny notebooks: parameters injected, outputs kept, failures named."""
 import json
-import sys
 
 import nbformat
-import pytest
 
 from spvr_lib import reproduce
 

@@ -1,0 +1,163 @@
+"""Section 6.2 / Figure 2: how the group size d changes accuracy and pruning time (notebook 09).
+
+At the highest pruning rate of each model (``max(setup.rates)``: 98% for VGG16 and ResNet34, 95%
+for ResNet50 as set up here), SPvR prunes the scale's trained base network once per group size
+with each ranking method (``experiments.spvr_pruned(..., method="fast" | "naive")``; both are
+cached, and ``prune_s`` is the wall time of grouping + ranking + budget loop).  The two methods
+compute the same importances, so they must return the same pruned network: the table says
+whether they did.  Each pruned network is re-initialised and trained from scratch with the
+model's recipe at the base model's searched learning rate, once per seed of the scale.
+
+A step that raises is kept as a row with ``status="failed"`` and its reason, never dropped.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import experiments
+from .plotting import PAPER_STYLE
+from .train import train_run
+
+__all__ = ["RANKING_METHODS", "PAPER_PRUNE_S_AT_D32", "ablation_rate", "base_lr", "train_pruned",
+           "group_size_rows", "group_size_table", "figure2"]
+
+RANKING_METHODS = ("fast", "naive")
+# Section 6.2: "for d = 32, SPvR can prune VGG16, ResNet34 and ResNet50 under 6 seconds, 8 minutes and
+# 30 minutes" (upper bounds, on the paper's GPU and full-size networks).
+PAPER_PRUNE_S_AT_D32 = {"vgg16": 6.0, "resnet34": 8 * 60.0, "resnet50": 30 * 60.0}
+
+
+def ablation_rate(cfg: Any, key: str) -> float:
+    """The highest rate of the model's setup (Section 6.2 ablates "only the maximum level of pruning")."""
+    return float(max(cfg.model(key).rates))
+
+
+def base_lr(cfg: Any, key: str, progress: bool = True) -> float:
+    """The learning rate found by grid search for the model's unpruned network (cached)."""
+    setup = cfg.model(key)
+    return experiments.searched_lr(setup, experiments.base_spec(setup), progress=progress)[0]
+
+
+def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train ``spec`` from scratch (fresh init) with the setup's recipe at ``lr`` (default: the
+    base model's searched lr) on the setup's data subsets; the cached ``train.train_run`` record."""
+    setup = cfg.model(key)
+    lr = base_lr(cfg, key, progress=progress) if lr is None else lr
+    return train_run(spec, setup.dataset, experiments.recipe(setup, lr=lr), int(seed), setup.train_subset,
+                     setup.test_subset, tag="scratch", progress=progress)
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+
+
+def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,
+                    naive_group_sizes: Sequence[int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """One row per group size d for model ``key`` at :func:`ablation_rate`: pruning time of the fast
+    and the naive ranking, whether they gave the same network, and its accuracy trained from
+    scratch (mean and sample std over ``seeds``, default the scale's; in %, NaN where the dataset
+    has <= 5 classes for top-5).  ``naive_group_sizes``: the d at which the naive ranking runs too
+    (default: all); elsewhere its columns are NaN and "same spec" is None (not checked)."""
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    if not seeds:
+        raise ValueError("seeds is empty; expected at least one training seed")
+    bad = [d for d in group_sizes if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1]
+    if bad or not group_sizes:
+        raise ValueError(f"group_sizes={list(group_sizes)!r}; expected a non-empty list of positive ints")
+    naive_at = {int(d) for d in (group_sizes if naive_group_sizes is None else naive_group_sizes)}
+    rate = ablation_rate(cfg, key)
+    rows = []
+    for d in tqdm(list(group_sizes), desc=f"{key}: group sizes", disable=not progress, leave=False):
+        row: dict[str, Any] = {"model": key, "rate": rate, "d": int(d), "status": "ok", "error": ""}
+        try:
+            methods = [m for m in RANKING_METHODS if m == "fast" or int(d) in naive_at]
+            recs = {m: experiments.spvr_pruned(cfg, key, rate, group_size=int(d), method=m, progress=progress)
+                    for m in methods}
+            fast, naive = recs["fast"], recs.get("naive")
+            row.update({"params before": fast["params_before"], "budget": fast["budget"],
+                        "params after": fast["params_after"], "removed (%)": 100.0 * fast["removed_fraction"],
+                        "collapsed": fast["collapsed"], "prune s (fast)": fast["prune_s"],
+                        "prune s (naive)": naive["prune_s"] if naive else float("nan"),
+                        "naive / fast": naive["prune_s"] / max(fast["prune_s"], 1e-9) if naive else float("nan"),
+                        "same spec": fast["spec"] == naive["spec"] if naive else None, "architecture": fast["arch"]})
+            lr = base_lr(cfg, key, progress=progress)
+            for m in methods:           # identical specs share one cached training run per seed
+                runs = [train_pruned(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress) for s in seeds]
+                for metric in ("top1", "top5"):
+                    mean, std = _mean_std([r[metric] for r in runs])
+                    row[f"{metric} ({m})"], row[f"{metric} std ({m})"] = mean, std
+            row["n seeds"] = len(seeds)
+        except Exception as err:  # a failed run is a row, never dropped
+            row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        row["paper prune s bound (d=32)"] = PAPER_PRUNE_S_AT_D32.get(key) if int(d) == 32 else None
+        rows.append(row)
+    return rows
+
+
+def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int]], seeds: Sequence[int] | None = None,
+                     naive_group_sizes: Mapping[str, Sequence[int]] | None = None,
+                     progress: bool = True) -> pd.DataFrame:
+    """Figure 2's data: :func:`group_size_rows` for every model in ``group_sizes`` ({model key: [d, ...]});
+    ``naive_group_sizes`` ({model key: [d, ...]}, default: all of ``group_sizes``) limits the naive ranking."""
+    if not group_sizes:
+        raise ValueError("group_sizes is empty; expected {model key: [d, ...]}")
+    rows = [r for key, ds in group_sizes.items()
+            for r in group_size_rows(cfg, key, ds, seeds,
+                                     None if naive_group_sizes is None else naive_group_sizes.get(key, ds), progress)]
+    order = ["model", "rate", "d", "params before", "budget", "params after", "removed (%)", "collapsed",
+             "prune s (fast)", "prune s (naive)", "naive / fast", "same spec",
+             "top1 (fast)", "top1 std (fast)", "top5 (fast)", "top5 std (fast)",
+             "top1 (naive)", "top1 std (naive)", "top5 (naive)", "top5 std (naive)", "n seeds",
+             "paper prune s bound (d=32)", "status", "error", "architecture"]
+    df = pd.DataFrame(rows)
+    return df[[c for c in order if c in df.columns]]
+
+
+_TITLES = {"vgg16": "VGG16", "resnet34": "ResNet34", "resnet50": "ResNet50"}
+
+
+def figure2(table: pd.DataFrame, top5_for: Sequence[str] = ("resnet34", "resnet50")) -> plt.Figure:
+    """Figure 2's layout: one panel per model; top-1 (and top-5 for ``top5_for``) of the fast
+    ranking's network against d on the left axis (error bars: std over seeds), pruning time of the
+    fast and the naive ranking on a logarithmic right axis.  Failed rows are left out of the lines."""
+    keys = list(dict.fromkeys(table["model"]))
+    with plt.rc_context(PAPER_STYLE):
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.2), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            sub = table[(table["model"] == key) & (table["status"] == "ok")].sort_values("d")
+            handles = []
+            for metric, style in (("top1", "-"), ("top5", "--")):
+                col = f"{metric} (fast)"
+                if (metric == "top5" and key not in top5_for) or col not in sub or sub[col].isna().all():
+                    continue
+                h = ax.errorbar(sub["d"], sub[col], yerr=sub[f"{metric} std (fast)"], ls=style, marker="o", ms=3,
+                                capsize=2, color="C0", label=f"top-{metric[-1]} accuracy")
+                handles.append(h)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(list(table.loc[table["model"] == key, "d"]))
+            ax.set_xticklabels([str(d) for d in table.loc[table["model"] == key, "d"]])
+            rate = table.loc[table["model"] == key, "rate"].iloc[0]
+            ax.set(xlabel="group size d", ylabel="accuracy (%)", title=f"{_TITLES.get(key, key)}, {rate:.0%} removed")
+            right = ax.twinx()
+            right.grid(False)
+            right.spines["right"].set_visible(True)
+            for method, color in (("fast", "C1"), ("naive", "C3")):
+                col = f"prune s ({method})"
+                if col in sub and not sub[col].isna().all():
+                    handles += right.plot(sub["d"], sub[col], ls=":", marker="s", ms=3, color=color,
+                                          label=f"pruning time ({method})")
+            right.set_yscale("log")
+            right.set_ylabel("pruning time (s)")
+            ax.legend(handles=handles, fontsize=7, frameon=False, loc="best")
+        fig.tight_layout()
+    return fig

@@ -1,0 +1,130 @@
+"""Sections 5.4 and 5.5 (spvr_lib.applications): the MobileNet budget, SegNet pruning, the IoU table."""
+import math
+
+import pytest
+import torch
+
+from spvr_lib import applications as A
+from spvr_lib import config, experiments, models
+from spvr_lib.prune import apply_budget, spvr_prune
+
+torch.set_num_threads(1)
+
+TINY = config.Scale(
+    name="smoke", seeds=(0,),
+    models={"resnet50": config.ModelSetup("resnet50", "fashion-mnist", width=1 / 16, epochs=1, batch_size=16,
+                                          lr=0.05, lr_grid=(0.05,), group_size=8, rates=(0.4, 0.8),
+                                          calib_per_class=1, train_subset=2, test_subset=1, stem="imagenet")})
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
+    return tmp_path
+
+
+# --------------------------------------------------------------------------- Table 4
+def test_paper_share_and_widths():
+    assert A.PAPER_MINIMAL_SHARE == models.spec_params(models.mobilenetv3("small-minimal", 1000, 3)) / \
+        models.spec_params(models.resnet50(1000, 3, stem="imagenet"))
+    assert A.mobilenet_width(config.get_scale("paper")) == 1.0     # the paper's own networks
+    assert A.mobilenet_width(config.get_scale("cpu")) == 0.125     # 1/8-width ResNet50: -minimal at 7.5% of it
+    assert A.mobilenet_width(config.get_scale("smoke")) == 0.1     # the narrowest: -minimal at 23% of a 1/16 one
+
+
+@pytest.mark.parametrize("scale", ["smoke", "cpu", "paper"])
+def test_budget_is_80_percent_of_minimal_and_below_the_resnet50(scale):
+    cfg = config.get_scale(scale)
+    specs = A.mobilenet_specs(cfg)
+    minimal = models.spec_params(specs["MobileNetV3-minimal"])
+    budget = A.mobilenet_budget(cfg)
+    assert budget == math.floor(0.8 * minimal)
+    assert budget < models.spec_params(experiments.base_spec(cfg.model("resnet50")))
+    assert models.spec_params(specs["MobileNetV3-small"]) > minimal
+    # the MobileNets take the ResNet50's input and classes, with its stem stride (ImageNet stem: stride 2)
+    for spec in specs.values():
+        assert spec["small_input"] is False and spec["num_classes"] == (1000 if scale == "paper" else 10)
+
+
+def test_paper_scale_budget_is_the_papers_1_6M():
+    assert A.mobilenet_budget(config.get_scale("paper")) / 1e6 == pytest.approx(1.6, abs=0.05)
+
+
+def test_budget_not_below_resnet50_is_an_error():
+    with pytest.raises(ValueError, match="not below"):
+        A.mobilenet_budget(TINY, width=1.0)      # MobileNetV3-minimal at width 1 dwarfs a 1/16-width ResNet50
+
+
+def test_pruned_resnet50_meets_the_mobilenet_budget(cache):
+    budget = A.mobilenet_budget(TINY)
+    rec = A.pruned_resnet50(TINY, progress=False)
+    assert rec["params_after"] <= budget
+    assert models.spec_params(rec["spec"]) == rec["params_after"]
+    assert rec["spec"]["arch"] == "resnet"
+    with pytest.raises(ValueError, match="budget"):
+        A.pruned_resnet50(TINY, budget=10**9, progress=False)
+
+
+# --------------------------------------------------------------------------- Section 5.5
+def test_segnet_pruned_at_80_percent_meets_budget_and_runs():
+    torch.manual_seed(0)
+    spec = models.segnet_vgg16(num_classes=3, in_channels=1, width=1 / 16)
+    model = models.build(spec).eval()
+    x = torch.randn(4, 1, 32, 32)
+    masks = torch.randint(0, 3, (4, 32, 32))
+    res = spvr_prune(model, (x, masks), keep=0.2, group_size=4, method="naive", progress=False)
+    before = models.count_params(model)
+    assert res.params_before == before and res.budget == math.floor(0.2 * before)
+    assert res.params_after <= res.budget
+    pruned = models.build(res.spec)
+    assert models.count_params(pruned) == res.params_after
+    with torch.no_grad():
+        assert pruned.eval()(x).shape == (4, 3, 32, 32)
+
+
+def test_segmentation_table_format(cache):
+    s = A.segmentation_settings("smoke")
+    s.update(n_train=12, n_test=4, batch_size=4)
+    table, records = A.segmentation_table(s, progress=False)
+    assert table["status"].tolist() == ["ok", "ok"], table["error"].tolist()
+    assert table["model"].tolist() == ["SegNet", "SegNet, 80% removed by SPvR"]
+    assert table["paper mIoU (CityScapes)"].tolist() == [51.2, 46.5]
+    assert table["removed (%)"].iloc[0] == 0.0 and table["removed (%)"].iloc[1] >= 80.0
+    assert table["params"].iloc[1] <= table["budget"].iloc[1]
+    assert ((table["mIoU"] >= 0) & (table["mIoU"] <= 100)).all()
+    assert table["n seeds"].tolist() == [1, 1]
+    curves = A.segmentation_curves(records)
+    assert list(curves.columns) == ["model", "seed", "epoch", "test mIoU (%)"] and len(curves) == 2
+
+
+def test_segmentation_settings_errors():
+    with pytest.raises(ValueError, match="scale"):
+        A.segmentation_settings("gpu")
+    s = A.segmentation_settings("cpu")
+    s["width"] = 0.5                                     # a copy: the module's settings are unchanged
+    assert A.SEGMENTATION_SCALES["cpu"]["width"] == 1 / 8
+
+
+def test_segnet_budget_discards_tied_partner_groups_by_hand():
+    """prune.apply_budget on SegNet's pool ties: the encoder conv and the decoder conv feeding its unpool."""
+    spec = {"arch": "segnet", "cfg": [4, "M", 4, "M"], "decoder": ["U", 4, "U", 4], "in_channels": 1, "num_classes": 2}
+    model = models.build(spec)
+    layers = models.prunable_layers(model, spec)
+    # encoder.0.0 and decoder.1.0 (feeding the unpool of pool 1) share a width: tie "pool1"
+    assert [(la.name, la.tie) for la in layers] == [("encoder.0.0", "pool1"), ("encoder.2.0", None),
+                                                   ("decoder.1.0", "pool1"), ("decoder.3.0", None)]
+    groups = {la.name: [[0, 1], [2, 3]] for la in layers}
+    scores = {"encoder.0.0": torch.tensor([5.0, 1.0]), "encoder.2.0": torch.tensor([3.0, 8.0]),
+              "decoder.1.0": torch.tensor([6.0, 7.0]), "decoder.3.0": torch.tensor([4.0, 9.0])}
+    step1 = models.with_widths(spec, {("enc", 0): 2})                 # least important: encoder.0.0's group 1
+    decided = apply_budget(spec, layers, groups, scores, models.spec_params(step1))
+    new, kept, rank = decided.spec, decided.kept, decided.order
+    assert new == step1 and new["decoder"] == ["U", 2, "U", 4]
+    assert kept == {"encoder.0.0": [0, 1], "encoder.2.0": [0, 1, 2, 3], "decoder.1.0": [2, 3],  # partner: its g0 (6)
+                    "decoder.3.0": [0, 1, 2, 3]}
+    assert rank["encoder.0.0"] == [3, 0] and rank["encoder.2.0"] == [1, 6]
+    step2 = models.with_widths(spec, {("enc", 0): 2, ("enc", 2): 2})  # next: encoder.2.0's group 0
+    decided = apply_budget(spec, layers, groups, scores, models.spec_params(step1) - 1)
+    assert decided.spec == step2 and decided.kept["encoder.2.0"] == [2, 3]
+    with pytest.raises(ValueError):
+        apply_budget(spec, layers, groups, scores, 1)
