@@ -33,9 +33,9 @@ from . import data, experiments, models, results
 from .ablation import _mean_std, train_pruned
 from .prune import spvr_prune
 
-__all__ = ["TABLE4_PAPER", "BUDGET_FRACTION", "PAPER_MINIMAL_SHARE", "MOBILENET_VARIANTS", "LATENCY_RUNS",
+__all__ = ["TABLE4_PAPER", "BUDGET_FRACTION", "PAPER_MINIMAL_SHARE", "MOBILENET_VARIANTS",
            "mobilenet_width", "mobilenet_specs", "mobilenet_budget", "pruned_resnet50", "table4",
-           "SEGMENTATION_PAPER_MIOU", "SEGMENTATION_SCALES", "segmentation_settings", "segmentation_dataset",
+           "SEGMENTATION_PAPER_MIOU", "segmentation_settings", "segmentation_dataset",
            "segnet_spec", "train_segnet", "load_segnet", "segnet_base", "segnet_pruned",
            "segmentation_table", "segmentation_curves"]
 
@@ -56,7 +56,6 @@ MOBILENET_VARIANTS = {"MobileNetV3-small": "small", "MobileNetV3-minimal": "smal
 PAPER_MINIMAL_SHARE = 2_044_736 / 25_557_032
 _WIDTH_GRID = tuple(round(0.025 * k, 3) for k in range(4, 49))     # 0.1, 0.125, ..., 1.2
 # batch-1 latency runs per network: the paper's 1500 (Section 5.3); a few at smoke
-LATENCY_RUNS = {"smoke": 20, "cpu": 1500, "paper": 1500}
 
 
 def _resnet50_setup(cfg: Any) -> Any:
@@ -146,11 +145,11 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     parameters, each trained from scratch with the ResNet50 setup's data and recipe at the base
     ResNet50's searched learning rate, over ``seeds`` (default the scale's); the unpruned base ResNet50
     (seed 0, as every notebook prunes it) as a reference row.  Accuracies in % (mean, sample std),
-    latency batch 1 (median over ``latency_runs``, default :data:`LATENCY_RUNS`), MACs per image.
+    latency batch 1 (median over ``latency_runs``, default the scale's ``latency_runs``), MACs per image.
     A network whose pruning or training raises is a row with status "failed" and its reason."""
     setup = _resnet50_setup(cfg)
     seeds = list(cfg.seeds if seeds is None else seeds)
-    runs = LATENCY_RUNS.get(cfg.name, 1500) if latency_runs is None else int(latency_runs)
+    runs = cfg.latency_runs if latency_runs is None else int(latency_runs)
     width = mobilenet_width(cfg)
     budget = mobilenet_budget(cfg, width)
     base_rec = experiments.train_base(cfg, "resnet50", progress=progress)
@@ -203,41 +202,11 @@ def _accuracy_columns(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 # =============================================================================================
 SEGMENTATION_PAPER_MIOU = {"base": 51.2, "pruned": 46.5}   # Section 5.5, CityScapes, % IoU
 
-# Per scale: data, SegNet width, training recipe (SGD momentum 0.9, cosine annealing, per-pixel
-# cross-entropy: segmentation.fit_segmentation), and SPvR's settings (Section 5.5: 20 calibration
-# samples per class, d = 4, 80% of the parameters removed).
-#
-# * smoke: seconds.  32x32 canvases with one item, 1/16 width (channels 4 ... 32), 64 training
-#   images, one epoch, 1 calibration image per class (11).
-# * cpu (~10 min on 2 cores): 32x32 canvases holding ONE Fashion-MNIST item each (at 64x64 with
-#   2-4 items, the dataset's default, a training step costs 2-3x more and SegNet learns no class
-#   within the budget: 7% mean IoU, all background, after 200 steps), 1/8 width (channels 8 ... 64,
-#   0.46M parameters), 2000 training and 200 test images, batch 8 for 6 epochs (1500 SGD steps; SegNet
-#   trained from scratch needs the steps: in our trials 200-400 steps stayed below 10% mean IoU,
-#   1500 reached ~30% and still rose), lr 0.05 (0.1 learned no faster).  Ranking goes through the
-#   naive masking path (one forward pass of the calibration set per group, ~250 groups at d = 4), so
-#   the calibration set is 10 images per class (110) instead of the paper's 20.
-# * paper: CityScapes (19 classes) resized to 256x512, full width, 20 calibration images per class
-#   and d = 4 as the paper.  The paper gives no SegNet training recipe; 100 epochs, batch 8 and lr
-#   0.05 are our choice.
-SEGMENTATION_SCALES: dict[str, dict[str, Any]] = {
-    "smoke": {"dataset": "fashion-mnist-scenes", "options": {"canvas": 32, "items": (1, 1)}, "n_train": 64,
-              "n_test": 32, "width": 1 / 16, "epochs": 1, "batch_size": 16, "lr": 0.05, "weight_decay": 5e-4,
-              "augment": True, "calib_per_class": 1, "group_size": 4, "rate": 0.8, "seeds": (0,)},
-    "cpu": {"dataset": "fashion-mnist-scenes", "options": {"canvas": 32, "items": (1, 1)}, "n_train": 2000,
-            "n_test": 200, "width": 1 / 8, "epochs": 6, "batch_size": 8, "lr": 0.05, "weight_decay": 5e-4,
-            "augment": True, "calib_per_class": 10, "group_size": 4, "rate": 0.8, "seeds": (0,)},
-    "paper": {"dataset": "cityscapes", "options": {"size": (256, 512)}, "n_train": None, "n_test": None,
-              "width": 1.0, "epochs": 100, "batch_size": 8, "lr": 0.05, "weight_decay": 5e-4, "augment": True,
-              "calib_per_class": 20, "group_size": 4, "rate": 0.8, "seeds": (0,)},
-}
-
-
 def segmentation_settings(scale: str) -> dict[str, Any]:
-    """The settings of ``scale`` ("smoke", "cpu" or "paper") from :data:`SEGMENTATION_SCALES` (a copy)."""
-    if scale not in SEGMENTATION_SCALES:
-        raise ValueError(f"scale={scale!r}; expected one of {sorted(SEGMENTATION_SCALES)}")
-    s = SEGMENTATION_SCALES[scale]
+    """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``config`` (a copy)."""
+    from .config import get_scale
+
+    s = get_scale(scale).segmentation
     return {**s, "options": dict(s["options"]), "name": scale}
 
 

@@ -52,7 +52,6 @@ METHODS = (*baselines.METHODS, "spvr")             # the paper's column order: l
 DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
 NOISE_RULE = "|mean difference| < 2 x pooled std over seeds (fewer than 2 seeds: n/a)"
 TABLE2_GRID = tuple(round(0.05 * k, 2) for k in range(19, 0, -1))   # 0.95, 0.90, ..., 0.05
-_RCP_SAMPLES = {"smoke": 4, "cpu": 20, "paper": 20}  # the paper's 20 (Appendix D); few at smoke
 
 # --------------------------------------------------------------------------- the paper's numbers
 # Table 1 (top-1 and top-5 in %, as printed; None where the paper prints "-"). Keyed by
@@ -142,8 +141,8 @@ def parameter_budget(params: int, rate: float) -> int:
 
 
 def rcp_samples(cfg: Any) -> int:
-    """Architectures RCP samples: the paper's 20 (Appendix D) at cpu and paper scale, 4 at smoke."""
-    return _RCP_SAMPLES.get(cfg.name, 20)
+    """Architectures RCP samples (``config``: the paper's 20, Appendix D, at cpu and paper scale)."""
+    return cfg.rcp_samples
 
 
 def _conv_widths(model: nn.Module) -> list[int]:

@@ -102,7 +102,7 @@ def test_segmentation_settings_errors():
         A.segmentation_settings("gpu")
     s = A.segmentation_settings("cpu")
     s["width"] = 0.5                                     # a copy: the module's settings are unchanged
-    assert A.SEGMENTATION_SCALES["cpu"]["width"] == 1 / 8
+    assert config.CPU.segmentation["width"] == 1 / 8
 
 
 def test_segnet_budget_discards_tied_partner_groups_by_hand():
