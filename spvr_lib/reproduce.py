@@ -127,7 +127,7 @@ def results_markdown(scale: str) -> str:
             continue
         meta = json.loads(prov.read_text()) if prov.exists() else {}
         commit = (meta.get("git") or {}).get("commit") or "?"
-        dev = meta.get("device") or {}
+        dev = meta.get("device") if isinstance(meta.get("device"), dict) else {}
         where = f"{dev.get('cuda_device') or dev.get('machine', '?')}, {dev.get('torch_threads', '?')} threads"
         parts.append(f"#### {title}\n\nNotebook {nb} ({cmd}); commit `{commit[:10]}`, {where}, "
                      f"wall time of the notebook up to this table {meta.get('wall_s', '?')} s "

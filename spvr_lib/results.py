@@ -180,8 +180,12 @@ class NotebookRun:
 
     def _provenance(self, files: list[Path], **extra: Any) -> dict[str, Any]:
         rec = provenance(self.scale, self.params, self.seeds, wall_s=time.perf_counter() - self.t0,
-                         notebook=self.notebook, files={p.name: file_sha256(p) for p in files}, **extra)
+                         notebook=self.notebook, files={p.name: file_sha256(p) for p in files})
         rec["git"] = self.git
+        clash = {k: v for k, v in extra.items() if k in rec}     # never overwrite the standard fields
+        rec.update({k: v for k, v in extra.items() if k not in rec})
+        if clash:
+            rec["extra"] = clash
         return rec
 
     def table(self, df: Any, name: str, floatfmt: str = ".4g", **extra: Any) -> Path:

@@ -50,6 +50,9 @@ def test_notebook_run_writes_artifacts_with_provenance(tmp_path, monkeypatch):
     assert prov["scale"] == "smoke" and prov["params"] == {"d": 2} and prov["seeds"] == [0, 1]
     assert set(prov["files"]) == {"t.csv", "t.md"} and prov["files"]["t.csv"] == results.file_sha256(out / "t.csv")
     assert {"commit", "dirty"} <= set(prov["git"]) and "torch" in prov["versions"]
+    run.table(pd.DataFrame({"a": [1]}), "u", device=["cpu"], threads=1)   # extras never clobber standard fields
+    prov = json.loads((out / "u.provenance.json").read_text())
+    assert isinstance(prov["device"], dict) and prov["extra"] == {"device": ["cpu"]} and prov["threads"] == 1
     with pytest.raises(ValueError, match="scale='huge'"):
         results.NotebookRun("99_test", "huge")
 
