@@ -128,7 +128,7 @@ def results_markdown(scale: str) -> str:
         meta = json.loads(prov.read_text()) if prov.exists() else {}
         commit = (meta.get("git") or {}).get("commit") or "?"
         dev = meta.get("device") if isinstance(meta.get("device"), dict) else {}
-        where = f"{dev.get('cuda_device') or dev.get('machine', '?')}, {dev.get('torch_threads', '?')} threads"
+        where = f"{dev.get('cuda_device') or dev.get('machine', '?')}, torch threads: {dev.get('torch_threads', meta.get('threads', '?'))}"
         parts.append(f"#### {title}\n\nNotebook {nb} ({cmd}); commit `{commit[:10]}`, {where}, "
                      f"wall time of the notebook up to this table {meta.get('wall_s', '?')} s "
                      f"(runs found in the cache are not recomputed).\n\n{md.read_text()}")
