@@ -552,7 +552,29 @@ for _label_id, _train_id in CITYSCAPES_TRAIN_IDS.items():
     _CITYSCAPES_LUT[_label_id] = _train_id
 
 
-class Cityscapes(Dataset):
+class ImageSegmentation(Dataset):
+    """Base of the segmentation datasets: items (image float [C, H, W] normalised, mask LongTensor [H, W]);
+    subclasses set ``self.images`` (one entry per item) and implement ``__getitem__``."""
+
+    def __init__(self, name: str, classes: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                 ignore_index: int | None, augment: bool = False, seed: int = 0):
+        self.name = name
+        self.classes = list(classes)
+        self.num_classes = len(self.classes)
+        self.ignore_index = ignore_index
+        self.augment = augment
+        self.mean, self.std = _stats(mean), _stats(std)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation random stream from ``seed`` (e.g. per DataLoader worker)."""
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class Cityscapes(ImageSegmentation):
     """Cityscapes (fine annotations) in torchvision's layout under ``root``:
     ``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` and ``gtFine/{split}/{city}/*_gtFine_labelIds.png``.
 
@@ -585,19 +607,8 @@ class Cityscapes(Dataset):
         if size is not None and (len(size) != 2 or min(size) < 1):
             raise ValueError(f"size={size!r}; expected (height, width) in pixels")
         self.size = tuple(size) if size is not None else None
-        self.name = "cityscapes"
-        self.classes = list(CITYSCAPES_CLASSES)
-        self.num_classes = len(self.classes)
-        self.ignore_index = CITYSCAPES_IGNORE
-        self.augment = augment
-        self.mean, self.std = _stats(IMAGENET_MEAN), _stats(IMAGENET_STD)
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.images)
+        super().__init__("cityscapes", CITYSCAPES_CLASSES, IMAGENET_MEAN, IMAGENET_STD, CITYSCAPES_IGNORE,
+                         augment, seed)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image = _read_rgb_uint8(self.images[index], size=self.size)
@@ -622,7 +633,7 @@ class Cityscapes(Dataset):
 SCENE_THRESHOLD = 0.1  # an item pixel belongs to the item when its intensity (in [0, 1]) is > 0.1
 
 
-class FashionMNISTScenes(Dataset):
+class FashionMNISTScenes(ImageSegmentation):
     """Segmentation stand-in: ``n_images`` canvases (1 x canvas x canvas) with ``items[0]..items[1]``
     Fashion-MNIST items of ``split`` pasted at random positions (fully inside the canvas).
 
@@ -660,19 +671,8 @@ class FashionMNISTScenes(Dataset):
                 masks[i, y:y + 28, x:x + 28][foreground] = labels[pick] + 1
         self.images = torch.from_numpy(images).unsqueeze(1)  # uint8 [N, 1, canvas, canvas]
         self.masks = torch.from_numpy(masks)                  # uint8 [N, canvas, canvas]
-        self.name = "fashion-mnist-scenes"
-        self.classes = ["background", *FASHION_MNIST_CLASSES]
-        self.num_classes = len(self.classes)
-        self.ignore_index = None
-        self.augment = augment
-        self.mean, self.std = _stats((FASHION_MNIST_MEAN_28,)), _stats((FASHION_MNIST_STD_28,))
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def reseed(self, seed: int) -> None:
-        self.generator.manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.images)
+        super().__init__("fashion-mnist-scenes", ["background", *FASHION_MNIST_CLASSES], (FASHION_MNIST_MEAN_28,),
+                         (FASHION_MNIST_STD_28,), None, augment, seed)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image, mask = self.images[index], self.masks[index].long()
