@@ -136,14 +136,19 @@ def guyon_run(setup: GuyonSetup, seed: int) -> dict[str, Any]:
     return out
 
 
+def guyon_record(setup: GuyonSetup, seed: int) -> dict[str, Any]:
+    """:func:`guyon_run`, cached by its setup and seed (kind ``guyon``)."""
+    return results.cached({"setup": dataclasses.asdict(setup), "seed": int(seed)},
+                          lambda: guyon_run(setup, int(seed)), kind="guyon")
+
+
 def guyon_seeds(setup: GuyonSetup, seeds: Sequence[int], progress: bool = True) -> pd.DataFrame:
     """Table 5 over several seeds, each run cached by its setup and seed; one row per seed."""
     from tqdm.auto import tqdm
 
     rows = []
     for seed in tqdm(list(seeds), desc="Table 5 seeds", disable=not progress, leave=False):
-        rec = results.cached({"setup": dataclasses.asdict(setup), "seed": int(seed)},
-                             lambda: guyon_run(setup, int(seed)), kind="guyon")
+        rec = guyon_record(setup, int(seed))
         rows.append({k: rec[k] for k in ("seed", "tau_SPvR", "tau_KL", "train_acc", "score_acc")})
     return pd.DataFrame(rows)
 
@@ -178,8 +183,7 @@ def table5_sensitivity(base: GuyonSetup, seeds: Sequence[int], variations: dict[
 
 def guyon_ranks(setup: GuyonSetup, seed: int) -> pd.DataFrame:
     """For one seed: each hidden neuron's rank (1 = most important) under the ground truth and each criterion."""
-    rec = results.cached({"setup": dataclasses.asdict(setup), "seed": int(seed)},
-                         lambda: guyon_run(setup, int(seed)), kind="guyon")
+    rec = guyon_record(setup, int(seed))
     df = pd.DataFrame({"ground truth": rec["ground_truth"], "SPvR": rec["scores_SPvR"], "KL": rec["scores_KL"]})
     return df.rank(ascending=False, method="average")
 
