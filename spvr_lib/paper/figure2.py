@@ -28,9 +28,6 @@ __all__ = ["RANKING_METHODS", "PAPER_PRUNE_S_AT_D32", "ablation_rate", "base_lr"
            "group_size_rows", "group_size_table", "figure2"]
 
 RANKING_METHODS = ("fast", "naive")
-# Section 6.2: "for d = 32, SPvR can prune VGG16, ResNet34 and ResNet50 under 6 seconds, 8 minutes and
-# 30 minutes" (upper bounds, on the paper's GPU and full-size networks).
-PAPER_PRUNE_S_AT_D32 = {"vgg16": 6.0, "resnet34": 8 * 60.0, "resnet50": 30 * 60.0}
 
 
 def ablation_rate(cfg: Any, key: str) -> float:
@@ -53,12 +50,6 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
     return train_run(spec, setup.dataset, experiments.recipe(setup, lr=lr), int(seed), setup.train_subset,
                      setup.test_subset, tag="scratch", progress=progress)
 
-
-def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return float("nan"), float("nan")
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
 
 
 def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,

@@ -50,68 +50,7 @@ __all__ = ["METHODS", "DISPLAY_NAMES", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TA
 
 METHODS = (*baselines.METHODS, "spvr")             # the paper's column order: l1 ... otov2, SPvR
 DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
-NOISE_RULE = "|mean difference| < 2 x pooled std over seeds (fewer than 2 seeds: n/a)"
 TABLE2_GRID = tuple(round(0.05 * k, 2) for k in range(19, 0, -1))   # 0.95, 0.90, ..., 0.05
-
-# --------------------------------------------------------------------------- the paper's numbers
-# Table 1 (top-1 and top-5 in %, as printed; None where the paper prints "-"). Keyed by
-# (model key, rate, method); "base" at rate 0.0 is the unpruned network.  The paper's rows are
-# CIFAR-10 (VGG16), Tiny ImageNet (ResNet34) and ImageNet1K (ResNet50).
-_T1_METHODS = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2", "spvr")
-_T1_TOP1 = {
-    ("vgg16", 0.70): (93.53, 93.45, 93.23, 92.72, 86.68, 92.84, 94.18, 92.51, 93.20, 94.21),
-    ("vgg16", 0.80): (92.60, 92.99, 92.87, 91.63, 85.90, 93.09, 93.89, 91.48, 92.70, 94.33),
-    ("vgg16", 0.90): (92.05, 91.64, 91.55, 90.85, 84.00, 92.36, 93.49, 90.28, 91.07, 94.43),
-    ("vgg16", 0.95): (90.20, 90.36, 90.37, 88.41, 84.09, 91.44, 92.14, 88.77, 91.03, 93.64),
-    ("vgg16", 0.98): (87.32, 87.64, 87.22, 87.09, 83.78, 91.10, 91.66, 87.00, 87.88, 92.60),
-    ("resnet34", 0.70): (60.95, 60.50, 60.65, 60.73, 58.18, 57.90, 58.38, 57.06, 58.72, 62.89),
-    ("resnet34", 0.80): (58.73, 58.51, 59.40, 59.14, 56.52, 55.30, 56.85, 54.76, 59.05, 62.55),
-    ("resnet34", 0.90): (56.42, 56.78, 57.06, 56.22, 54.21, 52.85, 55.13, 52.62, 55.94, 60.36),
-    ("resnet34", 0.95): (55.07, 54.96, 55.16, 52.88, 50.65, 50.55, 48.33, 50.82, 52.10, 58.95),
-    ("resnet34", 0.98): (52.15, 51.18, 51.59, 50.42, 45.46, 46.83, 39.49, 45.10, 47.73, 55.84),
-    ("resnet50", 0.40): (73.82, 73.89, 71.69, 74.83, 75.13, 74.98, None, 75.43, None, 75.58),
-    ("resnet50", 0.70): (70.07, 70.91, None, None, None, 69.10, 73.39, None, 72.20, 73.70),
-    ("resnet50", 0.80): (68.11, 69.00, None, None, None, None, None, None, 70.10, 72.18),
-}
-_T1_TOP5 = {
-    ("resnet34", 0.70): (81.59, 81.28, 81.68, 81.68, 80.51, 80.27, 80.68, 79.39, 82.04, 83.08),
-    ("resnet34", 0.80): (80.65, 80.58, 80.61, 80.39, 79.26, 78.85, 80.22, 77.56, 82.18, 82.73),
-    ("resnet34", 0.90): (79.30, 79.40, 79.79, 78.70, 78.08, 77.02, 79.81, 76.78, 81.00, 82.34),
-    ("resnet34", 0.95): (79.16, 78.32, 78.86, 76.46, 75.57, 75.68, 74.80, 75.35, 78.66, 81.59),
-    ("resnet34", 0.98): (76.68, 77.42, 77.42, 76.13, 72.19, 73.26, 67.46, 71.89, 74.66, 80.72),
-    ("resnet50", 0.40): (91.76, 91.82, 91.01, 92.32, 92.52, 92.33, None, 92.45, None, 92.69),
-    ("resnet50", 0.70): (89.23, 89.57, None, None, None, 89.58, 91.46, None, 90.70, 91.91),
-    ("resnet50", 0.80): (88.06, 88.43, None, None, None, None, None, None, 89.30, 90.58),
-}
-PAPER_TABLE1: dict[tuple[str, float, str], dict[str, float | None]] = {
-    (model, rate, m): {"top1": v1, "top5": _T1_TOP5.get((model, rate), (None,) * 10)[i]}
-    for (model, rate), row in _T1_TOP1.items() for i, (m, v1) in enumerate(zip(_T1_METHODS, row))
-}
-PAPER_TABLE1.update({("vgg16", 0.0, "base"): {"top1": 94.25, "top5": None},
-                     ("resnet34", 0.0, "base"): {"top1": 63.02, "top5": 83.22},
-                     ("resnet50", 0.0, "base"): {"top1": 76.32, "top5": 92.89}})
-
-# Table 2: fine-tuning (FT) against training from scratch (TFS) at the highest rate without depth reduction.
-PAPER_TABLE2: dict[str, dict[str, float | None]] = {
-    "vgg16": {"rate": 0.60, "FT top1": 93.40, "TFS top1": 94.25, "FT top5": None, "TFS top5": None},
-    "resnet34": {"rate": 0.60, "FT top1": 61.60, "TFS top1": 62.91, "FT top5": 82.70, "TFS top5": 83.11},
-    "resnet50": {"rate": 0.90, "FT top1": 67.77, "TFS top1": 69.37, "FT top5": 87.91, "TFS top5": 89.08},
-}
-
-# Table 3: every method's network trained from scratch at one high rate (OTOv2 excluded).
-_T3_METHODS = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "spvr")
-_T3 = {
-    ("vgg16", 0.90, "top1"): (92.70, 92.12, 91.65, 91.00, 88.07, 93.10, 93.69, 90.01, 94.43),
-    ("resnet34", 0.90, "top1"): (56.20, 56.88, 57.16, 56.23, 54.25, 52.35, 55.43, 52.93, 60.36),
-    ("resnet34", 0.90, "top5"): (79.10, 79.30, 79.89, 78.60, 78.28, 77.34, 80.00, 76.97, 82.34),
-    ("resnet50", 0.80, "top1"): (71.50, 71.45, None, None, None, None, None, None, 72.18),
-    ("resnet50", 0.80, "top5"): (90.30, 90.40, None, None, None, None, None, None, 90.58),
-}
-PAPER_TABLE3: dict[tuple[str, float, str], dict[str, float | None]] = {}
-for (_model, _rate, _metric), _row in _T3.items():
-    for _m, _v in zip(_T3_METHODS, _row):
-        PAPER_TABLE3.setdefault((_model, _rate, _m), {"top1": None, "top5": None})[_metric] = _v
-
 
 # --------------------------------------------------------------------------- validation / small helpers
 def _check_method(method: str) -> str:
@@ -387,24 +326,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- the noise rule
-def within_noise(a: Sequence[float], b: Sequence[float], k: float = 2.0) -> bool | None:
-    """True when ``|mean(a) - mean(b)| < k * pooled std`` (sample std, ddof=1, pooled over both);
-    None when either has fewer than two values (no spread to compare with)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or len(b) < 2:
-        return None
-    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
-    return bool(abs(a.mean() - b.mean()) < k * pooled)
 
-
-def noise_verdict(spvr: Sequence[float], other: Sequence[float], other_name: str) -> str:
-    """"SPvR better", "<other> better", "within noise" or "n/a (< 2 seeds)" by :func:`within_noise`."""
-    inside = within_noise(spvr, other)
-    if inside is None:
-        return "n/a (< 2 seeds)"
-    if inside:
-        return "within noise"
-    return "SPvR better" if np.mean(spvr) > np.mean(other) else f"{other_name} better"
 
 
 def _fmt(mean: float, std: float, n_ok: int, status: str) -> str:
@@ -643,48 +565,6 @@ def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seed
 
 
 # --------------------------------------------------------------------------- Figure 1: latency
-def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS,
-                 rates: dict[str, Sequence[float]] | None = None, runs: int = 1500, warmup: int = 50,
-                 batch_sizes: Sequence[int] = (1, 64), device: str | None = None, threads: int | None = None,
-                 progress: bool = True) -> pd.DataFrame:
-    """Inference latency (``latency.measure_latency``), MACs (``latency.count_macs``) and parameters of the
-    unpruned network and of every method's network at each rate (default: each setup's ``rates``, the
-    paper's), at every batch size.  Weights do not matter for latency, so the networks are not trained
-    (SPvR's is freshly initialised; a baseline's keeps the base's weights).  Not cached: timings
-    belong to the machine they ran on.  One row per (model, rate, method, batch size); a failed method
-    is a row with status "failed" and its reason.
-    """
-    from spvr_lib import data, latency
-
-    keys, methods = list(keys), [_check_method(m) for m in methods]
-    rows = []
-    for key in keys:
-        setup = cfg.model(key)
-        info = data.dataset_info(setup.dataset)
-        shape = (info.in_channels, info.image_size, info.image_size)
-        base, base_rec = experiments.base_model(cfg, key, progress=progress)
-        jobs = [(0.0, "unpruned")] + [(r, m) for r in (rates or {}).get(key, setup.rates) for m in methods]
-        for rate, method in tqdm(jobs, desc=f"latency {key}", disable=not progress):
-            head = {"model": key, "rate": round(float(rate), 6), "params removed (%)": round(100 * rate, 2),
-                    "method": method, "name": "unpruned" if method == "unpruned" else DISPLAY_NAMES[method]}
-            try:
-                if method == "unpruned":
-                    net, rec = base, {"status": "ok", "error": None, "params_after": base_rec["params"],
-                                      "budget": base_rec["params"]}
-                else:
-                    net, rec = pruned_network(cfg, key, method, rate, progress=False)
-            except Exception as e:                    # recorded; the other networks go on
-                net, rec = None, {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-            if net is None:
-                rows += [{**head, "batch_size": b, "status": "failed", "error": rec["error"]} for b in batch_sizes]
-                continue
-            macs = latency.count_macs(net, shape)
-            for b in batch_sizes:
-                t = latency.measure_latency(net, shape, batch_size=b, runs=runs, warmup=warmup, device=device,
-                                            threads=threads)
-                rows.append({**head, "batch_size": b, "params": models.count_params(net),
-                             "budget": rec.get("budget"), "MMACs": macs / 1e6, **t, "status": "ok", "error": None})
-    return _nullable_ints(pd.DataFrame(rows))
 
 
 # --------------------------------------------------------------------------- figures
@@ -709,59 +589,3 @@ def accuracy_figure(summary: pd.DataFrame, metric: str = "top1", title: str = ""
     return fig
 
 
-def latency_figure(lat: pd.DataFrame, batch_sizes: Sequence[int] | None = None, stat: str = "mean_ms",
-                   title: str = "") -> Any:
-    """Figure 1: latency (``stat``: "mean_ms" as the paper, or "median_ms") against parameters removed (%),
-    one line per method, the unpruned network as a dashed horizontal line; one panel per model (columns)
-    and batch size (rows)."""
-    import matplotlib.pyplot as plt
-
-    from spvr_lib import plotting
-
-    ok = lat[lat["status"] == "ok"]
-    model_keys = list(dict.fromkeys(lat["model"]))
-    batch_sizes = list(batch_sizes or sorted(ok["batch_size"].unique()))
-    with plt.rc_context(plotting.PAPER_STYLE):
-        fig, axes = plt.subplots(len(batch_sizes), len(model_keys), figsize=(4.6 * len(model_keys),
-                                                                            3.4 * len(batch_sizes)), squeeze=False)
-    for i, b in enumerate(batch_sizes):
-        for ax, key in zip(axes[i], model_keys):
-            sub = ok[(ok["model"] == key) & (ok["batch_size"] == b)]
-            pruned = sub[sub["method"] != "unpruned"]
-            plotting.lines(pruned, x="params removed (%)", y=stat, hue="name", ax=ax,
-                           title=f"{key}, batch {b}", ylabel=f"latency (ms, {stat.removesuffix('_ms')})")
-            base = sub[sub["method"] == "unpruned"][stat]
-            if len(base):
-                ax.axhline(float(base.iloc[0]), color="k", ls="--", lw=0.8, label="unpruned")
-                ax.legend(fontsize=7, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
-
-
-def latency_claims(lat: pd.DataFrame, batch_size: int = 1, stat: str = "mean_ms") -> pd.DataFrame:
-    """Section 5.3's two claims, per (model, rate) at ``batch_size``: is SPvR's network the fastest at the
-    common budget, and which networks are slower than the unpruned one (CURL's, says the paper)?
-
-    Latencies are ``stat`` ("mean_ms" or "median_ms").  Columns: model, params removed (%), batch size,
-    unpruned ms, SPvR ms, fastest, fastest ms, SPvR fastest, SPvR / best other (ratio of latencies;
-    NaN when every other method failed), slower than unpruned (names, or "none").
-    """
-    ok = lat[(lat["status"] == "ok") & (lat["batch_size"] == batch_size)]
-    rows = []
-    for key, sub in ok.groupby("model", sort=False):
-        base = sub.loc[sub["method"] == "unpruned", stat]
-        base_ms = float(base.iloc[0]) if len(base) else np.nan
-        for rate, r in sub[sub["method"] != "unpruned"].groupby("rate"):
-            ms = r.set_index("method")[stat].astype(float)
-            fastest = ms.idxmin()
-            others = ms.drop(index="spvr", errors="ignore")
-            spvr_ms = float(ms["spvr"]) if "spvr" in ms.index else np.nan
-            rows.append({"model": key, "params removed (%)": round(100 * rate, 2), "batch size": batch_size,
-                         "unpruned ms": base_ms, "SPvR ms": spvr_ms, "fastest": DISPLAY_NAMES[fastest],
-                         "fastest ms": float(ms[fastest]), "SPvR fastest": fastest == "spvr",
-                         "SPvR / best other": spvr_ms / float(others.min()) if len(others) else np.nan,
-                         "slower than unpruned": ", ".join(DISPLAY_NAMES[m] for m in ms.index if ms[m] > base_ms)
-                         or "none"})
-    return pd.DataFrame(rows)

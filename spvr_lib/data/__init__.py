@@ -1,0 +1,212 @@
+"""Datasets: one entry point, :func:`load_dataset`, for every dataset of the paper and the CPU stand-ins.
+
+* ``fashion-mnist`` (embedded default of the ``smoke`` and ``cpu`` scales): the idx files of the Debian
+  package ``dataset-fashion-mnist`` (or ``data/fashion-mnist/``), parsed here and kept in memory as uint8.
+  Images are [1, 32, 32]: the 28x28 image zero-padded by 2 on each side (so VGG16's five 2x2 max-pools
+  fit), scaled to [0, 1] and normalised with the padded train-set constants ``FASHION_MNIST_MEAN`` /
+  ``FASHION_MNIST_STD`` (0.2190 / 0.3318; on the 28x28 images they are 0.2860 / 0.3530).
+* ``cifar10``, ``tiny-imagenet``, ``imagenet``, ``cityscapes``: the paper's datasets read from a local
+  directory in their standard on-disk formats (nothing is downloaded).
+* ``fashion-mnist-scenes``: a segmentation stand-in composed of Fashion-MNIST items (:class:`FashionMNISTScenes`).
+
+Training augmentation for the 32x32 and 64x64 datasets is "random crop with zero padding + horizontal
+flip", done on the uint8 image *before* normalisation (so the padding is black, like the image
+background), with torch ops and a per-dataset ``torch.Generator`` (deterministic given the seed with
+``num_workers=0``; :meth:`reseed` lets a DataLoader ``worker_init_fn`` give each worker its own stream).
+
+Every classification dataset exposes ``.targets`` (LongTensor or list of ints), ``.num_classes``,
+``.classes`` and a writable ``.augment`` flag; segmentation datasets return ``(image, mask)`` pairs with
+``mask`` a LongTensor [H, W].
+
+Command line: ``python -m spvr_lib.data ensure fashion-mnist`` prints where Fashion-MNIST is (installing
+it when possible).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gzip
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from spvr_lib.store import REPO_ROOT
+
+from .common import (DATA_DIR, DATASETS, SPLITS, DatasetInfo, ImageClassification, ImageSegmentation, InMemoryImages, LabeledSubset, _check_split, dataset_info, normalize_uint8, random_crop_flip)  # noqa: F401
+from .fashion_mnist import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTScenes, ensure_fashion_mnist, fashion_mnist, read_fashion_mnist, read_idx)  # noqa: F401
+from .cifar10 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, cifar10  # noqa: F401
+from .tiny_imagenet import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, TinyImageNet  # noqa: F401
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder  # noqa: F401
+from .cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_IGNORE, CITYSCAPES_TRAIN_IDS, Cityscapes  # noqa: F401
+from .guyon import make_guyon  # noqa: F401
+
+
+# --------------------------------------------------------------------------- registry
+
+
+# --------------------------------------------------------------------------- shared image helpers
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST files
+
+
+
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+# --------------------------------------------------------------------------- Tiny ImageNet
+
+
+# --------------------------------------------------------------------------- ImageNet
+
+
+# --------------------------------------------------------------------------- Cityscapes
+
+
+# --------------------------------------------------------------------------- composed scenes
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+_OPTIONS = {"cityscapes": ("size",), "fashion-mnist-scenes": ("n_images", "canvas", "items")}
+
+
+def load_dataset(name: str, split: str, root: str | Path | None = None, augment: bool = False,
+                 per_class: int | None = None, seed: int = 0, **kw: Any) -> Dataset:
+    """Dataset ``name`` (a key of :data:`DATASETS`), ``split`` "train" or "test" (the val folder for
+    tiny-imagenet, imagenet and cityscapes).
+
+    ``root``: where the files are (default: Fashion-MNIST's usual places, else ``<repo>/data`` for cifar10
+    and tiny-imagenet, ``<repo>/data/imagenet`` and ``<repo>/data/cityscapes``). ``augment``: the training
+    augmentation. ``per_class``: keep a stratified subset with ``per_class`` samples of each class,
+    chosen with ``seed`` (classification only). ``seed`` also seeds the augmentation (and the scene
+    composition). Extra options: cityscapes ``size=(H, W)``; fashion-mnist-scenes ``n_images`` (default
+    1000), ``canvas`` (64), ``items`` ((2, 4)).
+    """
+    info = dataset_info(name)
+    _check_split(split)
+    unknown = sorted(set(kw) - set(_OPTIONS.get(name, ())))
+    if unknown:
+        raise ValueError(f"options {unknown} do not apply to dataset {name!r}; "
+                         f"expected only {list(_OPTIONS.get(name, ())) or 'none'}")
+    if per_class is not None and info.task != "classification":
+        raise ValueError(f"per_class={per_class} applies to classification datasets; {name!r} is {info.task}")
+    if name == "fashion-mnist":
+        dataset: Dataset = fashion_mnist(split, root, augment, seed)
+    elif name == "cifar10":
+        dataset = cifar10(split, root, augment, seed)
+    elif name == "tiny-imagenet":
+        dataset = TinyImageNet(root if root is not None else DATA_DIR, split, augment, seed)
+    elif name == "imagenet":
+        base = Path(root) if root is not None else DATA_DIR / "imagenet"
+        dataset = ImageNetFolder(base / ("train" if split == "train" else "val"), augment)
+    elif name == "cityscapes":
+        dataset = Cityscapes(root if root is not None else DATA_DIR / "cityscapes", split,
+                             size=kw.get("size"), augment=augment, seed=seed)
+    else:
+        dataset = FashionMNISTScenes(split, kw.get("n_images", 1000), kw.get("canvas", 64),
+                                     kw.get("items", (2, 4)), seed=seed, root=root, augment=augment)
+    if per_class is not None:
+        dataset = LabeledSubset(dataset, stratified_indices(dataset.targets, per_class, seed,
+                                                            num_classes=dataset.num_classes))
+    return dataset
+
+
+def stratified_indices(targets: Tensor | Sequence[int] | np.ndarray, per_class: int, seed: int,
+                       num_classes: int | None = None) -> list[int]:
+    """``per_class`` indices of each class in ``targets``, drawn without replacement with ``seed``,
+    returned sorted. Classes are those present in ``targets``, or 0..num_classes-1 when given (then a
+    missing class is an error). ValueError naming the class and its count when one is too small."""
+    if int(per_class) < 1:
+        raise ValueError(f"per_class={per_class!r}; expected a positive number of samples per class")
+    labels = np.asarray(targets.cpu() if isinstance(targets, Tensor) else targets, dtype=np.int64).reshape(-1)
+    classes = range(num_classes) if num_classes is not None else np.unique(labels).tolist()
+    rng = np.random.default_rng(seed)
+    chosen: list[np.ndarray] = []
+    for cls in classes:
+        members = np.flatnonzero(labels == cls)
+        if len(members) < per_class:
+            raise ValueError(f"class {cls} has {len(members)} samples; per_class={per_class} needs at least that many")
+        chosen.append(rng.choice(members, size=per_class, replace=False))
+    return sorted(int(i) for i in np.concatenate(chosen)) if chosen else []
+
+
+@contextlib.contextmanager
+def augmentation_off(dataset: Dataset) -> Iterator[Dataset]:
+    """Temporarily set ``dataset.augment = False`` (restored on exit)."""
+    previous = getattr(dataset, "augment", None)
+    if previous is not None:
+        dataset.augment = False
+    try:
+        yield dataset
+    finally:
+        if previous is not None:
+            dataset.augment = previous
+
+
+def calibration_set(dataset: Dataset, per_class: int, seed: int = 0, progress: bool = True) -> tuple[Tensor, Tensor]:
+    """The calibration subset SPvR groups and ranks with, drawn without augmentation.
+
+    Classification: ``per_class`` samples of every class (stratified, ``seed``): x [n, C, H, W], y [n]
+    with n = per_class * num_classes. Segmentation datasets (no ``.targets``): per_class * num_classes
+    images drawn at random with ``seed``: x [n, C, H, W], y = masks [n, H, W].
+    """
+    if hasattr(dataset, "targets"):
+        indices = stratified_indices(dataset.targets, per_class, seed, num_classes=dataset.num_classes)
+    else:
+        n = int(per_class) * dataset.num_classes
+        if int(per_class) < 1 or n > len(dataset):
+            raise ValueError(f"per_class={per_class!r} x {dataset.num_classes} classes = {n} images; "
+                             f"expected between 1 and len(dataset)={len(dataset)}")
+        indices = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    xs, ys = [], []
+    with augmentation_off(dataset):
+        for i in tqdm(indices, desc="calibration set", disable=not progress, leave=False):
+            x, y = dataset[i]
+            xs.append(x)
+            ys.append(torch.as_tensor(y, dtype=torch.long))
+    return torch.stack(xs), torch.stack(ys)
+
+
+# --------------------------------------------------------------------------- Appendix A
+
+
+# --------------------------------------------------------------------------- command line
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m spvr_lib.data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    ensure = commands.add_parser("ensure", help="make sure a dataset is available and print where it is")
+    ensure.add_argument("dataset", choices=["fashion-mnist"])
+    ensure.add_argument("--root", default=None, help="look only in this folder")
+    args = parser.parse_args(argv)
+    try:
+        folder = ensure_fashion_mnist(args.root)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"fashion-mnist: {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Experiments behind the notebooks, kept here so notebooks stay thin.
+
+Section 3.1.1's worked example and Appendix A's Table 5 (the Guyon synthetic data, Kendall tau
+of the SPvR and KL neuron rankings against a ground truth).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import kendalltau
+
+from . import results
+from .ranking import kl_loss, spvr_loss
+
+# ----------------------------------------------------------------- Section 3.1.1: worked example
+
+
+# ----------------------------------------------------------------- Appendix A: Table 5
+
+
+
+
+
+
+
+
+# ----------------------------------------------------------------- the base models (notebook 03)
+
+
+def base_spec(setup: Any) -> dict:
+    """The unpruned network of a :class:`config.ModelSetup`, sized for its dataset."""
+    from . import data, models
+
+    info = data.dataset_info(setup.dataset)
+    kw = {"stem": setup.stem} if setup.stem else {}
+    return models.preset(setup.preset, num_classes=info.num_classes, in_channels=info.in_channels,
+                         width=setup.width, **kw)
+
+
+def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Any:
+    """The training recipe of a setup (SGD, momentum 0.9, cosine annealing; Section 4.3)."""
+    from .train import Recipe
+
+    return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
+                  weight_decay=setup.weight_decay, mode=mode, augment=setup.augment)
+
+
+def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict | None = None,
+                seed: int = 0, progress: bool = True) -> tuple[float, dict[float, float]]:
+    """Grid search of the learning rate over ``setup.lr_grid`` on a validation split of the
+    training subset (never the test set); cached.  Returns (best lr, {lr: validation top-1})."""
+    from . import data, models, train
+
+    key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset,
+           "grid": list(setup.lr_grid), "recipe": recipe(setup, mode=mode).to_dict(), "seed": seed,
+           "init": None if init_state is None else train.state_dict_digest(init_state)}
+
+    def compute() -> dict[str, Any]:
+        if len(setup.lr_grid) == 1:
+            return {"best": setup.lr_grid[0], "scores": {str(setup.lr_grid[0]): None}}
+        ds = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset, seed=seed)
+        plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+
+        def make() -> torch.nn.Module:
+            m = models.build(spec)
+            if init_state is not None:
+                m.load_state_dict(init_state)
+            return m
+
+        best, scores = train.lr_search(make, ds, setup.lr_grid, recipe(setup, mode=mode), seed=seed,
+                                       eval_set=plain, progress=progress)
+        return {"best": best, "scores": {str(k): v for k, v in scores.items()}}
+
+    rec = results.cached(key, compute, kind="lrsearch")
+    return float(rec["best"]), {float(k): v for k, v in rec["scores"].items()}
+
+
+def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record."""
+    from .train import train_run
+
+    setup = cfg.model(key)
+    spec = base_spec(setup)
+    lr, _ = searched_lr(setup, spec, progress=progress)   # searched at the pruned networks' budget
+    base = dataclasses.replace(recipe(setup, lr=lr), epochs=setup.base_epochs or setup.epochs)
+    per_class = setup.base_train_subset or setup.train_subset
+    return train_run(spec, setup.dataset, base, seed, per_class, setup.test_subset, tag="base", progress=progress)
+
+
+def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained base network (eval mode) and its run record."""
+    from .train import load_weights
+
+    rec = train_base(cfg, key, seed, progress=progress)
+    return load_weights(rec).eval(), rec
+
+
+def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration subset SPvR ranks with: ``calib_per_class`` training images per class."""
+    from . import data
+
+    setup = cfg.model(key)
+    return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
+
+
+def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """Notebook 03's table: our base models beside the paper's base rows."""
+    from .models import spec_to_str
+
+    rows = []
+    for key, rec in records.items():
+        setup = cfg.model(key)
+        rows.append({"model": key, "dataset": setup.dataset, "width": setup.width,
+                     "train images per class": rec["key"]["per_class_train"], "epochs": rec["key"]["recipe"]["epochs"],
+                     "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
+                     "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
+                     **PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------- SPvR pruning of the base models
+def _prunable_count(spec: dict) -> int:
+    from . import models
+
+    with torch.device("meta"):
+        return len(models.prunable_layers(models.build(spec), spec))
+
+
+def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, method: str = "fast",
+                criterion: str = "spvr", seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """SPvR applied to the scale's trained base network at ``rate`` (fraction of parameters removed).
+
+    Cached (kind ``prune``) by the base run, rate, group size, ranking method, criterion and
+    calibration seed.  The record holds the pruned ``spec``, ``arch`` (the paper's notation),
+    ``params_before``, ``params_after``, ``budget``, ``prune_s`` (grouping + ranking + budget, in
+    seconds), ``collapsed`` (whether a layer or stage disappeared) and ``kept`` (channels kept per
+    layer, indices into the base network).
+    """
+    from . import models
+    from .prune import spvr_prune
+
+    if not 0.0 < rate < 1.0:
+        raise ValueError(f"rate={rate!r}; expected the fraction of parameters removed, in (0, 1)")
+    setup = cfg.model(key)
+    d = int(group_size or setup.group_size)
+    base_rec = train_base(cfg, key, progress=progress)
+    rkey = {"base": base_rec["hash"], "rate": float(rate), "group_size": d, "method": method,
+            "criterion": criterion, "calib_seed": int(seed), "calib_per_class": setup.calib_per_class}
+
+    def compute() -> dict[str, Any]:
+        from .train import load_weights
+
+        model = load_weights(base_rec).eval()
+        x, y = calibration(cfg, key, seed)
+        t0 = time.perf_counter()
+        res = spvr_prune(model, (x, y), keep=1.0 - rate, group_size=d, criterion=criterion, method=method,
+                         progress=progress)
+        prune_s = time.perf_counter() - t0
+        return {"spec": res.spec, "arch": models.spec_to_str(res.spec), "params_before": res.params_before,
+                "params_after": res.params_after, "budget": res.budget, "prune_s": round(prune_s, 3),
+                "collapsed": _prunable_count(res.spec) < _prunable_count(base_rec["spec"]),
+                "size_mb": models.model_size_mb(res.model), "kept": res.kept,
+                "removed_fraction": 1.0 - res.params_after / res.params_before}
+
+    return results.cached(rkey, compute, kind="prune")
+
+
+def spvr_model(record: dict[str, Any]) -> torch.nn.Module:
+    """The freshly initialised network of a :func:`spvr_pruned` record (SPvR trains it from scratch)."""
+    from .models import build
+
+    return build(record["spec"])
+
+
+# ----------------------------------------------------------------- the grouping module (notebook 02)
+
+
+# ----------------------------------------------------------------- the architectures (notebook 08)
+
+

@@ -1,0 +1,27 @@
+@torch.no_grad()
+def layer_activations(model: torch.nn.Module, x: torch.Tensor, layer: str, batch_size: int = 256) -> torch.Tensor:
+    """The output of prunable layer ``layer`` at its mask point (after BN), [n, m, h, w], for inputs ``x``."""
+    from .models import prunable_layers
+
+    layers = {pl.name: pl for pl in prunable_layers(model, model.spec)}
+    if layer not in layers:
+        raise ValueError(f"layer={layer!r} is not a prunable layer; expected one of {list(layers)}")
+    out: list[torch.Tensor] = []
+    handle = layers[layer].mask_module.register_forward_hook(lambda m, i, o: out.append(o.detach()))
+    try:
+        model.eval()
+        for chunk in x.split(batch_size):
+            model(chunk)
+    finally:
+        handle.remove()
+    return torch.cat(out)
+
+
+def forward_passes(spec: dict, group_sizes: Sequence[int]) -> pd.DataFrame:
+    """Section 3.2's cost: the ranking needs sum_i ceil(m_i / d) forward passes (one per group)."""
+    from .models import build, prunable_layers
+
+    with torch.device("meta"):
+        widths = [pl.width for pl in prunable_layers(build(spec), spec)]
+    return pd.DataFrame([{"d": d, "layers": len(widths), "channels": sum(widths),
+                          "forward passes": sum(-(-m // d) for m in widths)} for d in group_sizes])

@@ -1,0 +1,70 @@
+def provenance(scale: str, params: Mapping[str, Any] | None = None, seeds: Any = None,
+               wall_s: float | None = None, **extra: Any) -> dict[str, Any]:
+    """The provenance record written beside every artifact."""
+    return {
+        "git": git_state(), "scale": scale, "params": dict(params or {}), "seeds": seeds,
+        "versions": library_versions(), "device": device_info(),
+        "wall_s": None if wall_s is None else round(wall_s, 3),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+    }
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r} is not one of {SCALES}")
+    return scale
+
+
+def output_dir(scale: str) -> Path:
+    """``figures/<scale>/``: a run of one scale never writes into another scale's folder."""
+    return REPO_ROOT / "figures" / check_scale(scale)
+
+
+class NotebookRun:
+    """Collects one notebook's outputs under ``figures/<scale>/`` with provenance.
+
+    >>> run = NotebookRun("01_ranking_criterion", scale="smoke", params={"d": 4}, seeds=[0, 1])
+    >>> run.table(df, "table5_kendall_tau")      # CSV + Markdown + provenance JSON
+    >>> run.figure(fig, "table5_ranks")          # PNG + PDF + provenance JSON
+    """
+
+    def __init__(self, notebook: str, scale: str, params: Mapping[str, Any] | None = None,
+                 seeds: Any = None) -> None:
+        self.notebook, self.scale = notebook, check_scale(scale)
+        self.params, self.seeds = dict(params or {}), seeds
+        self.dir = output_dir(scale)
+        self.t0 = time.perf_counter()
+        self.git = git_state()          # the code the run started from, not what it is when a file is written
+
+    def _provenance(self, files: list[Path], **extra: Any) -> dict[str, Any]:
+        rec = provenance(self.scale, self.params, self.seeds, wall_s=time.perf_counter() - self.t0,
+                         notebook=self.notebook, files={p.name: file_sha256(p) for p in files})
+        rec["git"] = self.git
+        clash = {k: v for k, v in extra.items() if k in rec}     # never overwrite the standard fields
+        rec.update({k: v for k, v in extra.items() if k not in rec})
+        if clash:
+            rec["extra"] = clash
+        return rec
+
+    def table(self, df: Any, name: str, floatfmt: str = ".4g", **extra: Any) -> Path:
+        """Write ``df`` (a pandas DataFrame) as ``<name>.csv`` and ``<name>.md``; returns the CSV path."""
+        csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
+        md = atomic_write_text(self.dir / f"{name}.md", df.to_markdown(index=False, floatfmt=floatfmt) + "\n")
+        atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance([csv, md], **extra))
+        return csv
+
+    def figure(self, fig: Any, name: str, **extra: Any) -> Path:
+        """Save a matplotlib figure as ``<name>.png`` and ``<name>.pdf``; returns the PNG path."""
+        paths = []
+        for ext, kw in (("png", {"dpi": 150}), ("pdf", {})):
+            buf = io.BytesIO()
+            fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
+            paths.append(atomic_write_bytes(self.dir / f"{name}.{ext}", buf.getvalue()))
+        atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance(paths, **extra))
+        return paths[0]
+
+    def record(self, obj: Any, name: str, **extra: Any) -> Path:
+        """Write a JSON result (e.g. a benchmark) as ``<name>.json`` with provenance."""
+        path = atomic_write_json(self.dir / f"{name}.json", obj)
+        atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance([path], **extra))
+        return path

@@ -1,0 +1,155 @@
+def segmentation_settings(scale: str) -> dict[str, Any]:
+    """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``config`` (a copy)."""
+    from .config import get_scale
+
+    s = get_scale(scale).segmentation
+    return {**s, "options": dict(s["options"]), "name": scale}
+
+
+def _key_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in ("dataset", "options", "n_train", "n_test", "epochs", "batch_size", "lr",
+                                     "weight_decay", "augment")}
+
+
+def segmentation_dataset(settings: dict[str, Any], split: str, augment: bool = False) -> torch.utils.data.Dataset:
+    """The segmentation set of ``settings`` (``split`` "train" or "test"); the scenes are composed with seed 0."""
+    opts = dict(settings["options"])
+    if settings["dataset"] == "fashion-mnist-scenes":
+        opts["n_images"] = settings["n_train" if split == "train" else "n_test"]
+    ds = data.load_dataset(settings["dataset"], split, augment=augment, seed=0, **opts)
+    n = settings["n_train" if split == "train" else "n_test"]
+    if settings["dataset"] != "fashion-mnist-scenes" and n is not None and n < len(ds):
+        ds = torch.utils.data.Subset(ds, range(n))
+    return ds
+
+
+def segnet_spec(settings: dict[str, Any]) -> dict:
+    """SegNet-VGG16 for the settings' dataset and width."""
+    info = data.dataset_info(settings["dataset"])
+    return models.segnet_vgg16(num_classes=info.num_classes, in_channels=info.in_channels, width=settings["width"])
+
+
+def train_segnet(spec: dict, settings: dict[str, Any], seed: int, tag: str = "",
+                 progress: bool = True) -> dict[str, Any]:
+    """Train ``spec`` from a fresh initialisation (seeded) with ``segmentation.fit_segmentation``; cached
+    (kind ``segtrain``) with its final weights beside the checkpoints.  Record: miou, pixel_acc, loss
+    (final test scores), history, params, size_mb, wall_s, weights, spec."""
+    from . import segmentation
+    from .train import checkpoint_dir
+
+    key = {"spec": spec, "settings": _key_settings(settings), "seed": int(seed), "tag": tag}
+    path = results.cache_path(key, kind="segtrain")
+    weights = checkpoint_dir() / f"{path.stem}.final.pt"
+
+    def compute() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        train_set = segmentation_dataset(settings, "train", augment=settings["augment"])
+        test_set = segmentation_dataset(settings, "test")
+        getattr(train_set, "reseed", lambda s: None)(int(seed))      # the flips follow the training seed
+        torch.manual_seed(int(seed))
+        model = models.build(spec)
+        out = segmentation.fit_segmentation(model, train_set, test_set, epochs=settings["epochs"], lr=settings["lr"],
+                                            batch_size=settings["batch_size"], seed=int(seed), progress=progress,
+                                            weight_decay=settings["weight_decay"])
+        results.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        try:
+            where = str(weights.resolve().relative_to(results.REPO_ROOT.resolve()))
+        except ValueError:
+            where = str(weights.resolve())
+        return {**out, "params": models.count_params(model), "size_mb": models.model_size_mb(model),
+                "wall_s": round(time.perf_counter() - t0, 3), "weights": where, "spec": spec}
+
+    return results.cached(key, compute, kind="segtrain", refresh=path.exists() and not weights.exists())
+
+
+def load_segnet(record: dict[str, Any]) -> nn.Module:
+    """The trained network of a :func:`train_segnet` record (CPU, eval mode)."""
+    path = Path(record["weights"])
+    path = path if path.is_absolute() else results.REPO_ROOT / path
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
+                                "train_segnet again with the same arguments: it retrains when the weights are gone")
+    model = models.build(record["spec"])
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
+
+
+def segnet_base(settings: dict[str, Any], seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained unpruned SegNet (eval mode) and its record."""
+    rec = train_segnet(segnet_spec(settings), settings, seed, tag="base", progress=progress)
+    return load_segnet(rec), rec
+
+
+def segnet_pruned(settings: dict[str, Any], progress: bool = True) -> dict[str, Any]:
+    """SPvR's SegNet at ``settings["rate"]``, pruned from the seed-0 base with ``calib_per_class x K``
+    calibration images (seed 0); cached (kind ``segprune``).  Record: spec, arch, params_before,
+    params_after, budget, prune_s, collapsed, removed_fraction."""
+    _, base_rec = segnet_base(settings, 0, progress=progress)
+    key = {"base": base_rec["hash"], "rate": float(settings["rate"]), "group_size": int(settings["group_size"]),
+           "calib_per_class": int(settings["calib_per_class"]), "calib_seed": 0, "method": "naive"}
+
+    def compute() -> dict[str, Any]:
+        model = load_segnet(base_rec)
+        x, masks = data.calibration_set(segmentation_dataset(settings, "train"), settings["calib_per_class"], seed=0,
+                                        progress=False)
+        t0 = time.perf_counter()
+        # Section 5.5: Eq. 2 summed over all pixels; the naive ranking (the fast path has no SegNet plan)
+        res = spvr_prune(model, (x, masks), keep=1.0 - settings["rate"], group_size=settings["group_size"],
+                         method="naive", progress=progress)
+        prune_s = time.perf_counter() - t0
+        with torch.device("meta"):
+            layers_before = len(models.prunable_layers(models.build(base_rec["spec"]), base_rec["spec"]))
+            layers_after = len(models.prunable_layers(models.build(res.spec), res.spec))
+        return {"spec": res.spec, "arch": models.spec_to_str(res.spec), "params_before": res.params_before,
+                "params_after": res.params_after, "budget": res.budget, "prune_s": round(prune_s, 3),
+                "collapsed": layers_after < layers_before,
+                "removed_fraction": 1.0 - res.params_after / res.params_before,
+                "calibration images": len(x)}
+
+    return results.cached(key, compute, kind="segprune")
+
+
+def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple[pd.DataFrame, dict[str, list]]:
+    """Mean IoU before and after pruning, beside the paper's 51.2 and 46.5.
+
+    Rows: the trained SegNet and SPvR's SegNet at ``settings["rate"]`` re-initialised and trained
+    from scratch with the same recipe; mIoU and pixel accuracy in % (mean, sample std over
+    ``settings["seeds"]``).  Also returns the training records per row (for the curves).  A step
+    that raises gives a row with status "failed" and its reason."""
+    rows, records = [], {}
+    jobs = [("SegNet", SEGMENTATION_PAPER_MIOU["base"]),
+            (f"SegNet, {settings['rate']:.0%} removed by SPvR", SEGMENTATION_PAPER_MIOU["pruned"])]
+    for i, (name, paper) in enumerate(jobs):
+        row: dict[str, Any] = {"model": name, "dataset": settings["dataset"], "status": "ok", "error": ""}
+        try:
+            if i == 0:
+                spec, tag = segnet_spec(settings), "base"
+            else:
+                prec = segnet_pruned(settings, progress=progress)
+                spec, tag = prec["spec"], "scratch"
+                row.update({"budget": prec["budget"], "prune s": prec["prune_s"], "collapsed": prec["collapsed"],
+                            "calibration images": prec["calibration images"]})
+            runs = [train_segnet(spec, settings, s, tag=tag, progress=progress) for s in settings["seeds"]]
+            records[name] = runs
+            params = models.spec_params(spec)
+            row["params"] = params
+            row["removed (%)"] = 100.0 * (1 - params / models.spec_params(segnet_spec(settings)))
+            for metric, col in (("miou", "mIoU"), ("pixel_acc", "pixel acc")):
+                row[col], row[f"{col} std"] = _mean_std([r[metric] for r in runs])
+            row["n seeds"] = len(runs)
+            row["architecture"] = models.spec_to_str(spec)
+        except Exception as err:  # a failed step is a row, never dropped
+            row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        row["paper mIoU (CityScapes)"] = paper
+        rows.append(row)
+    order = ["model", "dataset", "params", "removed (%)", "budget", "mIoU", "mIoU std", "pixel acc", "pixel acc std",
+             "n seeds", "paper mIoU (CityScapes)", "prune s", "calibration images", "collapsed", "status", "error",
+             "architecture"]
+    df = pd.DataFrame(rows)
+    return df[[c for c in order if c in df.columns]], records
+
+
+def segmentation_curves(records: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
+    """Test mean IoU per epoch of every training run in ``records`` (from :func:`segmentation_table`)."""
+    return pd.DataFrame([{"model": name, "seed": r["key"]["seed"], "epoch": h["epoch"], "test mIoU (%)": h["test_miou"]}
+                         for name, runs in records.items() for r in runs for h in r["history"]])

@@ -1,0 +1,28 @@
+NOISE_RULE = "|mean difference| < 2 x pooled std over seeds (fewer than 2 seeds: n/a)"
+
+
+def within_noise(a: Sequence[float], b: Sequence[float], k: float = 2.0) -> bool | None:
+    """True when ``|mean(a) - mean(b)| < k * pooled std`` (sample std, ddof=1, pooled over both);
+    None when either has fewer than two values (no spread to compare with)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 2 or len(b) < 2:
+        return None
+    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
+    return bool(abs(a.mean() - b.mean()) < k * pooled)
+
+
+def noise_verdict(spvr: Sequence[float], other: Sequence[float], other_name: str) -> str:
+    """"SPvR better", "<other> better", "within noise" or "n/a (< 2 seeds)" by :func:`within_noise`."""
+    inside = within_noise(spvr, other)
+    if inside is None:
+        return "n/a (< 2 seeds)"
+    if inside:
+        return "within noise"
+    return "SPvR better" if np.mean(spvr) > np.mean(other) else f"{other_name} better"
+
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return float("nan"), float("nan")
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
