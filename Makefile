@@ -7,19 +7,35 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data test reproduce lab bench clean
+.PHONY: help venv lock data test reproduce lab bench clean
 
 help: ## show this help (each target and what it does)
 	@echo "usage: make <target> [SCALE=smoke|cpu|paper] [ONLY='01 03']"
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 14
 
-$(STAMP): pyproject.toml
+# the exact versions come from requirements.lock; spvr_lib itself goes in editable, without re-resolving
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP) ## create .venv and install spvr_lib with its dependencies
+
+# requirements.lock pins every package that `pip install -e '.[dev]'` needs (Linux x86_64, Python 3.11), resolved from
+# pyproject.toml's ranges under the machine's pip constraints; pip-tools lives in a throwaway venv under /tmp.
+# A plain `make lock` keeps the current pins and only adds or changes what pyproject.toml now asks for;
+# `make lock UPGRADE=1` moves every pin to the newest release allowed.
+LOCK_PYTHON ?= python3.11
+LOCK_VENV := /tmp/spvr-lock-tool
+LOCK_CONSTRAINTS := /etc/xdg/pip/constraints.txt
+lock: ## regenerate requirements.lock from pyproject.toml (pip-compile; UPGRADE=1 moves every pin to the newest release)
+	rm -rf $(LOCK_VENV)
+	$(LOCK_PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q pip==26.3 pip-tools==7.6.2
+	$(LOCK_VENV)/bin/pip-compile $(if $(UPGRADE),--upgrade) --allow-unsafe --constraint=$(LOCK_CONSTRAINTS) --extra=dev --no-emit-find-links --no-emit-index-url --output-file=requirements.lock --strip-extras pyproject.toml
+	rm -rf $(LOCK_VENV)
 
 data: $(STAMP) ## make sure Fashion-MNIST is available (system package, data/, or download)
 	$(PY) -m spvr_lib.data ensure fashion-mnist

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from spvr_lib import store
 
 _COMMANDS = ("prune",)
 
@@ -85,8 +86,9 @@ def _load_state(path: Path) -> dict[str, Any]:
 def _prune(args: argparse.Namespace) -> int:
     import torch
 
-    from spvr_lib import data, models, results
-    from spvr_lib.prune import budget_from_keep, spvr_prune
+    from spvr_lib import data, models
+    from spvr_lib.budget import budget_from_keep
+    from spvr_lib.prune import spvr_prune
 
     t0 = time.perf_counter()
     for flag, value in (("--group-size", args.group_size), ("--calib-per-class", args.calib_per_class)):
@@ -148,11 +150,11 @@ def _prune(args: argparse.Namespace) -> int:
     result = spvr_prune(model, (x, y), args.keep, group_size=args.group_size, criterion=args.criterion,
                         method=args.method, progress=not args.no_progress)
     out = args.out
-    results.atomic_write_json(out / "spec.json", result.spec)
-    results.atomic_torch_save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
-    results.atomic_write_text(out / "scores.csv", result.scores.to_csv(index=False))
+    store.atomic_write_json(out / "spec.json", result.spec)
+    store.atomic_torch_save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
+    store.atomic_write_text(out / "scores.csv", result.scores.to_csv(index=False))
     summary = {
-        "model": name, "checkpoint": str(args.checkpoint), "checkpoint_sha256": results.file_sha256(args.checkpoint),
+        "model": name, "checkpoint": str(args.checkpoint), "checkpoint_sha256": store.file_sha256(args.checkpoint),
         "data": args.data, "calib_per_class": args.calib_per_class, "n_calib": len(x), "keep": args.keep,
         "group_size": args.group_size, "criterion": args.criterion, "method": args.method, "seed": args.seed,
         "params_before": result.params_before, "params_after": result.params_after, "budget": result.budget,
@@ -161,10 +163,10 @@ def _prune(args: argparse.Namespace) -> int:
         "architecture": models.spec_to_str(result.spec),
         "groups": int(len(result.scores)), "groups_removed": int(result.scores["removed"].sum()),
         "wall_s": round(time.perf_counter() - t0, 3),
-        "provenance": {"git": results.git_state(), "versions": results.library_versions(),
-                       "device": results.device_info()},
+        "provenance": {"git": store.git_state(), "versions": store.library_versions(),
+                       "device": store.device_info()},
     }
-    results.atomic_write_json(out / "summary.json", summary)   # written last: its presence marks a complete run
+    store.atomic_write_json(out / "summary.json", summary)   # written last: its presence marks a complete run
     print(f"{summary['architecture_before']}\n -> {summary['architecture']}\n"
           f"params {result.params_before} -> {result.params_after} (budget {result.budget}); wrote {out}/")
     return 0

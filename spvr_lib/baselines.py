@@ -42,12 +42,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spvr_lib import models
-from spvr_lib.prune import budget_from_keep  # the one budget rule, shared with SPvR
+from spvr_lib.budget import budget_from_keep
 
-__all__ = ["METHODS", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune", "reinitialize_any",
+__all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune", "reinitialize_any",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
-METHODS = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
+BASELINES = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
 DISPLAY_NAMES = {"l1": "ℓ1", "l2": "ℓ2", "taylor": "Taylor", "fpgm": "FPGM", "rcp": "RCP", "hrank": "HRank",
                  "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2"}
 
@@ -598,7 +598,7 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
           seed: int = 0, progress: bool = True, **method_kw) -> BaselineResult:
     """Prune a deep copy of ``model`` with baseline ``method`` to the parameter budget given by ``keep``.
 
-    method: one of METHODS. calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
+    method: one of BASELINES. calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
     HRank ranks, Taylor gradients, NISP/CURL outputs; x[:1] traces the graph). keep: parameters to keep
     (int) or a fraction of ``count_params(model)`` (float in (0, 1]). group_size: channels are removed in
     multiples of it (torch-pruning's round_to; CURL's group). method_kw: ``batch_size`` (taylor, hrank,
@@ -606,8 +606,8 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
     ``short_train`` (rcp: callable(model) -> validation accuracy; the model passed is a copy).
     Bad arguments raise ValueError; a method that cannot run or reach the budget returns status "failed".
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method not in BASELINES:
+        raise ValueError(f"method must be one of {list(BASELINES)}, got {method!r}")
     if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
         raise ValueError(f"model must be an nn.Module with parameters, got {type(model).__name__}")
     x, y = _check_calib(calib)

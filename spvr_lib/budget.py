@@ -1,3 +1,16 @@
+"""The budget step of SPvR (Section 3.2): every group of every layer sorted together, the least
+important removed until the rebuilt network fits an exact parameter budget, with layer collapse."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from spvr_lib import models
+
+
 def budget_from_keep(keep: int | float, params_before: int) -> int:
     """Parameter budget: ``keep`` parameters (int) or a fraction of ``params_before`` (float in (0, 1])."""
     if isinstance(keep, bool) or not isinstance(keep, (int, float, np.integer, np.floating)):

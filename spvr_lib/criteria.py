@@ -1,3 +1,13 @@
+"""Eq. 2 (SPvR's loss: 1[prediction changes] + |drop in the predicted class's probability|) and the KL
+divergence it is compared with (Section 3.1.1, Appendix A)."""
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+
+
 def _check_probs(p: Tensor, p_masked: Tensor) -> None:
     if not isinstance(p, Tensor) or not isinstance(p_masked, Tensor):
         raise ValueError(f"p and p_masked must be torch tensors, got {type(p).__name__} and {type(p_masked).__name__}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 
-from spvr_lib.results import canonical_json
+from spvr_lib.store import canonical_json
 
 # required keys, optional keys per arch
 _KEYS = {

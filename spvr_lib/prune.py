@@ -7,7 +7,7 @@ architecture SPvR recommends (Section 3 and Appendix B), ready to be trained fro
    (:func:`spvr_lib.ranking.group_importance`).
 3. Budget (Section 3.2, Appendix B): all groups of all layers are sorted together by importance
    and the least important are discarded until the rebuilt network fits the parameter budget
-   (:func:`apply_budget`).  There is no minimum width: a layer, a VGG block of convs or a whole
+   (:func:`budget.apply_budget`).  There is no minimum width: a layer, a VGG block of convs or a whole
    ResNet stage can disappear ("layer collapse"; ``models.with_widths`` rebuilds the spec).
 
 ResNets (Appendix B).  All layers of a stage share one width (``PrunableLayer.tie``), which is
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +44,9 @@ from torch import Tensor, nn
 
 from spvr_lib import models
 from spvr_lib.grouping import correlation_matrix, group_neurons, reduce_feature_maps
-from spvr_lib.ranking import CRITERIA, METHODS, group_importance
+from spvr_lib.criteria import CRITERIA
+from spvr_lib.ranking import RANKING_PATHS, group_importance
+from spvr_lib.budget import apply_budget, budget_from_keep
 
 __all__ = ["layer_groups", "apply_budget", "Budgeted", "PruneResult", "spvr_prune", "inherit_weights",
            "budget_from_keep", "model_spec"]
@@ -180,8 +181,8 @@ def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float
     _check_group_size(group_size)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
+    if method not in RANKING_PATHS:
+        raise ValueError(f"method={method!r}; expected one of {list(RANKING_PATHS)}")
     params_before = models.count_params(model)
     budget = budget_from_keep(keep, params_before)
     layers = models.prunable_layers(model, spec)
@@ -303,6 +304,6 @@ def inherit_weights(original: nn.Module, result: PruneResult) -> nn.Module:
 
 
 def canonical(spec: dict) -> str:
-    from spvr_lib.results import canonical_json
+    from spvr_lib.store import canonical_json
 
     return canonical_json(spec)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from spvr_lib import criteria
 
-__all__ = ["spvr_loss", "kl_loss", "CRITERIA", "mask_output", "group_importance", "METHODS"]
+__all__ = ["spvr_loss", "kl_loss", "CRITERIA", "mask_output", "group_importance", "RANKING_PATHS"]
 
 
 
@@ -44,7 +45,7 @@ __all__ = ["spvr_loss", "kl_loss", "CRITERIA", "mask_output", "group_importance"
 #     i.e. the cached pre-activation minus the contribution of the masked input channels alone,
 #   * recomputes only what follows (the rest of the block, the residual add, later blocks, head).
 # =============================================================================================
-METHODS = ("fast", "naive")
+RANKING_PATHS = ("fast", "naive")
 _MEMORY_BYTES = 1 << 30      # working memory the fast path aims for (caches, and masked variants)
 _FORMAT = torch.channels_last  # memory format of the fast path's feature maps (faster convs on CPU)
 
@@ -162,10 +163,10 @@ def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[
     For a network that is not one of ``spvr_lib.models`` (or a key that is not a prunable
     layer) it falls back to naive with a warning.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
+    if criterion not in criteria.CRITERIA:
+        raise ValueError(f"criterion={criterion!r}; expected one of {sorted(criteria.CRITERIA)}")
+    if method not in RANKING_PATHS:
+        raise ValueError(f"method={method!r}; expected one of {list(RANKING_PATHS)}")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(x, Tensor) or x.ndim < 2 or len(x) < 1:
@@ -174,7 +175,7 @@ def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r}; expected a positive int or None")
     groups = _check_groups(groups)
-    loss = CRITERIA[criterion]
+    loss = criteria.CRITERIA[criterion]
     targets, layers = _resolve_targets(model, list(groups))
     for name, gs in groups.items():
         top = max(c for g in gs for c in g)

@@ -5,7 +5,7 @@ tensor [H, W] of class indices, ``IGNORE_INDEX`` (255) marking pixels that are n
 model (e.g. ``models.build(models.segnet_vgg16(...))``) maps [n, C, H, W] to logits [n, K, H, W].
 Scores are in percent, like ``train.evaluate``'s accuracies and the paper's "51.2% IoU".
 
-SPvR needs no segmentation-specific pruner: ``ranking.spvr_loss`` takes the [n, K, H, W] softmax
+SPvR needs no segmentation-specific pruner: ``criteria.spvr_loss`` takes the [n, K, H, W] softmax
 outputs and sums Eq. 2 over the pixels, as Section 5.5 does.
 """
 from __future__ import annotations

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
+from spvr_lib import store
 
-from spvr_lib import results
 
 MODES = ("scratch", "finetune")
 
@@ -392,7 +392,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
         history.append(entry)
         epochs_bar.set_postfix(loss=f"{entry['train_loss']:.4f}", top1=f"{test['top1']:.2f}")
         if ckpt_path is not None and rank == 0:
-            results.atomic_torch_save({
+            store.atomic_torch_save({
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "history": history, "recipe": recipe.to_dict(),
                 "seed": seed, "world_size": world, "rng": _rng_state(loader_gen, augment_gen),
@@ -469,12 +469,12 @@ def lr_search(make_model: Callable[[], nn.Module], train_set: Dataset, grid: Seq
 # --------------------------------------------------------------------------- the cached run
 def checkpoint_dir() -> Path:
     """Checkpoints live beside the run cache: ``<cache_dir>/../checkpoints`` (data/checkpoints)."""
-    return results.cache_dir().parent / "checkpoints"
+    return store.cache_dir().parent / "checkpoints"
 
 
 def _relative_to_repo(path: Path) -> str:
     try:
-        return str(path.resolve().relative_to(results.REPO_ROOT.resolve()))
+        return str(path.resolve().relative_to(store.REPO_ROOT.resolve()))
     except ValueError:
         return str(path.resolve())
 
@@ -504,7 +504,7 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
     key = {"spec": spec, "dataset": dataset, "per_class_train": per_class_train,
            "per_class_test": per_class_test, "recipe": recipe.to_dict(), "seed": seed, "tag": tag,
            "init": None if init_state is None else state_dict_digest(init_state)}
-    stem = results.cache_path(key, kind="train").stem
+    stem = store.cache_path(key, kind="train").stem
     resume_path = checkpoint_dir() / f"{stem}.pt"
     final_path = checkpoint_dir() / f"{stem}.final.pt"
 
@@ -521,13 +521,13 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
         test_set = data.load_dataset(dataset, "test", augment=False, per_class=per_class_test, seed=seed)
         out = fit(model, train_set, test_set, recipe, seed=seed, checkpoint=resume_path, device=device,
                   progress=progress, reinit=models.reinitialize)
-        results.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, final_path)
+        store.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, final_path)
         return {**out, "params": int(models.count_params(model)), "size_mb": float(models.model_size_mb(model)),
                 "wall_s": round(time.perf_counter() - t0, 3), "weights": _relative_to_repo(final_path),
                 "spec": spec}
 
-    record_exists = results.cache_path(key, kind="train").exists()
-    record = results.cached(key, compute, kind="train", refresh=record_exists and not final_path.exists())
+    record_exists = store.cache_path(key, kind="train").exists()
+    record = store.cached(key, compute, kind="train", refresh=record_exists and not final_path.exists())
     resume_path.unlink(missing_ok=True)  # the run is finished and recorded
     return record
 
@@ -538,7 +538,7 @@ def load_weights(record: Mapping[str, Any]) -> nn.Module:
 
     path = Path(record["weights"])
     if not path.is_absolute():
-        path = results.REPO_ROOT / path
+        path = store.REPO_ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
                                 "train_run again with the same arguments: it retrains when the weights are gone")
@@ -590,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = models.preset(args.preset, num_classes=train_set.num_classes, in_channels=in_channels, width=args.width)
     key = {"spec": spec, "dataset": args.dataset, "per_class_train": args.per_class_train,
            "per_class_test": args.per_class_test, "recipe": recipe.to_dict(), "seed": args.seed}
-    stem = f"train-{results.run_hash(key)}"
+    stem = f"train-{store.run_hash(key)}"
     torch.manual_seed(args.seed)
     model = models.build(spec)
     out = fit(model, train_set, test_set, recipe, seed=args.seed, checkpoint=args.out / f"{stem}.ckpt.pt",
@@ -602,14 +602,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.all_gather_object(digests, digest)
     if rank == 0:
         weights = args.out / f"{stem}.final.pt"
-        results.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        store.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
         record = {**out, "key": key, "spec": spec, "params": int(models.count_params(model)),
                   "size_mb": float(models.model_size_mb(model)), "world_size": world,
                   "state_sha256_per_rank": digests, "weights": str(weights),
                   "wall_s": round(time.perf_counter() - t0, 3),
-                  "provenance": {"git": results.git_state(), "versions": results.library_versions(),
-                                 "device": results.device_info()}}
-        path = results.atomic_write_json(args.out / f"{stem}.json", record)
+                  "provenance": {"git": store.git_state(), "versions": store.library_versions(),
+                                 "device": store.device_info()}}
+        path = store.atomic_write_json(args.out / f"{stem}.json", record)
         print(f"top1 {out['top1']:.2f}%  record {path}")
     if started_here:
         dist.destroy_process_group()

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from spvr_lib import data
+from spvr_lib.data import fashionmnist as fm
 
 torch.set_num_threads(1)
-SYSTEM = data.SYSTEM_FASHION_MNIST
-REAL_DOWNLOAD = data._torchvision_download_fashion_mnist
-needs_fashion_mnist = pytest.mark.skipif(not data._has_fashion_mnist(SYSTEM),
+SYSTEM = fm.SYSTEM_FASHION_MNIST
+REAL_DOWNLOAD = fm._torchvision_download_fashion_mnist
+needs_fashion_mnist = pytest.mark.skipif(not fm._has_fashion_mnist(SYSTEM),
                                          reason=f"Fashion-MNIST not installed in {SYSTEM}")
 
 
@@ -34,7 +35,7 @@ def tiny_fashion_mnist(folder: Path, per_class: dict[str, int] | None = None, gz
     """Valid idx files with per_class[split] images per class; image k of the split is filled with k."""
     per_class = per_class or {"train": 3, "test": 2}
     folder.mkdir(parents=True, exist_ok=True)
-    for split, (images_stem, labels_stem) in data.FASHION_MNIST_FILES.items():
+    for split, (images_stem, labels_stem) in fm.FASHION_MNIST_FILES.items():
         labels = np.repeat(np.arange(10), per_class[split]).astype(np.uint8)
         images = np.broadcast_to(np.arange(len(labels), dtype=np.uint8)[:, None, None], (len(labels), 28, 28))
         suffix = ".gz" if gz else ""
@@ -106,14 +107,14 @@ def test_ensure_fashion_mnist_missing_root_says_how_to_get_it(tmp_path):
         data.ensure_fashion_mnist(tmp_path / "nowhere")
     message = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in message
-    assert str(data.DATA_DIR / "fashion-mnist") in message and "t10k-labels-idx1-ubyte.gz" in message
+    assert str(fm.DATA_DIR / "fashion-mnist") in message and "t10k-labels-idx1-ubyte.gz" in message
 
 
 @pytest.fixture
 def nothing_installed(tmp_path, monkeypatch):
     system = tmp_path / "usr-share" / "fashion-mnist"
-    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", system)
-    monkeypatch.setattr(data, "DATA_DIR", tmp_path / "repo-data")
+    monkeypatch.setattr(fm, "SYSTEM_FASHION_MNIST", system)
+    monkeypatch.setattr(fm, "DATA_DIR", tmp_path / "repo-data")
     return system
 
 
@@ -126,15 +127,15 @@ def test_ensure_fashion_mnist_installs_with_apt_when_root(nothing_installed, mon
             tiny_fashion_mnist(nothing_installed)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(data, "_can_use_apt", lambda: True)
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
-    monkeypatch.setattr(data, "_torchvision_download_fashion_mnist", lambda dest: pytest.fail("no download"))
+    monkeypatch.setattr(fm, "_can_use_apt", lambda: True)
+    monkeypatch.setattr(fm.subprocess, "run", fake_run)
+    monkeypatch.setattr(fm, "_torchvision_download_fashion_mnist", lambda dest: pytest.fail("no download"))
     assert data.ensure_fashion_mnist() == nothing_installed
     assert calls == [["apt-get", "update"], ["apt-get", "install", "-y", "dataset-fashion-mnist"]]
 
 
 def test_ensure_fashion_mnist_falls_back_to_download_then_error(nothing_installed, monkeypatch):
-    monkeypatch.setattr(data, "_can_use_apt", lambda: False)
+    monkeypatch.setattr(fm, "_can_use_apt", lambda: False)
     downloads = []
 
     def fake_download(dest):
@@ -142,13 +143,13 @@ def test_ensure_fashion_mnist_falls_back_to_download_then_error(nothing_installe
         tiny_fashion_mnist(dest)
         return True
 
-    monkeypatch.setattr(data, "_torchvision_download_fashion_mnist", fake_download)
-    local = data.DATA_DIR / "fashion-mnist"
+    monkeypatch.setattr(fm, "_torchvision_download_fashion_mnist", fake_download)
+    local = fm.DATA_DIR / "fashion-mnist"
     assert data.ensure_fashion_mnist() == local and downloads == [local]
     for f in local.iterdir():  # now nothing anywhere and no network
         f.unlink()
-    monkeypatch.setattr(data, "_network_reachable", lambda host, port, timeout_s=3.0: False)
-    monkeypatch.setattr(data, "_torchvision_download_fashion_mnist", REAL_DOWNLOAD)
+    monkeypatch.setattr(fm, "_network_reachable", lambda host, port, timeout_s=3.0: False)
+    monkeypatch.setattr(fm, "_torchvision_download_fashion_mnist", REAL_DOWNLOAD)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         data.ensure_fashion_mnist()
 
@@ -169,8 +170,8 @@ def test_fashion_mnist_constants_match_train_set():
     share = np.bincount(images.reshape(-1), minlength=256) / images.size  # histogram: fast exact moments
     levels = np.arange(256) / 255
     mean, mean_sq = share @ levels, share @ levels ** 2
-    assert abs(mean - data.FASHION_MNIST_MEAN_28) < 5e-5
-    assert abs(np.sqrt(mean_sq - mean ** 2) - data.FASHION_MNIST_STD_28) < 5e-5
+    assert abs(mean - fm.FASHION_MNIST_MEAN_28) < 5e-5
+    assert abs(np.sqrt(mean_sq - mean ** 2) - fm.FASHION_MNIST_STD_28) < 5e-5
     padded_mean = mean * 784 / 1024  # the 2-pixel zero border adds 1024 - 784 black pixels per image
     padded_std = np.sqrt(mean_sq * 784 / 1024 - padded_mean ** 2)
     assert abs(padded_mean - data.FASHION_MNIST_MEAN) < 5e-5 and abs(padded_std - data.FASHION_MNIST_STD) < 5e-5
@@ -246,7 +247,7 @@ def test_fashion_mnist_scenes_masks_match_pixels_and_are_seeded():
     assert torch.equal(scenes.images, again.images) and torch.equal(scenes.masks, again.masks)
     assert not torch.equal(scenes.masks, other.masks)
     assert scenes.images.shape == (40, 1, 48, 48) and scenes.num_classes == 11
-    foreground = scenes.images[:, 0].float() / 255 > data.SCENE_THRESHOLD
+    foreground = scenes.images[:, 0].float() / 255 > fm.SCENE_THRESHOLD
     assert torch.equal(scenes.masks > 0, foreground)
     for mask in scenes.masks:  # at least one, at most 3 items (classes may repeat or be hidden)
         labels = set(mask.unique().tolist()) - {0}

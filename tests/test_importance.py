@@ -7,7 +7,9 @@ import torch
 from torch import nn
 
 from spvr_lib import models
-from spvr_lib.ranking import group_importance, mask_output, spvr_loss
+from spvr_lib.ranking import group_importance, mask_output
+from spvr_lib.criteria import spvr_loss
+from spvr_lib import ranking
 
 torch.set_num_threads(1)
 
@@ -169,7 +171,6 @@ def test_fast_in_float32_matches_naive():
 
 def test_fast_chunks_samples_and_groups(monkeypatch):
     """Tiny working memory: many sample chunks and one group per batch give the same numbers."""
-    from spvr_lib import ranking
 
     model = _model(SMALL_VGG)
     x = torch.randn(7, 1, 16, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

@@ -11,8 +11,8 @@ from torch import nn
 
 from spvr_lib import models
 from spvr_lib.grouping import correlation_matrix, group_neurons
-from spvr_lib.prune import (PruneResult, apply_budget, budget_from_keep, inherit_weights, layer_groups,
-                            spvr_prune)
+from spvr_lib.prune import PruneResult, inherit_weights, layer_groups, spvr_prune
+from spvr_lib.budget import apply_budget, budget_from_keep
 from spvr_lib.ranking import mask_output
 
 torch.set_num_threads(1)

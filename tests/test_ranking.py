@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from spvr_lib.ranking import kl_loss, spvr_loss
+from spvr_lib.criteria import kl_loss, spvr_loss
 
 P = torch.tensor([[0.1, 0.3, 0.6]])
 P_MASKED = torch.tensor([[[0.1, 0.6, 0.3]], [[0.01, 0.1, 0.89]], [[0.1, 0.8, 0.1]]])

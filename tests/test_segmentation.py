@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from spvr_lib import models as M
-from spvr_lib.ranking import spvr_loss
-from spvr_lib.segmentation import confusion_matrix, evaluate_segmentation, fit_segmentation, mean_iou
+from spvr_lib.criteria import spvr_loss
+from spvr_lib.tasks import confusion_matrix, evaluate_segmentation, fit_segmentation, mean_iou
 
 torch.set_num_threads(1)
 

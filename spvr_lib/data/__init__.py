@@ -25,32 +25,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
-import gzip
-import os
-import pickle
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from spvr_lib.store import REPO_ROOT
-
 from .common import (DATA_DIR, DATASETS, SPLITS, DatasetInfo, ImageClassification, ImageSegmentation, InMemoryImages, LabeledSubset, _check_split, dataset_info, normalize_uint8, random_crop_flip)  # noqa: F401
-from .fashion_mnist import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTScenes, ensure_fashion_mnist, fashion_mnist, read_fashion_mnist, read_idx)  # noqa: F401
+from .fashionmnist import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTScenes, ensure_fashion_mnist, fashion_mnist, read_fashion_mnist, read_idx)  # noqa: F401
 from .cifar10 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, cifar10  # noqa: F401
 from .tiny_imagenet import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, TinyImageNet  # noqa: F401
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder  # noqa: F401

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import kendalltau
 
-from . import results
-from .ranking import kl_loss, spvr_loss
+from spvr_lib import store
+from spvr_lib.paper import reference
 
 # ----------------------------------------------------------------- Section 3.1.1: worked example
 
@@ -35,8 +31,8 @@ from .ranking import kl_loss, spvr_loss
 
 
 def base_spec(setup: Any) -> dict:
-    """The unpruned network of a :class:`config.ModelSetup`, sized for its dataset."""
-    from . import data, models
+    """The unpruned network of a :class:`scales.ModelSetup`, sized for its dataset."""
+    from spvr_lib import data, models
 
     info = data.dataset_info(setup.dataset)
     kw = {"stem": setup.stem} if setup.stem else {}
@@ -46,7 +42,7 @@ def base_spec(setup: Any) -> dict:
 
 def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Any:
     """The training recipe of a setup (SGD, momentum 0.9, cosine annealing; Section 4.3)."""
-    from .train import Recipe
+    from spvr_lib.train import Recipe
 
     return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
                   weight_decay=setup.weight_decay, mode=mode, augment=setup.augment)
@@ -56,7 +52,7 @@ def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict 
                 seed: int = 0, progress: bool = True) -> tuple[float, dict[float, float]]:
     """Grid search of the learning rate over ``setup.lr_grid`` on a validation split of the
     training subset (never the test set); cached.  Returns (best lr, {lr: validation top-1})."""
-    from . import data, models, train
+    from spvr_lib import data, models, train
 
     key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset,
            "grid": list(setup.lr_grid), "recipe": recipe(setup, mode=mode).to_dict(), "seed": seed,
@@ -78,13 +74,13 @@ def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict 
                                        eval_set=plain, progress=progress)
         return {"best": best, "scores": {str(k): v for k, v in scores.items()}}
 
-    rec = results.cached(key, compute, kind="lrsearch")
+    rec = store.cached(key, compute, kind="lrsearch")
     return float(rec["best"]), {float(k): v for k, v in rec["scores"].items()}
 
 
 def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record."""
-    from .train import train_run
+    from spvr_lib.train import train_run
 
     setup = cfg.model(key)
     spec = base_spec(setup)
@@ -96,7 +92,7 @@ def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict
 
 def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained base network (eval mode) and its run record."""
-    from .train import load_weights
+    from spvr_lib.train import load_weights
 
     rec = train_base(cfg, key, seed, progress=progress)
     return load_weights(rec).eval(), rec
@@ -104,7 +100,7 @@ def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tupl
 
 def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The calibration subset SPvR ranks with: ``calib_per_class`` training images per class."""
-    from . import data
+    from spvr_lib import data
 
     setup = cfg.model(key)
     return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
@@ -112,7 +108,7 @@ def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Notebook 03's table: our base models beside the paper's base rows."""
-    from .models import spec_to_str
+    from spvr_lib.models import spec_to_str
 
     rows = []
     for key, rec in records.items():
@@ -121,13 +117,13 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
                      "train images per class": rec["key"]["per_class_train"], "epochs": rec["key"]["recipe"]["epochs"],
                      "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
                      "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
-                     **PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
+                     **reference.PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------- SPvR pruning of the base models
 def _prunable_count(spec: dict) -> int:
-    from . import models
+    from spvr_lib import models
 
     with torch.device("meta"):
         return len(models.prunable_layers(models.build(spec), spec))
@@ -143,8 +139,8 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
     seconds), ``collapsed`` (whether a layer or stage disappeared) and ``kept`` (channels kept per
     layer, indices into the base network).
     """
-    from . import models
-    from .prune import spvr_prune
+    from spvr_lib import models
+    from spvr_lib.prune import spvr_prune
 
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate={rate!r}; expected the fraction of parameters removed, in (0, 1)")
@@ -155,7 +151,7 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
             "criterion": criterion, "calib_seed": int(seed), "calib_per_class": setup.calib_per_class}
 
     def compute() -> dict[str, Any]:
-        from .train import load_weights
+        from spvr_lib.train import load_weights
 
         model = load_weights(base_rec).eval()
         x, y = calibration(cfg, key, seed)
@@ -169,12 +165,12 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
                 "size_mb": models.model_size_mb(res.model), "kept": res.kept,
                 "removed_fraction": 1.0 - res.params_after / res.params_before}
 
-    return results.cached(rkey, compute, kind="prune")
+    return store.cached(rkey, compute, kind="prune")
 
 
 def spvr_model(record: dict[str, Any]) -> torch.nn.Module:
     """The freshly initialised network of a :func:`spvr_pruned` record (SPvR trains it from scratch)."""
-    from .models import build
+    from spvr_lib.models import build
 
     return build(record["spec"])
 

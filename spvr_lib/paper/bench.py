@@ -21,6 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from spvr_lib.paper import base_models
+from spvr_lib.paper import scales
+from spvr_lib import store
 
 
 def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None:
@@ -28,12 +31,12 @@ def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None
 
     Returns (model with those weights, record hash); "best" is the highest top-1.
     """
-    from spvr_lib import models, results, train
+    from spvr_lib import models, train
 
-    folder = results.cache_dir()
+    folder = store.cache_dir()
     if not folder.is_dir():
         return None
-    want = results.canonical_json(spec)
+    want = store.canonical_json(spec)
     candidates = []
     for path in sorted(folder.glob("train-*.json")):
         try:
@@ -41,11 +44,11 @@ def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None
         except (OSError, json.JSONDecodeError):
             continue
         key = record.get("key", {})
-        if results.canonical_json(record.get("spec")) != want or key.get("dataset") != dataset:
+        if store.canonical_json(record.get("spec")) != want or key.get("dataset") != dataset:
             continue
         weights = Path(record.get("weights", ""))
         if not weights.is_absolute():
-            weights = results.REPO_ROOT / weights
+            weights = store.REPO_ROOT / weights
         if weights.is_file():
             candidates.append((float(record.get("top1", 0.0)), path.name, record))
     if not candidates:
@@ -73,21 +76,21 @@ def _timed_pair(first, second, repeat: int) -> tuple[tuple[float, float, Any], t
 def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per_class: int | None = None,
                   seed: int = 0, repeat: int = 1, criterion: str = "spvr", progress: bool = False,
                   model: nn.Module | None = None) -> dict[str, Any]:
-    """Naive vs fast ranking of ``config.get_scale(scale).models[model_key]`` (its preset, width,
+    """Naive vs fast ranking of ``scales.get_scale(scale).models[model_key]`` (its preset, width,
     dataset, group size and calibration samples per class unless given); the JSON record.
     ``model``: the trained network to rank (default: the best cached trained base of that setup,
     else a randomly initialised one)."""
-    from spvr_lib import config, data, experiments, models
+    from spvr_lib import data, models
     from spvr_lib.prune import layer_groups
     from spvr_lib.ranking import group_importance
 
-    setup = config.get_scale(scale).model(model_key)
+    setup = scales.get_scale(scale).model(model_key)
     group_size = setup.group_size if group_size is None else group_size
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size={group_size!r}; expected an integer >= 1")
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat={repeat!r}; expected an integer >= 1")
-    spec = experiments.base_spec(setup)
+    spec = base_models.base_spec(setup)
     found = trained_base_model(spec, setup.dataset) if model is None else (model, None)
     if found is None:
         torch.manual_seed(seed)
@@ -122,11 +125,10 @@ def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool
     """Notebook 08: :func:`bench_ranking` on each scale's trained base network, one row per model."""
     import pandas as pd
 
-    from spvr_lib import experiments
 
     rows = []
     for key in keys:
-        model, _ = experiments.base_model(cfg, key, progress=progress)
+        model, _ = base_models.base_model(cfg, key, progress=progress)
         rec = bench_ranking(key, cfg.name, repeat=repeat, progress=progress, model=model)
         rows.append({k: v for k, v in rec.items() if k not in ("architecture", "weights_run")})
     return pd.DataFrame(rows)
@@ -136,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spvr_lib.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = commands.add_parser("ranking", help="naive vs fast ranking time on one setup")
-    r.add_argument("--model", required=True, help="a key of config.get_scale(SCALE).models: vgg16, resnet34, resnet50")
+    r.add_argument("--model", required=True, help="a key of scales.get_scale(SCALE).models: vgg16, resnet34, resnet50")
     r.add_argument("--scale", default="cpu", help="smoke, cpu or paper (default cpu)")
     r.add_argument("--group-size", type=int, default=None, help="d, channels per group (default: the setup's)")
     r.add_argument("--per-class", type=int, default=None, help="calibration samples per class (default: the setup's)")

@@ -1,4 +1,19 @@
-def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS,
+"""Figure 1: inference latency of every method's pruned networks (and MACs), and the claims read from it."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from spvr_lib import models
+from spvr_lib.paper import base_models, plots
+
+
+from spvr_lib.paper import tables1_3
+def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1_3.TABLE1_METHODS,
                  rates: dict[str, Sequence[float]] | None = None, runs: int = 1500, warmup: int = 50,
                  batch_sizes: Sequence[int] = (1, 64), device: str | None = None, threads: int | None = None,
                  progress: bool = True) -> pd.DataFrame:
@@ -11,23 +26,23 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS
     """
     from spvr_lib import data, latency
 
-    keys, methods = list(keys), [_check_method(m) for m in methods]
+    keys, methods = list(keys), [tables1_3._check_method(m) for m in methods]
     rows = []
     for key in keys:
         setup = cfg.model(key)
         info = data.dataset_info(setup.dataset)
         shape = (info.in_channels, info.image_size, info.image_size)
-        base, base_rec = experiments.base_model(cfg, key, progress=progress)
+        base, base_rec = base_models.base_model(cfg, key, progress=progress)
         jobs = [(0.0, "unpruned")] + [(r, m) for r in (rates or {}).get(key, setup.rates) for m in methods]
         for rate, method in tqdm(jobs, desc=f"latency {key}", disable=not progress):
             head = {"model": key, "rate": round(float(rate), 6), "params removed (%)": round(100 * rate, 2),
-                    "method": method, "name": "unpruned" if method == "unpruned" else DISPLAY_NAMES[method]}
+                    "method": method, "name": "unpruned" if method == "unpruned" else tables1_3.DISPLAY_NAMES[method]}
             try:
                 if method == "unpruned":
                     net, rec = base, {"status": "ok", "error": None, "params_after": base_rec["params"],
                                       "budget": base_rec["params"]}
                 else:
-                    net, rec = pruned_network(cfg, key, method, rate, progress=False)
+                    net, rec = tables1_3.pruned_network(cfg, key, method, rate, progress=False)
             except Exception as e:                    # recorded; the other networks go on
                 net, rec = None, {"status": "failed", "error": f"{type(e).__name__}: {e}"}
             if net is None:
@@ -39,7 +54,7 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS
                                             threads=threads)
                 rows.append({**head, "batch_size": b, "params": models.count_params(net),
                              "budget": rec.get("budget"), "MMACs": macs / 1e6, **t, "status": "ok", "error": None})
-    return _nullable_ints(pd.DataFrame(rows))
+    return tables1_3._nullable_ints(pd.DataFrame(rows))
 
 
 def latency_figure(lat: pd.DataFrame, batch_sizes: Sequence[int] | None = None, stat: str = "mean_ms",
@@ -49,19 +64,18 @@ def latency_figure(lat: pd.DataFrame, batch_sizes: Sequence[int] | None = None, 
     and batch size (rows)."""
     import matplotlib.pyplot as plt
 
-    from spvr_lib import plotting
 
     ok = lat[lat["status"] == "ok"]
     model_keys = list(dict.fromkeys(lat["model"]))
     batch_sizes = list(batch_sizes or sorted(ok["batch_size"].unique()))
-    with plt.rc_context(plotting.PAPER_STYLE):
+    with plt.rc_context(plots.PAPER_STYLE):
         fig, axes = plt.subplots(len(batch_sizes), len(model_keys), figsize=(4.6 * len(model_keys),
                                                                             3.4 * len(batch_sizes)), squeeze=False)
     for i, b in enumerate(batch_sizes):
         for ax, key in zip(axes[i], model_keys):
             sub = ok[(ok["model"] == key) & (ok["batch_size"] == b)]
             pruned = sub[sub["method"] != "unpruned"]
-            plotting.lines(pruned, x="params removed (%)", y=stat, hue="name", ax=ax,
+            plots.lines(pruned, x="params removed (%)", y=stat, hue="name", ax=ax,
                            title=f"{key}, batch {b}", ylabel=f"latency (ms, {stat.removesuffix('_ms')})")
             base = sub[sub["method"] == "unpruned"][stat]
             if len(base):
@@ -92,9 +106,9 @@ def latency_claims(lat: pd.DataFrame, batch_size: int = 1, stat: str = "mean_ms"
             others = ms.drop(index="spvr", errors="ignore")
             spvr_ms = float(ms["spvr"]) if "spvr" in ms.index else np.nan
             rows.append({"model": key, "params removed (%)": round(100 * rate, 2), "batch size": batch_size,
-                         "unpruned ms": base_ms, "SPvR ms": spvr_ms, "fastest": DISPLAY_NAMES[fastest],
+                         "unpruned ms": base_ms, "SPvR ms": spvr_ms, "fastest": tables1_3.DISPLAY_NAMES[fastest],
                          "fastest ms": float(ms[fastest]), "SPvR fastest": fastest == "spvr",
                          "SPvR / best other": spvr_ms / float(others.min()) if len(others) else np.nan,
-                         "slower than unpruned": ", ".join(DISPLAY_NAMES[m] for m in ms.index if ms[m] > base_ms)
+                         "slower than unpruned": ", ".join(tables1_3.DISPLAY_NAMES[m] for m in ms.index if ms[m] > base_ms)
                          or "none"})
     return pd.DataFrame(rows)

@@ -2,7 +2,7 @@
 
 At the highest pruning rate of each model (``max(setup.rates)``: 98% for VGG16 and ResNet34, 95%
 for ResNet50 as set up here), SPvR prunes the scale's trained base network once per group size
-with each ranking method (``experiments.spvr_pruned(..., method="fast" | "naive")``; both are
+with each ranking method (``base_models.spvr_pruned(..., method="fast" | "naive")``; both are
 cached, and ``prune_s`` is the wall time of grouping + ranking + budget loop).  The two methods
 compute the same importances, so they must return the same pruned network: the table says
 whether they did.  Each pruned network is re-initialised and trained from scratch with the
@@ -20,9 +20,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from . import experiments
-from .plotting import PAPER_STYLE
-from .train import train_run
+from spvr_lib.paper.plots import PAPER_STYLE
+from spvr_lib.train import train_run
+from spvr_lib.paper import base_models
+from spvr_lib.paper import reference
+from spvr_lib.paper import stats
 
 __all__ = ["RANKING_METHODS", "PAPER_PRUNE_S_AT_D32", "ablation_rate", "base_lr", "train_pruned",
            "group_size_rows", "group_size_table", "figure2"]
@@ -38,7 +40,7 @@ def ablation_rate(cfg: Any, key: str) -> float:
 def base_lr(cfg: Any, key: str, progress: bool = True) -> float:
     """The learning rate found by grid search for the model's unpruned network (cached)."""
     setup = cfg.model(key)
-    return experiments.searched_lr(setup, experiments.base_spec(setup), progress=progress)[0]
+    return base_models.searched_lr(setup, base_models.base_spec(setup), progress=progress)[0]
 
 
 def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = None,
@@ -47,7 +49,7 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
     base model's searched lr) on the setup's data subsets; the cached ``train.train_run`` record."""
     setup = cfg.model(key)
     lr = base_lr(cfg, key, progress=progress) if lr is None else lr
-    return train_run(spec, setup.dataset, experiments.recipe(setup, lr=lr), int(seed), setup.train_subset,
+    return train_run(spec, setup.dataset, base_models.recipe(setup, lr=lr), int(seed), setup.train_subset,
                      setup.test_subset, tag="scratch", progress=progress)
 
 
@@ -72,7 +74,7 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
         row: dict[str, Any] = {"model": key, "rate": rate, "d": int(d), "status": "ok", "error": ""}
         try:
             methods = [m for m in RANKING_METHODS if m == "fast" or int(d) in naive_at]
-            recs = {m: experiments.spvr_pruned(cfg, key, rate, group_size=int(d), method=m, progress=progress)
+            recs = {m: base_models.spvr_pruned(cfg, key, rate, group_size=int(d), method=m, progress=progress)
                     for m in methods}
             fast, naive = recs["fast"], recs.get("naive")
             row.update({"params before": fast["params_before"], "budget": fast["budget"],
@@ -85,12 +87,12 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
             for m in methods:           # identical specs share one cached training run per seed
                 runs = [train_pruned(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress) for s in seeds]
                 for metric in ("top1", "top5"):
-                    mean, std = _mean_std([r[metric] for r in runs])
+                    mean, std = stats._mean_std([r[metric] for r in runs])
                     row[f"{metric} ({m})"], row[f"{metric} std ({m})"] = mean, std
             row["n seeds"] = len(seeds)
         except Exception as err:  # a failed run is a row, never dropped
             row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        row["paper prune s bound (d=32)"] = PAPER_PRUNE_S_AT_D32.get(key) if int(d) == 32 else None
+        row["paper prune s bound (d=32)"] = reference.PAPER_PRUNE_S_AT_D32.get(key) if int(d) == 32 else None
         rows.append(row)
     return rows
 

@@ -1,7 +1,17 @@
+"""Notebook 02: the grouping module (Section 3.2) seen on a trained network: activations, groups, forward passes."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+
+
 @torch.no_grad()
 def layer_activations(model: torch.nn.Module, x: torch.Tensor, layer: str, batch_size: int = 256) -> torch.Tensor:
     """The output of prunable layer ``layer`` at its mask point (after BN), [n, m, h, w], for inputs ``x``."""
-    from .models import prunable_layers
+    from spvr_lib.models import prunable_layers
 
     layers = {pl.name: pl for pl in prunable_layers(model, model.spec)}
     if layer not in layers:
@@ -19,7 +29,7 @@ def layer_activations(model: torch.nn.Module, x: torch.Tensor, layer: str, batch
 
 def forward_passes(spec: dict, group_sizes: Sequence[int]) -> pd.DataFrame:
     """Section 3.2's cost: the ranking needs sum_i ceil(m_i / d) forward passes (one per group)."""
-    from .models import build, prunable_layers
+    from spvr_lib.models import build, prunable_layers
 
     with torch.device("meta"):
         widths = [pl.width for pl in prunable_layers(build(spec), spec)]

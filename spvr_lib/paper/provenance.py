@@ -1,3 +1,18 @@
+"""Provenance of every artifact under figures/<scale>/: the NotebookRun that writes tables and figures."""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+import io
+
+from spvr_lib.paper.scales import SCALE_NAMES
+from spvr_lib.store import atomic_write_bytes, atomic_write_json, atomic_write_text, device_info, file_sha256, git_state, library_versions, REPO_ROOT
+
+
 def provenance(scale: str, params: Mapping[str, Any] | None = None, seeds: Any = None,
                wall_s: float | None = None, **extra: Any) -> dict[str, Any]:
     """The provenance record written beside every artifact."""
@@ -10,8 +25,8 @@ def provenance(scale: str, params: Mapping[str, Any] | None = None, seeds: Any =
 
 
 def check_scale(scale: str) -> str:
-    if scale not in SCALES:
-        raise ValueError(f"scale={scale!r} is not one of {SCALES}")
+    if scale not in SCALE_NAMES:
+        raise ValueError(f"scale={scale!r} is not one of {SCALE_NAMES}")
     return scale
 
 

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import get_scale
-from .results import REPO_ROOT, check_scale
+from spvr_lib.paper.scales import get_scale
+from spvr_lib.store import REPO_ROOT
+from spvr_lib.paper.provenance import check_scale
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -139,7 +140,7 @@ def results_markdown(scale: str) -> str:
 
 def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
     """Replace the text between the README's results markers; returns whether it changed."""
-    from .results import atomic_write_text
+    from spvr_lib.store import atomic_write_text
 
     text = readme.read_text()
     if README_START not in text or README_END not in text:

@@ -5,7 +5,7 @@
   every notebook together stays within 3 hours there.  Fashion-MNIST, narrow networks, few epochs.
 * ``paper``: the paper's recipe (Section 4.3, Appendix D) for a GPU and the real datasets.
 
-Notebooks read everything from here: ``cfg = config.get_scale(SCALE)``.
+Notebooks read everything from here: ``cfg = get_scale(SCALE)``.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ _GUYON_VARIATIONS = {"epochs": [1, 10, 30], "batch_size": [128], "test_fraction"
                      "reference": ["labels"]}
 
 # Segmentation (notebook 11, Section 5.5), per scale: data, SegNet width, training recipe (SGD momentum
-# 0.9, cosine annealing, per-pixel cross-entropy: segmentation.fit_segmentation), and SPvR's settings
+# 0.9, cosine annealing, per-pixel cross-entropy: tasks.fit_segmentation), and SPvR's settings
 # (Section 5.5: 20 calibration samples per class, d = 4, 80% of the parameters removed).
 # * smoke: seconds.  32x32 canvases with one item, 1/16 width (channels 4 ... 32), 64 training
 #   images, one epoch, 1 calibration image per class (11).

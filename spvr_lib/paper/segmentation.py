@@ -1,6 +1,23 @@
+"""Section 5.5: SPvR on SegNet (semantic segmentation), Eq. 2 summed over the pixels."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from spvr_lib import data, models, store, tasks
+from spvr_lib.prune import spvr_prune
+from spvr_lib.paper.stats import _mean_std
+
+
+from spvr_lib.paper import reference
 def segmentation_settings(scale: str) -> dict[str, Any]:
     """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``config`` (a copy)."""
-    from .config import get_scale
+    from spvr_lib.paper.scales import get_scale
 
     s = get_scale(scale).segmentation
     return {**s, "options": dict(s["options"]), "name": scale}
@@ -31,14 +48,13 @@ def segnet_spec(settings: dict[str, Any]) -> dict:
 
 def train_segnet(spec: dict, settings: dict[str, Any], seed: int, tag: str = "",
                  progress: bool = True) -> dict[str, Any]:
-    """Train ``spec`` from a fresh initialisation (seeded) with ``segmentation.fit_segmentation``; cached
+    """Train ``spec`` from a fresh initialisation (seeded) with ``tasks.fit_segmentation``; cached
     (kind ``segtrain``) with its final weights beside the checkpoints.  Record: miou, pixel_acc, loss
     (final test scores), history, params, size_mb, wall_s, weights, spec."""
-    from . import segmentation
-    from .train import checkpoint_dir
+    from spvr_lib.train import checkpoint_dir
 
     key = {"spec": spec, "settings": _key_settings(settings), "seed": int(seed), "tag": tag}
-    path = results.cache_path(key, kind="segtrain")
+    path = store.cache_path(key, kind="segtrain")
     weights = checkpoint_dir() / f"{path.stem}.final.pt"
 
     def compute() -> dict[str, Any]:
@@ -48,24 +64,24 @@ def train_segnet(spec: dict, settings: dict[str, Any], seed: int, tag: str = "",
         getattr(train_set, "reseed", lambda s: None)(int(seed))      # the flips follow the training seed
         torch.manual_seed(int(seed))
         model = models.build(spec)
-        out = segmentation.fit_segmentation(model, train_set, test_set, epochs=settings["epochs"], lr=settings["lr"],
+        out = tasks.fit_segmentation(model, train_set, test_set, epochs=settings["epochs"], lr=settings["lr"],
                                             batch_size=settings["batch_size"], seed=int(seed), progress=progress,
                                             weight_decay=settings["weight_decay"])
-        results.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        store.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
         try:
-            where = str(weights.resolve().relative_to(results.REPO_ROOT.resolve()))
+            where = str(weights.resolve().relative_to(store.REPO_ROOT.resolve()))
         except ValueError:
             where = str(weights.resolve())
         return {**out, "params": models.count_params(model), "size_mb": models.model_size_mb(model),
                 "wall_s": round(time.perf_counter() - t0, 3), "weights": where, "spec": spec}
 
-    return results.cached(key, compute, kind="segtrain", refresh=path.exists() and not weights.exists())
+    return store.cached(key, compute, kind="segtrain", refresh=path.exists() and not weights.exists())
 
 
 def load_segnet(record: dict[str, Any]) -> nn.Module:
     """The trained network of a :func:`train_segnet` record (CPU, eval mode)."""
     path = Path(record["weights"])
-    path = path if path.is_absolute() else results.REPO_ROOT / path
+    path = path if path.is_absolute() else store.REPO_ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
                                 "train_segnet again with the same arguments: it retrains when the weights are gone")
@@ -106,7 +122,7 @@ def segnet_pruned(settings: dict[str, Any], progress: bool = True) -> dict[str, 
                 "removed_fraction": 1.0 - res.params_after / res.params_before,
                 "calibration images": len(x)}
 
-    return results.cached(key, compute, kind="segprune")
+    return store.cached(key, compute, kind="segprune")
 
 
 def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple[pd.DataFrame, dict[str, list]]:
@@ -117,8 +133,8 @@ def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple
     ``settings["seeds"]``).  Also returns the training records per row (for the curves).  A step
     that raises gives a row with status "failed" and its reason."""
     rows, records = [], {}
-    jobs = [("SegNet", SEGMENTATION_PAPER_MIOU["base"]),
-            (f"SegNet, {settings['rate']:.0%} removed by SPvR", SEGMENTATION_PAPER_MIOU["pruned"])]
+    jobs = [("SegNet", reference.SEGMENTATION_PAPER_MIOU["base"]),
+            (f"SegNet, {settings['rate']:.0%} removed by SPvR", reference.SEGMENTATION_PAPER_MIOU["pruned"])]
     for i, (name, paper) in enumerate(jobs):
         row: dict[str, Any] = {"model": name, "dataset": settings["dataset"], "status": "ok", "error": ""}
         try:

@@ -1,3 +1,13 @@
+"""The one noise rule of every comparison, and mean/std over seeds."""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+
 NOISE_RULE = "|mean difference| < 2 x pooled std over seeds (fewer than 2 seeds: n/a)"
 
 

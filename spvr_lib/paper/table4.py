@@ -11,7 +11,7 @@ narrow at the smoke and cpu scales, so the MobileNets are built at the width mul
 keeps the paper's proportions (:func:`mobilenet_width`).
 
 Section 5.5.  SegNet (VGG16 encoder and mirrored decoder) trained on a segmentation set, pruned
-by SPvR at 80% with Eq. 2 summed over the pixels (``ranking.spvr_loss`` on the [n, K, H, W]
+by SPvR at 80% with Eq. 2 summed over the pixels (``criteria.spvr_loss`` on the [n, K, H, W]
 softmax outputs), re-initialised and trained from scratch; mean IoU before and after, through the
 same ``prune.spvr_prune`` as every classifier (the encoder conv and the decoder conv feeding its
 unpool share a width, a tie like a ResNet stage's).
@@ -19,19 +19,17 @@ unpool share a width, a tie like a ResNet stage's).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
-from torch import nn
 from tqdm.auto import tqdm
 
-from . import data, experiments, models, results
-from .ablation import _mean_std, train_pruned
-from .prune import spvr_prune
+from spvr_lib import data, models
+from spvr_lib.paper.figure2 import train_pruned
+from spvr_lib.paper.stats import _mean_std
+from spvr_lib.paper import base_models
+from spvr_lib.paper import reference
 
 __all__ = ["TABLE4_PAPER", "BUDGET_FRACTION", "PAPER_MINIMAL_SHARE", "MOBILENET_VARIANTS",
            "mobilenet_width", "mobilenet_specs", "mobilenet_budget", "pruned_resnet50", "table4",
@@ -63,11 +61,11 @@ def _mobilenet_spec(setup: Any, variant: str, width: float) -> dict:
 def mobilenet_width(cfg: Any) -> float:
     """MobileNetV3 width multiplier for the scale: the width in 0.1, 0.125, ..., 1.2 at which
     MobileNetV3-small-minimal's share of the scale's base ResNet50 parameters is closest to the
-    paper's (:data:`PAPER_MINIMAL_SHARE`, 8.0%; ties to the wider).  At the paper scale this is 1.0;
+    paper's (:data:`reference.PAPER_MINIMAL_SHARE`, 8.0%; ties to the wider).  At the paper scale this is 1.0;
     with the 1/8-width ResNet50 of the cpu scale it is 0.125, so that SPvR removes about as much
     of the ResNet50 as in the paper (94%)."""
     setup = _resnet50_setup(cfg)
-    base = models.spec_params(experiments.base_spec(setup))
+    base = models.spec_params(base_models.base_spec(setup))
 
     def share(w: float) -> float:
         return models.spec_params(_mobilenet_spec(setup, "small-minimal", w)) / base
@@ -77,9 +75,9 @@ def mobilenet_width(cfg: Any) -> float:
     lo, hi = 0, len(_WIDTH_GRID)
     while lo < hi:
         mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if share(_WIDTH_GRID[mid]) >= PAPER_MINIMAL_SHARE else (mid + 1, hi)
+        lo, hi = (lo, mid) if share(_WIDTH_GRID[mid]) >= reference.PAPER_MINIMAL_SHARE else (mid + 1, hi)
     candidates = _WIDTH_GRID[max(lo - 1, 0):lo + 1]
-    return min(candidates, key=lambda w: (abs(share(w) - PAPER_MINIMAL_SHARE), -w))
+    return min(candidates, key=lambda w: (abs(share(w) - reference.PAPER_MINIMAL_SHARE), -w))
 
 
 def mobilenet_specs(cfg: Any, width: float | None = None) -> dict[str, dict]:
@@ -96,7 +94,7 @@ def mobilenet_budget(cfg: Any, width: float | None = None) -> int:
     ValueError if that is not below the base ResNet50's parameters (nothing would be pruned)."""
     minimal = models.spec_params(mobilenet_specs(cfg, width)["MobileNetV3-minimal"])
     budget = math.floor(BUDGET_FRACTION * minimal)
-    base = models.spec_params(experiments.base_spec(_resnet50_setup(cfg)))
+    base = models.spec_params(base_models.base_spec(_resnet50_setup(cfg)))
     if budget >= base:
         raise ValueError(f"MobileNet width={width!r}: the budget {budget} (80% of -minimal's {minimal}) is not below "
                          f"the base ResNet50's {base} parameters; expected a narrower MobileNet")
@@ -105,13 +103,13 @@ def mobilenet_budget(cfg: Any, width: float | None = None) -> int:
 
 def pruned_resnet50(cfg: Any, budget: int | None = None, progress: bool = True) -> dict[str, Any]:
     """SPvR's ResNet50 at ``budget`` parameters (default :func:`mobilenet_budget`): the cached
-    ``experiments.spvr_pruned`` record at rate 1 - budget / params of the base, with
+    ``base_models.spvr_pruned`` record at rate 1 - budget / params of the base, with
     ``params_after <= budget`` checked (ValueError otherwise)."""
     budget = mobilenet_budget(cfg) if budget is None else int(budget)
-    base = models.spec_params(experiments.base_spec(_resnet50_setup(cfg)))
+    base = models.spec_params(base_models.base_spec(_resnet50_setup(cfg)))
     if not 0 < budget < base:
         raise ValueError(f"budget={budget}; expected a parameter count in (0, {base}) (the base ResNet50's size)")
-    rec = experiments.spvr_pruned(cfg, "resnet50", 1.0 - budget / base, progress=progress)
+    rec = base_models.spvr_pruned(cfg, "resnet50", 1.0 - budget / base, progress=progress)
     if rec["params_after"] > budget:
         raise ValueError(f"SPvR's ResNet50 has {rec['params_after']} parameters, more than the budget {budget}")
     return rec
@@ -119,7 +117,7 @@ def pruned_resnet50(cfg: Any, budget: int | None = None, progress: bool = True) 
 
 def _latency_and_macs(spec: dict, dataset: str, runs: int) -> dict[str, Any]:
     """Batch-1 latency on ``runs`` forwards (weights do not matter: a fresh network) and MACs of one sample."""
-    from . import latency
+    from spvr_lib import latency
 
     info = data.dataset_info(dataset)
     shape = (info.in_channels, info.image_size, info.image_size)
@@ -142,7 +140,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     runs = cfg.latency_runs if latency_runs is None else int(latency_runs)
     width = mobilenet_width(cfg)
     budget = mobilenet_budget(cfg, width)
-    base_rec = experiments.train_base(cfg, "resnet50", progress=progress)
+    base_rec = base_models.train_base(cfg, "resnet50", progress=progress)
     lr = float(base_rec["key"]["recipe"]["lr"])          # the base ResNet50's searched learning rate
     jobs: list[tuple[str, Any]] = [(name, spec) for name, spec in mobilenet_specs(cfg, width).items()]
     jobs.append(("ResNet50-pruned", None))
@@ -162,7 +160,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
             row.update(_latency_and_macs(spec, setup.dataset, runs))
         except Exception as err:  # a failed network is a row, never dropped
             row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        row.update(TABLE4_PAPER[name])
+        row.update(reference.TABLE4_PAPER[name])
         rows.append(row)
     base_spec = base_rec["spec"]
     rows.append({"model": "ResNet50 (unpruned base)", "width": setup.width, "status": "ok", "error": "",

@@ -1,13 +1,33 @@
+"""Section 3.1.1's worked example and Appendix A's Table 5: Kendall tau of the SPvR and KL neuron
+rankings against the ground truth on Guyon's synthetic data."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from scipy.stats import kendalltau
+
+from spvr_lib import store
+from spvr_lib.criteria import kl_loss, spvr_loss
+
+
+from spvr_lib.paper import reference
 def worked_example() -> pd.DataFrame:
     """Section 3.1.1: KL and Eq. 2 for the three masked neurons, computed, beside the paper's values."""
-    p = torch.tensor([WORKED_P], dtype=torch.float64)
-    pm = torch.tensor(WORKED_P_MASKED, dtype=torch.float64).unsqueeze(1)
+    p = torch.tensor([reference.WORKED_P], dtype=torch.float64)
+    pm = torch.tensor(reference.WORKED_P_MASKED, dtype=torch.float64).unsqueeze(1)
     kl, L = kl_loss(p, pm), spvr_loss(p, pm)
     return pd.DataFrame({
         "neuron j": [1, 2, 3],
-        "f_M(x)": [str(v) for v in WORKED_P_MASKED],
-        "KL (ours)": kl.numpy().round(4), "KL (paper)": WORKED_PAPER["KL"],
-        "L (ours)": L.numpy().round(4), "L (paper)": WORKED_PAPER["L"],
+        "f_M(x)": [str(v) for v in reference.WORKED_P_MASKED],
+        "KL (ours)": kl.numpy().round(4), "KL (paper)": reference.WORKED_PAPER["KL"],
+        "L (ours)": L.numpy().round(4), "L (paper)": reference.WORKED_PAPER["L"],
         "rank by KL": (-kl).argsort().argsort().numpy() + 1, "rank by L": (-L).argsort().argsort().numpy() + 1,
     })
 
@@ -52,7 +72,7 @@ class GuyonSetup:
 
 
 def _train_mlp(x: torch.Tensor, y: torch.Tensor, setup: GuyonSetup, seed: int) -> torch.nn.Module:
-    from .models import build
+    from spvr_lib.models import build
 
     torch.manual_seed(seed)
     model = build({"arch": "mlp", "in_features": setup.n_features, "hidden": [setup.hidden], "num_classes": 2})
@@ -78,7 +98,7 @@ def masked_hidden_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torc
 
 def guyon_run(setup: GuyonSetup, seed: int) -> dict[str, Any]:
     """One seed of Table 5: train, mask each hidden neuron, rank, and compare with Kendall's tau-b."""
-    from .data import make_guyon
+    from spvr_lib.data import make_guyon
 
     X, Y = make_guyon(n_samples=setup.n_samples, n_features=setup.n_features, flip_y=setup.flip_y, seed=seed)
     rng = np.random.default_rng(seed)
@@ -107,7 +127,7 @@ def guyon_run(setup: GuyonSetup, seed: int) -> dict[str, Any]:
 
 def guyon_record(setup: GuyonSetup, seed: int) -> dict[str, Any]:
     """:func:`guyon_run`, cached by its setup and seed (kind ``guyon``)."""
-    return results.cached({"setup": dataclasses.asdict(setup), "seed": int(seed)},
+    return store.cached({"setup": dataclasses.asdict(setup), "seed": int(seed)},
                           lambda: guyon_run(setup, int(seed)), kind="guyon")
 
 
@@ -129,7 +149,7 @@ def table5(per_seed: pd.DataFrame) -> pd.DataFrame:
         tau = per_seed[f"tau_{c}"].dropna()       # undefined where the ground truth is constant
         rows.append({"criterion": c, "tau_mean": tau.mean() if len(tau) else float("nan"),
                      "tau_std": tau.std(ddof=1) if len(tau) > 1 else float("nan"),
-                     "n_seeds": len(tau), "n_undefined": len(per_seed) - len(tau), "paper": TABLE5_PAPER[c]})
+                     "n_seeds": len(tau), "n_undefined": len(per_seed) - len(tau), "paper": reference.TABLE5_PAPER[c]})
     return pd.DataFrame(rows)
 
 

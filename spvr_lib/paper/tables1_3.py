@@ -1,12 +1,12 @@
 """SPvR against the nine baselines at equal parameter budgets (Tables 1-3, Figure 1).
 
-Every method prunes the SAME trained base network (``experiments.base_model``, seed 0) with the
-SAME calibration set (``experiments.calibration``, seed 0) to the SAME parameter budget
+Every method prunes the SAME trained base network (``base_models.base_model``, seed 0) with the
+SAME calibration set (``base_models.calibration``, seed 0) to the SAME parameter budget
 ``floor((1 - rate) * params of the base)``:
 
-* ``"spvr"``: ``experiments.spvr_pruned`` (its cache is shared with every notebook); SPvR's
+* ``"spvr"``: ``base_models.spvr_pruned`` (its cache is shared with every notebook); SPvR's
   network is always trained from scratch (fresh initialisation, Section 5.2).
-* a baseline of ``baselines.METHODS``: ``baselines.prune`` with the budget as an int, keeping the
+* a baseline of ``baselines.BASELINES``: ``baselines.prune`` with the budget as an int, keeping the
   trained weights of the kept channels.  The pruned structure and weights are cached under
   ``data/pruned/<hash>.pt`` (see :func:`save_pruned` for the format) with a JSON record in the
   run cache (kind ``baseline``); a method failure (OTOv2 here) is cached as a record with
@@ -19,17 +19,16 @@ with the seed as ``train.train_run`` does.
 
 Every trained comparison uses the SAME recipe for every method (Appendix D: "Consistency was
 maintained across all methods ... optimizer, scheduler, batch size, and training duration"):
-``experiments.recipe(setup, lr=<the base model's searched lr>)``.  Table 2 alone searches the
+``base_models.recipe(setup, lr=<the base model's searched lr>)``.  Table 2 alone searches the
 learning rate for each of fine-tuning and training from scratch, as the paper says.
 
 Noise rule (one rule everywhere): two methods differ beyond the noise when
-``|mean_a - mean_b| >= 2 * pooled std`` over seeds (:func:`within_noise`); with fewer than two
+``|mean_a - mean_b| >= 2 * pooled std`` over seeds (:func:`stats.within_noise`); with fewer than two
 seeds per method the verdict is "n/a".
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,21 +40,26 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spvr_lib import baselines, experiments, models, results
+from spvr_lib import baselines, models, prune
+from spvr_lib.paper import base_models
+from spvr_lib.paper import plots
+from spvr_lib.paper import reference
+from spvr_lib import store
+from spvr_lib.paper import stats
 
-__all__ = ["METHODS", "DISPLAY_NAMES", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLE3", "NOISE_RULE",
+__all__ = ["TABLE1_METHODS", "DISPLAY_NAMES", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLE3", "NOISE_RULE",
            "parameter_budget", "rcp_samples", "pruned_network", "save_pruned", "load_pruned", "trained_accuracy",
            "accuracy_runs", "summarize", "within_noise", "noise_verdict", "table1", "highest_uncollapsed_rate",
            "table2", "table3", "latency_runs", "latency_claims", "accuracy_figure", "latency_figure"]
 
-METHODS = (*baselines.METHODS, "spvr")             # the paper's column order: l1 ... otov2, SPvR
+TABLE1_METHODS = (*baselines.BASELINES, "spvr")             # the paper's column order: l1 ... otov2, SPvR
 DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
 TABLE2_GRID = tuple(round(0.05 * k, 2) for k in range(19, 0, -1))   # 0.95, 0.90, ..., 0.05
 
 # --------------------------------------------------------------------------- validation / small helpers
 def _check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
+    if method not in TABLE1_METHODS:
+        raise ValueError(f"method={method!r}; expected one of {list(TABLE1_METHODS)}")
     return method
 
 
@@ -73,8 +77,8 @@ def _check_mode(mode: str) -> str:
 
 def parameter_budget(params: int, rate: float) -> int:
     """The parameter budget of every method: ``floor((1 - rate) * params)``, computed as
-    ``prune.budget_from_keep(1 - rate, params)`` (the same float ``keep`` SPvR is given)."""
-    from .prune import budget_from_keep
+    ``budget.budget_from_keep(1 - rate, params)`` (the same float ``keep`` SPvR is given)."""
+    from spvr_lib.budget import budget_from_keep
 
     return budget_from_keep(1.0 - _check_rate(rate), int(params))
 
@@ -100,7 +104,7 @@ def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
 
 def pruned_dir() -> Path:
     """``data/pruned/``: pruned baseline networks, beside the run cache."""
-    return results.cache_dir().parent / "pruned"
+    return store.cache_dir().parent / "pruned"
 
 
 def save_pruned(model: nn.Module, path: str | Path) -> Path:
@@ -112,7 +116,7 @@ def save_pruned(model: nn.Module, path: str | Path) -> Path:
     attrs = {name: {a: int(getattr(m, a)) for a in _shape_attrs(m)} for name, m in model.named_modules()
              if _shape_attrs(m)}
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return results.atomic_torch_save({"attrs": attrs, "state": state}, path)
+    return store.atomic_torch_save({"attrs": attrs, "state": state}, path)
 
 
 def load_pruned(base_spec: dict, path: str | Path) -> nn.Module:
@@ -141,14 +145,14 @@ def load_pruned(base_spec: dict, path: str | Path) -> nn.Module:
 
 # --------------------------------------------------------------------------- pruning
 def _base(cfg: Any, key: str, progress: bool) -> dict[str, Any]:
-    return experiments.train_base(cfg, key, progress=progress)
+    return base_models.train_base(cfg, key, progress=progress)
 
 
 def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
                    progress: bool = True) -> tuple[nn.Module | None, dict[str, Any]]:
     """The network of ``method`` at ``rate`` (fraction of the base's parameters removed), and its record.
 
-    ``"spvr"``: SPvR's architecture, freshly initialised (``experiments.spvr_model``).  A baseline:
+    ``"spvr"``: SPvR's architecture, freshly initialised (``base_models.spvr_model``).  A baseline:
     the base network pruned by ``baselines.prune`` to the same budget, trained weights kept (eval mode).
     ``seed``: RCP's sampling seed (the other methods are deterministic); the comparisons use 0.
     The record: method, rate, budget, params_before, params_after, status ("ok" | "failed"), error,
@@ -160,28 +164,28 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
     base_rec = _base(cfg, key, progress)
     budget = parameter_budget(base_rec["params"], rate)
     if method == "spvr":
-        rec = experiments.spvr_pruned(cfg, key, rate, progress=progress)
+        rec = base_models.spvr_pruned(cfg, key, rate, progress=progress)
         info = {"method": method, "rate": rate, "budget": budget, "params_before": rec["params_before"],
                 "params_after": rec["params_after"], "status": "ok", "error": None,
-                "notes": "SPvR (experiments.spvr_pruned); trained from scratch", "prune_s": rec["prune_s"],
+                "notes": "SPvR (base_models.spvr_pruned); trained from scratch", "prune_s": rec["prune_s"],
                 "arch": rec["arch"], "hash": rec["hash"], "collapsed": rec["collapsed"]}
         if rec["params_after"] > budget:
             info.update(status="failed", error=f"SPvR's network has {rec['params_after']} parameters > the "
                                                f"common budget {budget} (its own budget: {rec['budget']})")
             return None, info
-        return experiments.spvr_model(rec), info
+        return base_models.spvr_model(rec), info
 
     prune_seed = int(seed) if method == "rcp" else 0      # the other methods are deterministic
     kw = {"n_samples": rcp_samples(cfg)} if method == "rcp" else {}
     pkey = {"base": base_rec["hash"], "method": method, "budget": budget, "group_size": setup.group_size,
             "calib_seed": 0, "calib_per_class": setup.calib_per_class, "seed": prune_seed, "kw": kw}
-    record_path = results.cache_path(pkey, kind="baseline")
+    record_path = store.cache_path(pkey, kind="baseline")
     weights = pruned_dir() / f"{record_path.stem}.pt"
     built: dict[str, nn.Module] = {}
 
     def compute() -> dict[str, Any]:
-        base, _ = experiments.base_model(cfg, key, progress=progress)
-        calib = experiments.calibration(cfg, key, 0)
+        base, _ = base_models.base_model(cfg, key, progress=progress)
+        calib = base_models.calibration(cfg, key, 0)
         res = baselines.prune(method, base, calib, keep=budget, group_size=setup.group_size, seed=prune_seed,
                               progress=progress, **kw)
         if res.status == "ok":
@@ -195,7 +199,7 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
 
     stale = record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok" \
         and not weights.exists()
-    rec = results.cached(pkey, compute, kind="baseline", refresh=stale)
+    rec = store.cached(pkey, compute, kind="baseline", refresh=stale)
     info = {k: rec.get(k) for k in ("method", "rate", "budget", "params_before", "params_after", "status", "error",
                                     "notes", "prune_s", "arch")}
     info.update(hash=rec["hash"], rate=rate)     # a rate with the same budget shares the record
@@ -222,7 +226,7 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     ``mode``: "finetune" keeps the pruned weights, "scratch" re-initialises (``models.reinitialize``
     for SPvR, ``baselines.reinitialize_any`` for a pruned baseline).  SPvR always trains from scratch,
     whatever ``mode`` says (the record's ``mode`` is the one used).  The recipe is
-    ``experiments.recipe(setup, lr=<the base model's searched lr>, mode)`` for every method; training
+    ``base_models.recipe(setup, lr=<the base model's searched lr>, mode)`` for every method; training
     writes a per-epoch checkpoint under ``data/checkpoints`` so an interrupted run resumes.
     Cached (kind ``compare``).  Returns: model, method, rate, seed, mode, top1, top5 (None with <= 5
     classes), params, budget, params_before, status ("ok" | "failed"), error, notes, arch, lr,
@@ -238,13 +242,13 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     setup = cfg.model(key)
     base_rec = _base(cfg, key, progress)
     lr = float(base_rec["key"]["recipe"]["lr"])
-    recipe = experiments.recipe(setup, lr=lr, mode=mode)
+    recipe = base_models.recipe(setup, lr=lr, mode=mode)
     budget = parameter_budget(base_rec["params"], rate)
     ckey = {"base": base_rec["hash"], "method": method, "rate": rate, "budget": budget, "seed": int(seed),
             "mode": mode, "recipe": recipe.to_dict(), "dataset": setup.dataset,
             "per_class_train": setup.train_subset, "per_class_test": setup.test_subset,
             "rcp_samples": rcp_samples(cfg) if method == "rcp" else None, "group_size": setup.group_size}
-    checkpoint = train.checkpoint_dir() / f"{results.cache_path(ckey, kind='compare').stem}.pt"
+    checkpoint = train.checkpoint_dir() / f"{store.cache_path(ckey, kind='compare').stem}.pt"
 
     def compute() -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -264,7 +268,7 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
                    wall_s=round(time.perf_counter() - t0, 3))
         return out
 
-    record = results.cached(ckey, compute, kind="compare")
+    record = store.cached(ckey, compute, kind="compare")
     checkpoint.unlink(missing_ok=True)          # finished and recorded
     return record
 
@@ -356,7 +360,7 @@ def _comparison_row(sub: pd.DataFrame, runs: pd.DataFrame, metric: str, methods:
                 for m in ("spvr", best)}
         row["best baseline"] = DISPLAY_NAMES[best]
         row["SPvR - best"] = round(float(ok.loc["spvr", f"{metric} mean"] - others.loc[best, f"{metric} mean"]), 2)
-        row["verdict"] = noise_verdict(vals["spvr"], vals[best], DISPLAY_NAMES[best])
+        row["verdict"] = stats.noise_verdict(vals["spvr"], vals[best], DISPLAY_NAMES[best])
     else:
         row.update({"best baseline": None, "SPvR - best": None, "verdict": "n/a (SPvR or every baseline failed)"})
     row["failures"] = _failures({m: by_method.loc[m, "error"] for m in by_method.index
@@ -396,7 +400,7 @@ def _metrics(cfg: Any, key: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- Table 1
-def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seeds: Iterable[int] | None = None,
+def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
            runs: pd.DataFrame | None = None, progress: bool = True) -> pd.DataFrame:
     """Table 1: every method fine-tuned (SPvR from scratch) at each setup's ``compare_rates``.
 
@@ -414,7 +418,7 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seed
     rows = []
     for key in keys:
         base = _base(cfg, key, progress)
-        paper_ds = experiments.PAPER_BASE[key]["paper dataset"]
+        paper_ds = reference.PAPER_BASE[key]["paper dataset"]
         for metric in _metrics(cfg, key):
             for rate in cfg.model(key).compare_rates:
                 rate = round(float(rate), 6)
@@ -425,10 +429,10 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seed
                         "budget": int(parameter_budget(base["params"], rate)),
                         "base": None if base[metric] is None else round(float(base[metric]), 2),
                         **_comparison_row(sub, rsub, metric, methods)}
-                paper_base = PAPER_TABLE1[(key, 0.0, "base")][metric]
+                paper_base = reference.PAPER_TABLE1[(key, 0.0, "base")][metric]
                 paper = {**head, "source": "paper", "dataset": paper_ds, "budget": None,
                          "base": paper_base,
-                         **{DISPLAY_NAMES[m]: _paper_fmt(PAPER_TABLE1.get((key, rate, m), {}).get(metric))
+                         **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE1.get((key, rate, m), {}).get(metric))
                             for m in methods}}
                 rows += [ours, paper]
     return _tidy(pd.DataFrame(rows), ["budget"])
@@ -441,7 +445,7 @@ def highest_uncollapsed_rate(cfg: Any, key: str, grid: Sequence[float] = TABLE2_
     its ``spvr_pruned`` record; (None, None) when every rate collapses.  Rates are tried from the highest
     down and the search stops at the first that does not collapse."""
     for rate in sorted({_check_rate(r) for r in grid}, reverse=True):
-        rec = experiments.spvr_pruned(cfg, key, rate, progress=progress)
+        rec = base_models.spvr_pruned(cfg, key, rate, progress=progress)
         if not rec["collapsed"]:
             return rate, rec
     return None, None
@@ -451,9 +455,8 @@ def _finetune_init(cfg: Any, key: str, record: dict[str, Any], progress: bool) -
     """State dict of SPvR's network with the base network's weights of the kept channels."""
     from types import SimpleNamespace
 
-    from spvr_lib import prune
 
-    base, base_rec = experiments.base_model(cfg, key, progress=progress)
+    base, base_rec = base_models.base_model(cfg, key, progress=progress)
     # inherit_weights reads spec, kept and original_spec of a PruneResult; the cached record has the first two
     result = SimpleNamespace(spec=record["spec"], kept=record["kept"], original_spec=base_rec["spec"])
     model = prune.inherit_weights(base, result)
@@ -464,7 +467,7 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
            progress: bool = True) -> pd.DataFrame:
     """Table 2: SPvR's network at the highest rate of ``grid`` without layer collapse, fine-tuned from the
     base network's weights (FT) against trained from scratch (TFS): same epochs, learning rate searched
-    for EACH (``experiments.searched_lr`` with its mode and initial weights), ``cfg.seeds`` seeds.
+    for EACH (``base_models.searched_lr`` with its mode and initial weights), ``cfg.seeds`` seeds.
 
     One row per (model, metric): rate, architecture, params, FT and TFS ("mean ± std" and numeric mean
     and std), their lrs, TFS - FT, the noise verdict, the paper's rate, FT and TFS, status and error.
@@ -475,7 +478,7 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
     rows = []
     for key in keys:
         setup = cfg.model(key)
-        paper = PAPER_TABLE2[key]
+        paper = reference.PAPER_TABLE2[key]
         rate, rec = highest_uncollapsed_rate(cfg, key, grid, progress=progress)
         per_mode: dict[str, list[dict]] = {"FT": [], "TFS": []}
         lrs: dict[str, float | None] = {"FT": None, "TFS": None}
@@ -484,11 +487,11 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
             try:
                 init = _finetune_init(cfg, key, rec, progress)
                 for label, mode, state in (("FT", "finetune", init), ("TFS", "scratch", None)):
-                    lrs[label], _ = experiments.searched_lr(setup, rec["spec"], mode=mode, init_state=state,
+                    lrs[label], _ = base_models.searched_lr(setup, rec["spec"], mode=mode, init_state=state,
                                                             progress=progress)
                     for s in seeds:
                         per_mode[label].append(train.train_run(
-                            rec["spec"], setup.dataset, experiments.recipe(setup, lr=lrs[label], mode=mode), s,
+                            rec["spec"], setup.dataset, base_models.recipe(setup, lr=lrs[label], mode=mode), s,
                             setup.train_subset, setup.test_subset, init_state=state, tag=f"table2-{label}",
                             progress=progress))
             except Exception as e:                    # recorded; the other models go on
@@ -508,10 +511,10 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                 row[f"{lab} lr"] = lrs[lab]
             row["TFS - FT"] = round(row["TFS mean"] - row["FT mean"], 2) \
                 if np.isfinite(row["TFS mean"]) and np.isfinite(row["FT mean"]) else None
-            inside = within_noise(vals["TFS"], vals["FT"])
+            inside = stats.within_noise(vals["TFS"], vals["FT"])
             row["verdict"] = "n/a (< 2 seeds)" if inside is None else "within noise" if inside else \
                 ("TFS better" if row["TFS - FT"] > 0 else "FT better")
-            row.update({"paper dataset": experiments.PAPER_BASE[key]["paper dataset"],
+            row.update({"paper dataset": reference.PAPER_BASE[key]["paper dataset"],
                         "paper params removed (%)": round(100 * paper["rate"]), "paper FT": paper[f"FT {metric}"],
                         "paper TFS": paper[f"TFS {metric}"], "seeds": len(seeds),
                         "status": "ok" if error is None else "failed", "error": error})
@@ -520,7 +523,7 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
 
 
 # --------------------------------------------------------------------------- Table 3
-def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seeds: Iterable[int] | None = None,
+def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
            with_finetune: bool = True, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table 3: every method's network re-initialised and trained from scratch at ``setup.table3_rate``
     (OTOv2 excluded: it retrains the original network).  Returns (wide table, per-seed runs).
@@ -557,8 +560,8 @@ def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = METHODS, seed
                                            np.isfinite(s.loc[m, metric + " mean"] - f.loc[m, metric + " mean"])
                                            else "-") for m in methods}
                 rows.append({**head, "rows": "scratch - fine-tune", "dataset": cfg.model(key).dataset, **diff})
-            rows.append({**head, "rows": "paper (Table 3)", "dataset": experiments.PAPER_BASE[key]["paper dataset"],
-                         **{DISPLAY_NAMES[m]: _paper_fmt(PAPER_TABLE3.get((key, rate, m), {}).get(metric))
+            rows.append({**head, "rows": "paper (Table 3)", "dataset": reference.PAPER_BASE[key]["paper dataset"],
+                         **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE3.get((key, rate, m), {}).get(metric))
                             for m in methods}})
     runs = pd.concat([scratch] + ([finetune] if finetune is not None else []), ignore_index=True)
     return _tidy(pd.DataFrame(rows)), runs
@@ -573,15 +576,14 @@ def accuracy_figure(summary: pd.DataFrame, metric: str = "top1", title: str = ""
     one line per method (failed methods have no points)."""
     import matplotlib.pyplot as plt
 
-    from spvr_lib import plotting
 
     ok = summary[summary[f"{metric} mean"].notna()]
     model_keys = list(dict.fromkeys(summary["model"]))
-    with plt.rc_context(plotting.PAPER_STYLE):
+    with plt.rc_context(plots.PAPER_STYLE):
         fig, axes = plt.subplots(1, len(model_keys), figsize=(4.6 * len(model_keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], model_keys):
         sub = ok[ok["model"] == key].assign(err=lambda d: d[f"{metric} std"].fillna(0.0))
-        plotting.lines(sub, x="params removed (%)", y=f"{metric} mean", hue="name", yerr="err", ax=ax,
+        plots.lines(sub, x="params removed (%)", y=f"{metric} mean", hue="name", yerr="err", ax=ax,
                        title=key, ylabel=f"{metric} accuracy (%)")
     if title:
         fig.suptitle(title)

@@ -4,25 +4,27 @@ import json
 import pandas as pd
 import pytest
 
-from spvr_lib import reproduce, results
+from spvr_lib.paper import reproduce
+from spvr_lib.paper import provenance
+from spvr_lib import store
 
 
 def test_atomic_write_leaves_no_partial_file_on_error(tmp_path):
     target = tmp_path / "out.json"
-    results.atomic_write_json(target, {"a": 1})
+    store.atomic_write_json(target, {"a": 1})
 
     class Boom:
         pass
 
     with pytest.raises(TypeError):
-        results.atomic_write_json(target, {"a": Boom()})
+        store.atomic_write_json(target, {"a": Boom()})
     assert json.loads(target.read_text()) == {"a": 1}            # old content intact
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp file left behind
 
 
 def test_run_hash_is_order_independent_and_sensitive():
-    assert results.run_hash({"a": 1, "b": [1, 2]}) == results.run_hash({"b": [1, 2], "a": 1})
-    assert results.run_hash({"a": 1}) != results.run_hash({"a": 2})
+    assert store.run_hash({"a": 1, "b": [1, 2]}) == store.run_hash({"b": [1, 2], "a": 1})
+    assert store.run_hash({"a": 1}) != store.run_hash({"a": 2})
 
 
 def test_cached_computes_once(tmp_path, monkeypatch):
@@ -33,28 +35,28 @@ def test_cached_computes_once(tmp_path, monkeypatch):
         calls.append(1)
         return {"value": 42}
 
-    a = results.cached({"x": 1}, compute, kind="t")
-    b = results.cached({"x": 1}, compute, kind="t")
-    c = results.cached({"x": 2}, compute, kind="t")
+    a = store.cached({"x": 1}, compute, kind="t")
+    b = store.cached({"x": 1}, compute, kind="t")
+    c = store.cached({"x": 2}, compute, kind="t")
     assert a["value"] == b["value"] == c["value"] == 42 and len(calls) == 2
-    assert a["key"] == {"x": 1} and a["hash"] == results.run_hash({"kind": "t", "x": 1})
+    assert a["key"] == {"x": 1} and a["hash"] == store.run_hash({"kind": "t", "x": 1})
 
 
 def test_notebook_run_writes_artifacts_with_provenance(tmp_path, monkeypatch):
-    monkeypatch.setattr(results, "REPO_ROOT", tmp_path)
-    run = results.NotebookRun("99_test", "smoke", params={"d": 2}, seeds=[0, 1])
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    run = provenance.NotebookRun("99_test", "smoke", params={"d": 2}, seeds=[0, 1])
     run.table(pd.DataFrame({"a": [1, 2]}), "t")
     out = tmp_path / "figures" / "smoke"
     assert (out / "t.csv").read_text() == "a\n1\n2\n"
     prov = json.loads((out / "t.provenance.json").read_text())
     assert prov["scale"] == "smoke" and prov["params"] == {"d": 2} and prov["seeds"] == [0, 1]
-    assert set(prov["files"]) == {"t.csv", "t.md"} and prov["files"]["t.csv"] == results.file_sha256(out / "t.csv")
+    assert set(prov["files"]) == {"t.csv", "t.md"} and prov["files"]["t.csv"] == store.file_sha256(out / "t.csv")
     assert {"commit", "dirty"} <= set(prov["git"]) and "torch" in prov["versions"]
     run.table(pd.DataFrame({"a": [1]}), "u", device=["cpu"], threads=1)   # extras never clobber standard fields
     prov = json.loads((out / "u.provenance.json").read_text())
     assert isinstance(prov["device"], dict) and prov["extra"] == {"device": ["cpu"]} and prov["threads"] == 1
     with pytest.raises(ValueError, match="scale='huge'"):
-        results.NotebookRun("99_test", "huge")
+        provenance.NotebookRun("99_test", "huge")
 
 
 def test_readme_section_is_generated_from_artifacts(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ import json
 
 import nbformat
 
-from spvr_lib import reproduce
+from spvr_lib.paper import reproduce
 
 
 def _notebook(path, cells):

@@ -4,15 +4,17 @@ import math
 import pytest
 import torch
 
-from spvr_lib import applications as A
-from spvr_lib import config, experiments, models
-from spvr_lib.prune import apply_budget, spvr_prune
+from spvr_lib import models
+from spvr_lib.paper import scales
+from spvr_lib.budget import apply_budget
+from spvr_lib.prune import spvr_prune
+from spvr_lib.paper import base_models, reference, segmentation, table4
 
 torch.set_num_threads(1)
 
-TINY = config.Scale(
+TINY = scales.Scale(
     name="smoke", seeds=(0,),
-    models={"resnet50": config.ModelSetup("resnet50", "fashion-mnist", width=1 / 16, epochs=1, batch_size=16,
+    models={"resnet50": scales.ModelSetup("resnet50", "fashion-mnist", width=1 / 16, epochs=1, batch_size=16,
                                           lr=0.05, lr_grid=(0.05,), group_size=8, rates=(0.4, 0.8),
                                           calib_per_class=1, train_subset=2, test_subset=1, stem="imagenet")})
 
@@ -25,21 +27,21 @@ def cache(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- Table 4
 def test_paper_share_and_widths():
-    assert A.PAPER_MINIMAL_SHARE == models.spec_params(models.mobilenetv3("small-minimal", 1000, 3)) / \
+    assert reference.PAPER_MINIMAL_SHARE == models.spec_params(models.mobilenetv3("small-minimal", 1000, 3)) / \
         models.spec_params(models.resnet50(1000, 3, stem="imagenet"))
-    assert A.mobilenet_width(config.get_scale("paper")) == 1.0     # the paper's own networks
-    assert A.mobilenet_width(config.get_scale("cpu")) == 0.125     # 1/8-width ResNet50: -minimal at 7.5% of it
-    assert A.mobilenet_width(config.get_scale("smoke")) == 0.1     # the narrowest: -minimal at 23% of a 1/16 one
+    assert table4.mobilenet_width(scales.get_scale("paper")) == 1.0     # the paper's own networks
+    assert table4.mobilenet_width(scales.get_scale("cpu")) == 0.125     # 1/8-width ResNet50: -minimal at 7.5% of it
+    assert table4.mobilenet_width(scales.get_scale("smoke")) == 0.1     # the narrowest: -minimal at 23% of a 1/16 one
 
 
 @pytest.mark.parametrize("scale", ["smoke", "cpu", "paper"])
 def test_budget_is_80_percent_of_minimal_and_below_the_resnet50(scale):
-    cfg = config.get_scale(scale)
-    specs = A.mobilenet_specs(cfg)
+    cfg = scales.get_scale(scale)
+    specs = table4.mobilenet_specs(cfg)
     minimal = models.spec_params(specs["MobileNetV3-minimal"])
-    budget = A.mobilenet_budget(cfg)
+    budget = table4.mobilenet_budget(cfg)
     assert budget == math.floor(0.8 * minimal)
-    assert budget < models.spec_params(experiments.base_spec(cfg.model("resnet50")))
+    assert budget < models.spec_params(base_models.base_spec(cfg.model("resnet50")))
     assert models.spec_params(specs["MobileNetV3-small"]) > minimal
     # the MobileNets take the ResNet50's input and classes, with its stem stride (ImageNet stem: stride 2)
     for spec in specs.values():
@@ -47,22 +49,22 @@ def test_budget_is_80_percent_of_minimal_and_below_the_resnet50(scale):
 
 
 def test_paper_scale_budget_is_the_papers_1_6M():
-    assert A.mobilenet_budget(config.get_scale("paper")) / 1e6 == pytest.approx(1.6, abs=0.05)
+    assert table4.mobilenet_budget(scales.get_scale("paper")) / 1e6 == pytest.approx(1.6, abs=0.05)
 
 
 def test_budget_not_below_resnet50_is_an_error():
     with pytest.raises(ValueError, match="not below"):
-        A.mobilenet_budget(TINY, width=1.0)      # MobileNetV3-minimal at width 1 dwarfs a 1/16-width ResNet50
+        table4.mobilenet_budget(TINY, width=1.0)      # MobileNetV3-minimal at width 1 dwarfs a 1/16-width ResNet50
 
 
 def test_pruned_resnet50_meets_the_mobilenet_budget(cache):
-    budget = A.mobilenet_budget(TINY)
-    rec = A.pruned_resnet50(TINY, progress=False)
+    budget = table4.mobilenet_budget(TINY)
+    rec = table4.pruned_resnet50(TINY, progress=False)
     assert rec["params_after"] <= budget
     assert models.spec_params(rec["spec"]) == rec["params_after"]
     assert rec["spec"]["arch"] == "resnet"
     with pytest.raises(ValueError, match="budget"):
-        A.pruned_resnet50(TINY, budget=10**9, progress=False)
+        table4.pruned_resnet50(TINY, budget=10**9, progress=False)
 
 
 # --------------------------------------------------------------------------- Section 5.5
@@ -83,9 +85,9 @@ def test_segnet_pruned_at_80_percent_meets_budget_and_runs():
 
 
 def test_segmentation_table_format(cache):
-    s = A.segmentation_settings("smoke")
+    s = segmentation.segmentation_settings("smoke")
     s.update(n_train=12, n_test=4, batch_size=4)
-    table, records = A.segmentation_table(s, progress=False)
+    table, records = segmentation.segmentation_table(s, progress=False)
     assert table["status"].tolist() == ["ok", "ok"], table["error"].tolist()
     assert table["model"].tolist() == ["SegNet", "SegNet, 80% removed by SPvR"]
     assert table["paper mIoU (CityScapes)"].tolist() == [51.2, 46.5]
@@ -93,20 +95,20 @@ def test_segmentation_table_format(cache):
     assert table["params"].iloc[1] <= table["budget"].iloc[1]
     assert ((table["mIoU"] >= 0) & (table["mIoU"] <= 100)).all()
     assert table["n seeds"].tolist() == [1, 1]
-    curves = A.segmentation_curves(records)
+    curves = segmentation.segmentation_curves(records)
     assert list(curves.columns) == ["model", "seed", "epoch", "test mIoU (%)"] and len(curves) == 2
 
 
 def test_segmentation_settings_errors():
     with pytest.raises(ValueError, match="scale"):
-        A.segmentation_settings("gpu")
-    s = A.segmentation_settings("cpu")
+        segmentation.segmentation_settings("gpu")
+    s = segmentation.segmentation_settings("cpu")
     s["width"] = 0.5                                     # a copy: the module's settings are unchanged
-    assert config.CPU.segmentation["width"] == 1 / 8
+    assert scales.CPU.segmentation["width"] == 1 / 8
 
 
 def test_segnet_budget_discards_tied_partner_groups_by_hand():
-    """prune.apply_budget on SegNet's pool ties: the encoder conv and the decoder conv feeding its unpool."""
+    """budget.apply_budget on SegNet's pool ties: the encoder conv and the decoder conv feeding its unpool."""
     spec = {"arch": "segnet", "cfg": [4, "M", 4, "M"], "decoder": ["U", 4, "U", 4], "in_channels": 1, "num_classes": 2}
     model = models.build(spec)
     layers = models.prunable_layers(model, spec)

@@ -6,10 +6,16 @@ import pandas as pd
 import pytest
 import torch
 
-from spvr_lib import baselines, comparison, config, experiments, models, train
+from spvr_lib import baselines, models, train
+from spvr_lib.paper import scales
+from spvr_lib.paper import base_models
+from spvr_lib.paper import figure1
+from spvr_lib.paper import stats
+from spvr_lib.paper import tables1_3
+from spvr_lib import ranking
 
-TINY = config.Scale(name="smoke", seeds=(0,), models={
-    "vgg16": config.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=32, lr=0.05,
+TINY = scales.Scale(name="smoke", seeds=(0,), models={
+    "vgg16": scales.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=32, lr=0.05,
                                lr_grid=(0.05,), group_size=2, rates=(0.7,), train_rates=(0.7,), calib_per_class=2,
                                train_subset=4, test_subset=2, augment=False, table3_rate=0.7)})
 RATE = 0.7
@@ -42,14 +48,14 @@ def fake_fit(calls):
 
 
 def test_every_method_lands_within_the_same_budget_as_spvr(cache, monkeypatch):
-    monkeypatch.setattr(comparison, "rcp_samples", lambda cfg: 1)     # one random architecture: fast
-    base = experiments.train_base(TINY, "vgg16", progress=False)
-    budget = comparison.parameter_budget(base["params"], RATE)
+    monkeypatch.setattr(tables1_3, "rcp_samples", lambda cfg: 1)     # one random architecture: fast
+    base = base_models.train_base(TINY, "vgg16", progress=False)
+    budget = tables1_3.parameter_budget(base["params"], RATE)
     assert budget == math.floor((1 - RATE) * base["params"])
-    spvr = experiments.spvr_pruned(TINY, "vgg16", RATE, progress=False)
+    spvr = base_models.spvr_pruned(TINY, "vgg16", RATE, progress=False)
     assert spvr["budget"] == budget and spvr["params_after"] <= budget
-    for method in comparison.METHODS:
-        model, info = comparison.pruned_network(TINY, "vgg16", method, RATE, progress=False)
+    for method in tables1_3.TABLE1_METHODS:
+        model, info = tables1_3.pruned_network(TINY, "vgg16", method, RATE, progress=False)
         assert info["budget"] == budget, method
         if method == "otov2":
             assert model is None and info["status"] == "failed" and "OTOv2" in info["error"]
@@ -62,13 +68,13 @@ def test_every_method_lands_within_the_same_budget_as_spvr(cache, monkeypatch):
 
 
 def test_pruned_baseline_is_cached_and_reloads_identically(cache, monkeypatch):
-    first, info = comparison.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
+    first, info = tables1_3.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
 
     def no_pruning(*a, **k):
         raise AssertionError("baselines.prune called although the pruned network is cached")
 
     monkeypatch.setattr(baselines, "prune", no_pruning)
-    again, info2 = comparison.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
+    again, info2 = tables1_3.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
     assert info2 == info
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in first.parameters()]
@@ -82,43 +88,43 @@ def test_save_and_load_pruned_resnet_round_trip(tmp_path):
     calib = (torch.randn(8, 1, 32, 32), torch.arange(8) % 10)
     res = baselines.prune("l2", base, calib, keep=0.4, group_size=2, progress=False)
     assert res.status == "ok"
-    path = comparison.save_pruned(res.model, tmp_path / "net.pt")
+    path = tables1_3.save_pruned(res.model, tmp_path / "net.pt")
     torch.load(path, weights_only=True)                       # readable without unpickling code
-    loaded = comparison.load_pruned(spec, path)
+    loaded = tables1_3.load_pruned(spec, path)
     assert models.count_params(loaded) == res.params_after < models.count_params(base)
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(res.model.eval()(x), loaded(x))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        comparison.load_pruned(spec, tmp_path / "missing.pt")
+        tables1_3.load_pruned(spec, tmp_path / "missing.pt")
 
 
 def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache, monkeypatch):
     calls = {"n": 0, "raise_on": (2,)}
-    monkeypatch.setattr(comparison, "_fit", fake_fit(calls))
+    monkeypatch.setattr(tables1_3, "_fit", fake_fit(calls))
     methods, seeds = ["l1", "l2", "spvr"], [0, 1]
-    first = comparison.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
+    first = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 6 and len(first) == 6
     failed = first[first["status"] == "failed"]
     assert len(failed) == 1 and "interrupted on purpose" in failed["error"].iloc[0]
     assert (first.loc[first["status"] == "ok", "top1"].notna()).all()
 
     calls.update(n=0, raise_on=())
-    second = comparison.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
+    second = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 1                                   # only the interrupted run is trained again
     assert (second["status"] == "ok").all()
     pd.testing.assert_series_equal(first.loc[first["status"] == "ok", "top1"],
                                    second.loc[first["status"] == "ok", "top1"])
     # SPvR trains from scratch whatever the mode: one record shared by both modes
     calls["n"] = 0
-    scratch = comparison.accuracy_runs(TINY, ["vgg16"], ["spvr"], seeds, "scratch", progress=False)
+    scratch = tables1_3.accuracy_runs(TINY, ["vgg16"], ["spvr"], seeds, "scratch", progress=False)
     assert calls["n"] == 0 and (scratch["mode"] == "scratch").all()
 
 
 def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
-    monkeypatch.setattr(comparison, "_fit", fake_fit({"n": 0}))
-    runs = comparison.accuracy_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], [0], "finetune", progress=False)
+    monkeypatch.setattr(tables1_3, "_fit", fake_fit({"n": 0}))
+    runs = tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], [0], "finetune", progress=False)
     assert runs.set_index("method").loc["otov2", "error"] == baselines.OTOV2_UNAVAILABLE   # full reason per run
-    t = comparison.table1(TINY, ["vgg16"], ["l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
+    t = tables1_3.table1(TINY, ["vgg16"], ["l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
     ours = t[(t["source"] == "ours (smoke)") & (t["metric"] == "top1")].iloc[0]
     assert ours["OTOv2"] == "failed" and ours["ℓ1"] != "failed"
     assert ours["failures"].startswith("OTOv2: " + baselines.OTOV2_UNAVAILABLE[:100])   # shortened in the table
@@ -132,20 +138,20 @@ def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
 
 def test_noise_rule_on_hand_made_numbers():
     # pooled std 1 (both samples have std 1): a difference of 1 is inside 2 x 1, 4 is not
-    assert comparison.within_noise([1, 2, 3], [2, 3, 4]) is True
-    assert comparison.within_noise([1, 2, 3], [5, 6, 7]) is False
+    assert stats.within_noise([1, 2, 3], [2, 3, 4]) is True
+    assert stats.within_noise([1, 2, 3], [5, 6, 7]) is False
     # pooled std sqrt(2): 2.5 < 2.83 is inside, 3 is not
-    assert comparison.within_noise([0, 2], [2.5, 4.5]) is True
-    assert comparison.within_noise([0, 2], [3, 5]) is False
+    assert stats.within_noise([0, 2], [2.5, 4.5]) is True
+    assert stats.within_noise([0, 2], [3, 5]) is False
     # variances pool by degrees of freedom: sqrt((2 * 1 + 1 * 8) / 3) = 1.826, so a difference of 4 is
     # outside 3.65 (an unweighted average of the variances, sqrt(4.5) = 2.12, would call it inside 4.24)
-    assert comparison.within_noise([1, 2, 3], [4, 8]) is False
-    assert comparison.within_noise([1, 2, 3], [3.5, 7.5]) is True
-    assert comparison.within_noise([1.0], [2.0, 3.0]) is None
-    assert comparison.noise_verdict([90, 91, 92], [80, 81, 82], "CURL") == "SPvR better"
-    assert comparison.noise_verdict([80, 81, 82], [90, 91, 92], "CURL") == "CURL better"
-    assert comparison.noise_verdict([90, 91, 92], [90.5, 91.5, 92.5], "CURL") == "within noise"
-    assert comparison.noise_verdict([90], [80], "CURL") == "n/a (< 2 seeds)"
+    assert stats.within_noise([1, 2, 3], [4, 8]) is False
+    assert stats.within_noise([1, 2, 3], [3.5, 7.5]) is True
+    assert stats.within_noise([1.0], [2.0, 3.0]) is None
+    assert stats.noise_verdict([90, 91, 92], [80, 81, 82], "CURL") == "SPvR better"
+    assert stats.noise_verdict([80, 81, 82], [90, 91, 92], "CURL") == "CURL better"
+    assert stats.noise_verdict([90, 91, 92], [90.5, 91.5, 92.5], "CURL") == "within noise"
+    assert stats.noise_verdict([90], [80], "CURL") == "n/a (< 2 seeds)"
 
 
 def test_summarize_mean_std_and_partial_failures():
@@ -153,7 +159,7 @@ def test_summarize_mean_std_and_partial_failures():
         {"model": "vgg16", "dataset": "d", "rate": 0.9, "method": "l1", "seed": s, "mode": "finetune",
          "top1": v, "top5": None, "params": 10, "budget": 12, "status": st, "error": err}
         for s, v, st, err in [(0, 90.0, "ok", None), (1, 92.0, "ok", None), (2, None, "failed", "boom")]])
-    s = comparison.summarize(runs).iloc[0]
+    s = tables1_3.summarize(runs).iloc[0]
     assert s["top1 mean"] == 91.0 and s["top1 std"] == pytest.approx(math.sqrt(2))
     assert (s["n_ok"], s["n_runs"], s["status"], s["error"]) == (2, 3, "partial", "boom")
     assert np.isnan(s["top5 mean"])
@@ -161,36 +167,36 @@ def test_summarize_mean_std_and_partial_failures():
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="method='l3'"):
-        comparison.pruned_network(TINY, "vgg16", "l3", RATE)
+        tables1_3.pruned_network(TINY, "vgg16", "l3", RATE)
     with pytest.raises(ValueError, match="rate=1.5"):
-        comparison.trained_accuracy(TINY, "vgg16", "l1", 1.5, 0, "finetune")
+        tables1_3.trained_accuracy(TINY, "vgg16", "l1", 1.5, 0, "finetune")
     with pytest.raises(ValueError, match="mode='warm'"):
-        comparison.accuracy_runs(TINY, ["vgg16"], ["l1"], [0], "warm")
+        tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1"], [0], "warm")
     with pytest.raises(ValueError, match="mode='warm'"):
-        comparison.trained_accuracy(TINY, "vgg16", "spvr", RATE, 0, "warm")
+        tables1_3.trained_accuracy(TINY, "vgg16", "spvr", RATE, 0, "warm")
     with pytest.raises(ValueError, match="model='vgg19'"):
-        comparison.trained_accuracy(TINY, "vgg19", "l1", RATE, 0, "finetune")
+        tables1_3.trained_accuracy(TINY, "vgg19", "l1", RATE, 0, "finetune")
 
 
 def test_table2_picks_the_highest_rate_without_collapse_and_trains_both(cache):
     grid = (0.8, 0.99, 0.98, 0.97, 0.95)         # order does not matter: the highest is tried first
-    rate, rec = comparison.highest_uncollapsed_rate(TINY, "vgg16", grid, progress=False)
-    collapsed = {r: experiments.spvr_pruned(TINY, "vgg16", r, progress=False)["collapsed"] for r in grid}
+    rate, rec = tables1_3.highest_uncollapsed_rate(TINY, "vgg16", grid, progress=False)
+    collapsed = {r: base_models.spvr_pruned(TINY, "vgg16", r, progress=False)["collapsed"] for r in grid}
     assert collapsed[0.99] and rate == max(r for r in grid if not collapsed[r]) and not rec["collapsed"]
-    t = comparison.table2(TINY, ["vgg16"], seeds=[0], grid=grid, progress=False)
+    t = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=grid, progress=False)
     assert list(t["metric"]) == ["top1", "top5"]
     row = t.iloc[0]
     assert row["status"] == "ok" and row["params"] == rec["params_after"]
     assert row["params removed (%)"] == round(100 * rate, 2)
     assert 0 <= row["FT mean"] <= 100 and 0 <= row["TFS mean"] <= 100
     assert (row["paper FT"], row["paper TFS"]) == (93.40, 94.25)
-    every_rate_collapses = comparison.table2(TINY, ["vgg16"], seeds=[0], grid=(0.99,), progress=False).iloc[0]
+    every_rate_collapses = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=(0.99,), progress=False).iloc[0]
     assert every_rate_collapses["status"] == "failed" and "collapses a layer at every rate" in \
         every_rate_collapses["error"]
 
 
 def test_latency_runs_time_every_network_at_its_budget(cache):
-    lat = comparison.latency_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], runs=2, warmup=0, batch_sizes=(1, 3),
+    lat = figure1.latency_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], runs=2, warmup=0, batch_sizes=(1, 3),
                                   threads=1, progress=False)
     assert len(lat) == 2 * 4                       # (unpruned + 3 methods) x 2 batch sizes
     ok = lat[lat["status"] == "ok"]
@@ -206,7 +212,7 @@ def test_latency_claims_on_hand_made_timings():
             ("spvr", 0.98, 3.0), ("l1", 0.98, 2.0), ("otov2", 0.98, None)]
     lat = pd.DataFrame([{"model": "vgg16", "method": m, "rate": r, "batch_size": 1, "median_ms": ms,
                          "status": "failed" if ms is None else "ok"} for m, r, ms in rows])
-    c = comparison.latency_claims(lat, stat="median_ms").set_index("params removed (%)")
+    c = figure1.latency_claims(lat, stat="median_ms").set_index("params removed (%)")
     assert c.loc[90.0, "SPvR fastest"] and c.loc[90.0, "SPvR / best other"] == pytest.approx(0.8)
     assert c.loc[90.0, "slower than unpruned"] == "CURL"
     assert c.loc[98.0, "fastest"] == "ℓ1" and not c.loc[98.0, "SPvR fastest"]

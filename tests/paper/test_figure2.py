@@ -9,13 +9,15 @@ import torch
 
 matplotlib.use("Agg")
 
-from spvr_lib import ablation, config, experiments  # noqa: E402
+from spvr_lib.paper import figure2, scales
+from spvr_lib.paper import base_models
+from spvr_lib.paper import stats
 
 torch.set_num_threads(1)
 
-TINY = config.Scale(
+TINY = scales.Scale(
     name="smoke", seeds=(0, 1),
-    models={"vgg16": config.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=16,
+    models={"vgg16": scales.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=16,
                                        lr=0.05, lr_grid=(0.05,), group_size=4, rates=(0.5, 0.9),
                                        calib_per_class=1, train_subset=2, test_subset=1)})
 
@@ -27,14 +29,14 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_one_row_per_d_with_both_methods_and_identical_specs(cache):
-    table = ablation.group_size_table(TINY, {"vgg16": [8, 16]}, progress=False)
+    table = figure2.group_size_table(TINY, {"vgg16": [8, 16]}, progress=False)
     assert table["d"].tolist() == [8, 16]
     assert (table["status"] == "ok").all(), table["error"].tolist()
     assert (table["rate"] == 0.9).all()                       # the highest of the setup's rates
     assert table["same spec"].all()
     for d in (8, 16):
-        fast, naive = (experiments.spvr_pruned(TINY, "vgg16", 0.9, group_size=d, method=m, progress=False)
-                       for m in ablation.RANKING_METHODS)
+        fast, naive = (base_models.spvr_pruned(TINY, "vgg16", 0.9, group_size=d, method=m, progress=False)
+                       for m in figure2.RANKING_METHODS)
         assert fast["spec"] == naive["spec"]
         row = table.set_index("d").loc[d]
         assert row["prune s (fast)"] == fast["prune_s"] and row["prune s (naive)"] == naive["prune_s"]
@@ -46,19 +48,19 @@ def test_one_row_per_d_with_both_methods_and_identical_specs(cache):
 
 
 def test_a_step_that_raises_is_a_failed_row(cache, monkeypatch):
-    real = experiments.spvr_pruned
+    real = base_models.spvr_pruned
 
     def flaky(cfg, key, rate, group_size=None, method="fast", **kw):
         if group_size == 16 and method == "naive":
             raise RuntimeError("out of memory")
         return real(cfg, key, rate, group_size=group_size, method=method, **kw)
 
-    monkeypatch.setattr(experiments, "spvr_pruned", flaky)
-    rows = ablation.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], progress=False)
+    monkeypatch.setattr(base_models, "spvr_pruned", flaky)
+    rows = figure2.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], progress=False)
     assert [r["status"] for r in rows] == ["ok", "failed"]
     assert rows[1]["error"] == "RuntimeError: out of memory" and rows[1]["d"] == 16
     # without the naive ranking at d = 16 the row is complete, its naive columns empty
-    rows = ablation.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], naive_group_sizes=[8], progress=False)
+    rows = figure2.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], naive_group_sizes=[8], progress=False)
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert rows[0]["same spec"] is True and rows[1]["same spec"] is None
     assert math.isnan(rows[1]["prune s (naive)"]) and "top1 (naive)" not in rows[1]
@@ -67,14 +69,14 @@ def test_a_step_that_raises_is_a_failed_row(cache, monkeypatch):
 @pytest.mark.parametrize("bad", [[], [0], [4, True], [2.0]])
 def test_bad_group_sizes(bad):
     with pytest.raises(ValueError, match="group_sizes"):
-        ablation.group_size_rows(TINY, "vgg16", bad, progress=False)
+        figure2.group_size_rows(TINY, "vgg16", bad, progress=False)
 
 
 def test_mean_std():
-    assert ablation._mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
-    mean, std = ablation._mean_std([5.0, None])
+    assert stats._mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+    mean, std = stats._mean_std([5.0, None])
     assert mean == 5.0 and math.isnan(std)
-    assert all(math.isnan(v) for v in ablation._mean_std([None]))
+    assert all(math.isnan(v) for v in stats._mean_std([None]))
 
 
 def test_figure2_draws_the_table():
@@ -84,7 +86,7 @@ def test_figure2_draws_the_table():
         "top1 (fast)": [90.0, 89.0, 60.0, None], "top1 std (fast)": [0.5, 0.4, 1.0, None],
         "top5 (fast)": [99.0, 98.0, 80.0, None], "top5 std (fast)": [0.1, 0.1, 0.2, None],
         "prune s (fast)": [1.0, 0.5, 2.0, None], "prune s (naive)": [10.0, 5.0, 20.0, None]})
-    fig = ablation.figure2(table)
+    fig = figure2.figure2(table)
     left, right = fig.axes[0], fig.axes[2]        # VGG16's accuracy axis and its twin (time) axis
 
     def curves(ax):
