@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
 
-__all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune", "reinitialize_any",
+__all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
 BASELINES = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
@@ -630,21 +630,3 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
     pruned.train(model.training)
     return BaselineResult(method, pruned, params_before, params_after, budget, ratio, notes, "ok", None,
                           time.perf_counter() - start)
-
-
-# --------------------------------------------------------------------------- Table 3
-def reinitialize_any(model: nn.Module) -> nn.Module:
-    """Re-initialise every Conv2d / BatchNorm2d / Linear of an arbitrary (pruned) module in place, as
-    ``models.build`` does: kaiming-normal fan_out convs, BN weight 1 bias 0 with running stats reset, Linear
-    N(0, 0.01) if the model's class says ``linear_init = "normal"`` (torchvision VGG) else PyTorch's default
-    (torchvision ResNet). Raises ValueError if another module type holds parameters."""
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-    handled = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
-    if odd := sorted({type(m).__name__ for m in model.modules()
-                      if not isinstance(m, handled) and any(True for _ in m.parameters(recurse=False))}):
-        raise ValueError(f"reinitialize_any handles Conv2d, BatchNorm2d and Linear; model has parameters in {odd}")
-    linear_init = getattr(model, "linear_init", "default")
-    for m in model.modules():
-        models._init_module(m, linear_init)
-    return model

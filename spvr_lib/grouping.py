@@ -6,9 +6,11 @@ Algorithm 1.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = ["reduce_feature_maps", "correlation_matrix", "group_neurons"]
 
@@ -81,3 +83,36 @@ def group_neurons(C: Tensor, d: int) -> list[list[int]]:
             ungrouped[T] = False                   # C[:, T] = -inf; Q = Q \ T
             groups.append([int(t) for t in T])
     return groups
+
+
+def record_activations(model: nn.Module, x: Tensor, modules: dict[str, nn.Module], batch_size: int = 256,
+                       reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """THE activation recorder: the outputs of ``modules`` ({name: submodule of ``model``}) for inputs ``x``.
+
+    One forward pass over ``x`` in batches of ``batch_size``, in eval mode and without gradients (the
+    model's mode is restored).  ``reduce`` maps each batch's output before it is kept (e.g.
+    :func:`reduce_feature_maps`, Eq. 4, so a whole layer never sits in memory); the kept parts are
+    concatenated along the sample axis.  Returns {name: [n, ...] tensor} on the CPU.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
+    recorded: dict[str, list[Tensor]] = {name: [] for name in modules}
+    handles = []
+    for name, module in modules.items():
+        def hook(_m: nn.Module, _i: object, out: Tensor, name: str = name) -> None:
+            recorded[name].append((reduce(out) if reduce is not None else out.detach()).cpu())
+        handles.append(module.register_forward_hook(hook))
+    param = next(model.parameters(), None)
+    if param is not None:
+        x = x.to(device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for xb in x.split(batch_size):
+                model(xb)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: torch.cat(parts) for name, parts in recorded.items()}

@@ -16,6 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from spvr_lib.devices import resolve_device
+
 __all__ = ["measure_latency", "count_macs"]
 
 
@@ -29,24 +31,6 @@ def _check_input_shape(input_shape) -> tuple[int, int, int]:
 def _check_int(value, what: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{what} must be an int >= {minimum}, got {value!r}")
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    """None: CUDA if available else CPU; "cuda" means the current CUDA device."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be None, 'cpu' or 'cuda[:index]', got {device!r}") from err
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be None, 'cpu' or 'cuda[:index]', got {device!r}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch_size: int = 1, runs: int = 1500,
@@ -72,7 +56,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch_s
     _check_int(warmup, "warmup", 0)
     if threads is not None:
         _check_int(threads, "threads", 1)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     tensors = itertools.chain(model.parameters(), model.buffers())
     net = model if all(t.device == dev for t in tensors) else copy.deepcopy(model).to(dev)

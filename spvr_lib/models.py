@@ -20,12 +20,15 @@ import io
 import json
 import numbers
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 
+from spvr_lib import store
 from spvr_lib.store import canonical_json
 
 # required keys, optional keys per arch
@@ -263,11 +266,120 @@ def build(spec: dict) -> nn.Module:
 
 
 def reinitialize(model: nn.Module) -> nn.Module:
-    """Re-initialise every parameter (and BN running stats) in place, as ``build`` does."""
-    if not isinstance(model, tuple(_CLASSES.values())):
-        raise ValueError(f"model must come from spvr_lib.models.build, got {type(model).__name__}")
+    """THE re-initialisation (SPvR retrains from scratch): every parameter and BN statistic, in place.
+
+    Conv2d, BatchNorm2d and Linear get ``build``'s init (kaiming-normal fan_out convs, BN 1/0 with
+    running stats reset, Linear N(0, 0.01) when the model's ``linear_init`` is "normal" (VGG,
+    MobileNetV3) else PyTorch's default); any other module holding parameters must have
+    ``reset_parameters()``.  Works on any nn.Module: spvr_lib's own, a pruned copy, a user's.
+    Raises ValueError naming the module types it cannot re-initialise.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__}: expected an nn.Module")
+    handled = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    odd = sorted({type(m).__name__ for m in model.modules()
+                  if not isinstance(m, handled) and not callable(getattr(m, "reset_parameters", None))
+                  and any(True for _ in m.parameters(recurse=False))})
+    if odd:
+        raise ValueError(f"model holds parameters in {odd}, which have no reset_parameters(): cannot re-initialise")
+    linear_init = getattr(model, "linear_init", "default")
     for m in model.modules():
-        _init_module(m, model.linear_init)
+        if isinstance(m, handled):
+            _init_module(m, linear_init)
+        elif any(True for _ in m.parameters(recurse=False)):
+            m.reset_parameters()
+    return model
+
+
+# --------------------------------------------------------------------------- save and load
+_SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.BatchNorm2d: ("num_features",),
+                nn.Linear: ("in_features", "out_features")}
+
+
+def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
+    return next((a for t, a in _SHAPE_ATTRS.items() if isinstance(module, t)), ())
+
+
+def network_shapes(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{module name: {shape attribute: int}} of every Conv2d, BatchNorm2d and Linear of ``model``."""
+    return {name: {a: int(getattr(m, a)) for a in _shape_attrs(m)} for name, m in model.named_modules()
+            if _shape_attrs(m)}
+
+
+def save_network(model: nn.Module, path: str | Path, spec: dict | None = None) -> Path:
+    """THE way to save a trained or pruned network: ``<path>`` (the state dict, CPU tensors, readable
+    with ``torch.load(weights_only=True)``) and ``<path>.json`` (its description: the spec it was
+    built from and the shape of every layer, so a network pruned in place by torch-pruning is rebuilt
+    too).  ``spec``: the spec the network was built from when ``model.spec`` is gone (a pruned copy).
+    Both files are written atomically.  Returns ``path``.
+    """
+    spec = spec if spec is not None else getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("spec=None and the model has no .spec: pass the spec the network was built from")
+    path = Path(path)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    store.atomic_torch_save(state, path)
+    store.atomic_write_json(path.with_name(path.name + ".json"), {"spec": spec, "shapes": network_shapes(model)})
+    return path
+
+
+def build_network(spec: dict, shapes: Mapping[str, Mapping[str, int]] | None = None) -> nn.Module:
+    """``build(spec)`` with every layer named in ``shapes`` resized (freshly initialised weights).
+
+    With ``shapes`` the result is the pruned network the shapes describe; it keeps ``.spec`` only
+    when no shape differs from the spec's."""
+    model = build(spec)
+    if not shapes:
+        return model
+    modules = dict(model.named_modules())
+    changed = False
+    for name, attrs in shapes.items():
+        if name not in modules:
+            raise ValueError(f"shapes names module {name!r}, which the spec's network does not have")
+        m = modules[name]
+        resized = any(int(getattr(m, a)) != int(v) for a, v in attrs.items())
+        if not resized:
+            continue
+        changed = True
+        for a, v in attrs.items():
+            setattr(m, a, int(v))
+        if isinstance(m, nn.Conv2d):
+            m.weight = nn.Parameter(torch.empty(m.out_channels, m.in_channels // m.groups, *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(m.out_channels))
+        elif isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            if m.affine:
+                m.weight, m.bias = nn.Parameter(torch.empty(c)), nn.Parameter(torch.empty(c))
+            if m.track_running_stats:
+                m.running_mean, m.running_var = torch.zeros(c), torch.ones(c)
+        elif isinstance(m, nn.Linear):
+            m.weight = nn.Parameter(torch.empty(m.out_features, m.in_features))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(m.out_features))
+    if changed:
+        del model.spec          # per-layer widths no longer follow a spec
+        reinitialize(model)
+    return model
+
+
+def load_network(path: str | Path) -> nn.Module:
+    """The network written by :func:`save_network` at ``path`` (CPU, the mode it is built in: train).
+
+    Rebuilt from ``<path>.json`` (no pickled code), weights loaded strictly with
+    ``torch.load(weights_only=True)``.  A missing file raises FileNotFoundError naming it."""
+    path = Path(path)
+    meta = path.with_name(path.name + ".json")
+    for f in (path, meta):
+        if not f.exists():
+            raise FileNotFoundError(f"network file {str(f)!r} does not exist (written by models.save_network)")
+    try:
+        desc = json.loads(meta.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"network description {str(meta)!r} is not valid JSON ({err}); delete the network "
+                         "and recompute it") from err
+    model = build_network(desc["spec"], desc.get("shapes"))
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model
 
 

@@ -43,12 +43,12 @@ import torch
 from torch import Tensor, nn
 
 from spvr_lib import models
-from spvr_lib.grouping import correlation_matrix, group_neurons, reduce_feature_maps
+from spvr_lib.grouping import correlation_matrix, group_neurons, record_activations, reduce_feature_maps
 from spvr_lib.criteria import CRITERIA
 from spvr_lib.ranking import RANKING_PATHS, group_importance
 from spvr_lib.budget import apply_budget, budget_from_keep
 
-__all__ = ["layer_groups", "apply_budget", "Budgeted", "PruneResult", "spvr_prune", "inherit_weights",
+__all__ = ["layer_groups", "apply_budget", "PruneResult", "spvr_prune", "inherit_weights",
            "budget_from_keep", "model_spec"]
 
 # leaf modules the engine knows how to mask, rank and rebuild
@@ -116,26 +116,9 @@ def layer_groups(model: nn.Module, x: Tensor, group_size: int, batch_size: int =
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
     layers = models.prunable_layers(model, spec)
-    param = next(model.parameters())
-    x = x.to(device=param.device, dtype=param.dtype)
-    recorded: dict[str, list[Tensor]] = {layer.name: [] for layer in layers}
-    handles = []
-    for layer in layers:
-        def hook(_m, _i, out, name=layer.name):
-            recorded[name].append(reduce_feature_maps(out).double().cpu())
-        handles.append(layer.mask_module.register_forward_hook(hook))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for xb in x.split(batch_size):
-                model(xb)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return {name: group_neurons(correlation_matrix(torch.cat(parts)), int(group_size))
-            for name, parts in recorded.items()}
+    reduced = record_activations(model, x, {layer.name: layer.mask_module for layer in layers}, batch_size,
+                                 reduce=lambda out: reduce_feature_maps(out).double())
+    return {name: group_neurons(correlation_matrix(S), int(group_size)) for name, S in reduced.items()}
 
 
 # --------------------------------------------------------------------------- 3. the budget

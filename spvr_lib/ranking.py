@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from spvr_lib import criteria
 
-__all__ = ["spvr_loss", "kl_loss", "CRITERIA", "mask_output", "group_importance", "RANKING_PATHS"]
+__all__ = ["mask_output", "group_importance", "RANKING_PATHS"]
 
 
 

@@ -1,13 +1,19 @@
-"""Results with provenance: atomic writes, tables, figures and the one run cache.
+"""The one store of spvr_lib: atomic writes, the run cache that knows its code, and provenance.
 
-Every artifact under ``figures/<scale>/`` is written here, together with a
-``<stem>.provenance.json`` that records the git commit (and whether the tree was
-dirty), the scale, the parameters, the seeds, library versions, the device and the
-wall time.  Writes go to a temporary file first and are then renamed, so an
-interrupted run never leaves a half-written result.
+* Writes go to a temporary file first and are then renamed, so an interrupted run never leaves a
+  half-written result.
+* :func:`cached` keeps one JSON record per computation under ``data/runs/<kind>-<hash>.json``; the
+  hash is that of the computation's inputs (its key).  Like showyourwork's figures, a record also
+  carries the fingerprint of the code that computed it: the sha256 of every spvr_lib source file
+  whose functions ran during the computation (traced, so the fingerprint is as narrow as the work
+  actually done), including the code of the records it reused.  A record whose code has changed
+  since is recomputed, never silently reused.
+* :func:`stale_code` compares a fingerprint with the files on disk; ``python -m spvr_lib.reproduce
+  --check`` uses it on the provenance of every artifact under ``figures/<scale>/``.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
@@ -15,9 +21,12 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,28 +159,209 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPVR_CACHE", REPO_ROOT / "data" / "runs"))
 
 
+class CacheError(ValueError):
+    """A cache or provenance file that cannot be read; the message names the file and what to do."""
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    """The JSON record at ``path``; an unreadable file raises :class:`CacheError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CacheError(f"cache file {str(path)!r} cannot be read ({type(err).__name__}: {err}); delete it "
+                         "and rerun: the computation it held is then done again") from err
+
+
+# --------------------------------------------------------------------------- the code a computation runs
+PACKAGE_ROOT = Path(__file__).resolve().parent      # spvr_lib/: the code fingerprints cover its files
+CODE_ROOTS: list[Path] = [PACKAGE_ROOT]             # tests may add a folder of their own
+_traces: list[set[str]] = []                         # open traces, innermost last (this thread only)
+_trace_lock = threading.Lock()
+_previous_tracer: list[Any] = []
+
+
+def _in_code_roots(filename: str) -> bool:
+    return any(filename.startswith(str(root) + os.sep) for root in CODE_ROOTS)
+
+
+def _tracer(frame: Any, event: str, arg: Any, _traces: list = _traces, _roots: list = CODE_ROOTS,
+            _sep: str = os.sep) -> None:
+    # a "call" event per Python function entered; returning None asks for no line events.  Everything
+    # it uses is bound as a default, so it still works while the interpreter tears modules down.
+    if event == "call":
+        code = frame.f_code
+        name = code.co_filename
+        if code.co_name != "<module>" and any(name.startswith(str(r) + _sep) for r in _roots):
+            for files in _traces:
+                files.add(name)
+    return None
+
+
+def _stop_tracing_at_exit() -> None:
+    if _traces:
+        sys.settrace(None)
+
+
+atexit.register(_stop_tracing_at_exit)
+
+
+class CodeTrace:
+    """The spvr_lib source files whose functions run while the trace is open (a context manager).
+
+    >>> with CodeTrace() as trace:
+    ...     compute()
+    >>> trace.files            # {"/.../spvr_lib/train.py", ...}
+
+    Traces nest: an inner trace's files are also added to every enclosing one, and
+    :meth:`add` (used by :func:`cached` for a record it reuses) adds files to all open traces.
+    Module-level code (imports) is not counted: a file counts when one of its functions runs.
+    """
+
+    def __init__(self) -> None:
+        self.files: set[str] = set()
+        self._open = False
+
+    def __enter__(self) -> "CodeTrace":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        with _trace_lock:
+            if not _traces:
+                _previous_tracer.append(sys.gettrace())
+                sys.settrace(_tracer)
+            _traces.append(self.files)
+            self._open = True
+
+    def stop(self) -> None:
+        with _trace_lock:
+            if not self._open:
+                return
+            self._open = False
+            for i in range(len(_traces) - 1, -1, -1):
+                if _traces[i] is self.files:
+                    del _traces[i]
+                    break
+            if not _traces:
+                sys.settrace(_previous_tracer.pop() if _previous_tracer else None)
+
+    @staticmethod
+    def add(files: Iterable[str]) -> None:
+        """Count ``files`` as run by every open trace (the code of a reused cached record)."""
+        for open_files in _traces:
+            open_files.update(files)
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _source_sha(path: Path) -> str | None:
+    """sha256 of a source file (memoised by path, size and mtime); None if it does not exist."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
+
+
+def _code_name(filename: str) -> str:
+    """A source file as a fingerprint names it: relative to the folder holding its code root
+    (``spvr_lib/train.py``)."""
+    path = Path(filename).resolve()
+    for root in CODE_ROOTS:
+        try:
+            return str(path.relative_to(root.resolve().parent))
+        except ValueError:
+            continue
+    return str(path)
+
+
+def _code_path(name: str) -> Path:
+    """The file on disk that a fingerprint's ``name`` stands for."""
+    first = Path(name).parts[0] if name else ""
+    for root in CODE_ROOTS:
+        if root.name == first:
+            return root.parent / name
+    return Path(name)
+
+
+def source_files(obj: Any) -> set[str]:
+    """The code-root files defining ``obj``'s class and its base classes, and those of the objects it
+    wraps (``.dataset``): code that may run elsewhere (DataLoader workers) than the traced thread."""
+    import inspect
+
+    files: set[str] = set()
+    while obj is not None:
+        for cls in type(obj).__mro__:
+            try:
+                f = inspect.getfile(cls)
+            except TypeError:
+                continue
+            if _in_code_roots(str(Path(f).resolve())):
+                files.add(str(Path(f).resolve()))
+        obj = getattr(obj, "dataset", None)
+    return files
+
+
+def code_fingerprint(files: Iterable[str]) -> dict[str, str]:
+    """{source file relative to the repository: sha256} of ``files`` (absolute paths), sorted."""
+    out = {}
+    for f in files:
+        sha = _source_sha(Path(f))
+        if sha is not None:
+            out[_code_name(f)] = sha
+    return dict(sorted(out.items()))
+
+
+def stale_code(fingerprint: Mapping[str, str] | None) -> list[str]:
+    """The files of ``fingerprint`` that changed or vanished since it was taken (["<no fingerprint>"]
+    when there is none: the record predates fingerprints)."""
+    if not fingerprint:
+        return ["<no code fingerprint>"]
+    return [name for name, sha in fingerprint.items() if _source_sha(_code_path(name)) != sha]
+
+
 def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kind: str = "run",
            refresh: bool = False) -> dict[str, Any]:
     """Return the record stored for ``key``, or run ``compute()`` and store its record.
 
-    ``key`` holds everything that determines the result (spec, data, recipe, seed);
-    its hash names ``data/runs/<kind>-<hash>.json``.  A finished run is never recomputed.
-    A failure inside ``compute`` is stored too (``{"status": "failed", "error": ...}``) only
-    when ``compute`` returns it so; exceptions propagate and nothing is written.
+    ``key`` holds everything that determines the result (spec, data, recipe, seed); its hash names
+    ``data/runs/<kind>-<hash>.json``.  The record carries ``code``, the fingerprint of the spvr_lib
+    files whose functions ran in ``compute`` (and in the cached computations it reused): a stored
+    record is returned only while every one of those files is unchanged; otherwise it is computed
+    again (with a warning naming the changed files).  ``refresh`` recomputes in any case.
+    A failure inside ``compute`` is stored only when ``compute`` returns it as a record; exceptions
+    propagate and nothing is written.  An unreadable record raises :class:`CacheError`.
     """
     h = run_hash({"kind": kind, **key})
     path = cache_dir() / f"{kind}-{h}.json"
     if path.exists() and not refresh:
-        return json.loads(path.read_text())
+        record = read_record(path)
+        changed = stale_code(record.get("code"))
+        if not changed:
+            CodeTrace.add(str(_code_path(name)) for name in record["code"])
+            return record
+        warnings.warn(f"cached {kind} record {path.name} was computed by other code (changed: "
+                      f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); computing it again",
+                      stacklevel=2)
     t0 = time.perf_counter()
-    record = dict(compute())
+    with CodeTrace() as trace:
+        record = dict(compute())
     record.setdefault("wall_s", round(time.perf_counter() - t0, 3))
     record["key"] = dict(key)
     record["hash"] = h
+    record["code"] = code_fingerprint(trace.files)
     record.setdefault("provenance", {"git": git_state(), "versions": library_versions(),
                                      "device": device_info()})
     atomic_write_json(path, record)
-    return json.loads(path.read_text())
+    return read_record(path)
 
 
 def cache_path(key: Mapping[str, Any], kind: str = "run") -> Path:

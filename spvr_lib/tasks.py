@@ -1,4 +1,9 @@
-"""Semantic segmentation (Section 5.5): mean IoU, evaluation and a small training loop.
+"""What a training run optimises and reports: a task is a loss and a metric, never a loop.
+
+:data:`CLASSIFICATION` (cross-entropy; top-1 / top-5 accuracy in %) and :data:`SEGMENTATION` (per-pixel
+cross-entropy ignoring ``IGNORE_INDEX``; mean IoU and pixel accuracy in %, Section 5.5) are the two
+tasks; ``train.fit`` and ``train.evaluate`` take either, so the one training loop trains the base
+networks, the pruned networks, SegNet and Appendix A's MLP alike.
 
 A segmentation dataset yields ``(x, y)`` with ``x`` a float tensor [C, H, W] and ``y`` a long
 tensor [H, W] of class indices, ``IGNORE_INDEX`` (255) marking pixels that are not scored. The
@@ -10,17 +15,16 @@ outputs and sums Eq. 2 over the pixels, as Section 5.5 does.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch import Tensor
 
-from spvr_lib.train import resolve_device
 
-__all__ = ["IGNORE_INDEX", "confusion_matrix", "mean_iou", "evaluate_segmentation", "fit_segmentation"]
+__all__ = ["IGNORE_INDEX", "Task", "CLASSIFICATION", "SEGMENTATION", "task_named", "confusion_matrix", "mean_iou"]
 
 IGNORE_INDEX = 255
 
@@ -74,82 +78,85 @@ def mean_iou(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int =
     return _miou_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))
 
 
-@torch.no_grad()
-def evaluate_segmentation(model: nn.Module, dataset: Dataset, batch_size: int = 16,
-                          device: str | torch.device | None = None) -> dict[str, Any]:
-    """Scores of ``model`` on ``dataset`` over all its pixels at once (one confusion matrix).
+# --------------------------------------------------------------------------- the tasks
+@dataclass(frozen=True)
+class Task:
+    """A loss to train with and a metric to report; the training loop itself is ``train.fit``.
 
-    Returns {"miou": mean IoU in %, "pixel_acc": % of scored pixels right, "loss": mean per-pixel
-    cross-entropy (nats), "n": number of images}. Pixels with target ``IGNORE_INDEX`` are not scored.
-    The model is moved to ``device`` (None: CUDA if available) and left in the mode it came in.
+    ``loss(logits, y) -> (mean loss, weight)``: the batch's mean loss and how many units (samples or
+    scored pixels) it averages over, so that an epoch's ``train_loss`` is a weighted mean.
+    ``eval_sums(logits, y) -> Tensor``: float64 sums over a batch (summable across batches and
+    data-parallel ranks); ``metrics(sums, num_outputs) -> dict`` turns the total into the reported
+    scores (always with ``"loss"`` and ``"n"``).  ``primary``: the score shown on the progress bar
+    and used by the learning-rate search.  ``eval_batch(per_rank_batch)``: the evaluation batch.
     """
-    _check_int(batch_size, "batch_size", 1)
-    if len(dataset) == 0:
+
+    name: str
+    loss: Callable[[Tensor, Tensor], tuple[Tensor, int]]
+    eval_sums: Callable[[Tensor, Tensor], Tensor]
+    metrics: Callable[[Tensor, int], dict[str, Any]]
+    primary: str
+    eval_batch: Callable[[int], int]
+
+
+def _classification_loss(logits: Tensor, y: Tensor) -> tuple[Tensor, int]:
+    return F.cross_entropy(logits, y), len(y)
+
+
+def _classification_sums(logits: Tensor, y: Tensor) -> Tensor:
+    """[summed cross-entropy, top-1 hits, top-5 hits, samples] of a batch (logits [n, K], y [n])."""
+    logits = logits.float()
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == y[:, None]
+    return torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hits[:, 0].sum().double(),
+                        hits.any(dim=1).sum().double(), torch.tensor(float(len(y)), dtype=torch.float64,
+                                                                     device=logits.device)])
+
+
+def _classification_metrics(sums: Tensor, num_classes: int) -> dict[str, Any]:
+    """top1, top5 (None with <= 5 classes: it would be trivially 100), loss (mean CE) and n."""
+    loss_sum, top1, top5, n = sums.tolist()
+    if n == 0:
+        raise ValueError("dataset is empty: cannot evaluate on 0 samples")
+    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n if num_classes > 5 else None,
+            "loss": loss_sum / n, "n": int(n)}
+
+
+def _segmentation_loss(logits: Tensor, y: Tensor) -> tuple[Tensor, int]:
+    """Per-pixel cross-entropy averaged over the scored pixels (``IGNORE_INDEX`` excluded)."""
+    y = y.long()
+    scored = int((y != IGNORE_INDEX).sum())
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum") / max(scored, 1), scored
+
+
+def _segmentation_sums(logits: Tensor, y: Tensor) -> Tensor:
+    """[summed per-pixel cross-entropy, images, confusion matrix K*K flattened] of a batch."""
+    logits, y = logits.float(), y.long()
+    cm = confusion_matrix(logits.argmax(1), y, logits.shape[1]).reshape(-1).double()
+    head = torch.stack([F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum").double(),
+                        torch.tensor(float(len(y)), dtype=torch.float64, device=logits.device)])
+    return torch.cat([head, cm.to(head.device)])
+
+
+def _segmentation_metrics(sums: Tensor, num_classes: int) -> dict[str, Any]:
+    """miou (%), pixel_acc (% of scored pixels right), loss (per scored pixel) and n (images)."""
+    n = int(sums[1].item())
+    if n == 0:
         raise ValueError("dataset is empty: cannot evaluate on 0 images")
-    dev = resolve_device(device)
-    model.to(dev)
-    was_training = model.training
-    model.eval()
-    cm, loss_sum, n = None, 0.0, 0
-    try:
-        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            x, y = x.to(dev), y.to(dev).long()
-            logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            batch_cm = confusion_matrix(logits.argmax(1), y, logits.shape[1])
-            cm = batch_cm if cm is None else cm + batch_cm
-            n += len(x)
-    finally:
-        model.train(was_training)
+    cm = sums[2:].round().long().view(num_classes, num_classes)
     scored = int(cm.sum())
     return {"miou": _miou_from_confusion(cm), "pixel_acc": 100.0 * cm.diag().sum().item() / scored,
-            "loss": loss_sum / scored, "n": n}
+            "loss": sums[0].item() / scored, "n": n}
 
 
-def fit_segmentation(model: nn.Module, train_set: Dataset, test_set: Dataset, epochs: int, lr: float,
-                     batch_size: int, seed: int, progress: bool = True, weight_decay: float = 5e-4,
-                     device: str | torch.device | None = None) -> dict[str, Any]:
-    """Train ``model`` in place (its current weights) and evaluate it on ``test_set`` after every epoch.
+CLASSIFICATION = Task("classification", _classification_loss, _classification_sums, _classification_metrics,
+                      primary="top1", eval_batch=lambda b: max(b, 256))
+SEGMENTATION = Task("segmentation", _segmentation_loss, _segmentation_sums, _segmentation_metrics,
+                    primary="miou", eval_batch=lambda b: b)
+_TASKS = {t.name: t for t in (CLASSIFICATION, SEGMENTATION)}
 
-    SGD (momentum 0.9, ``weight_decay``), cosine annealing of ``lr`` stepped once per epoch (to 0),
-    per-pixel cross-entropy ignoring ``IGNORE_INDEX``. Deterministic given ``seed`` on CPU (global torch
-    RNG and the loader's shuffling); build the model under a seed to train from scratch.
 
-    Returns {"miou", "pixel_acc", "loss"} of the final model on ``test_set`` (see
-    ``evaluate_segmentation``), "history" (per epoch: epoch, lr, train_loss, test_miou,
-    test_pixel_acc, test_loss) and "epochs".
-    """
-    _check_int(epochs, "epochs", 1)
-    _check_int(batch_size, "batch_size", 1)
-    _check_int(seed, "seed", 0)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if len(train_set) == 0:
-        raise ValueError("train_set is empty: expected at least one image")
-    dev = resolve_device(device)
-    torch.manual_seed(seed)
-    model.to(dev)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    history = []
-    bar = tqdm(range(epochs), desc="epochs", disable=not progress)
-    for epoch in bar:
-        model.train()
-        epoch_lr, loss_sum, pixels = optimizer.param_groups[0]["lr"], 0.0, 0
-        for x, y in tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress):
-            x, y = x.to(dev), y.to(dev).long()
-            scored = int((y != IGNORE_INDEX).sum())
-            loss = F.cross_entropy(model(x), y, ignore_index=IGNORE_INDEX, reduction="sum") / max(scored, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, pixels = loss_sum + loss.item() * scored, pixels + scored
-        scheduler.step()
-        test = evaluate_segmentation(model, test_set, batch_size, dev)
-        history.append({"epoch": epoch + 1, "lr": epoch_lr, "train_loss": loss_sum / max(pixels, 1),
-                        "test_miou": test["miou"], "test_pixel_acc": test["pixel_acc"], "test_loss": test["loss"]})
-        bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", miou=f"{test['miou']:.2f}")
-    return {"miou": test["miou"], "pixel_acc": test["pixel_acc"], "loss": test["loss"], "history": history,
-            "epochs": epochs}
+def task_named(name: str) -> Task:
+    """The task called ``name`` ("classification" or "segmentation", as ``data.dataset_info(...).task``)."""
+    if name not in _TASKS:
+        raise ValueError(f"task={name!r}: expected one of {sorted(_TASKS)}")
+    return _TASKS[name]

@@ -37,14 +37,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
-from spvr_lib import store
+
+from spvr_lib import data, models, store
+from spvr_lib.devices import resolve_device
+from spvr_lib.tasks import CLASSIFICATION, Task, task_named
 
 
 MODES = ("scratch", "finetune")
+OPTIMIZERS = ("sgd", "adam")      # SGD with momentum (Section 4.3); Adam for Appendix A's MLP
+SCHEDULES = ("cosine", "constant")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -54,7 +58,8 @@ class Recipe:
 
     ``batch_size`` is the global batch (summed over data-parallel ranks); ``lr`` the initial
     learning rate of SGD, annealed to 0 by a per-epoch cosine schedule over ``epochs``.
-    ``amp`` trains in bfloat16 autocast on CUDA (ignored on CPU).
+    ``amp`` trains in bfloat16 autocast on CUDA (ignored on CPU).  ``optimizer`` "sgd" (momentum,
+    weight decay) or "adam" (Appendix A's MLP); ``schedule`` "cosine" (per epoch, to 0) or "constant".
     """
 
     epochs: int
@@ -66,6 +71,8 @@ class Recipe:
     num_workers: int = 0
     augment: bool = True
     amp: bool = False
+    optimizer: str = "sgd"
+    schedule: str = "cosine"
 
     def __post_init__(self) -> None:
         def require(ok: bool, field: str, expected: str) -> None:
@@ -88,6 +95,8 @@ class Recipe:
         require(is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "an int >= 0")
         require(isinstance(self.augment, bool), "augment", "a bool")
         require(isinstance(self.amp, bool), "amp", "a bool")
+        require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
+        require(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         # Normalise types so that to_dict() (and with it every cache key) is canonical: lr=1 == lr=1.0.
         for name in ("epochs", "batch_size", "num_workers"):
             object.__setattr__(self, name, int(getattr(self, name)))
@@ -99,17 +108,6 @@ class Recipe:
 
 
 # --------------------------------------------------------------------------- helpers
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` as a ``torch.device``; None: CUDA if available, else CPU.  CUDA without an index
-    means ``cuda:<LOCAL_RANK>`` (0 outside torchrun)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return dev
-
-
 def _world() -> tuple[int, int]:
     """(rank, world_size) of the initialised process group, (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -127,13 +125,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _world()
-
-
-def reset_parameters(model: nn.Module) -> None:
-    """Re-initialise ``model`` in place: ``reset_parameters()`` on every submodule that has one."""
-    for module in model.modules():
-        if callable(getattr(module, "reset_parameters", None)):
-            module.reset_parameters()
 
 
 def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -220,12 +211,11 @@ def _set_rng_state(state: Mapping[str, Any], loader_gen: torch.Generator,
 # --------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def _eval_sums(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-               num_workers: int) -> tuple[torch.Tensor, int]:
-    """([summed CE, top-1 hits, top-5 hits, n] as float64 on ``device``, number of classes or 0)."""
+               num_workers: int, task: Task) -> tuple[torch.Tensor, int]:
+    """(``task.eval_sums`` totalled over ``dataset`` as float64 on ``device``, number of model outputs)."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    num_classes = 0
+    sums, num_outputs = None, 0
     # its own generator: a DataLoader without one draws its worker seed from the GLOBAL torch RNG,
     # so evaluating would shift the training's random stream
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -234,53 +224,49 @@ def _eval_sums(model: nn.Module, dataset: Dataset, batch_size: int, device: torc
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = torch.as_tensor(y).to(device, non_blocking=True)
-            logits = model(x).float()
-            num_classes = logits.shape[1]
-            top = logits.topk(min(5, num_classes), dim=1).indices
-            hits = top == y[:, None]
-            sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
-                                 hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                 torch.tensor(float(len(y)), dtype=torch.float64, device=device)])
+            logits = model(x)
+            num_outputs = logits.shape[1]
+            batch = task.eval_sums(logits, y).to(device)
+            sums = batch if sums is None else sums + batch
     finally:
         model.train(was_training)
-    return sums, num_classes
-
-
-def _metrics(sums: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    loss_sum, top1, top5, n = sums.tolist()
-    if n == 0:
+    if sums is None:
         raise ValueError("dataset is empty: cannot evaluate on 0 samples")
-    return {"top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n if num_classes > 5 else None,
-            "loss": loss_sum / n, "n": int(n)}
+    return sums, num_outputs
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 256,
-             device: str | torch.device | None = None, num_workers: int = 0) -> dict[str, Any]:
-    """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``dataset``.
+             device: str | torch.device | None = None, num_workers: int = 0,
+             task: Task = CLASSIFICATION) -> dict[str, Any]:
+    """The scores of ``model`` on ``dataset`` under ``task`` (``tasks.CLASSIFICATION`` by default).
 
-    ``dataset`` yields (x, int label); ``model(x)`` gives logits [batch, num_classes].  Returns
-    ``{"top1", "top5", "loss", "n"}``; top5 is None when num_classes <= 5 (it would be trivially 100).
+    Classification: ``dataset`` yields (x, int label), ``model(x)`` gives logits [batch, K]; returns
+    ``{"top1", "top5", "loss", "n"}`` (top5 None when K <= 5).  Segmentation: (x, mask [H, W]) and
+    logits [batch, K, H, W]; returns ``{"miou", "pixel_acc", "loss", "n"}``.  Scores in %.
     The model is moved to ``device`` and left in the train/eval mode it came in.
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an int >= 1")
+    if len(dataset) == 0:
+        raise ValueError("dataset is empty: cannot evaluate on 0 samples")
     dev = resolve_device(device)
     model.to(dev)
-    return _metrics(*_eval_sums(model, dataset, batch_size, dev, num_workers))
+    sums, num_outputs = _eval_sums(model, dataset, batch_size, dev, num_workers, task)
+    return task.metrics(sums, num_outputs)
 
 
 def _evaluate_distributed(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device,
-                          num_workers: int) -> dict[str, Any]:
-    """``evaluate`` with the dataset split into disjoint shards over ranks and the counts summed."""
+                          num_workers: int, task: Task) -> dict[str, Any]:
+    """``evaluate`` with the dataset split into disjoint shards over ranks and the sums added."""
     rank, world = _world()
     if world == 1:
-        return _metrics(*_eval_sums(model, dataset, batch_size, device, num_workers))
+        return task.metrics(*_eval_sums(model, dataset, batch_size, device, num_workers, task))
     shard = Subset(dataset, range(rank, len(dataset), world))
-    sums, num_classes = _eval_sums(model, shard, batch_size, device, num_workers)
-    classes = torch.tensor([num_classes], dtype=torch.float64, device=device)
+    sums, num_outputs = _eval_sums(model, shard, batch_size, device, num_workers, task)
+    outputs = torch.tensor([num_outputs], dtype=torch.float64, device=device)
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    dist.all_reduce(classes, op=dist.ReduceOp.MAX)
-    return _metrics(sums, int(classes.item()))
+    dist.all_reduce(outputs, op=dist.ReduceOp.MAX)
+    return task.metrics(sums, int(outputs.item()))
 
 
 # --------------------------------------------------------------------------- training
@@ -296,18 +282,21 @@ def _load_checkpoint(path: Path, recipe: Recipe, seed: int) -> dict[str, Any]:
 
 def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe, seed: int = 0,
         checkpoint: str | Path | None = None, device: str | torch.device | None = None,
-        progress: bool = True, reinit: Callable[[nn.Module], None] | None = None,
-        on_epoch_end: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        progress: bool = True, reinit: Callable[[nn.Module], Any] | None = None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        task: Task = CLASSIFICATION) -> dict[str, Any]:
     """Train ``model`` in place with ``recipe`` and evaluate it on ``test_set`` after every epoch.
 
-    ``recipe.mode == "scratch"`` first re-initialises the model with ``reinit`` (default:
-    ``reset_parameters`` on every submodule) after seeding; ``"finetune"`` keeps its weights.
+    The one training loop of spvr_lib: ``task`` (``tasks.CLASSIFICATION`` or ``tasks.SEGMENTATION``)
+    says what is minimised and reported.  ``recipe.mode == "scratch"`` first re-initialises the
+    model with ``reinit`` (default: ``models.reinitialize``) after seeding; ``"finetune"`` keeps its
+    weights.
     ``checkpoint``: a file written atomically after every epoch and resumed from when it exists.
     ``on_epoch_end(history_entry)`` is called after each epoch's checkpoint (an exception raised
     there interrupts the run, which the checkpoint then resumes).
 
-    Returns ``{"top1", "top5", "loss"}`` of the final model on ``test_set`` plus ``"history"``
-    (one dict per epoch: epoch (1-based), lr, train_loss, test_top1, test_top5, test_loss) and
+    Returns the final model's scores on ``test_set`` (``evaluate``'s keys but ``n``) plus ``"history"``
+    (one dict per epoch: epoch (1-based), lr, train_loss and every score as ``test_<name>``) and
     ``"epochs"``.
     """
     if not isinstance(recipe, Recipe):
@@ -321,9 +310,11 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
     per_rank_batch = recipe.batch_size // world
     ckpt_path = Path(checkpoint) if checkpoint is not None else None
 
+    # the datasets' code may run in DataLoader workers, out of the run cache's trace: count it here
+    store.CodeTrace.add(store.source_files(train_set) | store.source_files(test_set))
     _seed_everything(seed)
     if recipe.mode == "scratch":
-        (reinit or reset_parameters)(model)
+        (reinit or models.reinitialize)(model)
     model.to(dev)
     loader_seed, augment_seed = _derived_seeds(seed)
     loader_gen = torch.Generator().manual_seed(loader_seed)
@@ -331,9 +322,16 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
     if augment_gen is not None:
         augment_gen.manual_seed(augment_seed)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                weight_decay=recipe.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    optimizer: torch.optim.Optimizer
+    if recipe.optimizer == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=recipe.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if recipe.schedule == "cosine":
+        scheduler: Any = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=recipe.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     history: list[dict[str, Any]] = []
     start = 0
     if ckpt_path is not None and ckpt_path.exists():
@@ -374,23 +372,24 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
             x = x.to(dev, non_blocking=True)
             y = torch.as_tensor(y).to(dev, non_blocking=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(net(x), y)
+                loss, weight = task.loss(net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().double() * len(y)
-            seen += len(y)
+            loss_sum += loss.detach().double() * weight
+            seen += weight
         scheduler.step()
         if world > 1:
             for buf in model.buffers():  # BatchNorm statistics: rank 0's, so all ranks agree
                 dist.broadcast(buf, src=0)
             dist.all_reduce(loss_sum)
             dist.all_reduce(seen)
-        test = _evaluate_distributed(model, test_set, max(per_rank_batch, 256), dev, recipe.num_workers)
-        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": (loss_sum / seen).item(),
-                 "test_top1": test["top1"], "test_top5": test["top5"], "test_loss": test["loss"]}
+        test = _evaluate_distributed(model, test_set, task.eval_batch(per_rank_batch), dev, recipe.num_workers,
+                                     task)
+        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": (loss_sum / seen.clamp(min=1)).item(),
+                 **{f"test_{k}": v for k, v in test.items() if k != "n"}}
         history.append(entry)
-        epochs_bar.set_postfix(loss=f"{entry['train_loss']:.4f}", top1=f"{test['top1']:.2f}")
+        epochs_bar.set_postfix({"loss": f"{entry['train_loss']:.4f}", task.primary: f"{test[task.primary]:.2f}"})
         if ckpt_path is not None and rank == 0:
             store.atomic_torch_save({
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -404,7 +403,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
     epochs_bar.close()
 
     last = history[-1]
-    return {"top1": last["test_top1"], "top5": last["test_top5"], "loss": last["test_loss"],
+    return {**{k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")},
             "history": history, "epochs": recipe.epochs}
 
 
@@ -479,52 +478,60 @@ def _relative_to_repo(path: Path) -> str:
         return str(path.resolve())
 
 
-def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_train: int | None,
-              per_class_test: int | None, init_state: Mapping[str, torch.Tensor] | None = None,
-              tag: str = "", progress: bool = True, device: str | torch.device | None = None) -> dict[str, Any]:
-    """Build ``spec``, train it on ``dataset`` with ``recipe`` and cache the record (single process).
+def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_train: int | None = None,
+              per_class_test: int | None = None, init_state: Mapping[str, torch.Tensor] | None = None,
+              tag: str = "", progress: bool = True, device: str | torch.device | None = None,
+              shapes: Mapping[str, Mapping[str, int]] | None = None, train_options: Mapping[str, Any] | None = None,
+              test_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """THE cached training run: build the network, train it on ``dataset`` with ``recipe``, keep the record.
 
-    The cache key is (spec, dataset, per-class subset sizes, recipe, seed, tag, sha256 of
-    ``init_state``); a finished run is never recomputed, an interrupted one resumes from its
-    per-epoch checkpoint, and a cached record whose weights file was deleted is retrained.
-    ``init_state`` (a state dict, loaded strictly) is only allowed with ``recipe.mode == "finetune"``.
-    The train split is built with ``augment=recipe.augment``, the test split without; both
-    subsets (``per_class_*`` samples per class, None: all) are drawn with ``seed``.
+    The network is ``models.build_network(spec, shapes)`` (``shapes``: a pruned network's layer
+    shapes, from ``models.network_shapes``); the task (classification or segmentation) is the
+    dataset's.  ``init_state`` (a state dict, loaded strictly) is only allowed with
+    ``recipe.mode == "finetune"``.  The train split is built with ``augment=recipe.augment``, the
+    test split without; ``per_class_*`` samples per class (None: all) are drawn with ``seed``;
+    ``train_options`` / ``test_options`` go to ``data.load_dataset`` (e.g. ``limit``, ``n_images``).
 
-    ``device`` (default: CUDA if available) is not part of the key.
+    The cache key is every argument above but ``progress`` and ``device`` (plus sha256 of
+    ``init_state``); the record also carries the fingerprint of the code that ran (``store.cached``).
+    A finished run is never recomputed while its code is unchanged, an interrupted one resumes from
+    its per-epoch checkpoint, and a record whose weights file was deleted is retrained.
 
-    Returns the record: top1, top5, loss, history, epochs, params, size_mb, wall_s, weights
-    (path of the final state dict, relative to the repo root when inside it), spec.
+    Returns the record: the final test scores (top1, top5, loss or miou, pixel_acc, loss), history,
+    epochs, params, size_mb, wall_s, weights (the ``models.save_network`` file, relative to the repo
+    root when inside it), spec, shapes.
     """
     if not isinstance(recipe, Recipe):
         raise ValueError(f"recipe={recipe!r}: expected a spvr_lib.train.Recipe")
     if init_state is not None and recipe.mode != "finetune":
         raise ValueError(f"init_state is given but recipe.mode={recipe.mode!r}: initial weights are only "
                          "used with mode='finetune' (scratch re-initialises the model)")
+    task = task_named(data.dataset_info(dataset).task)
     key = {"spec": spec, "dataset": dataset, "per_class_train": per_class_train,
            "per_class_test": per_class_test, "recipe": recipe.to_dict(), "seed": seed, "tag": tag,
            "init": None if init_state is None else state_dict_digest(init_state)}
+    key.update({k: dict(v) for k, v in (("shapes", shapes), ("train_options", train_options),
+                                        ("test_options", test_options)) if v})
     stem = store.cache_path(key, kind="train").stem
     resume_path = checkpoint_dir() / f"{stem}.pt"
     final_path = checkpoint_dir() / f"{stem}.final.pt"
 
     def compute() -> dict[str, Any]:
-        from spvr_lib import data, models
-
         t0 = time.perf_counter()
         torch.manual_seed(seed)
-        model = models.build(spec)
+        model = models.build_network(spec, shapes)
         if init_state is not None:
             model.load_state_dict(init_state, strict=True)
         train_set = data.load_dataset(dataset, "train", augment=recipe.augment, per_class=per_class_train,
-                                      seed=seed)
-        test_set = data.load_dataset(dataset, "test", augment=False, per_class=per_class_test, seed=seed)
+                                      seed=seed, **dict(train_options or {}))
+        test_set = data.load_dataset(dataset, "test", augment=False, per_class=per_class_test, seed=seed,
+                                     **dict(test_options or {}))
         out = fit(model, train_set, test_set, recipe, seed=seed, checkpoint=resume_path, device=device,
-                  progress=progress, reinit=models.reinitialize)
-        store.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, final_path)
+                  progress=progress, task=task)
+        models.save_network(model, final_path, spec=spec)
         return {**out, "params": int(models.count_params(model)), "size_mb": float(models.model_size_mb(model)),
                 "wall_s": round(time.perf_counter() - t0, 3), "weights": _relative_to_repo(final_path),
-                "spec": spec}
+                "spec": spec, "shapes": models.network_shapes(model) if shapes else None}
 
     record_exists = store.cache_path(key, kind="train").exists()
     record = store.cached(key, compute, kind="train", refresh=record_exists and not final_path.exists())
@@ -533,18 +540,14 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
 
 
 def load_weights(record: Mapping[str, Any]) -> nn.Module:
-    """The trained model of a ``train_run`` record: ``models.build(record["spec"])`` with its final weights (CPU)."""
-    from spvr_lib import models
-
+    """The trained network of a ``train_run`` record (``models.load_network`` of its weights file; CPU)."""
     path = Path(record["weights"])
     if not path.is_absolute():
         path = store.REPO_ROOT / path
     if not path.exists():
         raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
                                 "train_run again with the same arguments: it retrains when the weights are gone")
-    model = models.build(record["spec"])
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    return model
+    return models.load_network(path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -574,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from spvr_lib import data, models
+    from spvr_lib import models
 
     t0 = time.perf_counter()
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -594,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     model = models.build(spec)
     out = fit(model, train_set, test_set, recipe, seed=args.seed, checkpoint=args.out / f"{stem}.ckpt.pt",
-              device=dev, progress=not args.no_progress, reinit=models.reinitialize)
+              device=dev, progress=not args.no_progress, )
     digest = state_dict_digest(model.state_dict())
     digests = [digest]
     if world > 1:
@@ -602,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.all_gather_object(digests, digest)
     if rank == 0:
         weights = args.out / f"{stem}.final.pt"
-        store.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+        models.save_network(model, weights, spec=spec)
         record = {**out, "key": key, "spec": spec, "params": int(models.count_params(model)),
                   "size_mb": float(models.model_size_mb(model)), "world_size": world,
                   "state_sha256_per_rank": digests, "weights": str(weights),

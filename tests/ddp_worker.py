@@ -7,6 +7,7 @@ The stand-ins follow the real APIs (``models.build/preset/count_params/model_siz
 """
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spvr_lib  # noqa: E402
+from spvr_lib import models as real_models  # noqa: E402
 from spvr_lib import train  # noqa: E402
 
 NUM_CLASSES = 3
@@ -60,15 +62,28 @@ def _load_dataset(name: str, split: str, augment: bool = False, per_class: int |
     return BlobDataset(per_class or 20, seed=seed + (0 if split == "train" else 10_000), augment=augment)
 
 
+def _load_network(path) -> nn.Module:
+    """``models.load_network`` for the stand-in specs: the description beside the weights, then the weights."""
+    desc = json.loads(Path(f"{path}.json").read_text())
+    model = _build(desc["spec"])
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model
+
+
 def fake_modules() -> tuple[types.ModuleType, types.ModuleType]:
     models = types.ModuleType("spvr_lib.models")
     models.build = _build
     models.preset = _preset
     models.count_params = lambda m: sum(p.numel() for p in m.parameters())
     models.model_size_mb = lambda m: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
-    models.reinitialize = train.reset_parameters
+    models.reinitialize = real_models.reinitialize
+    models.save_network = real_models.save_network
+    models.network_shapes = real_models.network_shapes
+    models.build_network = lambda spec, shapes=None: _build(spec)
+    models.load_network = _load_network
     data = types.ModuleType("spvr_lib.data")
     data.load_dataset = _load_dataset
+    data.dataset_info = lambda name: types.SimpleNamespace(task="classification", num_classes=NUM_CLASSES)
     return models, data
 
 
@@ -79,9 +94,11 @@ def install(monkeypatch=None) -> None:
         if monkeypatch is None:
             sys.modules[f"spvr_lib.{name}"] = mod
             setattr(spvr_lib, name, mod)
+            setattr(train, name, mod)
         else:
             monkeypatch.setitem(sys.modules, f"spvr_lib.{name}", mod)
             monkeypatch.setattr(spvr_lib, name, mod, raising=False)
+            monkeypatch.setattr(train, name, mod)
 
 
 if __name__ == "__main__":

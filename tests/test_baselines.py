@@ -284,7 +284,7 @@ def test_channel_score_importance_sums_a_residual_stream(nets, calib):
 
 
 # --------------------------------------------------------------------------- Table 3
-def test_reinitialize_any(nets, calib):
+def test_reinitialize_works_on_a_pruned_copy(nets, calib):
     res = B.prune("l1", nets["vgg"], calib, 0.5, progress=False)
     pruned = res.model
     with torch.no_grad():
@@ -292,7 +292,7 @@ def test_reinitialize_any(nets, calib):
             bn.weight.fill_(3)
             bn.running_mean.fill_(1)
     old = copy.deepcopy(pruned)
-    assert B.reinitialize_any(pruned) is pruned
+    assert M.reinitialize(pruned) is pruned
     for m, o in zip(pruned.modules(), old.modules()):
         if isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0) and torch.all(m.running_mean == 0)
@@ -302,5 +302,9 @@ def test_reinitialize_any(nets, calib):
             assert torch.all(m.bias == 0)
     assert torch.all(pruned.classifier.bias == 0) and pruned.classifier.weight.std() < 0.05   # VGG: N(0, 0.01)
     assert M.count_params(pruned) == res.params_after
-    with pytest.raises(ValueError, match="LayerNorm"):
-        B.reinitialize_any(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)))
+    class Scale(nn.Module):                     # parameters without reset_parameters(): refused, named
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="Scale"):
+        M.reinitialize(nn.Sequential(nn.Linear(3, 3), Scale()))

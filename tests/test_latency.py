@@ -46,7 +46,7 @@ def test_thread_count_and_train_mode_are_restored():
     ({"batch_size": True}, "batch_size"),
     ({"warmup": -1}, r"warmup must be an int >= 0, got -1"),
     ({"threads": 0}, r"threads must be an int >= 1, got 0"),
-    ({"device": "tpu"}, r"device must be None, 'cpu' or 'cuda\[:index\]', got 'tpu'"),
+    ({"device": "tpu"}, r"device='tpu': expected None, 'cpu' or 'cuda\[:index\]'"),
 ])
 def test_argument_errors(kw, match):
     args = {"input_shape": (2, 4, 4), "runs": 2, "warmup": 0, **kw}

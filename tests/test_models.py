@@ -246,8 +246,13 @@ def test_reinitialize_is_seeded_and_resets_everything():
     assert torch.equal(b.features[0][1].weight, torch.ones(4)) and torch.equal(b.features[0][1].running_mean,
                                                                                 torch.zeros(4))
     assert torch.equal(b.classifier.bias, torch.zeros(3)) and torch.equal(b.features[2][0].bias, torch.zeros(6))
-    with pytest.raises(ValueError, match="model must come from"):
-        M.reinitialize(nn.Linear(2, 2))
+    # any module: a bare Linear gets PyTorch's default init (zero-mean, bound 1/sqrt(fan_in)), in place
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.fill_(7.0)
+    assert M.reinitialize(lin) is lin and lin.weight.abs().max() <= 0.5
+    with pytest.raises(ValueError, match="expected an nn.Module"):
+        M.reinitialize("vgg")
 
 
 # --------------------------------------------------------------------------- errors

@@ -8,7 +8,8 @@ from torch.utils.data import TensorDataset
 
 from spvr_lib import models as M
 from spvr_lib.criteria import spvr_loss
-from spvr_lib.tasks import confusion_matrix, evaluate_segmentation, fit_segmentation, mean_iou
+from spvr_lib.tasks import SEGMENTATION, confusion_matrix, mean_iou
+from spvr_lib.train import Recipe, evaluate, fit
 
 torch.set_num_threads(1)
 
@@ -187,16 +188,16 @@ def _toy_set(n: int, seed: int) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def test_fit_segmentation_lowers_loss_and_is_deterministic():
+def test_the_one_loop_trains_segmentation_lowers_loss_and_is_deterministic():
     spec = {"arch": "segnet", "cfg": [4, "M"], "decoder": ["U", 4], "in_channels": 1, "num_classes": 2}
     train, test = _toy_set(16, 0), _toy_set(8, 1)
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
         model = M.build(spec)
-        before = evaluate_segmentation(model, test, batch_size=4, device="cpu")
-        out = fit_segmentation(model, train, test, epochs=4, lr=0.05, batch_size=4, seed=1, progress=False,
-                               device="cpu")
+        before = evaluate(model, test, batch_size=4, device="cpu", task=SEGMENTATION)
+        out = fit(model, train, test, Recipe(epochs=4, batch_size=4, lr=0.05, mode="finetune", augment=False),
+                  seed=1, progress=False, device="cpu", task=SEGMENTATION)
         runs.append((before, out, model.state_dict()))
     (before, out, state), (_, out2, state2) = runs
     assert out["loss"] < before["loss"] and out["pixel_acc"] > before["pixel_acc"]
@@ -206,11 +207,14 @@ def test_fit_segmentation_lowers_loss_and_is_deterministic():
     assert set(before) == {"miou", "pixel_acc", "loss", "n"} and before["n"] == 8
 
 
-def test_fit_segmentation_errors():
+def test_segmentation_evaluation_errors_and_hand_made_scores():
     model = M.build({"arch": "segnet", "cfg": [], "decoder": [], "in_channels": 1, "num_classes": 2})
-    with pytest.raises(ValueError, match="epochs must be an int >= 1, got 0"):
-        fit_segmentation(model, _toy_set(2, 0), _toy_set(2, 1), epochs=0, lr=0.1, batch_size=2, seed=0)
-    with pytest.raises(ValueError, match="lr must be a positive number"):
-        fit_segmentation(model, _toy_set(2, 0), _toy_set(2, 1), epochs=1, lr=0, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="dataset is empty"):
-        evaluate_segmentation(model, _toy_set(0, 0), batch_size=2)
+        evaluate(model, _toy_set(0, 0), batch_size=2, task=SEGMENTATION)
+    # a "network" that predicts class 1 everywhere, on 1 image with pixels [0, 1, 1, 255]
+    logits = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]])
+    target = torch.tensor([[[0, 1], [1, 255]]])
+    scores = SEGMENTATION.metrics(SEGMENTATION.eval_sums(logits, target), 2)
+    # class 0: IoU 0/1, class 1: IoU 2/3; 2 of 3 scored pixels right
+    assert scores["miou"] == pytest.approx(100 * (0 + 2 / 3) / 2) and scores["pixel_acc"] == pytest.approx(200 / 3)
+    assert scores["n"] == 1

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ddp_worker  # noqa: E402
 from ddp_worker import BlobDataset  # noqa: E402
+from spvr_lib import models as real_models
 from spvr_lib import train  # noqa: E402
 from spvr_lib.train import Recipe, evaluate, fit, lr_search, state_dict_digest  # noqa: E402
 
@@ -60,7 +61,8 @@ def test_recipe_to_dict_is_canonical():
     assert d == Recipe(epochs=2, batch_size=4, lr=1.0).to_dict()
     assert isinstance(d["lr"], float)
     assert d == {"epochs": 2, "batch_size": 4, "lr": 1.0, "momentum": 0.9, "weight_decay": 5e-4,
-                 "mode": "scratch", "num_workers": 0, "augment": True, "amp": False}
+                 "mode": "scratch", "num_workers": 0, "augment": True, "amp": False, "optimizer": "sgd",
+                 "schedule": "cosine"}
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -260,7 +262,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
            "--device", "cpu", "--out", str(tmp_path), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    (record_path,) = tmp_path.glob("train-*.json")
+    (record_path,) = [p for p in tmp_path.glob("train-*.json") if not p.name.endswith(".pt.json")]
     record = json.loads(record_path.read_text())
     assert record["world_size"] == 2
     per_rank = record["state_sha256_per_rank"]
@@ -271,7 +273,7 @@ def test_torchrun_two_cpu_ranks_end_with_identical_weights(tmp_path):
     models, _ = ddp_worker.fake_modules()
     torch.manual_seed(0)
     init = models.build(record["spec"])
-    train.reset_parameters(init)
+    real_models.reinitialize(init)
     assert not torch.equal(init.state_dict()["1.weight"], weights["1.weight"])
     assert record["history"][-1]["test_top1"] == record["top1"] and len(record["history"]) == 2
 
@@ -282,7 +284,7 @@ def test_cli_single_process_writes_record_and_resumes(tmp_path, monkeypatch):
             "--per-class-train", "6", "--per-class-test", "3", "--device", "cpu", "--out", str(tmp_path),
             "--no-progress"]
     assert train.main(argv) == 0
-    (record_path,) = tmp_path.glob("train-*.json")
+    (record_path,) = [p for p in tmp_path.glob("train-*.json") if not p.name.endswith(".pt.json")]
     first = json.loads(record_path.read_text())
     assert first["world_size"] == 1 and first["params"] == 4 * 16 + 16 + 2 * 16 + 16 * 3 + 3
     assert state_dict_digest(torch.load(first["weights"], weights_only=True)) == first["state_sha256_per_rank"][0]

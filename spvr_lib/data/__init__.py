@@ -75,20 +75,21 @@ from .guyon import make_guyon  # noqa: F401
 # --------------------------------------------------------------------------- entry point
 
 
-_OPTIONS = {"cityscapes": ("size",), "fashion-mnist-scenes": ("n_images", "canvas", "items")}
+_OPTIONS = {"cityscapes": ("size",), "fashion-mnist-scenes": ("n_images", "canvas", "items", "compose_seed")}
 
 
 def load_dataset(name: str, split: str, root: str | Path | None = None, augment: bool = False,
-                 per_class: int | None = None, seed: int = 0, **kw: Any) -> Dataset:
+                 per_class: int | None = None, seed: int = 0, limit: int | None = None, **kw: Any) -> Dataset:
     """Dataset ``name`` (a key of :data:`DATASETS`), ``split`` "train" or "test" (the val folder for
     tiny-imagenet, imagenet and cityscapes).
 
     ``root``: where the files are (default: Fashion-MNIST's usual places, else ``<repo>/data`` for cifar10
     and tiny-imagenet, ``<repo>/data/imagenet`` and ``<repo>/data/cityscapes``). ``augment``: the training
     augmentation. ``per_class``: keep a stratified subset with ``per_class`` samples of each class,
-    chosen with ``seed`` (classification only). ``seed`` also seeds the augmentation (and the scene
+    chosen with ``seed`` (classification only). ``limit``: keep only the first ``limit`` samples (after
+    ``per_class``). ``seed`` also seeds the augmentation (and the scene
     composition). Extra options: cityscapes ``size=(H, W)``; fashion-mnist-scenes ``n_images`` (default
-    1000), ``canvas`` (64), ``items`` ((2, 4)).
+    1000), ``canvas`` (64), ``items`` ((2, 4)), ``compose_seed`` (the scenes' layout; default ``seed``).
     """
     info = dataset_info(name)
     _check_split(split)
@@ -112,10 +113,15 @@ def load_dataset(name: str, split: str, root: str | Path | None = None, augment:
                              size=kw.get("size"), augment=augment, seed=seed)
     else:
         dataset = FashionMNISTScenes(split, kw.get("n_images", 1000), kw.get("canvas", 64),
-                                     kw.get("items", (2, 4)), seed=seed, root=root, augment=augment)
+                                     kw.get("items", (2, 4)), seed=kw.get("compose_seed", seed), root=root, augment=augment)
     if per_class is not None:
         dataset = LabeledSubset(dataset, stratified_indices(dataset.targets, per_class, seed,
                                                             num_classes=dataset.num_classes))
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit={limit!r}: expected None or an int >= 1")
+        if limit < len(dataset):
+            dataset = torch.utils.data.Subset(dataset, range(limit))
     return dataset
 
 

@@ -26,8 +26,8 @@ from spvr_lib.paper import base_models
 from spvr_lib.paper import reference
 from spvr_lib.paper import stats
 
-__all__ = ["RANKING_METHODS", "PAPER_PRUNE_S_AT_D32", "ablation_rate", "base_lr", "train_pruned",
-           "group_size_rows", "group_size_table", "figure2"]
+__all__ = ["RANKING_METHODS", "ablation_rate", "base_lr", "train_pruned", "group_size_rows",
+           "group_size_table", "figure2"]
 
 RANKING_METHODS = ("fast", "naive")
 

@@ -6,25 +6,17 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from spvr_lib import grouping, models
+
 
 
 @torch.no_grad()
 def layer_activations(model: torch.nn.Module, x: torch.Tensor, layer: str, batch_size: int = 256) -> torch.Tensor:
     """The output of prunable layer ``layer`` at its mask point (after BN), [n, m, h, w], for inputs ``x``."""
-    from spvr_lib.models import prunable_layers
-
-    layers = {pl.name: pl for pl in prunable_layers(model, model.spec)}
+    layers = {pl.name: pl for pl in models.prunable_layers(model, model.spec)}
     if layer not in layers:
         raise ValueError(f"layer={layer!r} is not a prunable layer; expected one of {list(layers)}")
-    out: list[torch.Tensor] = []
-    handle = layers[layer].mask_module.register_forward_hook(lambda m, i, o: out.append(o.detach()))
-    try:
-        model.eval()
-        for chunk in x.split(batch_size):
-            model(chunk)
-    finally:
-        handle.remove()
-    return torch.cat(out)
+    return grouping.record_activations(model, x, {layer: layers[layer].mask_module}, batch_size)[layer]
 
 
 def forward_passes(spec: dict, group_sizes: Sequence[int]) -> pd.DataFrame:

@@ -1,16 +1,22 @@
-"""Provenance of every artifact under figures/<scale>/: the NotebookRun that writes tables and figures."""
+"""Provenance of every artifact under figures/<scale>/: the NotebookRun that writes tables and figures,
+and :func:`stale_artifacts`, which tells which of them the current code would no longer produce."""
 from __future__ import annotations
 
+import io
+import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-
-import io
-
 from spvr_lib.paper.scales import SCALE_NAMES
-from spvr_lib.store import atomic_write_bytes, atomic_write_json, atomic_write_text, device_info, file_sha256, git_state, library_versions, REPO_ROOT
+from spvr_lib.store import (REPO_ROOT, CacheError, CodeTrace, atomic_write_bytes, atomic_write_json,
+                            atomic_write_text, code_fingerprint, device_info, file_sha256, git_state,
+                            library_versions, read_record, stale_code)
+
+# Harness files whose numbers a notebook reads without running a function of theirs (constants):
+# always part of an artifact's code fingerprint.
+_ALWAYS = ("paper/reference.py", "paper/scales.py")
 
 
 def provenance(scale: str, params: Mapping[str, Any] | None = None, seeds: Any = None,
@@ -50,11 +56,18 @@ class NotebookRun:
         self.dir = output_dir(scale)
         self.t0 = time.perf_counter()
         self.git = git_state()          # the code the run started from, not what it is when a file is written
+        # every spvr_lib function that runs from here on (and the code of every cached record reused)
+        # enters the artifacts' code fingerprint; the trace stays open for the notebook's lifetime
+        self.trace = CodeTrace()
+        self.trace.start()
 
     def _provenance(self, files: list[Path], **extra: Any) -> dict[str, Any]:
         rec = provenance(self.scale, self.params, self.seeds, wall_s=time.perf_counter() - self.t0,
                          notebook=self.notebook, files={p.name: file_sha256(p) for p in files})
         rec["git"] = self.git
+        always = {str(Path(__file__).resolve().parent.parent / f) for f in _ALWAYS}
+        rec["code"] = code_fingerprint(self.trace.files | always)
+        rec["notebook_sha256"] = notebook_sha256(self.notebook)
         clash = {k: v for k, v in extra.items() if k in rec}     # never overwrite the standard fields
         rec.update({k: v for k, v in extra.items() if k not in rec})
         if clash:
@@ -83,3 +96,55 @@ class NotebookRun:
         path = atomic_write_json(self.dir / f"{name}.json", obj)
         atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance([path], **extra))
         return path
+
+
+def notebook_sha256(notebook: str, notebooks_dir: Path | None = None) -> str | None:
+    """sha256 of the code cells of ``notebooks/<notebook>.ipynb`` (outputs and injected parameters
+    excluded: the notebook as committed), or None when there is no such file."""
+    import hashlib
+
+    path = (notebooks_dir or REPO_ROOT / "notebooks") / f"{notebook}.ipynb"
+    if not path.exists():
+        return None
+    cells = json.loads(path.read_text())["cells"]
+    code = "\n#-cell-\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code"
+                              and "injected-parameters" not in c.get("metadata", {}).get("tags", []))
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def stale_artifacts(scale: str, figures_dir: Path | None = None,
+                    notebooks_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Every artifact under ``figures/<scale>/`` whose provenance no longer matches the current code.
+
+    An artifact (``<stem>.provenance.json`` and its files) is stale when its provenance has no code
+    fingerprint, when a source file of its fingerprint changed or vanished, when its notebook's code
+    changed, or when a file it lists is missing or differs from its recorded sha256.  Returns one
+    ``{"artifact", "reasons"}`` per stale artifact (empty: everything is what the code computes).
+    """
+    folder = figures_dir or output_dir(scale)
+    stale = []
+    for prov_path in sorted(folder.glob("*.provenance.json")):
+        stem = prov_path.name[: -len(".provenance.json")]
+        reasons: list[str] = []
+        try:
+            prov = read_record(prov_path)
+        except CacheError as err:
+            stale.append({"artifact": stem, "reasons": [str(err)]})
+            continue
+        changed = stale_code(prov.get("code"))
+        if changed == ["<no code fingerprint>"]:
+            reasons.append("no code fingerprint (written before fingerprints existed)")
+        elif changed:
+            reasons.append("code changed: " + ", ".join(changed))
+        nb = prov.get("notebook")
+        if nb and prov.get("notebook_sha256") != notebook_sha256(nb, notebooks_dir):
+            reasons.append(f"notebook {nb} changed")
+        for name, sha in (prov.get("files") or {}).items():
+            f = folder / name
+            if not f.exists():
+                reasons.append(f"{name} missing")
+            elif file_sha256(f) != sha:
+                reasons.append(f"{name} differs from its recorded sha256")
+        if reasons:
+            stale.append({"artifact": stem, "reasons": reasons})
+    return stale

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.store import REPO_ROOT
-from spvr_lib.paper.provenance import check_scale
+from spvr_lib.paper.provenance import check_scale, output_dir, stale_artifacts
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -163,7 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for executed copies (default build/executed/<scale>)")
     ap.add_argument("--readme", action="store_true", help="only regenerate the README's results section from "
                     "figures/<scale>/ (no notebook runs)")
+    ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
+                    "provenance no longer matches the current code; exit 1 when any is stale")
     args = ap.parse_args(argv)
+    if args.check:
+        try:
+            scale = check_scale(args.scale)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        stale = stale_artifacts(scale)
+        total = len(list(output_dir(scale).glob("*.provenance.json")))
+        for item in stale:
+            print(f"stale  {item['artifact']}: {'; '.join(item['reasons'])}")
+        print(f"{len(stale)} of {total} artifacts under figures/{scale}/ are stale" if stale else
+              f"all {total} artifacts under figures/{scale}/ match the current code")
+        return 1 if stale else 0
     if args.readme:
         changed = update_readme(check_scale(args.scale))
         print("README results section " + ("updated" if changed else "already up to date"))

@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from spvr_lib import data, models, store, tasks
+from spvr_lib import data, models, store, train
 from spvr_lib.prune import spvr_prune
+from spvr_lib.paper import reference
 from spvr_lib.paper.stats import _mean_std
 
 
-from spvr_lib.paper import reference
 def segmentation_settings(scale: str) -> dict[str, Any]:
     """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``config`` (a copy)."""
     from spvr_lib.paper.scales import get_scale
@@ -23,21 +22,21 @@ def segmentation_settings(scale: str) -> dict[str, Any]:
     return {**s, "options": dict(s["options"]), "name": scale}
 
 
-def _key_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: settings[k] for k in ("dataset", "options", "n_train", "n_test", "epochs", "batch_size", "lr",
-                                     "weight_decay", "augment")}
+
+def split_options(settings: dict[str, Any], split: str) -> dict[str, Any]:
+    """``data.load_dataset`` options of the settings' ``split``: its size, and scenes always composed with seed 0."""
+    opts = dict(settings["options"])
+    n = settings["n_train" if split == "train" else "n_test"]
+    if settings["dataset"] == "fashion-mnist-scenes":
+        opts.update(n_images=n, compose_seed=0)
+    elif n is not None:
+        opts["limit"] = n
+    return opts
 
 
 def segmentation_dataset(settings: dict[str, Any], split: str, augment: bool = False) -> torch.utils.data.Dataset:
-    """The segmentation set of ``settings`` (``split`` "train" or "test"); the scenes are composed with seed 0."""
-    opts = dict(settings["options"])
-    if settings["dataset"] == "fashion-mnist-scenes":
-        opts["n_images"] = settings["n_train" if split == "train" else "n_test"]
-    ds = data.load_dataset(settings["dataset"], split, augment=augment, seed=0, **opts)
-    n = settings["n_train" if split == "train" else "n_test"]
-    if settings["dataset"] != "fashion-mnist-scenes" and n is not None and n < len(ds):
-        ds = torch.utils.data.Subset(ds, range(n))
-    return ds
+    """The segmentation set of ``settings`` (``split`` "train" or "test"), as the training run loads it."""
+    return data.load_dataset(settings["dataset"], split, augment=augment, seed=0, **split_options(settings, split))
 
 
 def segnet_spec(settings: dict[str, Any]) -> dict:
@@ -46,48 +45,24 @@ def segnet_spec(settings: dict[str, Any]) -> dict:
     return models.segnet_vgg16(num_classes=info.num_classes, in_channels=info.in_channels, width=settings["width"])
 
 
+def segnet_recipe(settings: dict[str, Any]) -> train.Recipe:
+    """The settings' recipe: SGD with momentum 0.9 and cosine annealing, from scratch."""
+    return train.Recipe(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+                        weight_decay=settings["weight_decay"], augment=bool(settings["augment"]), mode="scratch")
+
+
 def train_segnet(spec: dict, settings: dict[str, Any], seed: int, tag: str = "",
                  progress: bool = True) -> dict[str, Any]:
-    """Train ``spec`` from a fresh initialisation (seeded) with ``tasks.fit_segmentation``; cached
-    (kind ``segtrain``) with its final weights beside the checkpoints.  Record: miou, pixel_acc, loss
-    (final test scores), history, params, size_mb, wall_s, weights, spec."""
-    from spvr_lib.train import checkpoint_dir
-
-    key = {"spec": spec, "settings": _key_settings(settings), "seed": int(seed), "tag": tag}
-    path = store.cache_path(key, kind="segtrain")
-    weights = checkpoint_dir() / f"{path.stem}.final.pt"
-
-    def compute() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        train_set = segmentation_dataset(settings, "train", augment=settings["augment"])
-        test_set = segmentation_dataset(settings, "test")
-        getattr(train_set, "reseed", lambda s: None)(int(seed))      # the flips follow the training seed
-        torch.manual_seed(int(seed))
-        model = models.build(spec)
-        out = tasks.fit_segmentation(model, train_set, test_set, epochs=settings["epochs"], lr=settings["lr"],
-                                            batch_size=settings["batch_size"], seed=int(seed), progress=progress,
-                                            weight_decay=settings["weight_decay"])
-        store.atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
-        try:
-            where = str(weights.resolve().relative_to(store.REPO_ROOT.resolve()))
-        except ValueError:
-            where = str(weights.resolve())
-        return {**out, "params": models.count_params(model), "size_mb": models.model_size_mb(model),
-                "wall_s": round(time.perf_counter() - t0, 3), "weights": where, "spec": spec}
-
-    return store.cached(key, compute, kind="segtrain", refresh=path.exists() and not weights.exists())
+    """Train ``spec`` from scratch with the settings' recipe: ``train.train_run`` with the segmentation
+    task (the dataset's).  Record: miou, pixel_acc, loss (final test scores), history, params, size_mb,
+    wall_s, weights, spec."""
+    return train.train_run(spec, settings["dataset"], segnet_recipe(settings), int(seed), tag=tag, progress=progress,
+                           train_options=split_options(settings, "train"), test_options=split_options(settings, "test"))
 
 
 def load_segnet(record: dict[str, Any]) -> nn.Module:
     """The trained network of a :func:`train_segnet` record (CPU, eval mode)."""
-    path = Path(record["weights"])
-    path = path if path.is_absolute() else store.REPO_ROOT / path
-    if not path.exists():
-        raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
-                                "train_segnet again with the same arguments: it retrains when the weights are gone")
-    model = models.build(record["spec"])
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    return model.eval()
+    return train.load_weights(record).eval()
 
 
 def segnet_base(settings: dict[str, Any], seed: int = 0, progress: bool = True) -> tuple[nn.Module, dict[str, Any]]:

@@ -31,11 +31,8 @@ from spvr_lib.paper.stats import _mean_std
 from spvr_lib.paper import base_models
 from spvr_lib.paper import reference
 
-__all__ = ["TABLE4_PAPER", "BUDGET_FRACTION", "PAPER_MINIMAL_SHARE", "MOBILENET_VARIANTS",
-           "mobilenet_width", "mobilenet_specs", "mobilenet_budget", "pruned_resnet50", "table4",
-           "SEGMENTATION_PAPER_MIOU", "segmentation_settings", "segmentation_dataset",
-           "segnet_spec", "train_segnet", "load_segnet", "segnet_base", "segnet_pruned",
-           "segmentation_table", "segmentation_curves"]
+__all__ = ["BUDGET_FRACTION", "MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
+           "pruned_resnet50", "table4"]
 
 # =============================================================================================
 # Section 5.4 / Table 4

@@ -13,7 +13,7 @@ import torch
 
 from scipy.stats import kendalltau
 
-from spvr_lib import store
+from spvr_lib import models, store, train
 from spvr_lib.criteria import kl_loss, spvr_loss
 
 
@@ -71,18 +71,14 @@ class GuyonSetup:
                 raise ValueError(f"{f}={getattr(self, f)!r}; expected a positive integer")
 
 
-def _train_mlp(x: torch.Tensor, y: torch.Tensor, setup: GuyonSetup, seed: int) -> torch.nn.Module:
-    from spvr_lib.models import build
-
-    torch.manual_seed(seed)
-    model = build({"arch": "mlp", "in_features": setup.n_features, "hidden": [setup.hidden], "num_classes": 2})
-    opt = torch.optim.Adam(model.parameters(), lr=setup.lr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(setup.epochs):
-        for idx in torch.randperm(len(x), generator=g).split(setup.batch_size):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+def train_mlp(x: torch.Tensor, y: torch.Tensor, setup: GuyonSetup, seed: int) -> torch.nn.Module:
+    """Appendix A's MLP (one hidden ReLU layer, 2 outputs) trained with Adam at a constant lr by the one
+    training loop (``train.fit``); returned in eval mode."""
+    model = models.build({"arch": "mlp", "in_features": setup.n_features, "hidden": [setup.hidden], "num_classes": 2})
+    recipe = train.Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr, weight_decay=0.0,
+                          optimizer="adam", schedule="constant", augment=False, mode="scratch")
+    samples = torch.utils.data.TensorDataset(x, y)
+    train.fit(model, samples, samples, recipe, seed=seed, device="cpu", progress=False)
     return model.eval()
 
 
@@ -111,7 +107,7 @@ def guyon_run(setup: GuyonSetup, seed: int) -> dict[str, Any]:
         X = (X - mu) / sd
     x = torch.tensor(X, dtype=torch.float32)
     y = torch.tensor(Y, dtype=torch.long)
-    model = _train_mlp(x[train_idx], y[train_idx], setup, seed)
+    model = train_mlp(x[train_idx], y[train_idx], setup, seed)
     p, pm = masked_hidden_outputs(model, x[score_idx])
     ref = y[score_idx] if setup.reference == "labels" else p.argmax(1)
     ground_truth = (pm.argmax(2) != ref.unsqueeze(0)).sum(1).double()   # misclassifications per masked neuron

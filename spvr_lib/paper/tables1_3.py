@@ -28,8 +28,6 @@ seeds per method the verdict is "n/a".
 """
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,17 +38,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spvr_lib import baselines, models, prune
+from spvr_lib import baselines, models, prune, train
 from spvr_lib.paper import base_models
 from spvr_lib.paper import plots
 from spvr_lib.paper import reference
 from spvr_lib import store
 from spvr_lib.paper import stats
 
-__all__ = ["TABLE1_METHODS", "DISPLAY_NAMES", "PAPER_TABLE1", "PAPER_TABLE2", "PAPER_TABLE3", "NOISE_RULE",
-           "parameter_budget", "rcp_samples", "pruned_network", "save_pruned", "load_pruned", "trained_accuracy",
-           "accuracy_runs", "summarize", "within_noise", "noise_verdict", "table1", "highest_uncollapsed_rate",
-           "table2", "table3", "latency_runs", "latency_claims", "accuracy_figure", "latency_figure"]
+__all__ = ["TABLE1_METHODS", "DISPLAY_NAMES", "parameter_budget", "rcp_samples", "pruned_network",
+           "trained_accuracy", "accuracy_runs", "summarize", "table1",
+           "highest_uncollapsed_rate", "table2", "table3", "accuracy_figure"]
 
 TABLE1_METHODS = (*baselines.BASELINES, "spvr")             # the paper's column order: l1 ... otov2, SPvR
 DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
@@ -94,53 +91,9 @@ def _conv_widths(model: nn.Module) -> list[int]:
 
 
 # --------------------------------------------------------------------------- pruned-network files
-_SHAPE_ATTRS = {nn.Conv2d: ("in_channels", "out_channels", "groups"), nn.BatchNorm2d: ("num_features",),
-                nn.Linear: ("in_features", "out_features")}
-
-
-def _shape_attrs(module: nn.Module) -> tuple[str, ...]:
-    return next((a for t, a in _SHAPE_ATTRS.items() if isinstance(module, t)), ())
-
-
 def pruned_dir() -> Path:
     """``data/pruned/``: pruned baseline networks, beside the run cache."""
     return store.cache_dir().parent / "pruned"
-
-
-def save_pruned(model: nn.Module, path: str | Path) -> Path:
-    """Write a pruned network as {"attrs": {module: {shape attribute: int}}, "state": state_dict}, atomically.
-
-    torch-pruning's own ``tp.state_dict`` pickles every module's ``__dict__`` (hooks and all) and
-    cannot be read back with ``torch.load(weights_only=True)``; this format can (ints and tensors only).
-    """
-    attrs = {name: {a: int(getattr(m, a)) for a in _shape_attrs(m)} for name, m in model.named_modules()
-             if _shape_attrs(m)}
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return store.atomic_torch_save({"attrs": attrs, "state": state}, path)
-
-
-def load_pruned(base_spec: dict, path: str | Path) -> nn.Module:
-    """The pruned network written by :func:`save_pruned` from a network built with ``base_spec``: its
-    layers are resized to the stored shapes and the stored weights loaded strictly (CPU, eval mode)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"pruned network file {str(path)!r} does not exist")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = models.build(base_spec)
-    modules = dict(model.named_modules())
-    for name, attrs in saved["attrs"].items():
-        for a, v in attrs.items():
-            setattr(modules[name], a, v)
-    for key, value in saved["state"].items():
-        owner, _, leaf = key.rpartition(".")
-        m = modules[owner]
-        if leaf in m._parameters:
-            m._parameters[leaf] = nn.Parameter(value.clone(), requires_grad=m._parameters[leaf].requires_grad)
-        elif leaf in m._buffers:
-            m._buffers[leaf] = value.clone()
-    model.load_state_dict(saved["state"], strict=True)
-    del model.spec                      # per-layer widths no longer match a spec (as baselines.prune leaves it)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- pruning
@@ -189,7 +142,7 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
         res = baselines.prune(method, base, calib, keep=budget, group_size=setup.group_size, seed=prune_seed,
                               progress=progress, **kw)
         if res.status == "ok":
-            save_pruned(res.model, weights)
+            models.save_network(res.model, weights, spec=base_rec["spec"])
             built["model"] = res.model.eval()
         return {"method": method, "rate": rate, "budget": res.budget, "params_before": res.params_before,
                 "params_after": res.params_after, "status": res.status, "error": res.error, "notes": res.notes,
@@ -197,7 +150,7 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
                 "arch": None if res.model is None else ", ".join(map(str, _conv_widths(res.model))),
                 "weights": str(weights.name)}
 
-    stale = record_path.exists() and json.loads(record_path.read_text()).get("status") == "ok" \
+    stale = record_path.exists() and store.read_record(record_path).get("status") == "ok" \
         and not weights.exists()
     rec = store.cached(pkey, compute, kind="baseline", refresh=stale)
     info = {k: rec.get(k) for k in ("method", "rate", "budget", "params_before", "params_after", "status", "error",
@@ -205,26 +158,16 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
     info.update(hash=rec["hash"], rate=rate)     # a rate with the same budget shares the record
     if rec["status"] != "ok":
         return None, info
-    model = built.get("model") or load_pruned(base_rec["spec"], weights)
+    model = built.get("model") or models.load_network(weights).eval()
     return model, info
 
 
 # --------------------------------------------------------------------------- training
-def _fit(model: nn.Module, train_set: Any, test_set: Any, recipe: Any, seed: int, checkpoint: Path,
-         progress: bool, reinit: Any) -> dict[str, Any]:
-    """``train.fit`` (one indirection so tests can count the training runs)."""
-    from spvr_lib import train
-
-    return train.fit(model, train_set, test_set, recipe, seed=seed, checkpoint=checkpoint, progress=progress,
-                     reinit=reinit)
-
-
 def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str,
                      progress: bool = True) -> dict[str, Any]:
-    """Prune with ``method`` at ``rate``, train with the common recipe, and return the cached record.
+    """Prune with ``method`` at ``rate``, train with the common recipe, and return the record.
 
-    ``mode``: "finetune" keeps the pruned weights, "scratch" re-initialises (``models.reinitialize``
-    for SPvR, ``baselines.reinitialize_any`` for a pruned baseline).  SPvR always trains from scratch,
+    ``mode``: "finetune" keeps the pruned weights, "scratch" re-initialises (``models.reinitialize``).  SPvR always trains from scratch,
     whatever ``mode`` says (the record's ``mode`` is the one used).  The recipe is
     ``base_models.recipe(setup, lr=<the base model's searched lr>, mode)`` for every method; training
     writes a per-epoch checkpoint under ``data/checkpoints`` so an interrupted run resumes.
@@ -233,8 +176,6 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     history, wall_s.  A method that cannot prune is a cached record with status "failed"; an
     exception while training propagates (nothing is cached, so a rerun retries).
     """
-    from spvr_lib import data, train
-
     _check_method(method)
     rate = _check_rate(rate)
     _check_mode(mode)
@@ -244,33 +185,22 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     lr = float(base_rec["key"]["recipe"]["lr"])
     recipe = base_models.recipe(setup, lr=lr, mode=mode)
     budget = parameter_budget(base_rec["params"], rate)
-    ckey = {"base": base_rec["hash"], "method": method, "rate": rate, "budget": budget, "seed": int(seed),
-            "mode": mode, "recipe": recipe.to_dict(), "dataset": setup.dataset,
-            "per_class_train": setup.train_subset, "per_class_test": setup.test_subset,
-            "rcp_samples": rcp_samples(cfg) if method == "rcp" else None, "group_size": setup.group_size}
-    checkpoint = train.checkpoint_dir() / f"{store.cache_path(ckey, kind='compare').stem}.pt"
-
-    def compute() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        model, info = pruned_network(cfg, key, method, rate, seed=0, progress=progress)
-        out = {"model": key, "method": method, "rate": rate, "seed": int(seed), "mode": mode, "lr": lr,
-               "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
-               "status": info["status"], "error": info["error"], "notes": info["notes"], "arch": info["arch"],
-               "prune_hash": info["hash"], "top1": None, "top5": None, "history": []}
-        if info["status"] != "ok":
-            return out
-        train_set = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset,
-                                      seed=seed)
-        test_set = data.load_dataset(setup.dataset, "test", augment=False, per_class=setup.test_subset, seed=seed)
-        reinit = models.reinitialize if method == "spvr" else baselines.reinitialize_any
-        fit = _fit(model, train_set, test_set, recipe, int(seed), checkpoint, progress, reinit)
-        out.update(top1=fit["top1"], top5=fit["top5"], history=fit["history"],
-                   wall_s=round(time.perf_counter() - t0, 3))
+    model, info = pruned_network(cfg, key, method, rate, seed=0, progress=progress)
+    out = {"model": key, "method": method, "rate": rate, "seed": int(seed), "mode": mode, "lr": lr,
+           "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
+           "status": info["status"], "error": info["error"], "notes": info["notes"], "arch": info["arch"],
+           "prune_hash": info["hash"], "top1": None, "top5": None, "history": []}
+    if info["status"] != "ok":
         return out
-
-    record = store.cached(ckey, compute, kind="compare")
-    checkpoint.unlink(missing_ok=True)          # finished and recorded
-    return record
+    # the pruned network, described for the one cached training run: SPvR's by its spec, a baseline's by
+    # the base spec and its layer shapes (fine-tuning starts from its weights, scratch re-initialises)
+    spec = getattr(model, "spec", None) or base_rec["spec"]
+    shapes = None if hasattr(model, "spec") else models.network_shapes(model)
+    init_state = model.state_dict() if mode == "finetune" else None
+    rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
+                          init_state=init_state, tag=method, progress=progress, shapes=shapes)
+    out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"])
+    return out
 
 
 _RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "method", "name", "seed", "mode", "top1", "top5",

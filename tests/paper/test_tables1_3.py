@@ -12,7 +12,6 @@ from spvr_lib.paper import base_models
 from spvr_lib.paper import figure1
 from spvr_lib.paper import stats
 from spvr_lib.paper import tables1_3
-from spvr_lib import ranking
 
 TINY = scales.Scale(name="smoke", seeds=(0,), models={
     "vgg16": scales.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=32, lr=0.05,
@@ -37,7 +36,7 @@ def cache(tmp_path_factory):
 
 def fake_fit(calls):
     """Stands in for train.fit: counts the calls, raises on the ones listed in ``calls["raise_on"]``."""
-    def fit(model, train_set, test_set, recipe, seed, checkpoint, progress, reinit):
+    def fit(model, train_set, test_set, recipe, seed=0, checkpoint=None, **kwargs):
         calls["n"] += 1
         assert checkpoint.parent == train.checkpoint_dir()     # an interrupted training resumes from here
         if calls["n"] in calls.get("raise_on", ()):
@@ -88,19 +87,19 @@ def test_save_and_load_pruned_resnet_round_trip(tmp_path):
     calib = (torch.randn(8, 1, 32, 32), torch.arange(8) % 10)
     res = baselines.prune("l2", base, calib, keep=0.4, group_size=2, progress=False)
     assert res.status == "ok"
-    path = tables1_3.save_pruned(res.model, tmp_path / "net.pt")
+    path = models.save_network(res.model, tmp_path / "net.pt", spec=spec)
     torch.load(path, weights_only=True)                       # readable without unpickling code
-    loaded = tables1_3.load_pruned(spec, path)
+    loaded = models.load_network(path).eval()
     assert models.count_params(loaded) == res.params_after < models.count_params(base)
     x = torch.randn(2, 1, 32, 32)
     assert torch.equal(res.model.eval()(x), loaded(x))
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        tables1_3.load_pruned(spec, tmp_path / "missing.pt")
+        models.load_network(tmp_path / "missing.pt")
 
 
 def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache, monkeypatch):
     calls = {"n": 0, "raise_on": (2,)}
-    monkeypatch.setattr(tables1_3, "_fit", fake_fit(calls))
+    monkeypatch.setattr(train, "fit", fake_fit(calls))
     methods, seeds = ["l1", "l2", "spvr"], [0, 1]
     first = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 6 and len(first) == 6
@@ -121,7 +120,7 @@ def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache,
 
 
 def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
-    monkeypatch.setattr(tables1_3, "_fit", fake_fit({"n": 0}))
+    monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
     runs = tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], [0], "finetune", progress=False)
     assert runs.set_index("method").loc["otov2", "error"] == baselines.OTOV2_UNAVAILABLE   # full reason per run
     t = tables1_3.table1(TINY, ["vgg16"], ["l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
