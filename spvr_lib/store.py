@@ -186,13 +186,13 @@ def _in_code_roots(filename: str) -> bool:
 
 
 def _tracer(frame: Any, event: str, arg: Any, _traces: list = _traces, _roots: list = CODE_ROOTS,
-            _sep: str = os.sep) -> None:
+            _sep: str = os.sep, _self: str = __file__) -> None:
     # a "call" event per Python function entered; returning None asks for no line events.  Everything
     # it uses is bound as a default, so it still works while the interpreter tears modules down.
     if event == "call":
         code = frame.f_code
         name = code.co_filename
-        if code.co_name != "<module>" and any(name.startswith(str(r) + _sep) for r in _roots):
+        if code.co_name != "<module>" and name != _self and any(name.startswith(str(r) + _sep) for r in _roots):
             for files in _traces:
                 files.add(name)
     return None
@@ -215,7 +215,8 @@ class CodeTrace:
 
     Traces nest: an inner trace's files are also added to every enclosing one, and
     :meth:`add` (used by :func:`cached` for a record it reuses) adds files to all open traces.
-    Module-level code (imports) is not counted: a file counts when one of its functions runs.
+    Module-level code (imports) is not counted: a file counts when one of its functions runs.  This
+    module itself is not counted either: the cache's bookkeeping does not change what is computed.
     """
 
     def __init__(self) -> None:
@@ -323,7 +324,7 @@ def code_fingerprint(files: Iterable[str]) -> dict[str, str]:
 def stale_code(fingerprint: Mapping[str, str] | None) -> list[str]:
     """The files of ``fingerprint`` that changed or vanished since it was taken (["<no fingerprint>"]
     when there is none: the record predates fingerprints)."""
-    if not fingerprint:
+    if fingerprint is None:
         return ["<no code fingerprint>"]
     return [name for name, sha in fingerprint.items() if _source_sha(_code_path(name)) != sha]
 

@@ -68,7 +68,7 @@ def latency_figure(lat: pd.DataFrame, batch_sizes: Sequence[int] | None = None, 
     ok = lat[lat["status"] == "ok"]
     model_keys = list(dict.fromkeys(lat["model"]))
     batch_sizes = list(batch_sizes or sorted(ok["batch_size"].unique()))
-    with plt.rc_context(plots.PAPER_STYLE):
+    with plt.rc_context(plots.PLOT_STYLE):
         fig, axes = plt.subplots(len(batch_sizes), len(model_keys), figsize=(4.6 * len(model_keys),
                                                                             3.4 * len(batch_sizes)), squeeze=False)
     for i, b in enumerate(batch_sizes):

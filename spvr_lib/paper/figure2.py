@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spvr_lib.paper.plots import PAPER_STYLE
+from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.train import train_run
 from spvr_lib.paper import base_models
 from spvr_lib.paper import reference
@@ -124,7 +124,7 @@ def figure2(table: pd.DataFrame, top5_for: Sequence[str] = ("resnet34", "resnet5
     ranking's network against d on the left axis (error bars: std over seeds), pruning time of the
     fast and the naive ranking on a logarithmic right axis.  Failed rows are left out of the lines."""
     keys = list(dict.fromkeys(table["model"]))
-    with plt.rc_context(PAPER_STYLE):
+    with plt.rc_context(PLOT_STYLE):
         fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.2), squeeze=False)
         for ax, key in zip(axes[0], keys):
             sub = table[(table["model"] == key) & (table["status"] == "ok")].sort_values("d")

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 import matplotlib.pyplot as plt
 import pandas as pd
 
-PAPER_STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
+PLOT_STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False,
                "axes.spines.right": False, "font.size": 9}
 
 
 def rank_scatter(ranks: pd.DataFrame, criteria: Sequence[str] = ("SPvR", "KL"),
                  truth: str = "ground truth", taus: dict[str, float] | None = None) -> plt.Figure:
     """One panel per criterion: each neuron's ground-truth rank (x) against its rank under the criterion (y)."""
-    with plt.rc_context(PAPER_STYLE):
+    with plt.rc_context(PLOT_STYLE):
         fig, axes = plt.subplots(1, len(criteria), figsize=(3.2 * len(criteria), 3.2), sharey=True)
         axes = [axes] if len(criteria) == 1 else list(axes)
         n = len(ranks)
@@ -33,7 +33,7 @@ def heatmap_by_group(C, groups: Sequence[Sequence[int]], title: str = "") -> plt
 
     order = [i for g in groups for i in g]
     Cm = np.asarray(C)[np.ix_(order, order)]
-    with plt.rc_context(PAPER_STYLE):
+    with plt.rc_context(PLOT_STYLE):
         fig, ax = plt.subplots(figsize=(4.4, 3.8))
         im = ax.imshow(Cm, cmap="RdBu_r", vmin=-1, vmax=1, interpolation="nearest")
         edge = 0
@@ -51,7 +51,7 @@ def heatmap_by_group(C, groups: Sequence[Sequence[int]], title: str = "") -> plt
 def lines(df: pd.DataFrame, x: str, y: str, hue: str, yerr: str | None = None, title: str = "",
           xlabel: str | None = None, ylabel: str | None = None, ax=None, logy: bool = False) -> plt.Figure:
     """One line per ``hue`` value of ``y`` against ``x`` (with error bars from ``yerr``)."""
-    with plt.rc_context(PAPER_STYLE):
+    with plt.rc_context(PLOT_STYLE):
         if ax is None:
             fig, ax = plt.subplots(figsize=(4.6, 3.2))
         else:

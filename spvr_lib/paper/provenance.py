@@ -74,6 +74,10 @@ class NotebookRun:
             rec["extra"] = clash
         return rec
 
+    def close(self) -> None:
+        """Stop recording the code that runs (a notebook's run ends with its kernel; tests call this)."""
+        self.trace.stop()
+
     def table(self, df: Any, name: str, floatfmt: str = ".4g", **extra: Any) -> Path:
         """Write ``df`` (a pandas DataFrame) as ``<name>.csv`` and ``<name>.md``; returns the CSV path."""
         csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))

@@ -17,6 +17,11 @@ WORKED_P_MASKED = [[0.1, 0.6, 0.3], [0.01, 0.1, 0.89], [0.1, 0.8, 0.1]]
 WORKED_PAPER = {"KL": [0.20, 0.32, 0.78], "L": [1.3, 0.29, 1.5]}
 
 
+# Appendix A: the setup of the Guyon experiment as the paper states it (samples, features, label noise,
+# hidden ReLU units, Adam's learning rate).
+GUYON_SETUP = dict(n_samples=1000, n_features=100, flip_y=0.02, hidden=64, lr=1e-3)
+
+
 # Appendix A, Table 5: Kendall tau of each criterion's neuron ranking against the ground truth.
 TABLE5_PAPER = {"SPvR": 0.861, "KL": 0.586}
 

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from spvr_lib.paper import reference
+
 SCALE_NAMES = ("smoke", "cpu", "paper")
 
 
@@ -67,7 +69,6 @@ class Scale:
         return dataclasses.asdict(self)
 
 
-_GUYON_PAPER = dict(n_samples=1000, n_features=100, flip_y=0.02, hidden=64, lr=1e-3)
 # Table 5's sensitivity table: each choice the paper leaves unstated, varied one at a time
 _GUYON_VARIATIONS = {"epochs": [1, 10, 30], "batch_size": [128], "test_fraction": [0.2],
                      "reference": ["labels"]}
@@ -114,7 +115,7 @@ SMOKE = Scale(
                                lr_grid=(0.05,), group_size=8, rates=(0.4, 0.7, 0.8, 0.95), train_rates=(0.8,),
                                calib_per_class=4, train_subset=20, test_subset=10, stem="imagenet", table3_rate=0.8),
     },
-    guyon=dict(_GUYON_PAPER, epochs=5, batch_size=32, n_seeds=2, variations={"reference": ["labels"]}),
+    guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=2, variations={"reference": ["labels"]}),
     notebook_timeout_s=900,
     rcp_samples=4, latency_runs=20, latency_warmup=5, segmentation=_SEGMENTATION["smoke"],
 )
@@ -141,7 +142,7 @@ CPU = Scale(
                                train_rates=(0.4, 0.8), calib_per_class=20, train_subset=200, test_subset=100,
                                stem="imagenet", table3_rate=0.8),
     },
-    guyon=dict(_GUYON_PAPER, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
+    guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
     notebook_timeout_s=3 * 3600,
     rcp_samples=20, latency_runs=300, latency_warmup=30, segmentation=_SEGMENTATION["cpu"],
 )
@@ -160,7 +161,7 @@ PAPER = Scale(
                                rates=(0.4, 0.7, 0.8, 0.95), train_rates=(0.4, 0.7, 0.8), calib_per_class=20,
                                weight_decay=1e-4, stem="imagenet", table3_rate=0.8),
     },
-    guyon=dict(_GUYON_PAPER, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
+    guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
     notebook_timeout_s=7 * 24 * 3600,
     num_workers=8,
     rcp_samples=20, latency_runs=1500, latency_warmup=50, segmentation=_SEGMENTATION["paper"],

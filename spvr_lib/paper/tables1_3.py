@@ -509,7 +509,7 @@ def accuracy_figure(summary: pd.DataFrame, metric: str = "top1", title: str = ""
 
     ok = summary[summary[f"{metric} mean"].notna()]
     model_keys = list(dict.fromkeys(summary["model"]))
-    with plt.rc_context(plots.PAPER_STYLE):
+    with plt.rc_context(plots.PLOT_STYLE):
         fig, axes = plt.subplots(1, len(model_keys), figsize=(4.6 * len(model_keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], model_keys):
         sub = ok[ok["model"] == key].assign(err=lambda d: d[f"{metric} std"].fillna(0.0))

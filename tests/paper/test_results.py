@@ -1,5 +1,6 @@
 """Atomic writes, provenance beside every artifact, the run cache, and the README generator."""
 import json
+import sys
 
 import pandas as pd
 import pytest
@@ -55,8 +56,44 @@ def test_notebook_run_writes_artifacts_with_provenance(tmp_path, monkeypatch):
     run.table(pd.DataFrame({"a": [1]}), "u", device=["cpu"], threads=1)   # extras never clobber standard fields
     prov = json.loads((out / "u.provenance.json").read_text())
     assert isinstance(prov["device"], dict) and prov["extra"] == {"device": ["cpu"]} and prov["threads"] == 1
+    run.close()
     with pytest.raises(ValueError, match="scale='huge'"):
         provenance.NotebookRun("99_test", "huge")
+
+
+def test_check_lists_artifacts_whose_code_or_files_changed(tmp_path, monkeypatch, capsys):
+    """``reproduce --check``: an artifact is stale once a source file that ran for it changes."""
+    root = tmp_path / "mycode"
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "alpha.py").write_text("def rows():\n    return [1, 2]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    store.CODE_ROOTS.append(root)
+    try:
+        monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+        import mycode.alpha
+        run = provenance.NotebookRun("99_test", "cpu")
+        run.table(pd.DataFrame({"a": mycode.alpha.rows()}), "t")
+        run.table(pd.DataFrame({"b": [3]}), "u")
+        run.close()
+        prov = json.loads((tmp_path / "figures" / "cpu" / "t.provenance.json").read_text())
+        assert "mycode/alpha.py" in prov["code"] and "spvr_lib/paper/reference.py" in prov["code"]
+        assert reproduce.main(["--check", "--scale", "cpu"]) == 0
+        assert "all 2 artifacts under figures/cpu/ match the current code" in capsys.readouterr().out
+
+        (root / "alpha.py").write_text("def rows():\n    return [1, 2, 3]\n")      # the code behind t and u
+        (tmp_path / "figures" / "cpu" / "u.csv").write_text("b\n4\n")           # a hand-edited result
+        assert reproduce.main(["--check", "--scale", "cpu"]) == 1
+        out = capsys.readouterr().out
+        assert "stale  t: code changed: mycode/alpha.py" in out
+        assert "u.csv differs from its recorded sha256" in out and "2 of 2 artifacts" in out
+        (tmp_path / "figures" / "cpu" / "v.provenance.json").write_text("{")   # unreadable: named, stale
+        assert provenance.stale_artifacts("cpu")[-1]["artifact"] == "v"
+        assert reproduce.main(["--check", "--scale", "huge"]) == 2
+    finally:
+        store.CODE_ROOTS.remove(root)
+        sys.modules.pop("mycode.alpha", None)
+        sys.modules.pop("mycode", None)
 
 
 def test_readme_section_is_generated_from_artifacts(tmp_path, monkeypatch):
