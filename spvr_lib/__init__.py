@@ -19,10 +19,23 @@ from spvr_lib.baselines import prune as prune_baseline
 from spvr_lib.budget import apply_budget, budget_from_keep
 from spvr_lib.criteria import CRITERIA, kl_loss, spvr_loss
 from spvr_lib.devices import resolve_device
-from spvr_lib.grouping import correlation_matrix, group_neurons, record_activations, reduce_feature_maps
+from spvr_lib.grouping import (
+                             correlation_matrix,
+                             group_neurons,
+                             record_activations,
+                             reduce_feature_maps,
+)
 from spvr_lib.latency import count_macs, measure_latency
-from spvr_lib.models import (build, count_params, load_network, preset, reinitialize, save_network,
-                             spec_params, spec_to_str)
+from spvr_lib.models import (
+                             build,
+                             count_params,
+                             load_network,
+                             preset,
+                             reinitialize,
+                             save_network,
+                             spec_params,
+                             spec_to_str,
+)
 from spvr_lib.prune import PruneResult, inherit_weights, layer_groups, spvr_prune
 from spvr_lib.ranking import group_importance, mask_output
 from spvr_lib.tasks import CLASSIFICATION, SEGMENTATION, Task

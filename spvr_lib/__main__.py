@@ -16,7 +16,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from spvr_lib import store
+
+from spvr_lib import data, models, store
+from spvr_lib.budget import budget_from_keep
+from spvr_lib.prune import spvr_prune
 
 _COMMANDS = ("prune",)
 
@@ -86,9 +89,6 @@ def _load_state(path: Path) -> dict[str, Any]:
 def _prune(args: argparse.Namespace) -> int:
     import torch
 
-    from spvr_lib import data, models
-    from spvr_lib.budget import budget_from_keep
-    from spvr_lib.prune import spvr_prune
 
     t0 = time.perf_counter()
     for flag, value in (("--group-size", args.group_size), ("--calib-per-class", args.calib_per_class)):
@@ -151,7 +151,7 @@ def _prune(args: argparse.Namespace) -> int:
                         method=args.method, progress=not args.no_progress)
     out = args.out
     store.atomic_write_json(out / "spec.json", result.spec)
-    store.atomic_torch_save({k: v.detach().cpu() for k, v in result.model.state_dict().items()}, out / "model.pt")
+    models.save_network(result.model, out / "model.pt")        # model.pt + model.pt.json (load_network)
     store.atomic_write_text(out / "scores.csv", result.scores.to_csv(index=False))
     summary = {
         "model": name, "checkpoint": str(args.checkpoint), "checkpoint_sha256": store.file_sha256(args.checkpoint),

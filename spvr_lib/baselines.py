@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
+from spvr_lib.ranking import group_importance
 
 __all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
@@ -440,7 +441,6 @@ def _nisp_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
 def _curl_scores(work: nn.Module, x: Tensor, group_size: int, batch_size: int,
                  progress: bool) -> dict[nn.Module, Tensor]:
     """KL score of masking each group of ``group_size`` consecutive channels, spread to its channels."""
-    from spvr_lib.ranking import group_importance
     spec = getattr(work, "spec", None)
     if spec is None:
         raise _MethodFailure("CURL masks the prunable layers of a spvr_lib.models.build model (model.spec); "

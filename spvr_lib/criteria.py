@@ -2,10 +2,8 @@
 divergence it is compared with (Section 3.1.1, Appendix A)."""
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
-
 
 
 def _check_probs(p: Tensor, p_masked: Tensor) -> None:

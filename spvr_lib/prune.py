@@ -43,10 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from spvr_lib import models
-from spvr_lib.grouping import correlation_matrix, group_neurons, record_activations, reduce_feature_maps
-from spvr_lib.criteria import CRITERIA
-from spvr_lib.ranking import RANKING_PATHS, group_importance
 from spvr_lib.budget import apply_budget, budget_from_keep
+from spvr_lib.criteria import CRITERIA
+from spvr_lib.grouping import (
+    correlation_matrix,
+    group_neurons,
+    record_activations,
+    reduce_feature_maps,
+)
+from spvr_lib.ranking import RANKING_PATHS, group_importance
+from spvr_lib.store import canonical_json
 
 __all__ = ["layer_groups", "apply_budget", "PruneResult", "spvr_prune", "inherit_weights",
            "budget_from_keep", "model_spec"]
@@ -287,6 +293,5 @@ def inherit_weights(original: nn.Module, result: PruneResult) -> nn.Module:
 
 
 def canonical(spec: dict) -> str:
-    from spvr_lib.store import canonical_json
 
     return canonical_json(spec)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from spvr_lib import criteria
+
+from spvr_lib import criteria, models
 
 __all__ = ["mask_output", "group_importance", "RANKING_PATHS"]
 
@@ -98,7 +99,6 @@ def _check_groups(groups: Mapping[str, Sequence[Sequence[int]]]) -> dict[str, li
 
 def _resolve_targets(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, nn.Module], dict[str, object]]:
     """For each key: the module whose output is masked, and the models.PrunableLayer (or None)."""
-    from spvr_lib import models
 
     layers = {}
     spec = getattr(model, "spec", None)
@@ -283,7 +283,6 @@ def _foldable(model: nn.Module) -> bool:
 
 
 def _fast_plan(model: nn.Module) -> "_Plan | None":
-    from spvr_lib import models
 
     spec = getattr(model, "spec", None)
     if not isinstance(spec, dict) or not _foldable(model):

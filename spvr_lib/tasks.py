@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 __all__ = ["IGNORE_INDEX", "Task", "CLASSIFICATION", "SEGMENTATION", "task_named", "confusion_matrix", "mean_iou"]
 
 IGNORE_INDEX = 255

@@ -45,7 +45,6 @@ from spvr_lib import data, models, store
 from spvr_lib.devices import resolve_device
 from spvr_lib.tasks import CLASSIFICATION, Task, task_named
 
-
 MODES = ("scratch", "finetune")
 OPTIMIZERS = ("sgd", "adam")      # SGD with momentum (Section 4.3); Adam for Appendix A's MLP
 SCHEDULES = ("cosine", "constant")
@@ -577,7 +576,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from spvr_lib import models
 
     t0 = time.perf_counter()
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

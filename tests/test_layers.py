@@ -93,3 +93,14 @@ def test_each_mechanism_exists_once():
 def test_every_number_quoted_from_the_paper_lives_in_reference():
     quoted = _top_level_defs(r"(PAPER_\w+|\w+_PAPER(_\w+)?)")
     assert quoted and all(where == ["paper/reference.py"] for where in quoted.values()), quoted
+
+
+def test_command_lines_run_as_modules():
+    """Every ``python -m`` entry point the Makefile and README use starts (a package needs its __main__)."""
+    for module, args, expect in (("spvr_lib.data", ["ensure", "fashion-mnist"], "fashion-mnist: "),
+                                 ("spvr_lib.reproduce", ["--help"], "--check"),
+                                 ("spvr_lib.bench", ["--help"], "ranking"),
+                                 ("spvr_lib", ["prune", "--help"], "--keep"),
+                                 ("spvr_lib.train", ["--help"], "--preset")):
+        out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
+        assert out.returncode == 0 and expect in out.stdout, (module, out.stderr[-500:])

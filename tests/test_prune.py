@@ -418,7 +418,8 @@ def test_cli_prune_end_to_end(tmp_path, monkeypatch):
                "--data", "fashion-mnist", "--keep", "0.3", "--group-size", "4", "--out", str(out),
                "--calib-per-class", "2", "--no-progress"])
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "scores.csv", "spec.json", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt", "model.pt.json", "scores.csv", "spec.json",
+                                                              "summary.json"]
     new_spec = json.loads((out / "spec.json").read_text())
     summary = json.loads((out / "summary.json").read_text())
     new = models.build(new_spec)

@@ -36,14 +36,39 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .common import (DATA_DIR, DATASETS, SPLITS, DatasetInfo, ImageClassification, ImageSegmentation, InMemoryImages, LabeledSubset, _check_split, dataset_info, normalize_uint8, random_crop_flip)  # noqa: F401
-from .fashionmnist import (FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNISTScenes, ensure_fashion_mnist, fashion_mnist, read_fashion_mnist, read_idx)  # noqa: F401
 from .cifar10 import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD, cifar10  # noqa: F401
-from .tiny_imagenet import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, TinyImageNet  # noqa: F401
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder  # noqa: F401
-from .cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_IGNORE, CITYSCAPES_TRAIN_IDS, Cityscapes  # noqa: F401
+from .cityscapes import (  # noqa: F401
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_IGNORE,
+    CITYSCAPES_TRAIN_IDS,
+    Cityscapes,
+)
+from .common import (  # noqa: F401
+    DATA_DIR,
+    DATASETS,
+    SPLITS,
+    DatasetInfo,
+    ImageClassification,
+    ImageSegmentation,
+    InMemoryImages,
+    LabeledSubset,
+    _check_split,
+    dataset_info,
+    normalize_uint8,
+    random_crop_flip,
+)
+from .fashionmnist import (  # noqa: F401
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FashionMNISTScenes,
+    ensure_fashion_mnist,
+    fashion_mnist,
+    read_fashion_mnist,
+    read_idx,
+)
 from .guyon import make_guyon  # noqa: F401
-
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, ImageNetFolder  # noqa: F401
+from .tiny_imagenet import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, TinyImageNet  # noqa: F401
 
 # --------------------------------------------------------------------------- registry
 
@@ -199,7 +224,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"fashion-mnist: {folder}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

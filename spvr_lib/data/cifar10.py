@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import (DATA_DIR, InMemoryImages, _check_split, _subfolder)
+from .common import DATA_DIR, InMemoryImages, _check_split, _subfolder
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -8,9 +8,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .common import ImageSegmentation, _check_split, _read_rgb_uint8, normalize_uint8
 from .imagenet import IMAGENET_MEAN, IMAGENET_STD
-from .common import (ImageSegmentation, _check_split, _read_rgb_uint8, normalize_uint8)
-
 
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
                       "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",

@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 
 from spvr_lib.store import REPO_ROOT
 
-
 SPLITS = ("train", "test")
 
 

@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import (DATA_DIR, ImageSegmentation, InMemoryImages, _check_split, normalize_uint8)
+from .common import (
+    DATA_DIR,
+    ImageSegmentation,
+    InMemoryImages,
+    _check_split,
+    normalize_uint8,
+)
 
 FASHION_MNIST_MEAN_28, FASHION_MNIST_STD_28 = 0.2860, 0.3530  # train set, 28x28 images in [0, 1]
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2190, 0.3318        # the same pixels zero-padded to 32x32

@@ -1,9 +1,7 @@
 """The Guyon (2003) synthetic classification data of Appendix A, via sklearn's make_classification."""
 from __future__ import annotations
 
-
 import numpy as np
-
 
 
 def make_guyon(n_samples: int = 1000, n_features: int = 100, flip_y: float = 0.02, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

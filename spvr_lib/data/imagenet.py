@@ -6,7 +6,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .common import (_open_rgb)
+from .common import _open_rgb
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import (ImageClassification, _check_split, _read_rgb_uint8, _subfolder)
+from .common import ImageClassification, _check_split, _read_rgb_uint8, _subfolder
 
 TINY_IMAGENET_MEAN, TINY_IMAGENET_STD = (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)
 

@@ -12,8 +12,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from spvr_lib import store
+from spvr_lib import data, models, store, train
+from spvr_lib.models import build, spec_to_str
 from spvr_lib.paper import reference
+from spvr_lib.prune import spvr_prune
+from spvr_lib.train import Recipe, load_weights, train_run
 
 # ----------------------------------------------------------------- Section 3.1.1: worked example
 
@@ -32,7 +35,6 @@ from spvr_lib.paper import reference
 
 def base_spec(setup: Any) -> dict:
     """The unpruned network of a :class:`scales.ModelSetup`, sized for its dataset."""
-    from spvr_lib import data, models
 
     info = data.dataset_info(setup.dataset)
     kw = {"stem": setup.stem} if setup.stem else {}
@@ -42,7 +44,6 @@ def base_spec(setup: Any) -> dict:
 
 def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Any:
     """The training recipe of a setup (SGD, momentum 0.9, cosine annealing; Section 4.3)."""
-    from spvr_lib.train import Recipe
 
     return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
                   weight_decay=setup.weight_decay, mode=mode, augment=setup.augment)
@@ -52,7 +53,6 @@ def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict 
                 seed: int = 0, progress: bool = True) -> tuple[float, dict[float, float]]:
     """Grid search of the learning rate over ``setup.lr_grid`` on a validation split of the
     training subset (never the test set); cached.  Returns (best lr, {lr: validation top-1})."""
-    from spvr_lib import data, models, train
 
     key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset,
            "grid": list(setup.lr_grid), "recipe": recipe(setup, mode=mode).to_dict(), "seed": seed,
@@ -80,7 +80,6 @@ def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict 
 
 def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record."""
-    from spvr_lib.train import train_run
 
     setup = cfg.model(key)
     spec = base_spec(setup)
@@ -92,7 +91,6 @@ def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict
 
 def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The trained base network (eval mode) and its run record."""
-    from spvr_lib.train import load_weights
 
     rec = train_base(cfg, key, seed, progress=progress)
     return load_weights(rec).eval(), rec
@@ -100,7 +98,6 @@ def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tupl
 
 def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The calibration subset SPvR ranks with: ``calib_per_class`` training images per class."""
-    from spvr_lib import data
 
     setup = cfg.model(key)
     return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
@@ -108,7 +105,6 @@ def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.
 
 def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Notebook 03's table: our base models beside the paper's base rows."""
-    from spvr_lib.models import spec_to_str
 
     rows = []
     for key, rec in records.items():
@@ -123,7 +119,6 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------- SPvR pruning of the base models
 def _prunable_count(spec: dict) -> int:
-    from spvr_lib import models
 
     with torch.device("meta"):
         return len(models.prunable_layers(models.build(spec), spec))
@@ -139,8 +134,6 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
     seconds), ``collapsed`` (whether a layer or stage disappeared) and ``kept`` (channels kept per
     layer, indices into the base network).
     """
-    from spvr_lib import models
-    from spvr_lib.prune import spvr_prune
 
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate={rate!r}; expected the fraction of parameters removed, in (0, 1)")
@@ -151,7 +144,6 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
             "criterion": criterion, "calib_seed": int(seed), "calib_per_class": setup.calib_per_class}
 
     def compute() -> dict[str, Any]:
-        from spvr_lib.train import load_weights
 
         model = load_weights(base_rec).eval()
         x, y = calibration(cfg, key, seed)
@@ -170,7 +162,6 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
 
 def spvr_model(record: dict[str, Any]) -> torch.nn.Module:
     """The freshly initialised network of a :func:`spvr_pruned` record (SPvR trains it from scratch)."""
-    from spvr_lib.models import build
 
     return build(record["spec"])
 

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from spvr_lib.paper import base_models
-from spvr_lib.paper import scales
-from spvr_lib import store
+
+from spvr_lib import data, models, store, train
+from spvr_lib.paper import base_models, scales
+from spvr_lib.prune import layer_groups
+from spvr_lib.ranking import group_importance
 
 
 def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None:
@@ -31,7 +33,6 @@ def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None
 
     Returns (model with those weights, record hash); "best" is the highest top-1.
     """
-    from spvr_lib import models, train
 
     folder = store.cache_dir()
     if not folder.is_dir():
@@ -80,9 +81,6 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
     dataset, group size and calibration samples per class unless given); the JSON record.
     ``model``: the trained network to rank (default: the best cached trained base of that setup,
     else a randomly initialised one)."""
-    from spvr_lib import data, models
-    from spvr_lib.prune import layer_groups
-    from spvr_lib.ranking import group_importance
 
     setup = scales.get_scale(scale).model(model_key)
     group_size = setup.group_size if group_size is None else group_size

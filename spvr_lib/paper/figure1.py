@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spvr_lib import models
-from spvr_lib.paper import base_models, plots
+from spvr_lib import data, latency, models
+from spvr_lib.paper import base_models, plots, tables1_3
 
 
-from spvr_lib.paper import tables1_3
 def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1_3.TABLE1_METHODS,
                  rates: dict[str, Sequence[float]] | None = None, runs: int = 1500, warmup: int = 50,
                  batch_sizes: Sequence[int] = (1, 64), device: str | None = None, threads: int | None = None,
@@ -24,7 +23,6 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1
     belong to the machine they ran on.  One row per (model, rate, method, batch size); a failed method
     is a row with status "failed" and its reason.
     """
-    from spvr_lib import data, latency
 
     keys, methods = list(keys), [tables1_3._check_method(m) for m in methods]
     rows = []

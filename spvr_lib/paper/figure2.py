@@ -20,11 +20,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from spvr_lib.paper import base_models, reference, stats
 from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.train import train_run
-from spvr_lib.paper import base_models
-from spvr_lib.paper import reference
-from spvr_lib.paper import stats
 
 __all__ = ["RANKING_METHODS", "ablation_rate", "base_lr", "train_pruned", "group_size_rows",
            "group_size_table", "figure2"]

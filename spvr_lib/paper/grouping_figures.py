@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from spvr_lib import grouping, models
-
+from spvr_lib.models import build, prunable_layers
 
 
 @torch.no_grad()
@@ -21,7 +21,6 @@ def layer_activations(model: torch.nn.Module, x: torch.Tensor, layer: str, batch
 
 def forward_passes(spec: dict, group_sizes: Sequence[int]) -> pd.DataFrame:
     """Section 3.2's cost: the ranking needs sum_i ceil(m_i / d) forward passes (one per group)."""
-    from spvr_lib.models import build, prunable_layers
 
     with torch.device("meta"):
         widths = [pl.width for pl in prunable_layers(build(spec), spec)]

@@ -10,9 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from spvr_lib.paper.scales import SCALE_NAMES
-from spvr_lib.store import (REPO_ROOT, CacheError, CodeTrace, atomic_write_bytes, atomic_write_json,
-                            atomic_write_text, code_fingerprint, device_info, file_sha256, git_state,
-                            library_versions, read_record, stale_code)
+from spvr_lib.store import (
+    REPO_ROOT,
+    CacheError,
+    CodeTrace,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    code_fingerprint,
+    device_info,
+    file_sha256,
+    git_state,
+    library_versions,
+    read_record,
+    stale_code,
+)
 
 # Harness files whose numbers a notebook reads without running a function of theirs (constants):
 # always part of an artifact's code fingerprint.

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from spvr_lib.paper.scales import get_scale
-from spvr_lib.store import REPO_ROOT
 from spvr_lib.paper.provenance import check_scale, output_dir, stale_artifacts
+from spvr_lib.paper.scales import get_scale
+from spvr_lib.store import REPO_ROOT, atomic_write_text
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -140,7 +140,6 @@ def results_markdown(scale: str) -> str:
 
 def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
     """Replace the text between the README's results markers; returns whether it changed."""
-    from spvr_lib.store import atomic_write_text
 
     text = readme.read_text()
     if README_START not in text or README_END not in text:

@@ -9,16 +9,14 @@ import torch
 from torch import nn
 
 from spvr_lib import data, models, store, train
-from spvr_lib.prune import spvr_prune
-from spvr_lib.paper import reference
+from spvr_lib.paper import reference, scales
 from spvr_lib.paper.stats import _mean_std
+from spvr_lib.prune import spvr_prune
 
 
 def segmentation_settings(scale: str) -> dict[str, Any]:
     """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``config`` (a copy)."""
-    from spvr_lib.paper.scales import get_scale
-
-    s = get_scale(scale).segmentation
+    s = scales.get_scale(scale).segmentation
     return {**s, "options": dict(s["options"]), "name": scale}
 
 

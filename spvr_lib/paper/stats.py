@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-
-
 NOISE_RULE = "|mean difference| < 2 x pooled std over seeds (fewer than 2 seeds: n/a)"
 
 

@@ -25,11 +25,10 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spvr_lib import data, models
+from spvr_lib import data, latency, models
+from spvr_lib.paper import base_models, reference
 from spvr_lib.paper.figure2 import train_pruned
 from spvr_lib.paper.stats import _mean_std
-from spvr_lib.paper import base_models
-from spvr_lib.paper import reference
 
 __all__ = ["BUDGET_FRACTION", "MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
            "pruned_resnet50", "table4"]
@@ -114,7 +113,6 @@ def pruned_resnet50(cfg: Any, budget: int | None = None, progress: bool = True) 
 
 def _latency_and_macs(spec: dict, dataset: str, runs: int) -> dict[str, Any]:
     """Batch-1 latency on ``runs`` forwards (weights do not matter: a fresh network) and MACs of one sample."""
-    from spvr_lib import latency
 
     info = data.dataset_info(dataset)
     shape = (info.in_channels, info.image_size, info.image_size)

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-
 from scipy.stats import kendalltau
 
 from spvr_lib import models, store, train
 from spvr_lib.criteria import kl_loss, spvr_loss
-
-
+from spvr_lib.data import make_guyon
 from spvr_lib.paper import reference
+
+
 def worked_example() -> pd.DataFrame:
     """Section 3.1.1: KL and Eq. 2 for the three masked neurons, computed, beside the paper's values."""
     p = torch.tensor([reference.WORKED_P], dtype=torch.float64)
@@ -94,7 +94,6 @@ def masked_hidden_outputs(model: torch.nn.Module, x: torch.Tensor) -> tuple[torc
 
 def guyon_run(setup: GuyonSetup, seed: int) -> dict[str, Any]:
     """One seed of Table 5: train, mask each hidden neuron, rank, and compare with Kendall's tau-b."""
-    from spvr_lib.data import make_guyon
 
     X, Y = make_guyon(n_samples=setup.n_samples, n_features=setup.n_features, flip_y=setup.flip_y, seed=seed)
     rng = np.random.default_rng(seed)

@@ -38,12 +38,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spvr_lib import baselines, models, prune, train
-from spvr_lib.paper import base_models
-from spvr_lib.paper import plots
-from spvr_lib.paper import reference
-from spvr_lib import store
-from spvr_lib.paper import stats
+from spvr_lib import baselines, data, models, prune, store, train
+from spvr_lib.budget import budget_from_keep
+from spvr_lib.paper import base_models, plots, reference, stats
 
 __all__ = ["TABLE1_METHODS", "DISPLAY_NAMES", "parameter_budget", "rcp_samples", "pruned_network",
            "trained_accuracy", "accuracy_runs", "summarize", "table1",
@@ -75,7 +72,6 @@ def _check_mode(mode: str) -> str:
 def parameter_budget(params: int, rate: float) -> int:
     """The parameter budget of every method: ``floor((1 - rate) * params)``, computed as
     ``budget.budget_from_keep(1 - rate, params)`` (the same float ``keep`` SPvR is given)."""
-    from spvr_lib.budget import budget_from_keep
 
     return budget_from_keep(1.0 - _check_rate(rate), int(params))
 
@@ -324,7 +320,6 @@ def _tidy(df: pd.DataFrame, int_columns: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def _metrics(cfg: Any, key: str) -> list[str]:
-    from spvr_lib import data
 
     return ["top1", "top5"] if data.dataset_info(cfg.model(key).dataset).num_classes > 5 else ["top1"]
 
@@ -402,7 +397,6 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
     One row per (model, metric): rate, architecture, params, FT and TFS ("mean ± std" and numeric mean
     and std), their lrs, TFS - FT, the noise verdict, the paper's rate, FT and TFS, status and error.
     """
-    from spvr_lib import train
 
     seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
     rows = []

@@ -5,14 +5,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from spvr_lib.paper import base_models
-from spvr_lib.paper import reference
 
+from spvr_lib import models
+from spvr_lib.paper import base_models, reference
 
 
 def architectures_table(cfg: Any, keys: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
     """Tables 6-8: the architecture SPvR recommends at each of the paper's rates, beside the paper's."""
-    from spvr_lib import models
 
     rows = []
     for key in keys or list(cfg.models):
