@@ -9,19 +9,17 @@ Channel units. A *unit* is one torch-pruning dependency group: the output channe
 conv/linear layer together with everything coupled to them (its BN, the next layer's input
 channels, and in a ResNet the whole residual stream of a stage: stem or projection conv, every
 block's last conv and BN). The final classifier's outputs are never pruned. Units are the same
-for every method; the methods differ in how they rank channels inside a unit and how many they
-keep per unit:
+for every method; each method scores channels as its authors do (:data:`NOTES`,
+:data:`METHOD_CARDS`, with the repository each was read from) and selects them as they do:
 
-- ``l1``, ``l2``, ``fpgm``, ``taylor``, ``hrank``, ``nisp``: torch-pruning's LOCAL pruning
-  (``MetaPruner(global_pruning=False, pruning_ratio=r, round_to=group_size)``, as the papers
-  of L1/L2/FPGM prune every layer by the same ratio): every unit keeps
-  ``int(C * (1 - r))`` channels rounded down to a multiple of ``group_size``, the ones with the
-  highest importance. ``r`` is a fraction of CHANNELS, so it is found by bisection: the smallest
-  ``r`` whose pruned model has ``count_params <= budget``.
-- ``curl``: KL-criterion scores by masking (``ranking.group_importance``), ranked GLOBALLY
-  across units; the least important channels are removed until the budget is met, with a
-  per-unit floor.
-- ``rcp``: random per-unit keep fractions scaled to the budget, the best of ``n_samples``.
+- ``l1``, ``l2``, ``fpgm`` (raw filter norms and distances), ``hrank`` (ranks of the feature maps
+  the network produces), ``nisp``: LOCAL selection, one channel ratio ``r`` for every unit
+  (torch-pruning's rule: ``int(C * (1 - r))`` channels kept, rounded down to ``group_size``),
+  ``r`` bisected to the smallest value whose pruned model has ``count_params <= budget``.
+- ``taylor`` (per-mini-batch gate criterion) and ``curl`` (joint masking, KL(p_masked || p)):
+  GLOBAL selection of single channels across units until the budget (CURL with its 30% floor).
+- ``rcp``: random per-unit keep fractions scaled to the budget, the best of ``n_samples`` after a
+  brief training (``short_train``) or, without one, a cheap proxy.
 - ``otov2``: reported as failed with its reason (see :data:`OTOV2_UNAVAILABLE`).
 
 A method that cannot run or cannot reach the budget does not raise: its result has
@@ -43,56 +41,117 @@ from tqdm.auto import tqdm
 
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
-from spvr_lib.ranking import group_importance
 
-__all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "BaselineResult", "prune",
+__all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
 BASELINES = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
 DISPLAY_NAMES = {"l1": "ℓ1", "l2": "ℓ2", "taylor": "Taylor", "fpgm": "FPGM", "rcp": "RCP", "hrank": "HRank",
                  "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2"}
 
-_LOCAL = ("torch-pruning local pruning: one channel ratio r for every unit (bisected to the parameter budget), "
-          "importance computed once on the unpruned model; every unit keeps at least one channel group.")
+_LOCAL = ("one channel ratio r for every unit (torch-pruning's local pruning rule, bisected to the parameter "
+          "budget): each unit keeps int(C * (1 - r)) channels rounded down to a multiple of group_size, at least one "
+          "group, the most important by the criterion.")
 NOTES = {
-    "l1": _LOCAL + " Importance: tp.importance.MagnitudeImportance(p=1) (torch-pruning's group L1 norm: the mean "
-          "over the coupled layers of the filter, BN and next-layer input weights, not only the filter of Li et "
-          "al. 2016).",
-    "l2": _LOCAL + " Importance: tp.importance.MagnitudeImportance(p=2) (group L2 norm, see l1).",
-    "fpgm": _LOCAL + " Importance: tp.importance.FPGMImportance (torch-pruning's distance-sum approximation to the "
-            "geometric median of He et al. 2019).",
-    "taylor": _LOCAL + " Importance: tp.importance.TaylorImportance (|w * dL/dw| summed per channel) with the "
-              "cross-entropy gradient accumulated over the calibration set in eval mode (BN running statistics), "
-              "one shot instead of Molchanov et al.'s iterative prune-and-finetune.",
-    "hrank": _LOCAL + " Importance: HRank's average rank of each channel's feature map over the calibration images, "
-             "taken at ReLU(BN output) (at the conv output in a model without BN); a ResNet block's last BN is "
-             "ranked before the residual addition and a residual-stream unit sums the ranks of its coupled BNs. "
-             "One shot (HRank prunes layer by layer with fine-tuning in between).",
-    "nisp": _LOCAL + " Importance: NISP (Yu et al. 2018): Inf-FS (unsupervised, alpha=0.5) scores of the final "
-            "response layer (the classifier's input) on the calibration set, propagated back by s_in = |W|^T s_out "
-            "with a conv's |W| summed over its kernel and each BN folded in as the diagonal |gamma / sigma|; "
-            "pooling, ReLU and dropout pass scores through per channel. ResNet: the score of a block's input is the "
-            "residual branch's back-propagated score plus the shortcut's (identity, or the projection's |W|); a "
-            "residual-stream unit sums the scores of its coupled convs. Implemented for spvr_lib VGG and ResNet.",
-    "curl": "CURL (Luo and Wu 2020) one shot: KL divergence between the original and masked outputs on the "
-            "calibration set (ranking.group_importance, criterion='kl'; groups of group_size consecutive channels), "
-            "all units ranked together (global), the least important groups removed until the parameter budget, "
-            "never below floor_fraction (default 10%, at least one group) of a unit. A ResNet residual-stream "
-            "channel is scored by the sum of the KL scores of masking it at each block's last BN of the stage (the "
-            "stem and projection BNs are not masked). No iterative pruning/fine-tuning or distillation.",
-    "rcp": "Random Channel Pruning (Li et al. 2022): n_samples architectures with per-unit keep fractions drawn "
-           "from U(0.1, 1), each scaled by one multiplier bisected to the parameter budget; channels kept inside a "
-           "unit by L1 importance (tp.importance.MagnitudeImportance(p=1)) so the chosen network can be fine-tuned.",
+    "l1": "Filter L1 norm (Li et al. 2016): a channel's score is sum |W| of the conv filter producing it (a residual "
+          "stream unit sums the filters of its coupled convs). " + _LOCAL + " One shot, no iterative pruning.",
+    "l2": "Filter L2 norm: ||W||_2 of the conv filter producing a channel (summed over a stream's coupled convs). "
+          + _LOCAL,
+    "fpgm": "FPGM (He et al. 2019): a channel's score is the sum of Euclidean distances between its raw conv filter and "
+            "every other filter of the layer; the filters nearest the geometric median (smallest sum) go first. "
+            + _LOCAL,
+    "taylor": "Taylor (Molchanov et al. 2019, gate after BN): per mini-batch of the calibration set, (gamma * dL/dgamma)^2 "
+              "of every BN channel, accumulated over the mini-batches (eval mode: BN running statistics); a stream unit "
+              "sums its coupled BNs. All channels of all units ranked together (global), the lowest removed until the "
+              "parameter budget, at least one channel per unit. One shot instead of prune-100-neurons-then-finetune.",
+    "hrank": "HRank (Lin et al. 2020): a channel's score is the average matrix rank of the feature map the network "
+             "produces for it: ReLU(BN) inside a block or a VGG layer, and for a residual-stream channel the output of "
+             "every block of the stage (after the ReLU that follows the addition), summed over the blocks. "
+             + _LOCAL + " One shot (HRank prunes layer by layer with fine-tuning in between).",
+    "nisp": "NISP (Yu et al. 2018): Inf-FS (unsupervised, alpha=0.5) scores of the final response layer (the "
+            "classifier's input) on the calibration set, propagated back by s_in = |W|^T s_out with a conv's |W| "
+            "summed over its kernel and each BN folded in as the diagonal |gamma / sigma|; pooling, ReLU and dropout "
+            "pass scores through per channel. ResNet: the score of a block's input is the residual branch's "
+            "back-propagated score plus the shortcut's; a residual-stream unit sums the scores of its coupled convs. "
+            + _LOCAL + " Implemented for spvr_lib VGG and ResNet.",
+    "curl": "CURL (Luo and Wu 2020): each single channel is masked (its BN's gamma and beta set to 0) and scored by "
+            "KL(p_masked || p_original) averaged over the calibration set, CURL's direction; a residual-stream "
+            "channel is masked jointly in every coupled BN (the stem or projection BN and the last BN of every block "
+            "of the stage) in one forward pass. All channels ranked together (global); the least important removed "
+            "until the parameter budget while a unit keeps at least floor_fraction (CURL's 30%) of its channels. "
+            "Where 30% cannot reach the budget the floor is lowered (20%, 10%, 5%, one channel) and the floor used "
+            "is stated. No distillation or label refinement (CURL's later steps).",
+    "rcp": "Random Channel Pruning (Li et al. 2022): n_samples architectures with per-unit keep fractions drawn from "
+           "U(0.1, 1), each scaled by one multiplier bisected to the parameter budget; channels kept inside a unit by "
+           "filter L1 norm so the chosen network can be fine-tuned; the best candidate after a brief training.",
     "otov2": "OTOv2 (Chen et al. 2023) trains the full network with its DHSPG optimizer and builds the subnet from "
              "its zero groups; no installable release runs here (see error).",
 }
 _RCP_PROXY = (" Candidates ranked by a cheap proxy (short_train=None): accuracy on the calibration set after "
-              "re-estimating BN statistics on it (EagleEye-style adaptive BN), not by the paper's short training.")
-_RCP_TRAIN = " Candidates ranked by the caller's short_train (a brief training run returning validation accuracy)."
+              "re-estimating BN statistics on it (EagleEye-style adaptive BN), not by RCP's brief training.")
+_RCP_TRAIN = " Candidates ranked by the caller's short_train (a brief training, scored on held-out validation data)."
+
+# One card per baseline: what the notebook's and the README's method table show.
+METHOD_CARDS: dict[str, dict[str, str]] = {
+    "l1": {"criterion": "filter L1 norm sum|W|", "ranking": "local (one ratio for every unit)",
+           "per-layer constraint": "at least one group of group_size", "calibration samples": "none (weights only)",
+           "differences from the authors' code": "one shot to the parameter budget (Li et al. prune chosen layers by "
+           "sensitivity, then retrain); a stream unit sums its coupled convs",
+           "read from": "Li et al. 2016 (no official code); Torch-Pruning MagnitudeImportance"},
+    "l2": {"criterion": "filter L2 norm ||W||_2", "ranking": "local (one ratio for every unit)",
+           "per-layer constraint": "at least one group of group_size", "calibration samples": "none (weights only)",
+           "differences from the authors' code": "as l1",
+           "read from": "Torch-Pruning MagnitudeImportance(p=2) (VainF/Torch-Pruning)"},
+    "fpgm": {"criterion": "sum of distances of the raw filter to the layer's other filters",
+             "ranking": "local (one ratio for every unit)", "per-layer constraint": "at least one group of group_size",
+             "calibration samples": "none (weights only)",
+             "differences from the authors' code": "one shot (the authors prune softly every epoch while training)",
+             "read from": "he-y/filter-pruning-geometric-median"},
+    "taylor": {"criterion": "(gamma * dL/dgamma)^2 at the BN gate, per mini-batch, accumulated",
+               "ranking": "global (all units together)", "per-layer constraint": "at least one channel",
+               "calibration samples": "the calibration set, in mini-batches of batch_size",
+               "differences from the authors' code": "one shot to the budget instead of removing 100 neurons every "
+               "few mini-batches with fine-tuning in between; BN in eval mode",
+               "read from": "NVlabs/Taylor_pruning (pruning_engine.py, gate after BN)"},
+    "hrank": {"criterion": "average matrix rank of the feature map the network outputs (after the ReLU that follows "
+              "the residual addition)", "ranking": "local (one ratio for every unit)",
+              "per-layer constraint": "at least one group of group_size", "calibration samples": "the calibration set",
+              "differences from the authors' code": "one shot (HRank prunes layer by layer with fine-tuning in "
+              "between); a stream unit sums the ranks of the blocks of its stage",
+              "read from": "lmbxmu/HRank (rank_generation.py)"},
+    "nisp": {"criterion": "Inf-FS importance of the final response layer propagated back through |W|",
+             "ranking": "local (one ratio for every unit)", "per-layer constraint": "at least one group of group_size",
+             "calibration samples": "the calibration set",
+             "differences from the authors' code": "no official code; propagation written from the paper",
+             "read from": "Yu et al. 2018 (paper only)"},
+    "curl": {"criterion": "KL(p_masked || p) of masking one channel (jointly in every coupled BN)",
+             "ranking": "global (all units together)",
+             "per-layer constraint": "keep >= 30% of a unit (lowered only where 30% cannot reach the budget)",
+             "calibration samples": "the calibration set",
+             "differences from the authors' code": "no distillation / label refinement; the paper's stage exclusion "
+             "(index 29) not copied; floor lowered at rates CURL's 30% cannot reach",
+             "read from": "Roll920/CURL (generate_mask.py, generate_index.py)"},
+    "rcp": {"criterion": "random per-unit widths; the best of n_samples after a brief training",
+            "ranking": "per candidate (random)", "per-layer constraint": "keep fraction in [0.1, 1] before scaling",
+            "calibration samples": "a brief training on the training split, validated on a held-out split",
+            "differences from the authors' code": "brief training of 1 epoch (the authors train each candidate a few "
+            "epochs); channels inside a unit kept by filter L1 norm",
+            "read from": "Li et al. 2022, Revisiting Random Channel Pruning (paper)"},
+    "otov2": {"criterion": "zero-invariant groups found by DHSPG while training the full network",
+              "ranking": "-", "per-layer constraint": "-", "calibration samples": "-",
+              "differences from the authors' code": "cannot run here (see the error of every OTOv2 row)",
+              "read from": "tianyic/only_train_once"},
+}
+
+
+def method_table() -> list[dict[str, str]]:
+    """The method table of notebook 04 and the README: one row per baseline (its :data:`METHOD_CARDS`)."""
+    return [{"method": DISPLAY_NAMES[m], **METHOD_CARDS[m]} for m in BASELINES]
 
 OTOV2_UNAVAILABLE = (
     "OTOv2 cannot run in this environment: only_train_once 3.0.1 (the last release on PyPI) imports "
-    "torch.onnx._globals and calls torch.onnx._optimize_graph, both removed from torch 2.15; it no longer ships "
+    f"torch.onnx._globals and calls torch.onnx._optimize_graph, neither of which the installed torch "
+    f"{torch.__version__.split('+')[0]} has; it no longer ships "
     "DHSPG, OTOv2's optimizer (`from .dhspg import DHSPG` is commented out in only_train_once/optimizer/__init__.py), "
     "only OTOv3's HESSO, which hard-codes .cuda(); and otoml 2.0.1, the OTOv2 release that has DHSPG, declares "
     "non-PEP 440 requirements ('onnx (>=1.12.*)') that pip >= 24.1 refuses to install.")
@@ -100,7 +159,8 @@ OTOV2_UNAVAILABLE = (
 _KWARGS = {"l1": set(), "l2": set(), "fpgm": set(), "taylor": {"batch_size"}, "hrank": {"batch_size"},
            "nisp": {"batch_size"}, "curl": {"floor_fraction", "batch_size"}, "rcp": {"n_samples", "short_train", "batch_size"},
            "otov2": set()}
-_DEFAULT_KW = {"batch_size": 64, "floor_fraction": 0.1, "n_samples": 20, "short_train": None}
+_DEFAULT_KW = {"batch_size": 64, "floor_fraction": 0.3, "n_samples": 20, "short_train": None}
+_CURL_FLOORS = (0.2, 0.1, 0.05, 0.0)      # tried in turn when CURL's floor cannot reach the budget
 
 
 @dataclass(eq=False)
@@ -317,30 +377,84 @@ def _batches(x: Tensor, y: Tensor, batch_size: int, device: torch.device, desc: 
         yield x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
 
 
-def _taylor_gradients(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device, progress: bool) -> None:
-    """Accumulate d(mean cross-entropy over the calibration set)/dw into .grad (eval mode)."""
+def _conv_filters(work: nn.Module) -> list[nn.Module]:
+    """Every Conv2d and Linear of ``work`` but the classifier (the layers whose output channels are pruned)."""
+    clf = work.get_submodule(_classifier_name(work))
+    return [m for m in work.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not clf]
+
+
+def _filter_scores(work: nn.Module, kind: str) -> dict[nn.Module, Tensor]:
+    """Per-output-channel score of every conv's raw filters: "l1" sum|W|, "l2" ||W||_2, "fpgm" the sum of
+    Euclidean distances to the layer's other filters (He et al. 2019: smallest = nearest the geometric median)."""
+    out = {}
+    for m in _conv_filters(work):
+        w = m.weight.detach().double().flatten(1)                    # [out channels, fan-in]
+        if kind == "l1":
+            out[m] = w.abs().sum(1)
+        elif kind == "l2":
+            out[m] = w.norm(dim=1)
+        else:
+            out[m] = torch.cdist(w, w).sum(1)
+    return out
+
+
+def _taylor_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
+                   progress: bool) -> dict[nn.Module, Tensor]:
+    """Molchanov et al. 2019's gate criterion: sum over mini-batches of (gamma * dL/dgamma)^2 for every BN channel.
+
+    L is the mini-batch's mean cross-entropy (eval mode: BN running statistics).  Squared per mini-batch
+    before accumulating, so gradients that cancel between batches still count.  A layer without BN is
+    scored at its own output filters: (sum over the filter of w * dL/dw)^2.
+    """
+    gates = [m for m in work.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None]
+    convs = _conv_filters(work)
+    out: dict[nn.Module, Tensor] = {}
+    for xb, yb in _batches(x, y, batch_size, device, "taylor", progress):
+        work.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(work(xb), yb).backward()
+        for bn in gates:
+            c = (bn.weight.detach() * bn.weight.grad).double().pow(2).cpu()
+            out[bn] = out.get(bn, 0) + c
+        if not gates:
+            for m in convs:
+                c = (m.weight.detach() * m.weight.grad).flatten(1).sum(1).double().pow(2).cpu()
+                out[m] = out.get(m, 0) + c
     work.zero_grad(set_to_none=True)
-    for xb, yb in _batches(x, y, batch_size, device, "taylor grads", progress):
-        (nn.functional.cross_entropy(work(xb), yb, reduction="sum") / x.shape[0]).backward()
+    return out
+
+
+def _produced_maps(work: nn.Module) -> dict[nn.Module, tuple[nn.Module, bool]]:
+    """{BN (or conv) module: (module whose output HRank ranks, apply ReLU first)}: the feature map the network
+    produces for that layer's channels.  The last BN of a residual block is represented by the block's output
+    (after the ReLU that follows the addition); its projection BN is left to the block's last BN (same map);
+    any other BN by ReLU(BN output); in a model without BN, every conv by its output."""
+    bns = [m for m in work.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not bns:
+        return {m: (m, False) for m in work.modules() if isinstance(m, nn.Conv2d)}
+    out: dict[nn.Module, tuple[nn.Module, bool]] = {bn: (bn, True) for bn in bns}
+    for block in work.modules():
+        if isinstance(block, (models.BasicBlock, models.Bottleneck)):
+            last = block.bn3 if isinstance(block, models.Bottleneck) else block.bn2
+            out[last] = (block, False)
+            if block.downsample is not None:
+                out.pop(block.downsample[1], None)
+    return out
 
 
 def _hrank_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
                   progress: bool) -> dict[nn.Module, Tensor]:
-    """HRank: mean matrix rank of each channel's feature map [H, W] over the calibration images.
-
-    Taken at ReLU(BN output) for every BatchNorm2d, or at every Conv2d output in a model without BN.
-    """
-    bns = [m for m in work.modules() if isinstance(m, nn.BatchNorm2d)]
-    targets = bns or [m for m in work.modules() if isinstance(m, nn.Conv2d)]
-    if not targets:
+    """HRank: mean matrix rank of each channel's produced feature map [H, W] over the calibration images,
+    keyed by the BN (or conv) whose channels it scores (see :func:`_produced_maps`)."""
+    produced = _produced_maps(work)
+    if not produced:
         raise _MethodFailure("HRank ranks conv feature maps; the model has no Conv2d layer")
     sums: dict[nn.Module, Tensor] = {}
-
-    def hook(module, inputs, out):
-        fm = out.relu() if bns else out
-        sums[module] = sums.get(module, 0) + torch.linalg.matrix_rank(fm.float()).sum(0).double().cpu()
-
-    handles = [m.register_forward_hook(hook) for m in targets]
+    handles = []
+    for layer, (source, relu) in produced.items():
+        def hook(module, inputs, out, layer=layer, relu=relu):
+            fm = out.relu() if relu else out
+            sums[layer] = sums.get(layer, 0) + torch.linalg.matrix_rank(fm.float()).sum(0).double().cpu()
+        handles.append(source.register_forward_hook(hook))
     try:
         with torch.no_grad():
             for xb, _ in _batches(x, y, batch_size, device, "hrank", progress):
@@ -438,27 +552,69 @@ def _nisp_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
     return scores
 
 
-def _curl_scores(work: nn.Module, x: Tensor, group_size: int, batch_size: int,
-                 progress: bool) -> dict[nn.Module, Tensor]:
-    """KL score of masking each group of ``group_size`` consecutive channels, spread to its channels."""
-    spec = getattr(work, "spec", None)
-    if spec is None:
-        raise _MethodFailure("CURL masks the prunable layers of a spvr_lib.models.build model (model.spec); "
-                             f"{type(work).__name__} has no .spec")
-    layers = models.prunable_layers(work, spec)
-    groups = {L.name: _chunks(L.width, group_size) for L in layers}
-    kl = group_importance(work, x, groups, criterion="kl", method="fast", batch_size=batch_size, progress=progress)
-    out = {}
-    for L in layers:
-        s = torch.empty(L.width, dtype=torch.float64)
-        for chunk, v in zip(groups[L.name], kl[L.name].tolist()):
-            s[chunk] = v
-        out[L.conv] = s
-    return out
+def _unit_mask_points(units: "_Units", name: str) -> list[tuple[nn.Module, Tensor, Tensor]]:
+    """Where CURL masks unit ``name``: (module, its channel indices, the unit channels they belong to) for
+    every BN among the unit's coupled layers (for a residual stream: the stem or projection BN and the
+    last BN of every block of the stage); the conv/linear outputs when the unit has no BN."""
+    group = units.groups[name]
+    points = []
+    for i, (dep, idxs) in enumerate(group):
+        if dep.handler == tp.prune_batchnorm_out_channels:
+            points.append((dep.target.module, torch.as_tensor(idxs), torch.as_tensor(group[i].root_idxs)))
+    if not points:
+        for i, (dep, idxs) in enumerate(group):
+            if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels):
+                points.append((dep.target.module, torch.as_tensor(idxs), torch.as_tensor(group[i].root_idxs)))
+    return points
 
 
-def _chunks(width: int, size: int) -> list[list[int]]:
-    return [list(range(i, min(i + size, width))) for i in range(0, width, size)]
+@torch.no_grad()
+def _curl_scores(work: nn.Module, units: "_Units", x: Tensor, batch_size: int,
+                 progress: bool) -> dict[str, Tensor]:
+    """{unit: [width] KL(p_masked || p) of masking each single channel}, CURL's generate_mask.py.
+
+    A channel is masked by zeroing it at every mask point of its unit at once (gamma = beta = 0 in each
+    coupled BN zeroes that BN's output channel); KL is averaged over the calibration samples.  Several
+    masked variants share one batched forward pass (the outputs are the same as one pass per channel).
+    """
+    device = next(work.parameters()).device
+    n = x.shape[0]
+    logp = torch.cat([torch.log_softmax(work(xb.to(device)).double(), 1) for xb in x.split(batch_size)])
+    variants = max(1, batch_size // max(1, min(n, batch_size)))       # masked copies per forward pass
+    scores: dict[str, Tensor] = {}
+    names = list(units.groups)
+    for name in tqdm(names, desc="curl", disable=not progress, leave=False):
+        points = _unit_mask_points(units, name)
+        width = units.widths[name]
+        kl = torch.zeros(width, dtype=torch.float64)
+        current: dict[nn.Module, Tensor] = {}
+
+        def hook(module, inputs, out):
+            m = current[module]                                       # [rows, C] of 0/1
+            return out * m.view(*m.shape, *([1] * (out.ndim - 2))).to(out.dtype)
+
+        handles = [module.register_forward_hook(hook) for module, _, _ in points]
+        try:
+            for start in range(0, width, variants):
+                chans = list(range(start, min(start + variants, width)))
+                for xb_start in range(0, n, batch_size):
+                    xb = x[xb_start:xb_start + batch_size].to(device)
+                    nb = xb.shape[0]
+                    for module, idxs, roots in points:
+                        m = torch.ones(len(chans), module.num_features if isinstance(module, nn.BatchNorm2d)
+                                       else module.weight.shape[0], device=device)
+                        for v, c in enumerate(chans):
+                            m[v, idxs[roots == c]] = 0
+                        current[module] = m.repeat_interleave(nb, 0)
+                    logq = torch.log_softmax(work(xb.repeat(len(chans), *([1] * (xb.ndim - 1)))).double(), 1)
+                    logq = logq.view(len(chans), nb, -1)
+                    ref = logp[xb_start:xb_start + nb].unsqueeze(0)
+                    kl[chans] += (logq.exp() * (logq - ref)).sum(2).sum(1).cpu()
+        finally:
+            for h in handles:
+                h.remove()
+        scores[name] = kl / n
+    return scores
 
 
 # --------------------------------------------------------------------------- methods
@@ -469,23 +625,24 @@ def _fit_local(units: _Units, scores: dict[str, Tensor | None], budget: int, gro
     return units.apply(_local_removals(scores, units.widths, ratio, group_size)), ratio
 
 
-def _curl_removal_order(scores: dict[str, Tensor | None], widths: dict[str, int], group_size: int,
-                        floor_fraction: float) -> list[tuple[str, list[int]]]:
-    """Every (unit, channel group) in increasing global importance, skipping those that would take a unit
-    below max(floor_fraction * width, one group) channels."""
+def _global_order(scores: dict[str, Tensor | None], widths: dict[str, int],
+                  floor_fraction: float = 0.0) -> list[tuple[str, list[int]]]:
+    """Every single (unit, channel) in increasing global importance, in the order they are removed.
+
+    A channel is skipped when its unit would keep no channel, or (CURL's generate_index.py) when the unit
+    already keeps less than ``floor_fraction`` of its channels: removal is allowed while kept/width >=
+    floor_fraction.  Ties: unit order, then channel index."""
     candidates = []
     for u, (name, s) in enumerate(scores.items()):
         if s is not None:
-            for c, chunk in enumerate(_chunks(widths[name], group_size)):
-                candidates.append((float(s[chunk].mean()), u, c, name, chunk))
+            candidates.extend((float(s[c]), u, c, name) for c in range(widths[name]))
     candidates.sort(key=lambda t: t[:3])
     left = dict(widths)
     order = []
-    for *_, name, chunk in candidates:
-        floor = max(math.ceil(floor_fraction * widths[name]), min(group_size, widths[name]))
-        if left[name] - len(chunk) >= floor:
-            left[name] -= len(chunk)
-            order.append((name, chunk))
+    for _, _, c, name in candidates:
+        if left[name] > 1 and left[name] / widths[name] >= floor_fraction:
+            left[name] -= 1
+            order.append((name, [c]))
     return order
 
 
@@ -494,6 +651,15 @@ def _first(order: list[tuple[str, list[int]]], x: float) -> dict[str, list[int]]
     for name, chunk in order[:math.floor(x * len(order) + 1e-12)]:
         removals.setdefault(name, []).extend(chunk)
     return removals
+
+
+def _fit_global(units: "_Units", scores: dict[str, Tensor | None], budget: int,
+                floor_fraction: float = 0.0) -> tuple[nn.Module, float, dict[str, list[int]]]:
+    """Remove channels in global order until the pruned network fits ``budget`` (bisection on the prefix)."""
+    order = _global_order(scores, units.widths, floor_fraction)
+    frac, _ = bisect_budget(lambda f: units.count(_first(order, f)), budget)
+    removals = _first(order, frac)
+    return units.apply(removals), units.removed_fraction(removals), removals
 
 
 def _rcp_removals(scores: dict[str, Tensor], widths: dict[str, int], fractions: dict[str, float],
@@ -538,37 +704,39 @@ def _run(method: str, model: nn.Module, x: Tensor, y: Tensor, budget: int, group
     batch_size = kw["batch_size"]
     units = _Units(work, x[:1].to(device))
     notes = NOTES[method]
-    if method in ("l1", "l2", "fpgm", "taylor", "hrank", "nisp"):
-        if method in ("l1", "l2"):
-            importance = tp.importance.MagnitudeImportance(p=1 if method == "l1" else 2)
-        elif method == "fpgm":
-            importance = tp.importance.FPGMImportance()
-        elif method == "taylor":
-            _taylor_gradients(work, x, y, batch_size, device, progress)
-            importance = tp.importance.TaylorImportance()
+    if method in ("l1", "l2", "fpgm", "hrank", "nisp"):
+        if method in ("l1", "l2", "fpgm"):
+            channel_scores = _filter_scores(work, method)
         else:
             compute = _hrank_scores if method == "hrank" else _nisp_scores
-            importance = ChannelScoreImportance(compute(work, x, y, batch_size, device, progress))
-        scores = units.scores(importance)
-        work.zero_grad(set_to_none=True)
+            channel_scores = compute(work, x, y, batch_size, device, progress)
+        scores = units.scores(ChannelScoreImportance(channel_scores))
         pruned, ratio = _fit_local(units, scores, budget, group_size)
         unscored = sorted(n for n, s in scores.items() if s is None)
         if unscored:
             notes += f" Units left unpruned (nothing to score): {', '.join(unscored)}."
         return pruned, ratio, notes
+    if method == "taylor":
+        scores = units.scores(ChannelScoreImportance(_taylor_scores(work, x, y, batch_size, device, progress)))
+        pruned, ratio, _ = _fit_global(units, scores, budget)
+        return pruned, ratio, notes
     if method == "curl":
-        floor_fraction = kw["floor_fraction"]
-        scores = units.scores(ChannelScoreImportance(_curl_scores(work, x, group_size, batch_size, progress)))
-        order = _curl_removal_order(scores, units.widths, group_size, floor_fraction)
-        try:
-            frac, _ = bisect_budget(lambda f: units.count(_first(order, f)), budget)
-        except _MethodFailure as e:
-            raise _MethodFailure(f"{e} (CURL keeps at least {floor_fraction:.0%} of every unit)") from None
-        removals = _first(order, frac)
-        return units.apply(removals), units.removed_fraction(removals), notes
+        scores = _curl_scores(work, units, x, batch_size, progress)
+        for floor in (kw["floor_fraction"], *(f for f in _CURL_FLOORS if f < kw["floor_fraction"])):
+            try:
+                pruned, ratio, _ = _fit_global(units, scores, budget, floor)
+            except _MethodFailure as e:
+                failure = e
+                continue
+            if floor < kw["floor_fraction"]:
+                notes += (f" The budget is out of reach with a {kw['floor_fraction']:.0%} floor: the floor used here "
+                          f"is {floor:.0%}" + (" (one channel)." if floor == 0 else "."))
+            return pruned, ratio, notes
+        raise _MethodFailure(f"{failure} (even keeping one channel per unit)")
     # rcp
     n_samples, short_train = kw["n_samples"], kw["short_train"]
-    scores = {n: s for n, s in units.scores(tp.importance.MagnitudeImportance(p=1)).items() if s is not None}
+    scores = {n: s for n, s in units.scores(ChannelScoreImportance(_filter_scores(work, "l1"))).items()
+              if s is not None}
     gen = torch.Generator().manual_seed(seed)
     best, failures = None, []
     for _ in tqdm(range(n_samples), desc="rcp samples", disable=not progress, leave=False):
