@@ -93,12 +93,12 @@ _RCP_TRAIN = " Candidates ranked by the caller's short_train (a brief training, 
 
 # One card per baseline: what the notebook's and the README's method table show.
 METHOD_CARDS: dict[str, dict[str, str]] = {
-    "l1": {"criterion": "filter L1 norm sum|W|", "ranking": "local (one ratio for every unit)",
+    "l1": {"criterion": "filter L1 norm: sum of abs(W) over the filter", "ranking": "local (one ratio for every unit)",
            "per-layer constraint": "at least one group of group_size", "calibration samples": "none (weights only)",
            "differences from the authors' code": "one shot to the parameter budget (Li et al. prune chosen layers by "
            "sensitivity, then retrain); a stream unit sums its coupled convs",
            "read from": "Li et al. 2016 (no official code); Torch-Pruning MagnitudeImportance"},
-    "l2": {"criterion": "filter L2 norm ||W||_2", "ranking": "local (one ratio for every unit)",
+    "l2": {"criterion": "filter L2 norm: Euclidean norm of the filter", "ranking": "local (one ratio for every unit)",
            "per-layer constraint": "at least one group of group_size", "calibration samples": "none (weights only)",
            "differences from the authors' code": "as l1",
            "read from": "Torch-Pruning MagnitudeImportance(p=2) (VainF/Torch-Pruning)"},
@@ -119,7 +119,7 @@ METHOD_CARDS: dict[str, dict[str, str]] = {
               "differences from the authors' code": "one shot (HRank prunes layer by layer with fine-tuning in "
               "between); a stream unit sums the ranks of the blocks of its stage",
               "read from": "lmbxmu/HRank (rank_generation.py)"},
-    "nisp": {"criterion": "Inf-FS importance of the final response layer propagated back through |W|",
+    "nisp": {"criterion": "Inf-FS importance of the final response layer propagated back through abs(W)",
              "ranking": "local (one ratio for every unit)", "per-layer constraint": "at least one group of group_size",
              "calibration samples": "the calibration set",
              "differences from the authors' code": "no official code; propagation written from the paper",

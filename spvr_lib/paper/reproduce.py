@@ -16,7 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from spvr_lib.paper.provenance import check_scale, output_dir, stale_artifacts
+from spvr_lib import baselines
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.store import REPO_ROOT, atomic_write_text
 
@@ -138,15 +141,29 @@ def results_markdown(scale: str) -> str:
     return "\n".join(parts)
 
 
-def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
-    """Replace the text between the README's results markers; returns whether it changed."""
+BASELINES_START, BASELINES_END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 
+
+def baselines_markdown() -> str:
+    """The README's method table of the nine baselines (``baselines.method_table``, as in notebook 04)."""
+    return pd.DataFrame(baselines.method_table()).to_markdown(index=False) + "\n"
+
+
+def _replace_between(text: str, start: str, end: str, body: str, where: Path) -> str:
+    if start not in text or end not in text:
+        raise ValueError(f"{where} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
+def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
+    """Replace the text between the README's results markers (and its baselines markers, when present)
+    with what the committed artifacts and the code say; returns whether it changed."""
     text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_START}\n{results_markdown(scale)}\n{README_END}{tail}"
+    new = _replace_between(text, README_START, README_END, results_markdown(scale), readme)
+    if BASELINES_START in new:
+        new = _replace_between(new, BASELINES_START, BASELINES_END, baselines_markdown(), readme)
     if new != text:
         atomic_write_text(readme, new)
     return new != text

@@ -28,6 +28,8 @@ seeds per method the verdict is "n/a".
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,30 @@ def rcp_samples(cfg: Any) -> int:
     return cfg.rcp_samples
 
 
+RCP_BRIEF_TRAINING = {"epochs": 1, "val_fraction": 0.1}   # RCP's selection: a brief training of each candidate
+
+
+def rcp_short_train(cfg: Any, key: str, lr: float, seed: int = 0) -> Any:
+    """RCP's selection rule (Li et al. 2022): each sampled candidate is fine-tuned briefly and scored on
+    held-out data.  Here: :data:`RCP_BRIEF_TRAINING` epochs of the model's training subset minus a
+    stratified validation split, with the base network's learning rate and the common recipe, scored
+    by validation top-1 (never the test set).  Returns ``short_train(model) -> float``."""
+    setup = cfg.model(key)
+    augmented = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset,
+                                  seed=seed)
+    plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+    train_idx, val_idx = train.validation_split(augmented, RCP_BRIEF_TRAINING["val_fraction"], seed)
+    recipe = dataclasses.replace(base_models.recipe(setup, lr=lr, mode="finetune"),
+                                 epochs=RCP_BRIEF_TRAINING["epochs"])
+    train_part = torch.utils.data.Subset(augmented, train_idx)
+    val_part = torch.utils.data.Subset(plain, val_idx)
+
+    def short_train(model: nn.Module) -> float:
+        return float(train.fit(model, train_part, val_part, recipe, seed=seed, progress=False)["top1"])
+
+    return short_train
+
+
 def _conv_widths(model: nn.Module) -> list[int]:
     """Output channels of every Conv2d, in module order: a pruned network's per-layer widths."""
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -126,8 +152,10 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
 
     prune_seed = int(seed) if method == "rcp" else 0      # the other methods are deterministic
     kw = {"n_samples": rcp_samples(cfg)} if method == "rcp" else {}
+    lr = float(base_rec["key"]["recipe"]["lr"])
     pkey = {"base": base_rec["hash"], "method": method, "budget": budget, "group_size": setup.group_size,
-            "calib_seed": 0, "calib_per_class": setup.calib_per_class, "seed": prune_seed, "kw": kw}
+            "calib_seed": 0, "calib_per_class": setup.calib_per_class, "seed": prune_seed, "kw": kw,
+            "selection": {**RCP_BRIEF_TRAINING, "lr": lr} if method == "rcp" else None}
     record_path = store.cache_path(pkey, kind="baseline")
     weights = pruned_dir() / f"{record_path.stem}.pt"
     built: dict[str, nn.Module] = {}
@@ -135,8 +163,9 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
     def compute() -> dict[str, Any]:
         base, _ = base_models.base_model(cfg, key, progress=progress)
         calib = base_models.calibration(cfg, key, 0)
+        extra = {"short_train": rcp_short_train(cfg, key, lr, prune_seed)} if method == "rcp" else {}
         res = baselines.prune(method, base, calib, keep=budget, group_size=setup.group_size, seed=prune_seed,
-                              progress=progress, **kw)
+                              progress=progress, **kw, **extra)
         if res.status == "ok":
             models.save_network(res.model, weights, spec=base_rec["spec"])
             built["model"] = res.model.eval()

@@ -107,3 +107,11 @@ def test_readme_section_is_generated_from_artifacts(tmp_path, monkeypatch):
     assert "| 0.5 |" in text and "old" not in text and text.startswith("intro") and text.endswith("after\n")
     assert "*Not yet produced at the cpu scale*" in text          # missing artifacts are shown as missing
     assert not reproduce.update_readme("cpu", readme)              # idempotent
+
+
+def test_readme_baselines_table_is_what_the_code_says():
+    """The README's method table is generated from baselines.METHOD_CARDS: it cannot drift from the code."""
+    text = (reproduce.REPO_ROOT / "README.md").read_text()
+    body = text.split(reproduce.BASELINES_START, 1)[1].split(reproduce.BASELINES_END, 1)[0]
+    assert body.strip() == reproduce.baselines_markdown().strip()
+    assert "Roll920/CURL" in body and "NVlabs/Taylor_pruning" in body and "lmbxmu/HRank" in body
