@@ -103,14 +103,12 @@ def record_activations(model: nn.Module, x: Tensor, modules: dict[str, nn.Module
             recorded[name].append((reduce(out) if reduce is not None else out.detach()).cpu())
         handles.append(module.register_forward_hook(hook))
     param = next(model.parameters(), None)
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for xb in x.split(batch_size):
-                model(xb)
+            for xb in x.split(batch_size):     # the inputs stay where they are; chunks go to the model
+                model(xb if param is None else xb.to(device=param.device, dtype=param.dtype, non_blocking=True))
     finally:
         for h in handles:
             h.remove()

@@ -34,7 +34,9 @@ point where it fits.
 from __future__ import annotations
 
 import copy
+import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 from spvr_lib import models
 from spvr_lib.budget import apply_budget, budget_from_keep
 from spvr_lib.criteria import CRITERIA
+from spvr_lib.devices import resolve_device
 from spvr_lib.grouping import (
     correlation_matrix,
     group_neurons,
@@ -54,7 +57,7 @@ from spvr_lib.grouping import (
 from spvr_lib.ranking import RANKING_PATHS, group_importance
 from spvr_lib.store import canonical_json
 
-__all__ = ["layer_groups", "apply_budget", "PruneResult", "spvr_prune", "inherit_weights",
+__all__ = ["layer_groups", "apply_budget", "PruneResult", "GroupRanking", "rank_groups", "spvr_prune", "inherit_weights",
            "budget_from_keep", "model_spec"]
 
 # leaf modules the engine knows how to mask, rank and rebuild
@@ -155,15 +158,56 @@ class PruneResult:
     original_spec: dict = field(default_factory=dict)
 
 
-def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float, group_size: int = 2,
-               criterion: str = "spvr", method: str = "fast", progress: bool = True) -> PruneResult:
-    """SPvR on ``model`` (a trained ``spvr_lib.models`` network) to ``keep`` parameters.
+@dataclass
+class GroupRanking:
+    """The rate-independent part of SPvR: every layer's groups (Algorithm 1) and their importances (Eq. 2).
 
-    ``calib``: (x [n, C, H, W], y [n]) calibration samples; y only checks that every class is
-    present.  ``keep``: a parameter count (int) or a fraction of the original count (float in
-    (0, 1]).  ``group_size``: d of Section 3.2.  ``criterion``: "spvr" (Eq. 2) or "kl";
-    ``method``: "fast" or "naive" ranking (same numbers).  The new model is freshly initialised
-    with torch's global RNG (seed it for a reproducible init).
+    Computed once per (network, calibration set, d, criterion) by :func:`rank_groups`; every budget
+    then only reruns the global sort (:func:`spvr_prune` with ``ranking=``).  ``groups``: {layer:
+    [[channel, ...], ...]}; ``scores``: {layer: float64 [groups]}; ``seconds``: grouping + ranking time.
+    ``to_dict``/``from_dict`` give a JSON form for the run cache.
+    """
+
+    groups: dict[str, list[list[int]]]
+    scores: dict[str, Tensor]
+    group_size: int
+    criterion: str
+    method: str
+    n_calib: int
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"groups": self.groups, "scores": {k: v.tolist() for k, v in self.scores.items()},
+                "group_size": self.group_size, "criterion": self.criterion, "method": self.method,
+                "n_calib": self.n_calib, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "GroupRanking":
+        return cls(groups={k: [list(map(int, g)) for g in v] for k, v in d["groups"].items()},
+                   scores={k: torch.tensor(v, dtype=torch.float64) for k, v in d["scores"].items()},
+                   group_size=int(d["group_size"]), criterion=d["criterion"], method=d["method"],
+                   n_calib=int(d["n_calib"]), seconds=float(d.get("seconds", 0.0)))
+
+
+def _on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module:
+    """``model`` itself when it already lives on ``device`` (None: where it is), else a copy moved there."""
+    if device is None:
+        return model
+    dev = resolve_device(device)
+    param = next(model.parameters(), None)
+    if param is None or param.device == dev:
+        return model
+    return copy.deepcopy(model).to(dev)
+
+
+def rank_groups(model: nn.Module, calib: tuple[Tensor, Tensor], group_size: int = 2, criterion: str = "spvr",
+                method: str = "fast", device: str | torch.device | None = None,
+                progress: bool = True) -> GroupRanking:
+    """Groups (Section 3.2, Algorithm 1) and their importances (Eq. 2 or KL) on ``device``.
+
+    ``device``: where the forward passes run ("cuda", "cpu"; None: where the model is); the
+    calibration set stays on the CPU and is streamed to the device a chunk at a time.  The
+    model is not moved: a copy is, when it lives elsewhere.  See :func:`spvr_prune`.
     """
     spec = model_spec(model)
     x, _ = _check_calib(calib, spec)
@@ -172,11 +216,42 @@ def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float
         raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
     if method not in RANKING_PATHS:
         raise ValueError(f"method={method!r}; expected one of {list(RANKING_PATHS)}")
+    t0 = time.perf_counter()
+    work = _on_device(model, device)
+    groups = layer_groups(work, x, int(group_size))
+    scores = group_importance(work, x, groups, criterion=criterion, method=method, progress=progress)
+    return GroupRanking(groups=groups, scores=scores, group_size=int(group_size), criterion=criterion,
+                        method=method, n_calib=len(x), seconds=round(time.perf_counter() - t0, 3))
+
+
+def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float, group_size: int = 2,
+               criterion: str = "spvr", method: str = "fast", progress: bool = True,
+               device: str | torch.device | None = None, ranking: GroupRanking | None = None) -> PruneResult:
+    """SPvR on ``model`` (a trained ``spvr_lib.models`` network) to ``keep`` parameters.
+
+    ``calib``: (x [n, C, H, W], y [n]) calibration samples; y only checks that every class is
+    present.  ``keep``: a parameter count (int) or a fraction of the original count (float in
+    (0, 1]).  ``group_size``: d of Section 3.2.  ``criterion``: "spvr" (Eq. 2) or "kl";
+    ``method``: "fast" or "naive" ranking (same numbers).  ``device``: where grouping and ranking
+    run (e.g. "cuda"; None: where the model is).  ``ranking``: a :func:`rank_groups` result for
+    this model, calibration set, d and criterion, so that several budgets share one ranking (only
+    the global sort is redone).  The new model is freshly initialised with torch's global RNG
+    (seed it for a reproducible init).
+    """
+    spec = model_spec(model)
+    _check_calib(calib, spec)
+    if ranking is None:
+        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress)
+    elif (ranking.group_size, ranking.criterion) != (int(group_size), criterion):
+        raise ValueError(f"ranking was computed with group_size={ranking.group_size}, criterion="
+                         f"{ranking.criterion!r}; this call asks for group_size={group_size}, criterion={criterion!r}")
     params_before = models.count_params(model)
     budget = budget_from_keep(keep, params_before)
     layers = models.prunable_layers(model, spec)
-    groups = layer_groups(model, x, int(group_size))
-    scores = group_importance(model, x, groups, criterion=criterion, method=method, progress=progress)
+    groups, scores = ranking.groups, ranking.scores
+    if set(groups) != {layer.name for layer in layers}:
+        raise ValueError("ranking does not hold the groups of this model's prunable layers: "
+                         f"{sorted(set(groups) ^ {layer.name for layer in layers})[:5]}")
     decided = apply_budget(spec, layers, groups, scores, budget)
     new_model = models.build(decided.spec)
     rows = [{"layer": name, "group": j, "channels": list(g), "size": len(g),

@@ -120,9 +120,19 @@ def _resolve_targets(model: nn.Module, names: Sequence[str]) -> tuple[dict[str, 
     return targets, found
 
 
+def to_model(model: nn.Module, x: Tensor) -> Tensor:
+    """A chunk of calibration inputs on the model's device and in its floating dtype (the calibration set
+    itself stays where it is, the CPU by default: only chunks are streamed to the device)."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return x
+    return x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype,
+                non_blocking=True)
+
+
 def _outputs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """Softmax over dim 1 of the model's outputs on ``x``, in batches: [n, c] (or [n, c, *pixels])."""
-    return torch.cat([torch.softmax(model(xb), dim=1) for xb in x.split(batch_size)])
+    return torch.cat([torch.softmax(model(to_model(model, xb)), dim=1) for xb in x.split(batch_size)])
 
 
 def _sample_bytes(model: nn.Module, x1: Tensor) -> int:
@@ -182,9 +192,6 @@ def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[
         if layers[name] is not None and top >= layers[name].width:
             raise ValueError(f"groups[{name!r}] holds channel {top}, out of range for a layer with "
                              f"{layers[name].width} channels")
-    param = next(model.parameters(), None)
-    if param is not None:
-        x = x.to(device=param.device, dtype=param.dtype if param.is_floating_point() else x.dtype)
     was_training = model.training
     model.eval()
     bar = tqdm(total=sum(len(g) for g in groups.values()), desc=f"ranking groups ({method})",
@@ -201,7 +208,7 @@ def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[
                               f"({why}); using the naive method for them", stacklevel=2)
             out: dict[str, Tensor] = {}
             if fast:
-                out.update(_fast_importance(plan, x, {n: (layers[n].name, groups[n]) for n in fast}, loss, bar))
+                out.update(_fast_importance(model, plan, x, {n: (layers[n].name, groups[n]) for n in fast}, loss, bar))
             if naive:
                 out.update(_naive_importance(model, x, {n: (targets[n], naive[n]) for n in naive}, loss,
                                              batch_size, bar))
@@ -216,7 +223,7 @@ def _naive_importance(model: nn.Module, x: Tensor, work: dict[str, tuple[nn.Modu
     """The paper's algorithm: for each group, a forward pass of all of ``x`` with it masked.
 
     ``work``: {key: (module whose output is masked, groups)}."""
-    bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * _sample_bytes(model, x[:1]))))
+    bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * _sample_bytes(model, to_model(model, x[:1])))))
     p = _outputs(model, x, bs).double()
     out = {}
     for key, (module, gs) in work.items():
@@ -529,16 +536,19 @@ class _MLPPlan(_Plan):
         return max(z[0].numel() for i, (x, z) in self.cache.items() if i > self.index[name])
 
 
-def _fast_importance(plan: _Plan, x: Tensor, work: dict[str, tuple[str, list[list[int]]]], loss,
+def _fast_chunk(model: nn.Module, xb: Tensor) -> Tensor:
+    xb = to_model(model, xb)
+    return xb.contiguous(memory_format=_FORMAT) if xb.ndim == 4 else xb
+
+
+def _fast_importance(model: nn.Module, plan: _Plan, x: Tensor, work: dict[str, tuple[str, list[list[int]]]], loss,
                      bar) -> dict[str, Tensor]:
     """``work``: {key: (prunable layer name, groups)}.  Sums ``loss`` over chunks of samples."""
-    if x.ndim == 4:
-        x = x.contiguous(memory_format=_FORMAT)
-    plan.prepare(x[:1])
+    plan.prepare(_fast_chunk(model, x[:1]))
     n_chunk = max(1, min(len(x), _MEMORY_BYTES // max(1, plan.cache_bytes())))
     totals = {key: torch.zeros(len(gs), dtype=torch.float64) for key, (_, gs) in work.items()}
     for start in range(0, len(x), n_chunk):
-        xb = x[start:start + n_chunk]
+        xb = _fast_chunk(model, x[start:start + n_chunk])
         p = torch.softmax(plan.prepare(xb), dim=1).double()
         n = len(xb)
         for key, (name, gs) in work.items():

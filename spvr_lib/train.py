@@ -352,7 +352,7 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
         sampler, net, shard_len = None, model, len(train_set)
     loader = DataLoader(train_set, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
                         generator=loader_gen, num_workers=recipe.num_workers, worker_init_fn=_seed_worker,
-                        pin_memory=dev.type == "cuda",
+                        pin_memory=dev.type == "cuda", persistent_workers=recipe.num_workers > 0,
                         # a last batch of one sample would break BatchNorm in train mode
                         drop_last=shard_len % per_rank_batch == 1 and shard_len > 1)
     use_amp = recipe.amp and dev.type == "cuda"

@@ -470,3 +470,25 @@ def test_cli_unparsable_keep_is_a_usage_error(tmp_path, capsys):
         main(["prune", "--model", "vgg16_bn", "--checkpoint", "x.pt", "--data", "fashion-mnist",
               "--keep", "half", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "--keep" in capsys.readouterr().err
+
+
+def test_one_ranking_serves_every_budget():
+    """rank_groups once, then spvr_prune per budget with ranking=: the same result as ranking each time."""
+    spec = models.preset("vgg16_bn", num_classes=10, in_channels=1, width=1 / 16)
+    torch.manual_seed(0)
+    model = models.build(spec).eval()
+    g = torch.Generator().manual_seed(1)
+    calib = (torch.randn(20, 1, 32, 32, generator=g), torch.arange(20) % 10)
+    from spvr_lib import GroupRanking, rank_groups
+    ranking = rank_groups(model, calib, group_size=2, progress=False)
+    again = GroupRanking.from_dict(json.loads(json.dumps(ranking.to_dict())))       # through the run cache's JSON
+    for keep in (0.5, 0.1):
+        direct = spvr_prune(model, calib, keep, group_size=2, progress=False)
+        shared = spvr_prune(model, calib, keep, group_size=2, progress=False, ranking=again)
+        assert shared.spec == direct.spec and shared.params_after == direct.params_after <= shared.budget
+    with pytest.raises(ValueError, match="group_size=2.*group_size=4"):
+        spvr_prune(model, calib, 0.5, group_size=4, progress=False, ranking=ranking)
+    # the device argument: the user's model is never moved, the ranking is the same
+    cpu = rank_groups(model, calib, group_size=2, progress=False, device="cpu")
+    assert all(torch.allclose(cpu.scores[k], ranking.scores[k]) for k in ranking.scores)
+    assert next(model.parameters()).device.type == "cpu"

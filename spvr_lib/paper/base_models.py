@@ -15,7 +15,7 @@ import torch
 from spvr_lib import data, models, store, train
 from spvr_lib.models import build, spec_to_str
 from spvr_lib.paper import reference
-from spvr_lib.prune import spvr_prune
+from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
 from spvr_lib.train import Recipe, load_weights, train_run
 
 # ----------------------------------------------------------------- Section 3.1.1: worked example
@@ -46,7 +46,7 @@ def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Any:
     """The training recipe of a setup (SGD, momentum 0.9, cosine annealing; Section 4.3)."""
 
     return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
-                  weight_decay=setup.weight_decay, mode=mode, augment=setup.augment)
+                  weight_decay=setup.weight_decay, mode=mode, augment=setup.augment, num_workers=setup.num_workers)
 
 
 def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict | None = None,
@@ -124,17 +124,43 @@ def _prunable_count(spec: dict) -> int:
         return len(models.prunable_layers(models.build(spec), spec))
 
 
+def spvr_ranking(cfg: Any, key: str, group_size: int | None = None, method: str = "fast", criterion: str = "spvr",
+                 seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """SPvR's groups and importances on the scale's trained base network: computed ONCE per (base run,
+    calibration set, d, criterion, ranking path) and cached (kind ``ranking``), on the device the scale
+    uses (CUDA when present).  Every rate reuses it; only the budget step depends on the rate."""
+    setup = cfg.model(key)
+    d = int(group_size or setup.group_size)
+    base_rec = train_base(cfg, key, progress=progress)
+    rkey = {"base": base_rec["hash"], "group_size": d, "method": method, "criterion": criterion,
+            "calib_seed": int(seed), "calib_per_class": setup.calib_per_class}
+
+    def compute() -> dict[str, Any]:
+        model = load_weights(base_rec).eval()
+        ranking = rank_groups(model, calibration(cfg, key, seed), d, criterion, method, device=ranking_device(cfg),
+                              progress=progress)
+        return ranking.to_dict()
+
+    return store.cached(rkey, compute, kind="ranking")
+
+
+def ranking_device(cfg: Any = None) -> str:
+    """Where the scale ranks: its ``device`` setting, else CUDA when present, else the CPU."""
+    return (getattr(cfg, "device", None) if cfg is not None else None) or \
+        ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, method: str = "fast",
                 criterion: str = "spvr", seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """SPvR applied to the scale's trained base network at ``rate`` (fraction of parameters removed).
 
-    Cached (kind ``prune``) by the base run, rate, group size, ranking method, criterion and
-    calibration seed.  The record holds the pruned ``spec``, ``arch`` (the paper's notation),
-    ``params_before``, ``params_after``, ``budget``, ``prune_s`` (grouping + ranking + budget, in
-    seconds), ``collapsed`` (whether a layer or stage disappeared) and ``kept`` (channels kept per
-    layer, indices into the base network).
+    The ranking comes from :func:`spvr_ranking` (computed once for every rate); this record (kind
+    ``prune``, keyed by the base run, rate, group size, ranking path, criterion and calibration seed)
+    holds the pruned ``spec``, ``arch`` (the paper's notation), ``params_before``, ``params_after``,
+    ``budget``, ``prune_s`` (grouping + ranking, done once, plus this rate's budget step, in seconds),
+    ``collapsed`` (whether a layer or stage disappeared) and ``kept`` (channels kept per layer,
+    indices into the base network).
     """
-
     if not 0.0 < rate < 1.0:
         raise ValueError(f"rate={rate!r}; expected the fraction of parameters removed, in (0, 1)")
     setup = cfg.model(key)
@@ -144,13 +170,13 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
             "criterion": criterion, "calib_seed": int(seed), "calib_per_class": setup.calib_per_class}
 
     def compute() -> dict[str, Any]:
-
+        ranking = GroupRanking.from_dict(spvr_ranking(cfg, key, d, method, criterion, seed, progress))
         model = load_weights(base_rec).eval()
         x, y = calibration(cfg, key, seed)
         t0 = time.perf_counter()
         res = spvr_prune(model, (x, y), keep=1.0 - rate, group_size=d, criterion=criterion, method=method,
-                         progress=progress)
-        prune_s = time.perf_counter() - t0
+                         progress=progress, ranking=ranking)
+        prune_s = ranking.seconds + time.perf_counter() - t0
         return {"spec": res.spec, "arch": models.spec_to_str(res.spec), "params_before": res.params_before,
                 "params_after": res.params_after, "budget": res.budget, "prune_s": round(prune_s, 3),
                 "collapsed": _prunable_count(res.spec) < _prunable_count(base_rec["spec"]),

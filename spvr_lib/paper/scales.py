@@ -41,6 +41,8 @@ class ModelSetup:
     base_train_subset: int | None = None  # ... and its training images per class (None: train_subset)
     stem: str | None = None     # ResNet stem: "cifar" (3x3, stride 1) or "imagenet" (7x7/2 + max-pool)
     table3_rate: float = 0.9    # the single high rate of Tables 3 (architecture vs retraining)
+    num_workers: int = 0        # DataLoader worker processes of every training (decode + augmentation off the GPU's
+                                # critical path; pinned memory and persistent workers come with them on CUDA)
 
     @property
     def compare_rates(self) -> tuple[float, ...]:
@@ -54,7 +56,7 @@ class Scale:
     seeds: tuple[int, ...] = (0,)
     guyon: dict[str, Any] = field(default_factory=dict)
     notebook_timeout_s: int = 3600
-    num_workers: int = 0
+    device: str | None = None    # where ranking runs (None: CUDA when present, else the CPU)
     rcp_samples: int = 20        # sub-architectures RCP samples (the paper: 20, Appendix D)
     latency_runs: int = 1500     # timed forward passes per network (the paper: 1500, Figure 1)
     latency_warmup: int = 50
@@ -152,18 +154,18 @@ PAPER = Scale(
     seeds=(0,),
     models={
         "vgg16": ModelSetup("vgg16_bn", "cifar10", width=1.0, epochs=200, batch_size=128, lr=0.05,
-                            lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=2, calib_per_class=50),
+                            lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=2, calib_per_class=50,
+                            num_workers=8),
         "resnet34": ModelSetup("resnet34", "tiny-imagenet", width=1.0, epochs=100, batch_size=512, lr=0.1,
                                lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=4, calib_per_class=50,
-                               stem="cifar"),
+                               stem="cifar", num_workers=8),
         "resnet50": ModelSetup("resnet50", "imagenet", width=1.0, epochs=100, batch_size=256, lr=0.1,
                                lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=8,
                                rates=(0.4, 0.7, 0.8, 0.95), train_rates=(0.4, 0.7, 0.8), calib_per_class=20,
-                               weight_decay=1e-4, stem="imagenet", table3_rate=0.8),
+                               weight_decay=1e-4, stem="imagenet", table3_rate=0.8, num_workers=8),
     },
     guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
     notebook_timeout_s=7 * 24 * 3600,
-    num_workers=8,
     rcp_samples=20, latency_runs=1500, latency_warmup=50, segmentation=_SEGMENTATION["paper"],
 )
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spvr_lib import data, models, store, train
-from spvr_lib.paper import reference, scales
+from spvr_lib.paper import base_models, reference, scales
 from spvr_lib.paper.stats import _mean_std
 from spvr_lib.prune import spvr_prune
 
@@ -84,6 +84,7 @@ def segnet_pruned(settings: dict[str, Any], progress: bool = True) -> dict[str, 
         t0 = time.perf_counter()
         # Section 5.5: Eq. 2 summed over all pixels; the naive ranking (the fast path has no SegNet plan)
         res = spvr_prune(model, (x, masks), keep=1.0 - settings["rate"], group_size=settings["group_size"],
+                         device=base_models.ranking_device(),
                          method="naive", progress=progress)
         prune_s = time.perf_counter() - t0
         with torch.device("meta"):

@@ -216,3 +216,13 @@ def test_latency_claims_on_hand_made_timings():
     assert c.loc[90.0, "slower than unpruned"] == "CURL"
     assert c.loc[98.0, "fastest"] == "ℓ1" and not c.loc[98.0, "SPvR fastest"]
     assert c.loc[98.0, "SPvR / best other"] == pytest.approx(1.5) and c.loc[98.0, "slower than unpruned"] == "none"
+
+
+def test_spvr_ranks_once_per_base_network_and_prunes_each_rate_from_it(cache, monkeypatch):
+    calls = []
+    real = base_models.rank_groups
+    monkeypatch.setattr(base_models, "rank_groups", lambda *a, **k: calls.append(k.get("device")) or real(*a, **k))
+    recs = [base_models.spvr_pruned(TINY, "vgg16", r, progress=False) for r in (0.5, 0.7, 0.9)]
+    assert len(calls) == 1 and calls[0] in ("cpu", "cuda")               # one ranking, on the scale's device
+    assert [r["params_after"] <= r["budget"] for r in recs] == [True] * 3
+    assert recs[0]["params_after"] > recs[1]["params_after"] > recs[2]["params_after"]
