@@ -19,6 +19,7 @@ from typing import Any
 
 from spvr_lib import data, models, store
 from spvr_lib.budget import budget_from_keep
+from spvr_lib.devices import resolve_device
 from spvr_lib.prune import spvr_prune
 
 _COMMANDS = ("prune",)
@@ -60,7 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", choices=("spvr", "kl"), default="spvr")
     p.add_argument("--method", choices=("fast", "naive"), default="fast")
     p.add_argument("--seed", type=int, default=0, help="seeds the calibration draw and the new model's init")
-    p.add_argument("--device", default="cpu", help="torch device for ranking, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--device", default=None, help="where grouping and ranking run: cpu, cuda, cuda:1 (default: CUDA "
+                   "when present, else the CPU); the calibration set is streamed to it in chunks")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default=None,
+                   help="ResNet stem of a --model preset: cifar (3x3, stride 1) or imagenet (7x7/2 + max-pool, the "
+                   "paper's ResNet50 and torchvision's); default: the preset's (cifar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -117,7 +122,11 @@ def _prune(args: argparse.Namespace) -> int:
         width = 1.0 if args.width is None else args.width
         if not width > 0:
             raise _UsageError(f"--width {args.width}: expected a positive multiplier")
-        spec = models.preset(args.model, num_classes=info.num_classes, in_channels=info.in_channels, width=width)
+        stem = {} if args.stem is None else {"stem": args.stem}
+        if stem and not args.model.startswith("resnet"):
+            raise _UsageError(f"--stem applies to ResNet presets, not --model {args.model!r}")
+        spec = models.preset(args.model, num_classes=info.num_classes, in_channels=info.in_channels, width=width,
+                             **stem)
         name = args.model
     if spec["num_classes"] != info.num_classes:
         raise _UsageError(f"the model has {spec['num_classes']} classes but --data {args.data!r} has "
@@ -134,9 +143,9 @@ def _prune(args: argparse.Namespace) -> int:
         raise _UsageError(f"--checkpoint {str(args.checkpoint)!r} does not fit the model "
                           f"({models.spec_to_str(spec)}): {str(err).splitlines()[0]} ...") from None
     try:
-        device = torch.device(args.device)
+        device = resolve_device(args.device)
         model.to(device)
-    except (RuntimeError, AssertionError) as err:
+    except (ValueError, RuntimeError, AssertionError) as err:
         raise _UsageError(f"--device {args.device!r}: {err}") from None
 
     try:

@@ -492,7 +492,7 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
     ``train_options`` / ``test_options`` go to ``data.load_dataset`` (e.g. ``limit``, ``n_images``).
 
     The cache key is every argument above but ``progress`` and ``device`` (plus sha256 of
-    ``init_state``); the record also carries the fingerprint of the code that ran (``store.cached``).
+    ``init_state`` and ``data.fingerprint`` of the dataset's files); the record also carries the fingerprint of the code that ran (``store.cached``).
     A finished run is never recomputed while its code is unchanged, an interrupted one resumes from
     its per-epoch checkpoint, and a record whose weights file was deleted is retrained.
 
@@ -508,7 +508,8 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
     task = task_named(data.dataset_info(dataset).task)
     key = {"spec": spec, "dataset": dataset, "per_class_train": per_class_train,
            "per_class_test": per_class_test, "recipe": recipe.to_dict(), "seed": seed, "tag": tag,
-           "init": None if init_state is None else state_dict_digest(init_state)}
+           "init": None if init_state is None else state_dict_digest(init_state),
+           "data_files": data.fingerprint(dataset)}       # names and sizes of the files: a partial copy is another key
     key.update({k: dict(v) for k, v in (("shapes", shapes), ("train_options", train_options),
                                         ("test_options", test_options)) if v})
     stem = store.cache_path(key, kind="train").stem
@@ -560,6 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m spvr_lib.train", description=main.__doc__.splitlines()[0])
     p.add_argument("--preset", required=True, help="models preset: vgg16_bn, resnet34, resnet50")
     p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default=None,
+                   help="ResNet stem: cifar (3x3, stride 1; the preset's default) or imagenet (7x7/2 + max-pool)")
+    p.add_argument("--data-root", default=None, help="the folder holding the dataset (default: the usual places)")
     p.add_argument("--dataset", required=True, help="data.load_dataset name, e.g. fashion-mnist")
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True, help="global batch size (all ranks)")
@@ -583,12 +587,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     dev = resolve_device(args.device)
     started_here = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
     rank, world = init_distributed(dev)
+    root = {} if args.data_root is None else {"root": args.data_root}
     train_set = data.load_dataset(args.dataset, "train", augment=recipe.augment, per_class=args.per_class_train,
-                                  seed=args.seed)
+                                  seed=args.seed, **root)
     test_set = data.load_dataset(args.dataset, "test", augment=False, per_class=args.per_class_test,
-                                 seed=args.seed)
+                                 seed=args.seed, **root)
     in_channels = int(train_set[0][0].shape[0])
-    spec = models.preset(args.preset, num_classes=train_set.num_classes, in_channels=in_channels, width=args.width)
+    if args.stem is not None and not args.preset.startswith("resnet"):
+        p.error(f"--stem applies to ResNet presets, not --preset {args.preset!r}")
+    spec = models.preset(args.preset, num_classes=train_set.num_classes, in_channels=in_channels, width=args.width,
+                         **({} if args.stem is None else {"stem": args.stem}))
     key = {"spec": spec, "dataset": args.dataset, "per_class_train": args.per_class_train,
            "per_class_test": args.per_class_test, "recipe": recipe.to_dict(), "seed": args.seed}
     stem = f"train-{store.run_hash(key)}"

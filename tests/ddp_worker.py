@@ -83,6 +83,7 @@ def fake_modules() -> tuple[types.ModuleType, types.ModuleType]:
     models.load_network = _load_network
     data = types.ModuleType("spvr_lib.data")
     data.load_dataset = _load_dataset
+    data.fingerprint = lambda name, root=None: "blobs"
     data.dataset_info = lambda name: types.SimpleNamespace(task="classification", num_classes=NUM_CLASSES)
     return models, data
 

@@ -385,7 +385,7 @@ def test_imagenet_folders(tmp_path):
     assert train[0][0].shape == (3, 224, 224)
     xc, yc = data.calibration_set(train, per_class=2, progress=False)
     assert xc.shape == (4, 3, 224, 224) and yc.tolist() == [0, 0, 1, 1] and train.augment is True
-    with pytest.raises(FileNotFoundError, match=r"val does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"dataset .imagenet. is not at .*train.imagenet"):
         data.load_dataset("imagenet", "test", root=tmp_path / "train")
 
 
@@ -471,3 +471,18 @@ def test_make_guyon():
     x2, y2 = data.make_guyon(n_samples=200, n_features=30, flip_y=0.02, seed=1)
     np.testing.assert_array_equal(x, x2) and np.testing.assert_array_equal(y, y2)
     assert not np.array_equal(x, data.make_guyon(n_samples=200, n_features=30, seed=2)[0])
+
+
+def test_fingerprint_changes_with_the_files_and_check_reports_each_dataset(tmp_path, capsys):
+    root = write_cifar(tmp_path)
+    full = data.fingerprint("cifar10", root=tmp_path)
+    assert full == data.fingerprint("cifar10", root=tmp_path)                 # names and sizes: stable
+    (tmp_path / "cifar-10-batches-py" / "extra_batch").write_bytes(b"0")     # another copy of the dataset
+    data._fingerprint.cache_clear()
+    assert data.fingerprint("cifar10", root=tmp_path) != full
+    problems = data.check_datasets(["cifar10", "tiny-imagenet"], root=tmp_path)
+    out = capsys.readouterr().out
+    assert "ok      cifar10:" in out and "train 10, test 3 images" in out
+    assert set(problems) == {"tiny-imagenet"} and "missing tiny-imagenet" in out
+    assert data.main(["check", "cifar10", "--root", str(tmp_path)]) == 0
+    assert data.main(["check", "imagenet", "--root", str(tmp_path)]) == 1

@@ -447,6 +447,8 @@ def test_cli_prune_end_to_end(tmp_path, monkeypatch):
     (["--model", "vgg19"], "--model"),
     (["--data", "mnist"], "--data"),
     (["--calib-per-class", "0"], "--calib-per-class"),
+    (["--stem", "imagenet"], "--stem"),                     # a VGG has no stem to choose
+    (["--device", "tpu"], "--device"),
 ])
 def test_cli_bad_input_exits_2(tmp_path, capsys, args, match):
     from spvr_lib.__main__ import main
@@ -492,3 +494,17 @@ def test_one_ranking_serves_every_budget():
     cpu = rank_groups(model, calib, group_size=2, progress=False, device="cpu")
     assert all(torch.allclose(cpu.scores[k], ranking.scores[k]) for k in ranking.scores)
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_cli_stem_builds_the_imagenet_stem_resnet(tmp_path):
+    from spvr_lib.__main__ import main
+
+    spec = models.preset("resnet18", num_classes=10, in_channels=1, width=1 / 16, stem="imagenet")
+    ckpt = _checkpoint(tmp_path, spec)
+    rc = main(["prune", "--model", "resnet18", "--width", "0.0625", "--stem", "imagenet", "--checkpoint", str(ckpt),
+               "--data", "fashion-mnist", "--keep", "0.5", "--group-size", "2", "--out", str(tmp_path / "out"),
+               "--calib-per-class", "2", "--no-progress"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["params_before"] == models.spec_params(spec)                # the 7x7 stem's parameters
+    assert json.loads((tmp_path / "out" / "spec.json").read_text())["stem"] == "imagenet"

@@ -24,6 +24,9 @@ it when possible).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import os
 import contextlib
 import sys
 from collections.abc import Iterator, Sequence
@@ -103,6 +106,53 @@ from .tiny_imagenet import TINY_IMAGENET_MEAN, TINY_IMAGENET_STD, TinyImageNet  
 _OPTIONS = {"cityscapes": ("size",), "fashion-mnist-scenes": ("n_images", "canvas", "items", "compose_seed")}
 
 
+# Where each dataset's files are by default (under data/ unless installed system-wide), and the marker
+# file or folder that says the layout is there.  README "Datasets" shows each layout in full.
+_DEFAULT_FOLDER = {"cifar10": ("cifar-10-batches-py", "test_batch"),
+                   "tiny-imagenet": ("tiny-imagenet-200", "wnids.txt"),
+                   "imagenet": ("imagenet", "val"),
+                   "cityscapes": ("cityscapes", "gtFine")}
+
+
+def dataset_folder(name: str, root: str | Path | None = None) -> Path:
+    """The folder holding dataset ``name``'s files (the same place :func:`load_dataset` reads).
+
+    Fashion-MNIST (and the scenes composed from it): the idx files' folder (``ensure_fashion_mnist``).
+    The others: ``root`` (default ``<repo>/data``) / their standard folder, or ``root`` itself when it
+    is that folder.  A missing folder raises FileNotFoundError naming where it was expected."""
+    dataset_info(name)
+    if name in ("fashion-mnist", "fashion-mnist-scenes"):
+        return ensure_fashion_mnist(root)
+    sub, marker = _DEFAULT_FOLDER[name]
+    base = Path(root) if root is not None else DATA_DIR
+    if (base / marker).exists():
+        return base
+    if (base / sub).is_dir():
+        return base / sub
+    raise FileNotFoundError(f"dataset {name!r} is not at {base / sub} (or {base} itself): put it there in the "
+                            "layout the README's 'Datasets' section shows, or pass root=")
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(folder: str) -> str:
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for f in sorted(filenames):
+            path = Path(dirpath) / f
+            h.update(f"{path.relative_to(folder)}|{path.stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(name: str, root: str | Path | None = None) -> str | None:
+    """A fingerprint of the files dataset ``name`` is read from: sha256 of every file's relative path
+    and size (not contents: an ImageNet pass would take hours), memoised per process.  It goes into
+    the cache key of every training run, so runs on a partial or another copy of a dataset are never
+    served for the full one.  None for a dataset without files (none yet: Guyon's data is generated
+    by ``make_guyon`` and carries no dataset name)."""
+    return _fingerprint(str(dataset_folder(name, root).resolve()))
+
+
 def load_dataset(name: str, split: str, root: str | Path | None = None, augment: bool = False,
                  per_class: int | None = None, seed: int = 0, limit: int | None = None, **kw: Any) -> Dataset:
     """Dataset ``name`` (a key of :data:`DATASETS`), ``split`` "train" or "test" (the val folder for
@@ -131,11 +181,10 @@ def load_dataset(name: str, split: str, root: str | Path | None = None, augment:
     elif name == "tiny-imagenet":
         dataset = TinyImageNet(root if root is not None else DATA_DIR, split, augment, seed)
     elif name == "imagenet":
-        base = Path(root) if root is not None else DATA_DIR / "imagenet"
+        base = dataset_folder(name, root)
         dataset = ImageNetFolder(base / ("train" if split == "train" else "val"), augment)
     elif name == "cityscapes":
-        dataset = Cityscapes(root if root is not None else DATA_DIR / "cityscapes", split,
-                             size=kw.get("size"), augment=augment, seed=seed)
+        dataset = Cityscapes(dataset_folder(name, root), split, size=kw.get("size"), augment=augment, seed=seed)
     else:
         dataset = FashionMNISTScenes(split, kw.get("n_images", 1000), kw.get("canvas", 64),
                                      kw.get("items", (2, 4)), seed=kw.get("compose_seed", seed), root=root, augment=augment)
@@ -216,7 +265,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ensure = commands.add_parser("ensure", help="make sure a dataset is available and print where it is")
     ensure.add_argument("dataset", choices=["fashion-mnist"])
     ensure.add_argument("--root", default=None, help="look only in this folder")
+    check = commands.add_parser("check", help="read every split of the given datasets and report their layout "
+                                "(python -m spvr_lib.reproduce --check-data --scale S checks a scale's datasets)")
+    check.add_argument("datasets", nargs="+", choices=sorted(DATASETS))
+    check.add_argument("--root", default=None, help="the folder holding the datasets (default <repo>/data)")
     args = parser.parse_args(argv)
+    if args.command == "check":
+        problems = check_datasets(args.datasets, args.root)
+        return 1 if problems else 0
     try:
         folder = ensure_fashion_mnist(args.root)
     except FileNotFoundError as err:
@@ -224,3 +280,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"fashion-mnist: {folder}")
     return 0
+
+
+def check_datasets(names: Sequence[str], root: str | Path | None = None, out: Any = None) -> dict[str, str]:
+    """Open both splits of every dataset in ``names`` and read one item of each; print one line per dataset
+    (folder, images per split, classes) or its problem.  Returns {dataset: problem} (empty: all fine)."""
+    out = out or sys.stdout
+    problems = {}
+    for name in names:
+        try:
+            folder = dataset_folder(name, root)
+            sizes = {}
+            for split in SPLITS:
+                ds = load_dataset(name, split, root=root) if name != "fashion-mnist-scenes" else \
+                    load_dataset(name, split, root=root, n_images=2)
+                ds[0]
+                sizes[split] = len(ds)
+            print(f"ok      {name}: {folder} (train {sizes['train']}, test {sizes['test']} images, "
+                  f"{dataset_info(name).num_classes} classes)", file=out)
+        except (FileNotFoundError, ValueError, OSError) as err:
+            problems[name] = f"{type(err).__name__}: {err}"
+            print(f"missing {name}: {problems[name]}", file=out)
+    return problems

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from spvr_lib.paper.provenance import check_scale, output_dir, stale_artifacts
-from spvr_lib import baselines
+from spvr_lib import baselines, data
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.store import REPO_ROOT, atomic_write_text
 
@@ -179,9 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for executed copies (default build/executed/<scale>)")
     ap.add_argument("--readme", action="store_true", help="only regenerate the README's results section from "
                     "figures/<scale>/ (no notebook runs)")
+    ap.add_argument("--check-data", action="store_true", help="only check that every dataset the scale reads is "
+                    "in place (python -m spvr_lib.data check for each); exit 1 when one is missing")
     ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
                     "provenance no longer matches the current code; exit 1 when any is stale")
     args = ap.parse_args(argv)
+    if args.check_data:
+        try:
+            scale = check_scale(args.scale)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 1 if data.check_datasets(get_scale(scale).datasets()) else 0
     if args.check:
         try:
             scale = check_scale(args.scale)
@@ -206,6 +215,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     timeout = args.timeout or get_scale(scale).notebook_timeout_s
+    if scale == "paper":                       # days of GPU time: fail now, not in notebook 04, if data is missing
+        missing = data.check_datasets(get_scale(scale).datasets())
+        if missing:
+            print(f"error: the paper scale needs {', '.join(missing)} under data/ (README, 'Datasets')",
+                  file=sys.stderr)
+            return 1
     out_dir = args.out or REPO_ROOT / "build" / "executed" / scale
     total = time.perf_counter()
     for i, nb in enumerate(notebooks, 1):

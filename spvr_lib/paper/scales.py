@@ -70,6 +70,13 @@ class Scale:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def datasets(self) -> list[str]:
+        """Every dataset the scale's notebooks read (Guyon's data is generated, not read)."""
+        names = {setup.dataset for setup in self.models.values()}
+        if self.segmentation:
+            names.add(self.segmentation["dataset"])
+        return sorted(names)
+
 
 # Table 5's sensitivity table: each choice the paper leaves unstated, varied one at a time
 _GUYON_VARIATIONS = {"epochs": [1, 10, 30], "batch_size": [128], "test_fraction": [0.2],
