@@ -107,14 +107,14 @@ def test_ensure_fashion_mnist_missing_root_says_how_to_get_it(tmp_path):
         data.ensure_fashion_mnist(tmp_path / "nowhere")
     message = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in message
-    assert str(fm.DATA_DIR / "fashion-mnist") in message and "t10k-labels-idx1-ubyte.gz" in message
+    assert str(fm.data_dir() / "fashion-mnist") in message and "t10k-labels-idx1-ubyte.gz" in message
 
 
 @pytest.fixture
 def nothing_installed(tmp_path, monkeypatch):
     system = tmp_path / "usr-share" / "fashion-mnist"
     monkeypatch.setattr(fm, "SYSTEM_FASHION_MNIST", system)
-    monkeypatch.setattr(fm, "DATA_DIR", tmp_path / "repo-data")
+    monkeypatch.setenv("SPVR_DATA", str(tmp_path / "repo-data"))
     return system
 
 
@@ -144,7 +144,7 @@ def test_ensure_fashion_mnist_falls_back_to_download_then_error(nothing_installe
         return True
 
     monkeypatch.setattr(fm, "_torchvision_download_fashion_mnist", fake_download)
-    local = fm.DATA_DIR / "fashion-mnist"
+    local = fm.data_dir() / "fashion-mnist"
     assert data.ensure_fashion_mnist() == local and downloads == [local]
     for f in local.iterdir():  # now nothing anywhere and no network
         f.unlink()

@@ -47,7 +47,7 @@ from .cityscapes import (  # noqa: F401
     Cityscapes,
 )
 from .common import (  # noqa: F401
-    DATA_DIR,
+    data_dir,
     DATASETS,
     SPLITS,
     DatasetInfo,
@@ -124,7 +124,7 @@ def dataset_folder(name: str, root: str | Path | None = None) -> Path:
     if name in ("fashion-mnist", "fashion-mnist-scenes"):
         return ensure_fashion_mnist(root)
     sub, marker = _DEFAULT_FOLDER[name]
-    base = Path(root) if root is not None else DATA_DIR
+    base = Path(root) if root is not None else data_dir()
     if (base / marker).exists():
         return base
     if (base / sub).is_dir():
@@ -153,6 +153,23 @@ def fingerprint(name: str, root: str | Path | None = None) -> str | None:
     return _fingerprint(str(dataset_folder(name, root).resolve()))
 
 
+def num_classes(name: str, root: str | Path | None = None) -> int:
+    """How many classes dataset ``name``'s training split holds where it is (a class-folder subset of
+    ImageNet or Tiny ImageNet has fewer than the registry's 1000 / 200): what a network for it must output.
+    Where the dataset is not on this machine, the registry's count (a spec or a parameter count needs no data)."""
+    try:
+        files = fingerprint(name, root)
+    except FileNotFoundError:
+        return dataset_info(name).num_classes
+    return _num_classes(name, None if root is None else str(root), files)
+
+
+@functools.lru_cache(maxsize=32)
+def _num_classes(name: str, root: str | None, _files: str) -> int:
+    return int(load_dataset(name, "train", root=root, **({"n_images": 2} if name == "fashion-mnist-scenes" else {}))
+               .num_classes)
+
+
 def load_dataset(name: str, split: str, root: str | Path | None = None, augment: bool = False,
                  per_class: int | None = None, seed: int = 0, limit: int | None = None, **kw: Any) -> Dataset:
     """Dataset ``name`` (a key of :data:`DATASETS`), ``split`` "train" or "test" (the val folder for
@@ -179,7 +196,7 @@ def load_dataset(name: str, split: str, root: str | Path | None = None, augment:
     elif name == "cifar10":
         dataset = cifar10(split, root, augment, seed)
     elif name == "tiny-imagenet":
-        dataset = TinyImageNet(root if root is not None else DATA_DIR, split, augment, seed)
+        dataset = TinyImageNet(root if root is not None else data_dir(), split, augment, seed)
     elif name == "imagenet":
         base = dataset_folder(name, root)
         dataset = ImageNetFolder(base / ("train" if split == "train" else "val"), augment)

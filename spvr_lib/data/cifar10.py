@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .common import DATA_DIR, InMemoryImages, _check_split, _subfolder
+from .common import data_dir, InMemoryImages, _check_split, _subfolder
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -47,7 +47,7 @@ def cifar10(split: str, root: str | Path | None = None, augment: bool = False, s
     """CIFAR-10 from ``root/cifar-10-batches-py`` (default root: ``<repo>/data``): items (float [3, 32, 32]
     normalised, label); augmentation: crop 32 pad 4 + flip."""
     _check_split(split)
-    folder = _subfolder(Path(root) if root is not None else DATA_DIR, "cifar-10-batches-py", "test_batch")
+    folder = _subfolder(Path(root) if root is not None else data_dir(), "cifar-10-batches-py", "test_batch")
     images, labels = _cifar10_tensors(str(folder), split)
     return InMemoryImages(images, labels, classes=CIFAR10_CLASSES, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                           crop_padding=4, augment=augment, seed=seed, name="cifar10")

@@ -1,6 +1,8 @@
 """Shared pieces of every dataset: the registry of names, augmentation, the in-memory image sets."""
 from __future__ import annotations
 
+import os
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,9 @@ from spvr_lib.store import REPO_ROOT
 SPLITS = ("train", "test")
 
 
-DATA_DIR = REPO_ROOT / "data"
+def data_dir() -> Path:
+    """Where datasets live by default: ``$SPVR_DATA`` when set, else ``<repo>/data`` (read at each call)."""
+    return Path(os.environ.get("SPVR_DATA", REPO_ROOT / "data"))
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import (
-    DATA_DIR,
+    data_dir,
     ImageSegmentation,
     InMemoryImages,
     _check_split,
@@ -100,7 +100,7 @@ def _fashion_mnist_missing_message(searched: Sequence[Path]) -> str:
     return (f"Fashion-MNIST not found (looked in {', '.join(str(p) for p in searched)}). Install it with "
             f"`sudo apt-get install {FASHION_MNIST_APT_PACKAGE}` (Debian/Ubuntu; files go to "
             f"{SYSTEM_FASHION_MNIST}), or copy the four files {names} (gzipped or not) to "
-            f"{DATA_DIR / 'fashion-mnist'}/.")
+            f"{data_dir() / 'fashion-mnist'}/.")
 
 
 def _can_use_apt() -> bool:
@@ -161,7 +161,7 @@ def ensure_fashion_mnist(root: str | Path | None = None) -> Path:
         if not _has_fashion_mnist(folder):
             raise FileNotFoundError(_fashion_mnist_missing_message([folder]))
         return folder
-    local = DATA_DIR / "fashion-mnist"
+    local = data_dir() / "fashion-mnist"
     for folder in (SYSTEM_FASHION_MNIST, local):
         if _has_fashion_mnist(folder):
             return folder

@@ -6,7 +6,9 @@ of the SPvR and KL neuron rankings against a ground truth).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -34,11 +36,11 @@ from spvr_lib.train import Recipe, load_weights, train_run
 
 
 def base_spec(setup: Any) -> dict:
-    """The unpruned network of a :class:`scales.ModelSetup`, sized for its dataset."""
-
+    """The unpruned network of a :class:`scales.ModelSetup`, sized for its dataset as it is on disk (a
+    subset of ImageNet's classes gets that many outputs, not 1000)."""
     info = data.dataset_info(setup.dataset)
     kw = {"stem": setup.stem} if setup.stem else {}
-    return models.preset(setup.preset, num_classes=info.num_classes, in_channels=info.in_channels,
+    return models.preset(setup.preset, num_classes=data.num_classes(setup.dataset), in_channels=info.in_channels,
                          width=setup.width, **kw)
 
 
@@ -78,10 +80,74 @@ def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict 
     return float(rec["best"]), {float(k): v for k, v in rec["scores"].items()}
 
 
+# The paper prunes "an ImageNet1K pre-trained ResNet50" (Section 4.3): torchvision's IMAGENET1K_V1 weights
+# (76.13% top-1 by torchvision's evaluation; the paper's base row says 76.32).
+PRETRAINED_FILES = {"torchvision-resnet50-imagenet1k-v1": "resnet50-0676ba61.pth"}
+
+
+def pretrained_weights(name: str) -> Path:
+    """The local file of pre-trained weights ``name`` (a key of :data:`PRETRAINED_FILES`).
+
+    Looked for, in order: ``$SPVR_PRETRAINED/<file>``, ``data/pretrained/<file>``, and torch hub's
+    cache (``torch.hub.get_dir()/checkpoints/<file>``, where torchvision's own download puts it);
+    when none has it, torchvision's download is tried.  Raises FileNotFoundError saying where to put
+    the file when it cannot be had (no network)."""
+    fname = PRETRAINED_FILES[name]
+    places = [Path(p) / fname for p in (os.environ.get("SPVR_PRETRAINED"),) if p]
+    places += [store.REPO_ROOT / "data" / "pretrained" / fname, Path(torch.hub.get_dir()) / "checkpoints" / fname]
+    for path in places:
+        if path.is_file():
+            return path
+    try:
+        from torchvision.models import ResNet50_Weights
+
+        ResNet50_Weights.IMAGENET1K_V1.get_state_dict(progress=False)   # torchvision's download into the hub cache
+        if places[-1].is_file():
+            return places[-1]
+    except Exception as err:                           # offline: say where the file goes
+        why = f"{type(err).__name__}: {str(err)[:120]}"
+    else:
+        why = "the download left no file"
+    raise FileNotFoundError(f"pre-trained weights {name!r} ({fname}) are not on this machine ({why}); put the file "
+                            f"in one of {[str(p.parent) for p in places]} (torchvision's ResNet50_Weights.IMAGENET1K_V1)")
+
+
+def pretrained_base(cfg: Any, key: str, progress: bool = True) -> dict[str, Any]:
+    """The paper's ResNet50 regime: the published ImageNet1K weights instead of a training run, evaluated on
+    the scale's test split; a record shaped like ``train_run``'s (cached, kind ``pretrained``).  Its recipe
+    (learning rate included) is the setup's, used by every network trained from it (no grid search: the
+    paper's ~700-epoch search on ImageNet is what this regime avoids)."""
+    setup = cfg.model(key)
+    spec = base_spec(setup)
+    rcp = recipe(setup)
+    key_ = {"pretrained": setup.pretrained, "spec": spec, "dataset": setup.dataset, "recipe": rcp.to_dict(),
+            "per_class_train": setup.train_subset, "per_class_test": setup.test_subset,
+            "data_files": data.fingerprint(setup.dataset)}
+    weights = train.checkpoint_dir() / f"{store.cache_path(key_, kind='pretrained').stem}.final.pt"
+
+    def compute() -> dict[str, Any]:
+        model = build(spec)
+        state = torch.load(pretrained_weights(setup.pretrained), map_location="cpu", weights_only=True)
+        model.load_state_dict(state, strict=True)
+        test_set = data.load_dataset(setup.dataset, "test", per_class=setup.test_subset, seed=0)
+        scores = train.evaluate(model, test_set, batch_size=setup.batch_size, num_workers=setup.num_workers)
+        models.save_network(model, weights, spec=spec)
+        return {**{k: scores[k] for k in ("top1", "top5", "loss")}, "history": [], "epochs": 0,
+                "params": models.count_params(model), "size_mb": models.model_size_mb(model), "wall_s": 0.0,
+                "weights": str(weights.relative_to(store.REPO_ROOT)) if weights.is_relative_to(store.REPO_ROOT)
+                else str(weights), "spec": spec, "shapes": None, "pretrained": setup.pretrained}
+
+    path = store.cache_path(key_, kind="pretrained")
+    return store.cached(key_, compute, kind="pretrained", refresh=path.exists() and not weights.exists())
+
+
 def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record."""
+    """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record.
+    A setup with ``pretrained`` weights (the paper's ImageNet ResNet50) loads them instead of training."""
 
     setup = cfg.model(key)
+    if setup.pretrained:
+        return pretrained_base(cfg, key, progress=progress)
     spec = base_spec(setup)
     lr, _ = searched_lr(setup, spec, progress=progress)   # searched at the pruned networks' budget
     base = dataclasses.replace(recipe(setup, lr=lr), epochs=setup.base_epochs or setup.epochs)
@@ -110,7 +176,8 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     for key, rec in records.items():
         setup = cfg.model(key)
         rows.append({"model": key, "dataset": setup.dataset, "width": setup.width,
-                     "train images per class": rec["key"]["per_class_train"], "epochs": rec["key"]["recipe"]["epochs"],
+                     "train images per class": rec["key"]["per_class_train"],
+                     "epochs": "published weights" if rec.get("pretrained") else rec["key"]["recipe"]["epochs"],
                      "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
                      "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
                      **reference.PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})

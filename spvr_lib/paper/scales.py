@@ -41,6 +41,8 @@ class ModelSetup:
     base_train_subset: int | None = None  # ... and its training images per class (None: train_subset)
     stem: str | None = None     # ResNet stem: "cifar" (3x3, stride 1) or "imagenet" (7x7/2 + max-pool)
     table3_rate: float = 0.9    # the single high rate of Tables 3 (architecture vs retraining)
+    pretrained: str | None = None   # published weights to start from instead of training the base network
+    quote_baselines: bool = False   # Tables 1 and 3 quote the baselines' published numbers (Section 4.2: ImageNet)
     num_workers: int = 0        # DataLoader worker processes of every training (decode + augmentation off the GPU's
                                 # critical path; pinned memory and persistent workers come with them on CUDA)
 
@@ -169,7 +171,8 @@ PAPER = Scale(
         "resnet50": ModelSetup("resnet50", "imagenet", width=1.0, epochs=100, batch_size=256, lr=0.1,
                                lr_grid=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 1.0), group_size=8,
                                rates=(0.4, 0.7, 0.8, 0.95), train_rates=(0.4, 0.7, 0.8), calib_per_class=20,
-                               weight_decay=1e-4, stem="imagenet", table3_rate=0.8, num_workers=8),
+                               weight_decay=1e-4, stem="imagenet", table3_rate=0.8, num_workers=8,
+                               pretrained="torchvision-resnet50-imagenet1k-v1", quote_baselines=True),
     },
     guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
     notebook_timeout_s=7 * 24 * 3600,

@@ -50,7 +50,8 @@ def _mobilenet_spec(setup: Any, variant: str, width: float) -> dict:
     info = data.dataset_info(setup.dataset)
     # the MobileNet's stem mirrors the ResNet50's: the paper's ImageNet stem (stride 2) keeps its
     # stride-2 stem, so both networks reduce the input by 32 (a "cifar" ResNet stem gets stride 1)
-    return models.mobilenetv3(variant, num_classes=info.num_classes, in_channels=info.in_channels, width=width,
+    return models.mobilenetv3(variant, num_classes=data.num_classes(setup.dataset), in_channels=info.in_channels,
+                              width=width,
                               small_input=setup.stem == "cifar")
 
 

@@ -246,6 +246,11 @@ def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: 
             for m in methods for s in seeds]
     rows = []
     for k, r, m, s in tqdm(jobs, desc=f"{mode} runs", disable=not progress):
+        if cfg.model(k).quote_baselines and m != "spvr":    # Section 4.2: ImageNet baselines as published
+            rows.append({**{c: None for c in _RUN_COLUMNS}, **quoted_run(cfg, k, m, r, s, mode),
+                         "dataset": cfg.model(k).dataset, "params removed (%)": round(100 * r, 2),
+                         "name": DISPLAY_NAMES[m]})
+            continue
         try:
             rec = trained_accuracy(cfg, k, m, r, s, mode, progress=False)
         except Exception as e:                        # recorded, not cached: the rerun retries it
@@ -254,6 +259,19 @@ def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: 
         rows.append({**{c: rec.get(c) for c in _RUN_COLUMNS}, "dataset": cfg.model(k).dataset,
                      "params removed (%)": round(100 * rec["rate"], 2), "name": DISPLAY_NAMES[m]})
     return _nullable_ints(pd.DataFrame(rows, columns=list(_RUN_COLUMNS)))
+
+
+def quoted_run(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str) -> dict[str, Any]:
+    """A baseline's row where the paper quotes its published number instead of training it (ImageNet):
+    status "quoted" with the paper's top-1 / top-5 (Table 1 for fine-tuning, Table 3 for training from
+    scratch), or "not reported" where the paper prints "-"."""
+    table = reference.PAPER_TABLE1 if mode == "finetune" else reference.PAPER_TABLE3
+    vals = table.get((key, round(float(rate), 2), method), {})
+    reported = vals.get("top1") is not None or vals.get("top5") is not None
+    return {"model": key, "method": method, "rate": round(float(rate), 6), "seed": int(seed), "mode": mode,
+            "top1": vals.get("top1"), "top5": vals.get("top5"), "status": "quoted" if reported else "not reported",
+            "error": None if reported else "the paper reports no number for this cell",
+            "notes": "published number quoted by the paper (Section 4.2); not trained here"}
 
 
 def _errors(sub: pd.DataFrame) -> str | None:
@@ -266,7 +284,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     ``n_ok`` of ``n_runs``, status ("ok", "failed" when no seed ran, "partial"), error (distinct reasons)."""
     rows = []
     for (model, rate, method), sub in runs.groupby(["model", "rate", "method"], sort=False):
-        ok = sub[sub["status"] == "ok"]
+        ok = sub[sub["status"].isin(("ok", "quoted"))]
         row = {"model": model, "dataset": sub["dataset"].iloc[0], "rate": rate,
                "params removed (%)": round(100 * rate, 2), "method": method, "name": DISPLAY_NAMES[method],
                "mode": sub["mode"].iloc[0]}
@@ -278,7 +296,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         row.update({"params": int(params.iloc[0]) if len(params) else None,
                     "budget": sub["budget"].dropna().iloc[0] if sub["budget"].notna().any() else None,
                     "n_ok": len(ok), "n_runs": len(sub),
-                    "status": "ok" if len(ok) == len(sub) else ("failed" if ok.empty else "partial"),
+                    "status": (sub["status"].iloc[0] if sub["status"].nunique() == 1 and sub["status"].iloc[0] in
+                               ("quoted", "not reported") else
+                               "ok" if len(ok) == len(sub) else ("failed" if ok.empty else "partial")),
                     "error": _errors(sub)})
         rows.append(row)
     return _nullable_ints(pd.DataFrame(rows))
@@ -289,6 +309,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _fmt(mean: float, std: float, n_ok: int, status: str) -> str:
+    if status == "not reported":
+        return "-"
+    if status == "quoted":
+        return f"{mean:.2f} (quoted)" if np.isfinite(mean) else "-"
     if status == "failed" or n_ok == 0 or not np.isfinite(mean):
         return "failed"
     text = f"{mean:.2f}" if not np.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
@@ -319,7 +343,7 @@ def _comparison_row(sub: pd.DataFrame, runs: pd.DataFrame, metric: str, methods:
     else:
         row.update({"best baseline": None, "SPvR - best": None, "verdict": "n/a (SPvR or every baseline failed)"})
     row["failures"] = _failures({m: by_method.loc[m, "error"] for m in by_method.index
-                                 if by_method.loc[m, "status"] != "ok"})
+                                 if by_method.loc[m, "status"] not in ("ok", "quoted", "not reported")})
     return row
 
 

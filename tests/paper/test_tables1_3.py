@@ -222,7 +222,7 @@ def test_spvr_ranks_once_per_base_network_and_prunes_each_rate_from_it(cache, mo
     calls = []
     real = base_models.rank_groups
     monkeypatch.setattr(base_models, "rank_groups", lambda *a, **k: calls.append(k.get("device")) or real(*a, **k))
-    recs = [base_models.spvr_pruned(TINY, "vgg16", r, progress=False) for r in (0.5, 0.7, 0.9)]
+    recs = [base_models.spvr_pruned(TINY, "vgg16", r, group_size=3, progress=False) for r in (0.5, 0.7, 0.9)]
     assert len(calls) == 1 and calls[0] in ("cpu", "cuda")               # one ranking, on the scale's device
     assert [r["params_after"] <= r["budget"] for r in recs] == [True] * 3
     assert recs[0]["params_after"] > recs[1]["params_after"] > recs[2]["params_after"]
