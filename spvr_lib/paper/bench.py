@@ -132,6 +132,61 @@ def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool
     return pd.DataFrame(rows)
 
 
+# ImageNet's typical stored image (about 500x375 JPEG) and Tiny ImageNet's (64x64 JPEG)
+_LOADER_IMAGES = {"imagenet": (500, 375), "tiny-imagenet": (64, 64)}
+
+
+def bench_loader(dataset: str, workers: Sequence[int] = (0, 1, 2), n_images: int = 256, batch_size: int = 64,
+                 root: str | Path | None = None) -> dict[str, Any]:
+    """Images/s of the training DataLoader ALONE (decode, random crop/resize, flip, normalise; no network) for
+    ``dataset`` ("imagenet" or "tiny-imagenet") at each number of worker processes.
+
+    Without ``root``, ``n_images`` noise JPEGs at the dataset's stored resolution are written to a temporary
+    folder in its real layout (the decode cost is the real one; the content does not matter).
+    """
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    if dataset not in _LOADER_IMAGES:
+        raise ValueError(f"dataset={dataset!r}: expected one of {sorted(_LOADER_IMAGES)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if root is None:
+            rng = np.random.default_rng(0)
+            w, h = _LOADER_IMAGES[dataset]
+            base = Path(tmp) / ("imagenet" if dataset == "imagenet" else "tiny-imagenet-200")
+            wnids = [f"n{i:08d}" for i in range(2)]
+            for i in range(n_images):
+                wnid = wnids[i % 2]
+                folder = base / "train" / wnid if dataset == "imagenet" else base / "train" / wnid / "images"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.JPEG",
+                                                                                        quality=90)
+            if dataset == "imagenet":
+                for wnid in wnids:
+                    (base / "val" / wnid).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                        base / "val" / wnid / "v.JPEG")
+            else:
+                (base / "wnids.txt").write_text("\n".join(wnids) + "\n")
+                (base / "val" / "images").mkdir(parents=True)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(base / "val" / "images" / "v.JPEG")
+                (base / "val" / "val_annotations.txt").write_text(f"v.JPEG\t{wnids[0]}\t0\t0\t1\t1\n")
+            root = tmp
+        ds = data.load_dataset(dataset, "train", root=root, augment=True)
+        out: dict[str, Any] = {"dataset": dataset, "images": len(ds), "batch_size": batch_size,
+                               "stored_size": list(_LOADER_IMAGES[dataset]), "cpu_count": os.cpu_count(),
+                               "workers": {}}
+        for n_workers in workers:
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=n_workers,
+                                                 persistent_workers=False)
+            t0 = time.perf_counter()
+            seen = sum(len(y) for _, y in loader)
+            out["workers"][str(n_workers)] = round(seen / (time.perf_counter() - t0), 1)
+        return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spvr_lib.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -145,7 +200,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="time each method this many times (alternating), report the fastest")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
+    ld = commands.add_parser("loader", help="images/s of the training data loader alone (decode + augmentation)")
+    ld.add_argument("--dataset", choices=sorted(_LOADER_IMAGES), default="imagenet")
+    ld.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker process counts to time")
+    ld.add_argument("--images", type=int, default=256, help="synthetic images to write (without --root)")
+    ld.add_argument("--root", default=None, help="a real copy of the dataset to read instead")
+    ld.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
     args = parser.parse_args(argv)
+    if args.command == "loader":
+        try:
+            record = bench_loader(args.dataset, args.workers, args.images, root=args.root)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(record) if args.json else json.dumps(record, indent=2))
+        return 0
     try:
         record = bench_ranking(args.model, args.scale, args.group_size, per_class=args.per_class, seed=args.seed,
                                repeat=args.repeat, criterion=args.criterion, progress=not args.json)

@@ -29,7 +29,7 @@ def paper_fixture(tmp_path_factory):
                                     fixtures.COLORS["n01" if wnid == "n001" else "n02"], size=40)
     for split in ("train", "val"):
         fixtures.write_cityscapes(root / "cityscapes", split)
-    for kind, suffix in (("leftImg8bit", "leftImg8bit"), ("gtFine", "gtFine_labelIds")):   # 20 training images:
+    for kind in ("leftImg8bit", "gtFine"):                                                 # 20 training images:
         src = root / "cityscapes" / kind / "train" / "frankfurt"                           # the calibration set
         for c in range(9):                                                                 # needs 1 per class x 19
             dst = root / "cityscapes" / kind / "train" / f"city{c}"

@@ -61,3 +61,30 @@ def test_wall_clock_limit(tmp_path, capsys):
     rc = reproduce.main(["--scale", "smoke", "--notebooks", str(nbdir), "--out", str(tmp_path / "ex"),
                          "--timeout", "8"])
     assert rc == 1 and "wall-clock limit of 8 s" in capsys.readouterr().err
+
+
+def test_plan_prints_every_notebooks_work_and_gpu_hours(capsys):
+    from spvr_lib.paper import plan, reproduce, scales
+
+    assert reproduce.main(["--scale", "paper", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours per notebook: 03:" in out and "Total: at least" in out and "ASSUMED" in out
+    df = plan.plan(scales.get_scale("paper"))
+    assert set(df["notebook"]) == {"03", "04", "05", "06", "09", "10", "11"} and (df["GPU-hours"] >= 0).all()
+    r50 = df[(df["model"] == "resnet50") & (df["notebook"] == "04")].iloc[0]
+    assert r50["trainings"] == 3                        # SPvR only: the ImageNet baselines are quoted
+    assert df[(df["model"] == "resnet50") & (df["notebook"] == "03")]["trainings"].iloc[0] == 0   # published weights
+
+
+def test_bench_loader_times_the_loader_alone(capsys):
+    from spvr_lib.paper import bench
+
+    assert bench.main(["loader", "--dataset", "tiny-imagenet", "--workers", "0", "--images", "8", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["dataset"] == "tiny-imagenet" and record["images"] == 8 and record["workers"]["0"] > 0
+
+
+def test_check_data_reports_the_scales_datasets(capsys):
+    assert reproduce.main(["--check-data", "--scale", "smoke"]) == 0      # Fashion-MNIST is installed for the tests
+    assert "ok      fashion-mnist:" in capsys.readouterr().out
+    assert reproduce.main(["--check-data", "--scale", "gpu"]) == 2
