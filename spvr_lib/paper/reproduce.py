@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(plan.plan_markdown(get_scale(scale)))
         if args.write:
             run = NotebookRun("reproduce --plan", scale, params={"assumed_mac_per_s": plan.ASSUMED_MAC_PER_S})
-            run.table(plan.plan(get_scale(scale)), f"{scale}_plan", floatfmt=".1f")
+            run.table(plan.plan(get_scale(scale)), f"{scale}_plan", floatfmt=".3g")
             run.close()
             update_readme("cpu")
         return 0
