@@ -343,3 +343,81 @@ def test_fit_on_cuda_with_amp_learns_and_evaluates_like_cpu():
     assert next(model.parameters()).is_cuda and out["top1"] >= 90.0
     on_cpu = evaluate(model, test_set, device="cpu")
     assert on_cpu["top1"] == out["top1"] and on_cpu["loss"] == pytest.approx(out["loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- data held in memory
+def _images(n=24, seed=0, augment=True):
+    from spvr_lib.data import InMemoryImages
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
+    return InMemoryImages(images, torch.arange(n) % 3, classes=["a", "b", "c"], mean=(0.5,), std=(0.25,),
+                          crop_padding=2, augment=augment, seed=seed)
+
+
+class TinyConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_batch_augmentation_is_the_per_image_crop_and_flip():
+    from spvr_lib.data.common import random_crop_flip_batch
+    images = _images(5).images
+    g = torch.Generator().manual_seed(7)
+    got = random_crop_flip_batch(images, 2, g)
+    g.manual_seed(7)                                     # the same draws: offsets [B, 2], then flips [B]
+    offsets = torch.randint(0, 5, (5, 2), generator=g)
+    flips = torch.randint(0, 2, (5,), generator=g).bool()
+    for i in range(5):
+        padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
+        crop = padded[:, offsets[i, 0]:offsets[i, 0] + 8, offsets[i, 1]:offsets[i, 1] + 8]
+        assert torch.equal(got[i], crop.flip(-1) if flips[i] else crop)
+
+
+def test_in_memory_batches_equal_the_items_and_evaluation_matches_the_dataloader():
+    from spvr_lib.data import LabeledSubset
+    plain = _images(augment=False)
+    sub = torch.utils.data.Subset(LabeledSubset(plain, range(3, 20)), [0, 5, 7, 2])
+    source = train.batch_source(sub)
+    x, y = source(torch.tensor([1, 3]))
+    assert torch.equal(x[0], sub[1][0]) and torch.equal(x[1], sub[3][0]) and y.tolist() == [sub[1][1], sub[3][1]]
+    assert train.batch_source(torch.utils.data.TensorDataset(torch.zeros(2, 1))) is None
+
+    class Items(torch.utils.data.Dataset):              # the same data without a batch method: the DataLoader path
+        def __len__(self):
+            return len(plain)
+
+        def __getitem__(self, i):
+            return plain[i]
+
+    torch.manual_seed(0)
+    model = TinyConv().eval()
+    fast, slow = evaluate(model, plain, batch_size=5), evaluate(model, Items(), batch_size=5)
+    assert fast["top1"] == slow["top1"] and fast["loss"] == pytest.approx(slow["loss"], rel=1e-6)
+
+
+def test_in_memory_training_is_deterministic_and_resumes_bit_identically(tmp_path):
+    recipe = Recipe(epochs=3, batch_size=5, lr=0.1)
+    test_set = _images(9, seed=1, augment=False)
+
+    def run(checkpoint=None, stop_after=None):
+        torch.manual_seed(0)
+        model = TinyConv()
+
+        def stop(entry):
+            if stop_after is not None and entry["epoch"] == stop_after:
+                raise KeyboardInterrupt
+        try:
+            fit(model, _images(), test_set, recipe, seed=3, checkpoint=checkpoint, progress=False, on_epoch_end=stop)
+        except KeyboardInterrupt:
+            pass
+        return model
+
+    a, b = run(), run()
+    assert states_equal(a, b) and train.batch_source(_images()) is not None
+    run(tmp_path / "ck.pt", stop_after=1)                 # interrupted after epoch 1 ...
+    resumed = run(tmp_path / "ck.pt")                     # ... and resumed: the same weights as never stopping
+    assert states_equal(resumed, a)

@@ -68,6 +68,20 @@ def random_crop_flip(image: Tensor, padding: int, generator: torch.Generator) ->
     return out.flip(-1) if flip else out
 
 
+def random_crop_flip_batch(images: Tensor, padding: int, generator: torch.Generator) -> Tensor:
+    """:func:`random_crop_flip` for a whole batch at once: ``images`` uint8 [B, C, H, W]; each image gets its
+    own crop offsets (drawn first, [B, 2]) and flip (drawn next, [B]) from ``generator``."""
+    b, _, height, width = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (b, 2), generator=generator)
+    flips = torch.randint(0, 2, (b,), generator=generator).bool()
+    padded = F.pad(images, (padding, padding, padding, padding))
+    rows = offsets[:, :1] + torch.arange(height)                  # [B, H]
+    cols = offsets[:, 1:] + torch.arange(width)                   # [B, W]
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    out = padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]]   # [B, H, W, C]
+    return out.permute(0, 3, 1, 2)
+
+
 def normalize_uint8(image: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 [C, H, W] (or [H, W] with C=1 stats broadcast) -> float ``(image / 255 - mean) / std``."""
     return (image.float() / 255.0 - mean) / std
@@ -125,6 +139,15 @@ class InMemoryImages(ImageClassification):
     def uint8_image(self, index: int) -> Tensor:
         return self.images[index]
 
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Items ``indices`` as one batch (float [B, C, H, W] normalised, labels [B]), augmented a whole batch
+        at a time when ``augment`` is on: what ``train.fit`` uses instead of a DataLoader for data in memory."""
+        images = self.images[indices]
+        if self.augment:
+            images = random_crop_flip_batch(images, self.crop_padding, self.generator)
+        x = (images.float() / 255.0 - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return x, self.targets[indices]
+
 
 class LabeledSubset(Dataset):
     """``dataset`` restricted to ``indices``, keeping ``.targets``, ``.num_classes``, ``.classes`` and
@@ -154,6 +177,10 @@ class LabeledSubset(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         return self.dataset[self.indices[index]]
+
+    def batch(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The parent's :meth:`InMemoryImages.batch` for these positions (only when the parent has one)."""
+        return self.dataset.batch(torch.as_tensor(self.indices)[indices])
 
 
 def _subfolder(root: Path, name: str, marker: str) -> Path:

@@ -11,6 +11,7 @@ speedup_cpu (process CPU time, less sensitive to other processes than wall-clock
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -132,6 +133,63 @@ def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool
     return pd.DataFrame(rows)
 
 
+def bench_train(model_key: str, scale: str, images: int = 2048, batch_size: int | None = None,
+                amp: bool | None = None, seed: int = 0) -> dict[str, Any]:
+    """The training loop's end-to-end images/s against its own ceiling, for the scale's base network of
+    ``model_key`` with the scale's data and recipe (``batch_size``/``amp`` override the recipe's).
+
+    end_to_end: ``train.fit`` for one epoch over ``images`` training images (augmentation, batching, the
+    optimizer step; the per-epoch evaluation runs on one batch and is excluded from the timing).
+    ceiling: forward + backward + optimizer step of the same network on one fixed batch already in memory,
+    in the same memory format and precision.  Both after a warm-up; wall clock on this machine."""
+    cfg = scales.get_scale(scale)
+    setup = cfg.model(model_key)
+    spec = base_models.base_spec(setup)
+    recipe = dataclasses.replace(base_models.recipe(setup), epochs=1, mode="finetune",
+                                 **({"batch_size": batch_size} if batch_size else {}),
+                                 **({"amp": amp} if amp is not None else {}))
+    train_set = data.load_dataset(setup.dataset, "train", augment=setup.augment, seed=seed)
+    n = min(images, len(train_set))
+    part = torch.utils.data.Subset(train_set, range(n))
+    probe = torch.utils.data.Subset(data.load_dataset(setup.dataset, "test"), range(recipe.batch_size))
+    torch.manual_seed(seed)
+    model = models.build(spec)
+    timings: dict[str, float] = {}
+
+    def mark(entry: dict[str, Any]) -> None:           # fit calls this after the epoch's evaluation
+        timings.setdefault("end", time.perf_counter())
+
+    warm = torch.utils.data.Subset(train_set, range(min(2 * recipe.batch_size, n)))
+    train.fit(model, warm, probe, recipe, seed=seed, progress=False)           # warm-up
+    t_eval = time.perf_counter()
+    train.evaluate(model, probe, batch_size=recipe.batch_size)
+    eval_s = time.perf_counter() - t_eval
+    t0 = time.perf_counter()
+    train.fit(model, part, probe, recipe, seed=seed, progress=False, on_epoch_end=mark)
+    end_to_end = n / max(1e-9, timings["end"] - t0 - eval_s)
+    # the ceiling: one batch, in memory, the same format and precision
+    x, y = next(iter(torch.utils.data.DataLoader(part, batch_size=recipe.batch_size)))
+    x = train._to_format(x)
+    model.to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    use_amp = recipe.amp and train._cpu_bf16()
+    steps = max(3, n // recipe.batch_size)
+    for i in range(steps + 2):
+        if i == 2:
+            t1 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    ceiling = steps * recipe.batch_size / (time.perf_counter() - t1)
+    return {"model": model_key, "scale": scale, "dataset": setup.dataset, "width": setup.width,
+            "batch_size": recipe.batch_size, "amp_bf16": bool(use_amp), "channels_last": True, "images": n,
+            "end_to_end_img_s": round(end_to_end, 1), "ceiling_img_s": round(ceiling, 1),
+            "loop_share_of_ceiling": round(end_to_end / ceiling, 3), "threads": torch.get_num_threads(),
+            "in_memory_path": train.batch_source(part) is not None}
+
+
 # ImageNet's typical stored image (about 500x375 JPEG) and Tiny ImageNet's (64x64 JPEG)
 _LOADER_IMAGES = {"imagenet": (500, 375), "tiny-imagenet": (64, 64)}
 
@@ -200,6 +258,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="time each method this many times (alternating), report the fastest")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
+    tr = commands.add_parser("train", help="the training loop's end-to-end images/s and its ceiling")
+    tr.add_argument("--model", required=True, help="a key of the scale's models: vgg16, resnet34, resnet50")
+    tr.add_argument("--scale", default="cpu", help="smoke, cpu or paper (default cpu)")
+    tr.add_argument("--images", type=int, default=2048, help="training images timed (default 2048)")
+    tr.add_argument("--batch-size", type=int, default=None, help="default: the scale's recipe")
+    tr.add_argument("--amp", choices=("on", "off"), default=None, help="bfloat16 autocast (default: the recipe's)")
+    tr.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
     ld = commands.add_parser("loader", help="images/s of the training data loader alone (decode + augmentation)")
     ld.add_argument("--dataset", choices=sorted(_LOADER_IMAGES), default="imagenet")
     ld.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="worker process counts to time")
@@ -207,6 +272,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--root", default=None, help="a real copy of the dataset to read instead")
     ld.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
     args = parser.parse_args(argv)
+    if args.command == "train":
+        try:
+            record = bench_train(args.model, args.scale, args.images, args.batch_size,
+                                 None if args.amp is None else args.amp == "on")
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(record) if args.json else json.dumps(record, indent=2))
+        return 0
     if args.command == "loader":
         try:
             record = bench_loader(args.dataset, args.workers, args.images, root=args.root)

@@ -88,3 +88,12 @@ def test_check_data_reports_the_scales_datasets(capsys):
     assert reproduce.main(["--check-data", "--scale", "smoke"]) == 0      # Fashion-MNIST is installed for the tests
     assert "ok      fashion-mnist:" in capsys.readouterr().out
     assert reproduce.main(["--check-data", "--scale", "gpu"]) == 2
+
+
+def test_bench_train_reports_the_loop_against_its_ceiling(capsys):
+    from spvr_lib.paper import bench
+
+    assert bench.main(["train", "--model", "vgg16", "--scale", "smoke", "--images", "64", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert {"model", "batch_size", "end_to_end_img_s", "ceiling_img_s"} <= set(record)
+    assert record["in_memory_path"] and record["end_to_end_img_s"] > 0 and record["ceiling_img_s"] > 0
