@@ -62,7 +62,7 @@ def test_recipe_to_dict_is_canonical():
     assert isinstance(d["lr"], float)
     assert d == {"epochs": 2, "batch_size": 4, "lr": 1.0, "momentum": 0.9, "weight_decay": 5e-4,
                  "mode": "scratch", "num_workers": 0, "augment": True, "amp": False, "optimizer": "sgd",
-                 "schedule": "cosine"}
+                 "schedule": "cosine", "channels_last": False}
 
 
 # --------------------------------------------------------------------------- evaluate
