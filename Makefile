@@ -7,11 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock data test reproduce lab bench clean
+.PHONY: help venv lock data test reproduce lab bench gpu-check clean
 
 help: ## show this help (each target and what it does)
 	@echo "usage: make <target> [SCALE=smoke|cpu|paper] [ONLY='01 03']"
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 14
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 14
 
 # the exact versions come from requirements.lock; spvr_lib itself goes in editable, without re-resolving
 $(STAMP): pyproject.toml requirements.lock
@@ -52,6 +52,9 @@ reproduce: $(STAMP) $(NEEDS_FMNIST) ## run the numbered notebooks at SCALE (defa
 
 bench: $(STAMP) $(NEEDS_FMNIST) ## time naive vs fast ranking on each model at SCALE (JSON lines)
 	for m in vgg16 resnet34 resnet50; do $(PY) -m spvr_lib.bench ranking --model $$m --scale $(SCALE) --json; done
+
+gpu-check: $(STAMP) ## on a CUDA machine: training with bf16, fast vs naive ranking, CUDA-event latency, DDP (JSON lines, < 5 min)
+	timeout 300 $(PY) -m spvr_lib.paper.gpu_check
 
 lab: $(STAMP) ## open JupyterLab on the notebooks with the project's .venv
 	$(VENV)/bin/jupyter lab notebooks

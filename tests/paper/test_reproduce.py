@@ -97,3 +97,16 @@ def test_bench_train_reports_the_loop_against_its_ceiling(capsys):
     record = json.loads(capsys.readouterr().out)
     assert {"model", "batch_size", "end_to_end_img_s", "ceiling_img_s"} <= set(record)
     assert record["in_memory_path"] and record["end_to_end_img_s"] > 0 and record["ceiling_img_s"] > 0
+
+
+def test_gpu_check_skips_every_check_without_cuda_and_refuses_bad_arguments(capsys):
+    import torch
+
+    from spvr_lib.paper import gpu_check
+    if torch.cuda.is_available():
+        return                                     # on a GPU machine the checks run for real (make gpu-check)
+    assert gpu_check.main([]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [ln["check"] for ln in lines] == [name for name, _ in gpu_check.CHECKS]
+    assert all(ln["status"] == "skipped" for ln in lines)
+    assert gpu_check.main(["--fast"]) == 2
