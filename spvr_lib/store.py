@@ -329,6 +329,23 @@ def stale_code(fingerprint: Mapping[str, str] | None) -> list[str]:
     return [name for name, sha in fingerprint.items() if _source_sha(_code_path(name)) != sha]
 
 
+_used: dict[str, dict[str, Any]] = {}     # records used at top level by this process: hash -> kind, compute_s, computed
+_depth = [0]                               # how many cached computations are open (nested ones are inside their parent)
+
+
+def records_used() -> dict[str, dict[str, Any]]:
+    """Every record this process used at top level (not inside another cached computation): {hash: {"kind",
+    "compute_s" (its compute time, measured when it was computed, wherever that was), "computed" (in this
+    process, or found in the cache)}}.  The cost of a cold run is the sum of compute_s over the union."""
+    return {h: dict(v) for h, v in _used.items()}
+
+
+def _note_use(h: str, kind: str, record: Mapping[str, Any], computed: bool) -> None:
+    if _depth[0] == 0:
+        entry = _used.setdefault(h, {"kind": kind, "compute_s": record.get("wall_s"), "computed": computed})
+        entry["computed"] = entry["computed"] or computed
+
+
 def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kind: str = "run",
            refresh: bool = False) -> dict[str, Any]:
     """Return the record stored for ``key``, or run ``compute()`` and store its record.
@@ -348,13 +365,18 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
         changed = stale_code(record.get("code"))
         if not changed:
             CodeTrace.add(str(_code_path(name)) for name in record["code"])
+            _note_use(h, kind, record, computed=False)
             return record
         warnings.warn(f"cached {kind} record {path.name} was computed by other code (changed: "
                       f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); computing it again",
                       stacklevel=2)
     t0 = time.perf_counter()
-    with CodeTrace() as trace:
-        record = dict(compute())
+    _depth[0] += 1
+    try:
+        with CodeTrace() as trace:
+            record = dict(compute())
+    finally:
+        _depth[0] -= 1
     record.setdefault("wall_s", round(time.perf_counter() - t0, 3))
     record["key"] = dict(key)
     record["hash"] = h
@@ -362,6 +384,7 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
     record.setdefault("provenance", {"git": git_state(), "versions": library_versions(),
                                      "device": device_info()})
     atomic_write_json(path, record)
+    _note_use(h, kind, record, computed=True)
     return read_record(path)
 
 

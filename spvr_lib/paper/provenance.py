@@ -23,6 +23,7 @@ from spvr_lib.store import (
     git_state,
     library_versions,
     read_record,
+    records_used,
     stale_code,
 )
 
@@ -80,6 +81,7 @@ class NotebookRun:
         always = {str(Path(__file__).resolve().parent.parent / f) for f in _ALWAYS}
         rec["code"] = code_fingerprint(self.trace.files | always)
         rec["notebook_sha256"] = notebook_sha256(self.notebook)
+        rec["records"] = records_used()           # the cached computations behind it: computed here or found
         clash = {k: v for k, v in extra.items() if k in rec}     # never overwrite the standard fields
         rec.update({k: v for k, v in extra.items() if k not in rec})
         if clash:

@@ -15,11 +15,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from spvr_lib.paper.provenance import NotebookRun, check_scale, output_dir, stale_artifacts
-from spvr_lib import baselines, data
+from spvr_lib import baselines, data, store
 from spvr_lib.paper import plan
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.store import REPO_ROOT, atomic_write_text
@@ -186,6 +187,41 @@ def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
     return new != text
 
 
+def run_account(scale: str, walls: dict[str, float], total_s: float, cold: bool,
+                figures: Path | None = None) -> dict[str, Any]:
+    """What a ``make reproduce`` cost: per notebook its wall time (this run) and the cached computations behind
+    its artifacts, computed in this run or found in the cache (from the artifacts' provenance), and
+    ``compute_s``, the cost of a COLD run: the sum of the compute times of every record the scale's artifacts
+    use, each once, whether computed now or in an earlier run (so it holds when a regeneration is spread
+    over several runs)."""
+    folder = figures or output_dir(scale)
+    per_notebook: dict[str, dict[str, dict[str, Any]]] = {}
+    for prov_path in folder.glob("*.provenance.json"):
+        try:
+            prov = json.loads(prov_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        per_notebook.setdefault(prov.get("notebook") or "?", {}).update(prov.get("records") or {})
+    union: dict[str, float] = {}
+    rows = []
+    for nb in sorted(set(per_notebook) | set(walls)):
+        recs = per_notebook.get(nb, {})
+        for h, r in recs.items():
+            union[h] = float(r.get("compute_s") or 0.0)
+        rows.append({"notebook": nb, "wall_s": round(walls[nb], 1) if nb in walls else None,
+                     "computed": sum(1 for r in recs.values() if r.get("computed")),
+                     "cached": sum(1 for r in recs.values() if not r.get("computed")),
+                     "compute_s": round(sum(float(r.get("compute_s") or 0.0) for r in recs.values()), 1)})
+    return {"commit": store.git_state().get("commit"), "scale": scale, "cold": cold, "total_s": round(total_s, 1),
+            "compute_s": round(sum(union.values()), 1), "records": len(union), "notebooks": rows}
+
+
+def write_run_account(scale: str, walls: dict[str, float], total_s: float, cold: bool) -> Path:
+    """:func:`run_account` written atomically to figures/<scale>/reproduce_run.json."""
+    return store.atomic_write_json(output_dir(scale) / "reproduce_run.json",
+                                   run_account(scale, walls, total_s, cold))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spvr_lib.reproduce", description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="cpu", help="smoke | cpu | paper (default cpu)")
@@ -257,13 +293,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     out_dir = args.out or REPO_ROOT / "build" / "executed" / scale
     total = time.perf_counter()
+    cold = not any(store.cache_dir().glob("*.json"))
+    walls: dict[str, float] = {}
     for i, nb in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] {nb.name} at scale {scale} (limit {timeout:.0f} s)", flush=True)
         try:
             wall = run_notebook(nb, scale, out_dir, timeout)
         except NotebookFailure as e:
             print(f"FAILED {e}\nexecuted copy: {out_dir / nb.name}", file=sys.stderr, flush=True)
+            write_run_account(scale, walls, time.perf_counter() - total, cold)
             return 1
+        walls[nb.stem] = wall
+        write_run_account(scale, walls, time.perf_counter() - total, cold)
         print(f"[{i}/{len(notebooks)}] {nb.name} done in {wall:.1f} s", flush=True)
     print(f"all {len(notebooks)} notebooks done in {time.perf_counter() - total:.1f} s; outputs in figures/{scale}/")
     if scale == "cpu" and args.notebooks == NOTEBOOKS_DIR:   # the README shows the committed cpu results

@@ -115,3 +115,34 @@ def test_readme_baselines_table_is_what_the_code_says():
     body = text.split(reproduce.BASELINES_START, 1)[1].split(reproduce.BASELINES_END, 1)[0]
     assert body.strip() == reproduce.baselines_markdown().strip()
     assert "Roll920/CURL" in body and "NVlabs/Taylor_pruning" in body and "lmbxmu/HRank" in body
+
+
+def test_run_account_counts_every_record_once_across_notebooks(tmp_path):
+    """reproduce_run.json: per notebook computed vs cached records, and the cold-run cost over their union."""
+    def prov(name, notebook, records):
+        (tmp_path / f"{name}.provenance.json").write_text(json.dumps({"notebook": notebook, "records": records}))
+
+    base = {"kind": "train", "compute_s": 100.0}
+    prov("base_models", "03_base_models", {"b": {**base, "computed": True}})
+    prov("table1", "04_accuracy", {"b": {**base, "computed": False}, "p": {"kind": "train", "compute_s": 20.0,
+                                                                        "computed": True}})
+    prov("table1_runs", "04_accuracy", {"b": {**base, "computed": False}})
+    acc = reproduce.run_account("cpu", {"03_base_models": 101.5, "04_accuracy": 25.0}, 130.0, cold=True,
+                                figures=tmp_path)
+    assert acc["compute_s"] == 120.0 and acc["records"] == 2 and acc["cold"] is True and acc["total_s"] == 130.0
+    rows = {r["notebook"]: r for r in acc["notebooks"]}
+    assert rows["03_base_models"] == {"notebook": "03_base_models", "wall_s": 101.5, "computed": 1, "cached": 0,
+                                      "compute_s": 100.0}
+    assert (rows["04_accuracy"]["computed"], rows["04_accuracy"]["cached"]) == (1, 1)
+    assert set(acc) >= {"commit", "scale", "cold", "total_s", "compute_s", "notebooks"}
+
+
+def test_records_used_are_top_level_and_marked_computed_or_found(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path))
+    monkeypatch.setattr(store, "_used", {})
+    inner = lambda: store.cached({"i": 1}, lambda: {"v": 1, "wall_s": 2.0}, kind="t")     # noqa: E731
+    outer = store.cached({"o": 1}, lambda: {"v": inner()["v"], "wall_s": 5.0}, kind="t")
+    again = inner()                                                                       # found, top level now
+    used = store.records_used()
+    assert used[outer["hash"]] == {"kind": "t", "compute_s": 5.0, "computed": True}
+    assert used[again["hash"]] == {"kind": "t", "compute_s": 2.0, "computed": False}       # inside outer: not counted
