@@ -619,10 +619,27 @@ def _curl_scores(work: nn.Module, units: "_Units", x: Tensor, batch_size: int,
 
 # --------------------------------------------------------------------------- methods
 def _fit_local(units: _Units, scores: dict[str, Tensor | None], budget: int, group_size: int):
+    """One ratio for every unit, bisected to the budget; then the last step made exact.
+
+    Units of equal width lose a group at the same ratio, so one step of the ratio can jump by several
+    units' worth of parameters (4.5 points of ResNet50 at d = 8).  The step is split: the first k units
+    (in model order) keep the next-smaller ratio's widths (one group more), the rest the found ratio's,
+    with the largest k that fits; every unit's width still follows its own importance order."""
     if all(s is None for s in scores.values()):
         raise _MethodFailure("the importance scored no prunable unit of this model")
     ratio, _ = bisect_budget(lambda r: units.count(_local_removals(scores, units.widths, r, group_size)), budget)
-    return units.apply(_local_removals(scores, units.widths, ratio, group_size)), ratio
+    at = _local_removals(scores, units.widths, ratio, group_size)
+    lighter = _local_removals(scores, units.widths, max(0.0, ratio - 1e-8), group_size)
+    names = [n for n in at if len(lighter.get(n, ())) < len(at[n])]
+
+    def mixed(k: int) -> dict[str, list[int]]:
+        return {**at, **{n: lighter.get(n, []) for n in names[:k]}}
+
+    lo, hi = 0, len(names)                          # count(mixed(k)) grows with k; mixed(0) fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if units.count(mixed(mid)) <= budget else (lo, mid - 1)
+    return units.apply(mixed(lo)), ratio
 
 
 def _global_order(scores: dict[str, Tensor | None], widths: dict[str, int],

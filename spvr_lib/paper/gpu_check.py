@@ -45,7 +45,7 @@ def _images(n: int, size: int, classes: int = 10, seed: int = 0) -> InMemoryImag
 
 
 @check
-def train_bf16() -> dict[str, Any]:
+def training_loop_bf16() -> dict[str, Any]:
     torch.manual_seed(0)
     model = models.build(models.vgg16_bn(num_classes=10, in_channels=3, width=0.25))
     data = _images(2048, 32)
