@@ -241,12 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
                     "provenance no longer matches the current code; exit 1 when any is stale")
     args = ap.parse_args(argv)
-    if args.plan:
+    if args.plan or args.check_data or args.check:
         try:
             scale = check_scale(args.scale)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.plan:
         print(plan.plan_markdown(get_scale(scale)))
         if args.write:
             run = NotebookRun("reproduce --plan", scale, params={"assumed_mac_per_s": plan.ASSUMED_MAC_PER_S})
@@ -255,18 +256,8 @@ def main(argv: list[str] | None = None) -> int:
             update_readme("cpu")
         return 0
     if args.check_data:
-        try:
-            scale = check_scale(args.scale)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         return 1 if data.check_datasets(get_scale(scale).datasets()) else 0
     if args.check:
-        try:
-            scale = check_scale(args.scale)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
         stale = stale_artifacts(scale)
         total = len(list(output_dir(scale).glob("*.provenance.json")))
         for item in stale:
