@@ -1,4 +1,4 @@
-"""Tests for SegNet (spvr_lib.models) and spvr_lib.segmentation: mIoU, shapes, widths/collapse, training."""
+"""Tests for SegNet (spvr_lib.models) and spvr_lib.tasks (segmentation): mIoU, shapes, widths/collapse, training."""
 import json
 
 import pytest

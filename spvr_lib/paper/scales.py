@@ -85,7 +85,7 @@ _GUYON_VARIATIONS = {"epochs": [1, 10, 30], "batch_size": [128], "test_fraction"
                      "reference": ["labels"]}
 
 # Segmentation (notebook 11, Section 5.5), per scale: data, SegNet width, training recipe (SGD momentum
-# 0.9, cosine annealing, per-pixel cross-entropy: tasks.fit_segmentation), and SPvR's settings
+# 0.9, cosine annealing, per-pixel cross-entropy: train.fit with tasks.SEGMENTATION), and SPvR's settings
 # (Section 5.5: 20 calibration samples per class, d = 4, 80% of the parameters removed).
 # * smoke: seconds.  32x32 canvases with one item, 1/16 width (channels 4 ... 32), 64 training
 #   images, one epoch, 1 calibration image per class (11).

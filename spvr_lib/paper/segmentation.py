@@ -15,7 +15,7 @@ from spvr_lib.prune import spvr_prune
 
 
 def segmentation_settings(scale: str) -> dict[str, Any]:
-    """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``config`` (a copy)."""
+    """The segmentation settings of ``scale`` ("smoke", "cpu" or "paper"), from ``scales`` (a copy)."""
     s = scales.get_scale(scale).segmentation
     return {**s, "options": dict(s["options"]), "name": scale}
 

@@ -8,7 +8,7 @@ SAME calibration set (``base_models.calibration``, seed 0) to the SAME parameter
   network is always trained from scratch (fresh initialisation, Section 5.2).
 * a baseline of ``baselines.BASELINES``: ``baselines.prune`` with the budget as an int, keeping the
   trained weights of the kept channels.  The pruned structure and weights are cached under
-  ``data/pruned/<hash>.pt`` (see :func:`save_pruned` for the format) with a JSON record in the
+  ``data/pruned/<hash>.pt`` (``models.save_network``: weights + a JSON description) with a JSON record in the
   run cache (kind ``baseline``); a method failure (OTOv2 here) is cached as a record with
   ``status="failed"`` and its reason.
 
@@ -79,7 +79,7 @@ def parameter_budget(params: int, rate: float) -> int:
 
 
 def rcp_samples(cfg: Any) -> int:
-    """Architectures RCP samples (``config``: the paper's 20, Appendix D, at cpu and paper scale)."""
+    """Architectures RCP samples (``scales``: the paper's 20, Appendix D, at cpu and paper scale)."""
     return cfg.rcp_samples
 
 

@@ -1,4 +1,4 @@
-"""Section 6.2 / Figure 2 (spvr_lib.ablation): the group-size table and its figure, on tiny networks."""
+"""Section 6.2 / Figure 2 (spvr_lib.paper.figure2): the group-size table and its figure, on tiny networks."""
 import math
 
 import matplotlib

@@ -1,4 +1,4 @@
-"""Sections 5.4 and 5.5 (spvr_lib.applications): the MobileNet budget, SegNet pruning, the IoU table."""
+"""Sections 5.4 and 5.5 (spvr_lib.paper.table4, spvr_lib.paper.segmentation): the MobileNet budget, SegNet pruning, the IoU table."""
 import math
 
 import pytest
