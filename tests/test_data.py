@@ -474,7 +474,7 @@ def test_make_guyon():
 
 
 def test_fingerprint_changes_with_the_files_and_check_reports_each_dataset(tmp_path, capsys):
-    root = write_cifar(tmp_path)
+    write_cifar(tmp_path)
     full = data.fingerprint("cifar10", root=tmp_path)
     assert full == data.fingerprint("cifar10", root=tmp_path)                 # names and sizes: stable
     (tmp_path / "cifar-10-batches-py" / "extra_batch").write_bytes(b"0")     # another copy of the dataset

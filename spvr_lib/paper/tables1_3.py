@@ -29,6 +29,7 @@ seeds per method the verdict is "n/a".
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -212,7 +213,7 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     budget = parameter_budget(base_rec["params"], rate)
     model, info = pruned_network(cfg, key, method, rate, seed=0, progress=progress)
     out = {"model": key, "method": method, "rate": rate, "seed": int(seed), "mode": mode, "lr": lr,
-           "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
+           "epochs": recipe.epochs, "train images": train_images(setup), "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
            "status": info["status"], "error": info["error"], "notes": info["notes"], "arch": info["arch"],
            "prune_hash": info["hash"], "top1": None, "top5": None, "history": []}
     if info["status"] != "ok":
@@ -228,8 +229,19 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     return out
 
 
-_RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "method", "name", "seed", "mode", "top1", "top5",
-                "params", "budget", "params_before", "status", "error", "notes", "arch", "wall_s")
+_RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "method", "name", "seed", "mode", "epochs",
+                "train images", "lr", "top1", "top5", "params", "budget", "params_before", "status", "error", "notes",
+                "arch", "wall_s")
+
+
+@functools.lru_cache(maxsize=32)
+def _train_images(dataset: str, per_class: int | None) -> int:
+    return len(data.load_dataset(dataset, "train", per_class=per_class))
+
+
+def train_images(setup: Any) -> int:
+    """How many training images a network of ``setup`` is trained on (the runs tables' "train images")."""
+    return _train_images(setup.dataset, setup.train_subset)
 
 
 def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: Iterable[int], mode: str,

@@ -107,6 +107,10 @@ def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache,
     assert len(failed) == 1 and "interrupted on purpose" in failed["error"].iloc[0]
     assert (first.loc[first["status"] == "ok", "top1"].notna()).all()
 
+    ok = first[first["status"] == "ok"]              # the runs table says what every network was given
+    setup = TINY.model("vgg16")
+    assert (ok["epochs"] == setup.epochs).all() and (ok["train images"] == setup.train_subset * 10).all()
+    assert (ok["lr"] > 0).all()
     calls.update(n=0, raise_on=())
     second = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 1                                   # only the interrupted run is trained again
