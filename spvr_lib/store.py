@@ -109,6 +109,16 @@ def file_sha256(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------- provenance
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository root when inside it (records stay valid in another clone), else
+    absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def git_state(root: Path = REPO_ROOT) -> dict[str, Any]:
     """The commit of ``root`` and whether its tracked files differ from it."""
     try:

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from spvr_lib import data, models, store
+from spvr_lib.data import LabeledSubset
 from spvr_lib.devices import resolve_device
 from spvr_lib.tasks import CLASSIFICATION, Task, task_named
 
@@ -231,7 +232,7 @@ def batch_source(dataset: Any) -> Callable[[torch.Tensor], tuple[torch.Tensor, t
             return None
         positions = torch.as_tensor(dataset.indices)
         return lambda idx: inner(positions[idx])
-    if type(dataset).__name__ == "LabeledSubset":
+    if isinstance(dataset, LabeledSubset):
         return dataset.batch if batch_source(dataset.dataset) is not None else None
     return getattr(dataset, "batch", None) if callable(getattr(dataset, "batch", None)) else None
 
@@ -402,12 +403,11 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
         sampler, net, shard_len = None, model, len(train_set)
     # data held in memory: whole batches gathered and augmented at once (no DataLoader, no per-item Python)
     source = batch_source(train_set) if world == 1 and recipe.num_workers == 0 else None
-    drop_one = shard_len % per_rank_batch == 1 and shard_len > 1
-    loader = DataLoader(train_set, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler,
-                        generator=loader_gen, num_workers=recipe.num_workers, worker_init_fn=_seed_worker,
-                        pin_memory=dev.type == "cuda", persistent_workers=recipe.num_workers > 0,
-                        # a last batch of one sample would break BatchNorm in train mode
-                        drop_last=shard_len % per_rank_batch == 1 and shard_len > 1)
+    drop_one = shard_len % per_rank_batch == 1 and shard_len > 1   # one sample would break BatchNorm in train mode
+    loader = None if source is not None else DataLoader(
+        train_set, batch_size=per_rank_batch, shuffle=sampler is None, sampler=sampler, generator=loader_gen,
+        num_workers=recipe.num_workers, worker_init_fn=_seed_worker, pin_memory=dev.type == "cuda",
+        persistent_workers=recipe.num_workers > 0, drop_last=drop_one)
     use_amp = recipe.amp and (dev.type == "cuda" or _cpu_bf16())
     channels_last = False          # set at the first image batch (parameters keep their identity)
     show = progress and rank == 0
@@ -532,13 +532,6 @@ def checkpoint_dir() -> Path:
     return store.cache_dir().parent / "checkpoints"
 
 
-def _relative_to_repo(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(store.REPO_ROOT.resolve()))
-    except ValueError:
-        return str(path.resolve())
-
-
 def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_train: int | None = None,
               per_class_test: int | None = None, init_state: Mapping[str, torch.Tensor] | None = None,
               tag: str = "", progress: bool = True, device: str | torch.device | None = None,
@@ -592,7 +585,7 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
                   progress=progress, task=task)
         models.save_network(model, final_path, spec=spec)
         return {**out, "params": int(models.count_params(model)), "size_mb": float(models.model_size_mb(model)),
-                "wall_s": round(time.perf_counter() - t0, 3), "weights": _relative_to_repo(final_path),
+                "wall_s": round(time.perf_counter() - t0, 3), "weights": store.repo_relative(final_path),
                 "spec": spec, "shapes": models.network_shapes(model) if shapes else None}
 
     record_exists = store.cache_path(key, kind="train").exists()

@@ -134,8 +134,7 @@ def pretrained_base(cfg: Any, key: str, progress: bool = True) -> dict[str, Any]
         models.save_network(model, weights, spec=spec)
         return {**{k: scores[k] for k in ("top1", "top5", "loss")}, "history": [], "epochs": 0,
                 "params": models.count_params(model), "size_mb": models.model_size_mb(model), "wall_s": 0.0,
-                "weights": str(weights.relative_to(store.REPO_ROOT)) if weights.is_relative_to(store.REPO_ROOT)
-                else str(weights), "spec": spec, "shapes": None, "pretrained": setup.pretrained}
+                "weights": store.repo_relative(weights), "spec": spec, "shapes": None, "pretrained": setup.pretrained}
 
     path = store.cache_path(key_, kind="pretrained")
     return store.cached(key_, compute, kind="pretrained", refresh=path.exists() and not weights.exists())
@@ -185,8 +184,8 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------- SPvR pruning of the base models
-def _prunable_count(spec: dict) -> int:
-
+def prunable_count(spec: dict) -> int:
+    """How many prunable layers ``spec``'s network has (fewer after a layer or stage collapsed)."""
     with torch.device("meta"):
         return len(models.prunable_layers(models.build(spec), spec))
 
@@ -246,7 +245,7 @@ def spvr_pruned(cfg: Any, key: str, rate: float, group_size: int | None = None, 
         prune_s = ranking.seconds + time.perf_counter() - t0
         return {"spec": res.spec, "arch": models.spec_to_str(res.spec), "params_before": res.params_before,
                 "params_after": res.params_after, "budget": res.budget, "prune_s": round(prune_s, 3),
-                "collapsed": _prunable_count(res.spec) < _prunable_count(base_rec["spec"]),
+                "collapsed": prunable_count(res.spec) < prunable_count(base_rec["spec"]),
                 "size_mb": models.model_size_mb(res.model), "kept": res.kept,
                 "removed_fraction": 1.0 - res.params_after / res.params_before}
 

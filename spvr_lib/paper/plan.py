@@ -16,13 +16,12 @@ Image counts per epoch are the paper's dataset sizes (Section 4.1) and CityScape
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
-from spvr_lib import data, latency, models
+from spvr_lib import data, latency, models, store
 from spvr_lib.paper import base_models, tables1_3
 
 ASSUMED_MAC_PER_S = 60e12          # ~120 TFLOP/s sustained (bfloat16, ~40% of an A100's 312 TFLOP/s peak)
@@ -46,7 +45,7 @@ def _macs(spec: dict, shape: tuple[int, int, int]) -> int:
 
 def _fast_speedup() -> float:
     """The fast ranking's measured speed-up over the naive one (the mean of the committed cpu benchmark)."""
-    csv = Path(tables1_3.store.REPO_ROOT) / "figures" / "cpu" / "ranking_speed.csv"
+    csv = store.REPO_ROOT / "figures" / "cpu" / "ranking_speed.csv"
     if csv.exists():
         return float(pd.read_csv(csv)["speedup"].mean())
     return 1.0
