@@ -37,7 +37,7 @@ from spvr_lib.models import (
                              spec_to_str,
 )
 from spvr_lib.prune import GroupRanking, PruneResult, inherit_weights, layer_groups, rank_groups, spvr_prune
-from spvr_lib.ranking import group_importance, mask_output
+from spvr_lib.ranking import MaskSite, group_importance, mask_output, unit_importance
 from spvr_lib.tasks import CLASSIFICATION, SEGMENTATION, Task
 from spvr_lib.train import Recipe, evaluate, fit, lr_search, train_run
 
@@ -45,7 +45,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     # the method
-    "spvr_prune", "PruneResult", "rank_groups", "GroupRanking", "inherit_weights", "layer_groups", "group_importance", "mask_output",
+    "spvr_prune", "PruneResult", "rank_groups", "GroupRanking", "inherit_weights", "layer_groups", "group_importance", "mask_output", "unit_importance", "MaskSite",
     "spvr_loss", "kl_loss", "CRITERIA", "correlation_matrix", "group_neurons", "reduce_feature_maps",
     "record_activations", "budget_from_keep", "apply_budget",
     # networks, training and measurement
