@@ -114,6 +114,8 @@ README_RESULTS = [
     ("09", "figure2_group_size", "Figure 2: group-size ablation", "figure2_group_size"),
     ("10", "table4_mobilenet", "Table 4: pruned ResNet50 against MobileNetV3", None),
     ("11", "segmentation", "Section 5.5: segmentation", None),
+    ("12", "own_model_summary", "Prune your own model: a torchvision network, parameters against the budget and "
+     "latency", "own_model_widths"),
 ]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
