@@ -319,7 +319,12 @@ def _init_distributed(device):
     import torch.distributed as dist
 
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > torch.cuda.device_count():
+            raise _UsageError(f"--device {device.type!r} under torchrun: {local_world} processes on this machine but "
+                              f"{torch.cuda.device_count()} GPU(s); expected one process per GPU (--nproc_per_node), "
+                              "or --device cpu")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
     return dist.get_rank(), device

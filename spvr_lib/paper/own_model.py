@@ -53,7 +53,7 @@ class OwnModelSetup:
 _SETUPS = {
     "smoke": OwnModelSetup("resnet18", "fashion-mnist", keep=0.3, group_size=16, calib_per_class=2,
                            batch_sizes=(1,)),
-    "cpu": OwnModelSetup("resnet18", "fashion-mnist", keep=0.3, group_size=4, calib_per_class=10, epochs=3,
+    "cpu": OwnModelSetup("resnet18", "fashion-mnist", keep=0.3, group_size=8, calib_per_class=10, epochs=3,
                          train_subset=200, test_subset=100, batch_size=32, lr=0.05),
     "paper": OwnModelSetup("resnet50", "imagenet", keep=0.3, group_size=8, calib_per_class=20,
                            pretrained="torchvision-resnet50-imagenet1k-v1"),
