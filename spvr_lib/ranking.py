@@ -10,6 +10,7 @@ over a calibration set, by the paper's algorithm ("naive") or an exact, faster o
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spvr_lib import criteria, models
+from spvr_lib.graph import MaskSite
 
 __all__ = ["MaskSite", "unit_importance", "mask_output", "group_importance", "RANKING_PATHS"]
 
@@ -136,23 +138,6 @@ def _outputs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat([torch.softmax(model(to_model(model, xb)), dim=1) for xb in x.split(batch_size)])
 
 
-def _sample_bytes(model: nn.Module, x1: Tensor) -> int:
-    """Bytes of the largest output of any leaf module for ONE sample (a batch-size heuristic)."""
-    biggest = [x1[0].numel()]
-
-    def hook(_m, _i, out):
-        if isinstance(out, Tensor):
-            biggest.append(out[0].numel())
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        model(x1)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(biggest) * x1.element_size()
-
-
 # =============================================================================================
 # Mask sites and unit importance: Eq. 2 (or KL) for channel groups of ANY model (Section 3.1).
 #
@@ -160,16 +145,7 @@ def _sample_bytes(model: nn.Module, x1: Tensor) -> int:
 # masked at one or more sites, the outputs or first inputs of modules.  ``unit_importance`` scores
 # groups of a unit's channels by zeroing them at every site at once.
 # =============================================================================================
-@dataclass(frozen=True)
-class MaskSite:
-    """Where a unit's channels are zeroed: the OUTPUT (where="output") or the first positional INPUT
-    (where="input") of module ``module`` (a name from model.named_modules()), along dim ``dim`` (1 or -1);
-    ``index[c]``: the positions along that dim that carry the unit's channel c (several for a Linear
-    after a flatten)."""
-    module: str
-    where: str
-    dim: int
-    index: tuple[tuple[int, ...], ...]
+# MaskSite (where a unit is masked) lives in spvr_lib.graph, with the units that carry it
 
 
 def _is_index(c) -> bool:
@@ -355,11 +331,20 @@ def unit_importance(model: nn.Module, x: Tensor,
 
 
 def _unit_scores(model, x, units, loss, method, batch_size, sample_bytes, progress) -> dict[str, Tensor]:
+    """Scores of ``units`` on this process, by the fast path (naive when it cannot trace the model)."""
+    if not units:
+        return {}
     bar = tqdm(total=sum(len(g) for _, g in units.values()), desc=f"ranking groups ({method})",
                disable=not progress, leave=False)
     try:
         if method == "fast":
-            warnings.warn("fast ranking is not available yet; using the naive method", stacklevel=3)
+            try:
+                ranker = _FastRanker(model, units)
+            except _Unsupported as why:
+                warnings.warn(f"fast ranking cannot run this model ({why}); using the naive method", stacklevel=4)
+            else:
+                with _no_inplace(model):
+                    return ranker.importance(x, units, loss, bar)
         bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * sample_bytes)))
         return _naive_units(model, x, units, loss, bs, bar)
     finally:
@@ -367,416 +352,593 @@ def _unit_scores(model, x, units, loss, method, batch_size, sample_bytes, progre
 
 
 def _distributed(units: dict, compute) -> dict[str, Tensor]:
-    """``compute(units)`` on this rank's share of the (key, group) pairs; all ranks get every score."""
-    return compute(units)
+    """``compute(units)`` on this rank's share of the (key, group) pairs, then one all_reduce (SUM of a
+    zero-filled float64 vector) so every rank returns all scores.  Pairs go round-robin, in key order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return compute(units)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pairs = [(key, j) for key, (_, groups) in units.items() for j in range(len(groups))]
+    mine: dict[str, list[int]] = {}
+    for i, (key, j) in enumerate(pairs):
+        if i % world == rank:
+            mine.setdefault(key, []).append(j)
+    part = {key: (units[key][0], [units[key][1][j] for j in js]) for key, js in mine.items()}
+    scores = compute(part)
+    flat = torch.zeros(len(pairs), dtype=torch.float64)
+    where = {pair: i for i, pair in enumerate(pairs)}
+    for key, js in mine.items():
+        flat[[where[key, j] for j in js]] = scores[key].to(torch.float64).cpu()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flat = flat.to(device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.cpu()
+    out, start = {}, 0
+    for key, (_, groups) in units.items():
+        out[key] = flat[start:start + len(groups)].clone()
+        start += len(groups)
+    return out
 
 
 def group_importance(model: nn.Module, x: Tensor, groups: Mapping[str, Sequence[Sequence[int]]],
                      criterion: str = "spvr", method: str = "fast", batch_size: int | None = None,
                      progress: bool = True) -> dict[str, Tensor]:
-    """Importance of every channel group: Eq. 2 (``criterion="spvr"``) or KL, summed over ``x``.
+    """Importance of every channel group of a layer: Eq. 2 (``criterion="spvr"``) or KL, summed over ``x``.
 
-    ``model``: a trained classifier (put in eval mode for the call; its training flag is
-    restored).  ``x``: the calibration inputs [n, C, H, W] (or [n, features]), moved to the
-    model's device and dtype.  ``groups``: {layer name: [[channel, ...], ...]}; a name is a
-    prunable layer of a ``spvr_lib.models`` network (its conv, e.g. ``"features.0.0"``, or its
-    mask point), resolved to ``PrunableLayer.mask_module``, or any module name of
+    ``groups``: {layer name: [[channel, ...], ...]}; a name is a prunable layer of a
+    ``spvr_lib.models`` network (its conv, e.g. ``"features.0.0"``, or its mask point), masked at
+    ``PrunableLayer.mask_module``'s output (see :func:`mask_output`), or any module name of
     ``model.named_modules()`` whose OUTPUT is then masked directly (dim 1 = channels).
-    Returns {layer name: float64 tensor [number of groups]} on the CPU, in the groups' order:
-    ``sum_k L(f(x_k), f_masked(x_k))`` with the group's channels zeroed (see :func:`mask_output`).
-
-    ``method="naive"``: one forward pass of the whole calibration set per group (the paper's
-    algorithm; ``batch_size`` samples at a time, default: as many as fit in ~1 GiB).
-    ``method="fast"``: the same numbers (to float rounding), much faster, as described in the
-    comment above this function; ``batch_size`` does not apply (it sizes its batches itself).
-    For a network that is not one of ``spvr_lib.models`` (or a key that is not a prunable
-    layer) it falls back to naive with a warning.
+    Returns {layer name: float64 CPU tensor [number of groups]}.  A thin adapter over
+    :func:`unit_importance` (one output site per key, identity index); other arguments as there.
     """
-    if criterion not in criteria.CRITERIA:
-        raise ValueError(f"criterion={criterion!r}; expected one of {sorted(criteria.CRITERIA)}")
-    if method not in RANKING_PATHS:
-        raise ValueError(f"method={method!r}; expected one of {list(RANKING_PATHS)}")
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(x, Tensor) or x.ndim < 2 or len(x) < 1:
-        raise ValueError(f"x must be a tensor of calibration inputs [n, ...] with n >= 1, got "
-                         f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r}; expected a positive int or None")
+    _check_common(model, x, criterion, method, batch_size)
     groups = _check_groups(groups)
-    loss = criteria.CRITERIA[criterion]
     targets, layers = _resolve_targets(model, list(groups))
+    names = {id(m): n for n, m in model.named_modules()}
+    units = {}
     for name, gs in groups.items():
         top = max(c for g in gs for c in g)
-        if layers[name] is not None and top >= layers[name].width:
-            raise ValueError(f"groups[{name!r}] holds channel {top}, out of range for a layer with "
-                             f"{layers[name].width} channels")
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=sum(len(g) for g in groups.values()), desc=f"ranking groups ({method})",
-               disable=not progress, leave=False)
+        width = top + 1
+        if layers[name] is not None:
+            width = layers[name].width
+            if top >= width:
+                raise ValueError(f"groups[{name!r}] holds channel {top}, out of range for a layer with "
+                                 f"{width} channels")
+        index = tuple((c,) for c in range(width))
+        units[name] = ([MaskSite(names[id(targets[name])], "output", 1, index)], gs)
+    return unit_importance(model, x, units, criterion, method, batch_size, progress)
+
+
+# =============================================================================================
+# The fast path: exact, for any model torch.fx can trace.
+#
+# ``_FastRanker`` traces the model (standard torch.nn modules and every masked module are leaves),
+# runs the graph once per chunk of n calibration samples keeping every node's value, and for a
+# batch of g groups of a unit re-runs only the nodes downstream of the unit's earliest mask site,
+# the g masked variants stacked along the batch dimension ([g * n, ...]); nodes the mask does not
+# reach keep their cached values.  A masked value travels as a ``_Patch`` ("the cached value, except
+# on the group's channels") through per-channel ops (activations, BN in eval mode, pooling,
+# depthwise convs, flatten, permute, adds and cats) without touching the other channels; at a
+# Conv2d / Linear, by linearity, conv(a') = conv(a) + conv_{W[:, G]}(a'[G] - a[G]) (no bias): the
+# cached output plus a cheap partial conv on |G| input channels (a grouped conv for all g groups;
+# a following eval BN is folded in).  Everything else runs on the stacked variants (``_Dense``).
+# =============================================================================================
+class _Unsupported(Exception):
+    """The fast path cannot run this model (the reason is the message)."""
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's default tracer, with the masked modules kept as leaves (so their hooks' places exist)."""
+
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Patch:
+    """Variant j equals ``base`` [n, ...] except at positions ``idx[j]`` [k] along ``dim`` (>= 1), which
+    hold ``patch[j]``; ``patch``: [g, n, ...] with size k at dim + 1."""
+    base: Tensor
+    dim: int
+    idx: Tensor
+    patch: Tensor
+
+
+@dataclass
+class _Dense:
+    """The g variants stacked variant-major: [g * n, ...]."""
+    t: Tensor
+
+
+@dataclass
+class _Raw:
+    """A recomputed non-batched value (an int, a shape, a tuple of tensors), used as it is."""
+    v: object
+
+
+_POINTWISE_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh,
+                      nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout1d,
+                      nn.AlphaDropout)
+_POINTWISE_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardswish, F.hardsigmoid, F.silu, F.gelu, torch.sigmoid,
+                        F.sigmoid, torch.tanh, F.dropout, F.leaky_relu, F.elu, F.mish}
+_POINTWISE_METHODS = {"relu", "sigmoid", "tanh"}
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d,
+          nn.AdaptiveAvgPool1d)
+_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d}
+_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+            operator.itruediv: operator.truediv}
+_ADD = {operator.add, torch.add, operator.sub, torch.sub}
+_MUL = {operator.mul, torch.mul}
+
+
+@contextlib.contextmanager
+def _no_inplace(model: nn.Module) -> Iterator[None]:
+    """Modules with ``inplace=True`` (e.g. ReLU) run out of place, so cached values stay intact."""
+    changed = [m for m in model.modules() if getattr(m, "inplace", False) is True]
+    for m in changed:
+        m.inplace = False
     try:
-        with torch.inference_mode():
-            plan = _fast_plan(model) if method == "fast" else None
-            fast = [n for n in groups if plan is not None and layers[n] is not None]
-            naive = {n: groups[n] for n in groups if n not in fast}
-            if method == "fast" and naive:
-                why = ("it is not a network built by spvr_lib.models" if plan is None
-                       else "they are not prunable layers of the network")
-                warnings.warn(f"fast ranking does not support {list(naive)[:5]}{'...' if len(naive) > 5 else ''} "
-                              f"({why}); using the naive method for them", stacklevel=2)
-            out: dict[str, Tensor] = {}
-            if fast:
-                out.update(_fast_importance(model, plan, x, {n: (layers[n].name, groups[n]) for n in fast}, loss, bar))
-            if naive:
-                out.update(_naive_importance(model, x, {n: (targets[n], naive[n]) for n in naive}, loss,
-                                             batch_size, bar))
-            return {n: out[n] for n in groups}
+        yield
     finally:
-        bar.close()
-        model.train(was_training)
-
-
-def _naive_importance(model: nn.Module, x: Tensor, work: dict[str, tuple[nn.Module, list[list[int]]]], loss,
-                      batch_size: int | None, bar) -> dict[str, Tensor]:
-    """The paper's algorithm: for each group, a forward pass of all of ``x`` with it masked.
-
-    ``work``: {key: (module whose output is masked, groups)}."""
-    bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * _sample_bytes(model, to_model(model, x[:1])))))
-    p = _outputs(model, x, bs).double()
-    out = {}
-    for key, (module, gs) in work.items():
-        scores = []
-        for g in gs:
-            with mask_output(module, g):
-                scores.append(loss(p, _outputs(model, x, bs).double().unsqueeze(0))[0])
-            bar.update()
-        out[key] = torch.stack(scores).cpu()
-    return out
-
-
-# --------------------------------------------------------------------------- the fast path
-class _Affine:
-    """A conv (or linear) layer with its eval-mode BN folded in: ``y = W_f x + b_f``."""
-
-    def __init__(self, layer: nn.Module, bn: nn.BatchNorm2d | None = None):
-        W = layer.weight.detach()
-        b = layer.bias.detach() if layer.bias is not None else torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        if bn is not None:
-            gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(b)
-            beta = bn.bias.detach() if bn.bias is not None else torch.zeros_like(b)
-            s = gamma / torch.sqrt(bn.running_var + bn.eps)
-            W = W * s.reshape(-1, *[1] * (W.ndim - 1))
-            b = (b - bn.running_mean) * s + beta
-        self.conv = isinstance(layer, nn.Conv2d)
-        self.W, self.b = W.contiguous(memory_format=_FORMAT) if self.conv else W.contiguous(), b.contiguous()
-        if self.conv:
-            self.kw = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.W, self.b, **self.kw) if self.conv else F.linear(x, self.W, self.b)
-
-    def partials(self, x_sub: Tensor, groups: list[list[int]]) -> Tensor:
-        """[g, n, out, ...]: the contribution of each group's input channels alone (no bias).
-
-        ``x_sub`` [n, sum |G_j|, ...] holds the groups' input channels, concatenated in order.
-        Groups of equal size go through ONE grouped conv (a block-diagonal weight).
-        """
-        g, n = len(groups), x_sub.shape[0]
-        flat = [c for grp in groups for c in grp]
-        W = self.W[:, flat]                                              # [out, sum |G|, *k]
-        if not self.conv:
-            parts = [F.linear(part, w) for part, w in zip(x_sub.split([len(grp) for grp in groups], dim=1),
-                                                           W.split([len(grp) for grp in groups], dim=1))]
-            return torch.stack(parts)
-        d, out = len(groups[0]), W.shape[0]
-        if any(len(grp) != d for grp in groups):
-            sizes = [len(grp) for grp in groups]
-            return torch.stack([F.conv2d(part, w, None, **self.kw)
-                                for part, w in zip(x_sub.split(sizes, dim=1), W.split(sizes, dim=1))])
-        W = W.reshape(out, g, d, *W.shape[2:]).transpose(0, 1).reshape(g * out, d, *W.shape[2:])
-        y = F.conv2d(x_sub, W.contiguous(memory_format=_FORMAT), None, groups=g, **self.kw)
-        return y.view(n, g, out, *y.shape[2:]).transpose(0, 1)
-
-
-def _foldable(model: nn.Module) -> bool:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d) and (m.running_mean is None or m.running_var is None):
-            return False
-        if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros"):
-            return False
-    return True
-
-
-def _fast_plan(model: nn.Module) -> "_Plan | None":
-
-    spec = getattr(model, "spec", None)
-    if not isinstance(spec, dict) or not _foldable(model):
-        return None
-    try:
-        layers = models.prunable_layers(model, spec)
-    except ValueError:
-        return None
-    if isinstance(model, models.VGG):
-        return _VGGPlan(model, layers)
-    if isinstance(model, models.ResNet):
-        return _ResNetPlan(model, layers)
-    if isinstance(model, models.MLP):
-        return _MLPPlan(model, layers)
-    return None
-
-
-class _Plan:
-    """A BN-folded inference copy of a network that evaluates many masks of one layer at once.
-
-    ``prepare(x)`` runs the network on a chunk of samples, caching what ``masked(name, groups)``
-    needs, and returns the logits; ``masked`` returns the logits of the ``g`` masked networks,
-    [g * n, classes] (variant-major).  ``numel_after(name)``: per-sample size of the largest
-    activation computed after the mask point (for choosing how many variants to batch).
-    """
-
-    cache: dict
-
-    def prepare(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
-        raise NotImplementedError
-
-    def numel_after(self, name: str) -> int:
-        raise NotImplementedError
-
-    def cache_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in _tensors(self.cache):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
-
-
-def _tensors(obj) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v)
+        for m in changed:
+            m.inplace = True
 
 
 def _variants(t: Tensor, g: int) -> Tensor:
-    """[g, *t.shape]: g copies of ``t``, a view of a fresh [g * n, ...] tensor in ``t``'s memory
-    format (``.flatten(0, 1)`` gives it back without a copy; safe to modify in place)."""
-    fmt = _FORMAT if t.ndim == 4 else torch.contiguous_format
+    """[g, *t.shape]: g copies of ``t``, a view of a fresh [g * n, ...] tensor in ``t``'s memory format
+    (``.flatten(0, 1)`` gives it back without a copy; safe to modify in place)."""
+    fmt = _FORMAT if t.ndim == 4 and t.is_contiguous(memory_format=_FORMAT) else torch.contiguous_format
     flat = torch.empty((g * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device, memory_format=fmt)
     view = flat.view(g, *t.shape)
     view.copy_(t.unsqueeze(0).expand_as(view))
     return view
 
 
-def _minus_partials(z: Tensor, x: Tensor, op: _Affine, groups: list[list[int]]) -> Tensor:
-    """[g * n, ...]: ``z - op.partial(x[:, G_j])`` for each group j (x, z: [n, ...]): op's output
-    with the groups' input channels zeroed, one group per variant."""
-    out = _variants(z, len(groups))
-    out.sub_(op.partials(x[:, [c for g in groups for c in g]], groups))
+def _index(idx: Tensor, shape: Sequence[int], dim: int) -> Tensor:
+    """``idx`` [g, k] broadcast to ``shape`` ([g, n, ...] with size k at dim + 1), for gather / scatter."""
+    view = [1] * len(shape)
+    view[0], view[dim + 1] = idx.shape[0], idx.shape[1]
+    return idx.view(view).expand(*shape)
+
+
+def _gather(base: Tensor, dim: int, idx: Tensor) -> Tensor:
+    """[g, n, ...]: ``base``'s positions ``idx[j]`` along ``dim`` for each variant j."""
+    shape = [idx.shape[0], *base.shape]
+    shape[dim + 1] = idx.shape[1]
+    return base.unsqueeze(0).expand(idx.shape[0], *base.shape).gather(dim + 1, _index(idx, shape, dim))
+
+
+def _materialize(p: _Patch) -> Tensor:
+    """[g * n, ...]: the variants of a patch, written out."""
+    out = _variants(p.base, p.idx.shape[0])
+    out.scatter_(p.dim + 1, _index(p.idx, p.patch.shape, p.dim), p.patch.to(out.dtype))
     return out.flatten(0, 1)
 
 
-class _VGGPlan(_Plan):
-    def __init__(self, model: nn.Module, layers: list) -> None:
-        by_conv = {id(layer.conv): layer.name for layer in layers}
-        self.ops: list[tuple[str, _Affine | None]] = []
-        self.index: dict[str, int] = {}
-        for item in model.features:
-            if isinstance(item, nn.MaxPool2d):
-                self.ops.append(("pool", None))
+def _channel_view(v: Tensor, dim: int, ndim: int) -> Tensor:
+    """A per-channel vector [g, k] shaped to broadcast against a patch [g, n, ...] (channels at dim + 1)."""
+    shape = [1] * (ndim + 1)
+    shape[0], shape[dim + 1] = v.shape[0], v.shape[1]
+    return v.view(shape)
+
+
+def _conv_partial(conv: nn.Conv2d, weight: Tensor, delta: Tensor, idx: Tensor) -> Tensor:
+    """[g, n, out, H', W']: conv_{weight[:, idx[j]]}(delta[j]) (no bias) for each variant j, as ONE grouped
+    conv (a block-diagonal weight); ``delta`` [g, n, k, H, W]."""
+    g, n, k = delta.shape[:3]
+    w = weight[:, idx].transpose(0, 1).reshape(g * weight.shape[0], k, *weight.shape[2:])
+    inp = delta.transpose(0, 1).reshape(n, g * k, *delta.shape[3:]).contiguous(memory_format=_FORMAT)
+    y = F.conv2d(inp, w.contiguous(memory_format=_FORMAT), None, conv.stride, conv.padding, conv.dilation, groups=g)
+    return y.view(n, g, weight.shape[0], *y.shape[2:]).transpose(0, 1)
+
+
+def _bn_affine(bn: nn.Module) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as a per-channel affine map: (scale, shift) [C]."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _eval_bn(m: nn.Module) -> bool:
+    return (isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) and not m.training and m.running_mean is not None
+            and m.running_var is not None)
+
+
+class _FastRanker:
+    """The traced graph of ``model`` and the rules that re-run it on masked variants (see above)."""
+
+    def __init__(self, model: nn.Module, units: dict):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        leaves = {s.module for sites, _ in units.values() for s in sites}
+        if "" in leaves:
+            raise _Unsupported("a mask site is the whole model")
+        try:
+            self.graph = _Tracer(leaves).trace(model)
+        except Exception as e:  # noqa: BLE001 -- any tracing failure means: use the naive path
+            raise _Unsupported(f"torch.fx could not trace it: {type(e).__name__}: {str(e)[:200]}") from None
+        self.nodes = list(self.graph.nodes)
+        self.order = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((self.order[u] for u in node.users), default=self.order[node])
+                         for node in self.nodes}
+        placeholders = [nd for nd in self.nodes if nd.op == "placeholder"]
+        outputs = [nd for nd in self.nodes if nd.op == "output"]
+        if not placeholders or len(outputs) != 1 or not isinstance(outputs[0].args[0], torch.fx.Node):
+            raise _Unsupported("its graph does not map one input to one output tensor")
+        self.input, self.output = placeholders[0], outputs[0].args[0]
+        for nd in self.nodes:
+            if nd.op == "call_method" and nd.target.endswith("_") and not nd.target.startswith("__"):
+                raise _Unsupported(f"it calls the in-place method {nd.target!r}")
+        self.at: dict[str, list[torch.fx.Node]] = {}
+        for nd in self.nodes:
+            if nd.op == "call_module":
+                self.at.setdefault(nd.target, []).append(nd)
+        missing = leaves - set(self.at)
+        if missing:
+            raise _Unsupported(f"modules {sorted(missing)[:3]} are not called as modules in its traced graph")
+        self.fused: dict[torch.fx.Node, tuple[torch.fx.Node, Tensor, Tensor]] = {}
+        for nd in self.nodes:          # conv -> eval BN with the conv's output used only there: fold the BN
+            m = self.modules.get(nd.target) if nd.op == "call_module" else None
+            if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and len(nd.users) == 1:
+                (user,) = nd.users
+                bn = self.modules.get(user.target) if user.op == "call_module" else None
+                if bn is not None and _eval_bn(bn) and isinstance(bn, nn.BatchNorm2d) and user.args[0] is nd:
+                    scale, shift = _bn_affine(bn)
+                    w = (m.weight * scale.view(-1, 1, 1, 1)).to(m.weight.dtype)
+                    b = shift if m.bias is None else m.bias * scale + shift
+                    self.fused[nd] = (user, w.contiguous(memory_format=_FORMAT), b.to(m.weight.dtype))
+
+    # ------------------------------------------------------------------ plain execution
+    def _attr(self, target: str):
+        obj = self.model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def _call(self, node: torch.fx.Node, args: tuple, kwargs: dict):
+        if node.op == "call_module":
+            return self.modules[node.target](*args, **kwargs)
+        if node.op == "call_function":
+            fn = _INPLACE.get(node.target, node.target)
+            if kwargs.get("inplace") is True:
+                kwargs = {**kwargs, "inplace": False}
+            return fn(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        raise _Unsupported(f"node op {node.op!r}")
+
+    def reference(self, xb: Tensor) -> tuple[dict, set]:
+        """Every node's value on the chunk ``xb`` [n, ...], and the nodes whose value is batched ([n, ...])."""
+        vals, batched, n = {}, {self.input}, len(xb)
+        for nd in self.nodes:
+            if nd.op == "placeholder":
+                vals[nd] = xb if nd is self.input else (nd.args[0] if nd.args else None)
+            elif nd.op == "get_attr":
+                vals[nd] = self._attr(nd.target)
+            elif nd.op == "output":
+                continue
             else:
-                conv, bn = item[0], item[1]
-                self.index[by_conv[id(conv)]] = len(self.ops)
-                self.ops.append(("conv", _Affine(conv, bn)))
-        self.pool, self.classifier = model.pool, model.classifier
-        self.cache = {}
+                args = torch.fx.node.map_arg(nd.args, lambda a: vals[a])
+                kwargs = torch.fx.node.map_arg(nd.kwargs, lambda a: vals[a])
+                vals[nd] = self._call(nd, args, kwargs)
+                if (isinstance(vals[nd], Tensor) and vals[nd].ndim and vals[nd].shape[0] == n
+                        and any(a in batched for a in nd.all_input_nodes)):
+                    batched.add(nd)
+        return vals, batched
 
-    def _run(self, x: Tensor, start: int, record: bool = False) -> Tensor:
-        for j in range(start, len(self.ops)):
-            kind, op = self.ops[j]
-            if kind == "pool":
-                x = F.max_pool2d(x, 2)
+    # ------------------------------------------------------------------ masked re-runs
+    def _note(self, diff: Tensor) -> None:
+        """Marks the variants j with any nonzero ``diff[j]`` as changed (the others stay exactly the cached network)."""
+        self.changed |= diff.reshape(diff.shape[0], -1).ne(0).any(1).cpu()
+
+    def _mat(self, p: _Patch) -> Tensor:
+        self._note(p.patch - _gather(p.base, p.dim, p.idx))
+        return _materialize(p)
+
+    def _mask(self, v, base: Tensor, dim: int, idx: Tensor, n: int):
+        """``v`` (a cached tensor, _Patch or _Dense) with positions ``idx[j]`` along ``dim`` zeroed in variant j."""
+        g = idx.shape[0]
+        if isinstance(v, Tensor):
+            shape = [g, *v.shape]
+            shape[dim + 1] = idx.shape[1]
+            return _Patch(v, dim, idx, v.new_zeros(shape))
+        if isinstance(v, _Patch) and v.dim == dim and torch.equal(v.idx, idx):
+            return _Patch(v.base, dim, idx, torch.zeros_like(v.patch))
+        t = self._mat(v) if isinstance(v, _Patch) else v.t.clone(
+            memory_format=_FORMAT if v.t.ndim == 4 and v.t.is_contiguous(memory_format=_FORMAT)
+            else torch.contiguous_format)
+        view = t.view(g, n, *t.shape[1:])
+        shape = list(view.shape)
+        shape[dim + 1] = idx.shape[1]
+        where = _index(idx, shape, dim)
+        self._note(view.gather(dim + 1, where))
+        view.scatter_(dim + 1, where, 0.0)
+        return _Dense(t)
+
+    def _dense_arg(self, a: torch.fx.Node, cur: dict, vals: dict, batched: set, g: int):
+        v = cur.get(a, vals[a])
+        if isinstance(v, _Patch):
+            return self._mat(v)
+        if isinstance(v, _Dense):
+            return v.t
+        if isinstance(v, _Raw):
+            return v.v
+        if a in batched:
+            return _variants(v, g).flatten(0, 1)
+        return v
+
+    def _rerun(self, nd: torch.fx.Node, cur: dict, vals: dict, batched: set, g: int, n: int, first=None):
+        """The value of node ``nd`` in the g variants (``first``: an override of its first argument)."""
+        get = (lambda a: cur.get(a, vals[a]))
+        args0 = nd.args[0] if nd.args else None
+        v0 = first if first is not None else (get(args0) if isinstance(args0, torch.fx.Node) else None)
+        others = [a for a in nd.all_input_nodes if a is not args0]
+        only_first = isinstance(v0, _Patch) and not any(a in cur for a in others)
+        m = self.modules.get(nd.target) if nd.op == "call_module" else None
+        out_val = vals[nd]
+
+        if only_first:
+            p = v0
+            if m is not None:
+                if isinstance(m, _POINTWISE_MODULES):
+                    return _Patch(out_val, p.dim, p.idx, m(p.patch))
+                if _eval_bn(m) and p.dim == 1:
+                    scale, shift = _bn_affine(m)
+                    nd_ = p.patch.ndim - 1
+                    return _Patch(out_val, 1, p.idx, p.patch * _channel_view(scale[p.idx], 1, nd_)
+                                  + _channel_view(shift[p.idx], 1, nd_))
+                if isinstance(m, _POOLS) and p.dim == 1 and not getattr(m, "return_indices", False):
+                    y = m(p.patch.flatten(0, 1))
+                    return _Patch(out_val, 1, p.idx, y.reshape(*p.patch.shape[:3], *y.shape[2:]))
+                if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+                    return self._flatten(p, out_val)
+                if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and p.dim == 1 and p.base.ndim == 4:
+                    if m.groups == 1:
+                        return self._conv(nd, m, p, cur, vals, g)
+                    if m.groups == m.in_channels == m.out_channels:      # depthwise: channel by channel
+                        k = p.idx.shape[1]
+                        flat = p.idx.flatten()
+                        inp = p.patch.transpose(0, 1).reshape(n, g * k, *p.patch.shape[3:])
+                        y = F.conv2d(inp, m.weight[flat], None if m.bias is None else m.bias[flat],
+                                     m.stride, m.padding, m.dilation, groups=g * k)
+                        return _Patch(out_val, 1, p.idx, y.reshape(n, g, k, *y.shape[2:]).transpose(0, 1))
+                if isinstance(m, nn.Linear) and p.dim == p.base.ndim - 1:
+                    delta = (p.patch - _gather(p.base, p.dim, p.idx)).reshape(g, -1, p.idx.shape[1])
+                    self._note(delta)
+                    part = torch.bmm(delta, m.weight.t()[p.idx])                      # [g, n * ..., out]
+                    out = _variants(out_val, g)
+                    out += part.view(out.shape)
+                    return _Dense(out.flatten(0, 1))
             else:
-                z = op(x)
-                if record:
-                    self.cache[j] = (x, z)
-                    x = F.relu(z)
-                else:
-                    x = F.relu_(z)
-        if record:
-            self.cache["head"] = x
-        return self.classifier(torch.flatten(self.pool(x), 1))
+                fn = nd.target
+                if nd.op == "call_function" and (fn in _POINTWISE_FUNCTIONS or fn in _POOL_FUNCTIONS) and (
+                        fn in _POINTWISE_FUNCTIONS or p.dim == 1) and not any(
+                        isinstance(a, torch.fx.Node) for a in (*nd.args[1:], *nd.kwargs.values())):
+                    kwargs = {k: v for k, v in nd.kwargs.items() if k != "inplace"}
+                    if fn in _POOL_FUNCTIONS:
+                        y = fn(p.patch.flatten(0, 1), *nd.args[1:], **kwargs)
+                        return _Patch(out_val, 1, p.idx, y.reshape(*p.patch.shape[:3], *y.shape[2:]))
+                    return _Patch(out_val, p.dim, p.idx, fn(p.patch, *nd.args[1:], **kwargs))
+                if nd.op == "call_method" and fn in _POINTWISE_METHODS and len(nd.args) == 1 and not nd.kwargs:
+                    return _Patch(out_val, p.dim, p.idx, getattr(p.patch, fn)())
+                if (nd.op == "call_function" and fn is torch.flatten or nd.op == "call_method" and fn == "flatten"):
+                    start = nd.args[1] if len(nd.args) > 1 else nd.kwargs.get("start_dim", 0)
+                    end = nd.args[2] if len(nd.args) > 2 else nd.kwargs.get("end_dim", -1)
+                    if start == 1 and end == -1:
+                        return self._flatten(p, out_val)
+                if (nd.op == "call_function" and fn is torch.permute) or (nd.op == "call_method" and fn == "permute"):
+                    perm = nd.args[1] if len(nd.args) == 2 and isinstance(nd.args[1], (list, tuple)) else nd.args[1:]
+                    perm = [int(d) % p.base.ndim for d in perm]
+                    if perm and perm[0] == 0:
+                        return _Patch(out_val, perm.index(p.dim), p.idx, p.patch.permute(0, *[d + 1 for d in perm]))
+                if nd.op == "call_function" and fn in _MUL | {operator.truediv} and len(nd.args) == 2 \
+                        and isinstance(nd.args[1], (int, float)) and not nd.kwargs:
+                    return _Patch(out_val, p.dim, p.idx, fn(p.patch, nd.args[1]))
 
-    def prepare(self, x: Tensor) -> Tensor:
-        self.cache = {}
-        return self._run(x, 0, record=True)
+        fn = _INPLACE.get(nd.target, nd.target) if nd.op == "call_function" else None
+        if fn in _ADD and len(nd.args) == 2 and not nd.kwargs:
+            a, b = (get(x) if isinstance(x, torch.fx.Node) else x for x in nd.args)
+            if first is not None:
+                a = first
+            sign = -1.0 if fn in (operator.sub, torch.sub) else 1.0
+            if isinstance(a, _Patch) and isinstance(b, _Patch) and a.dim == b.dim and torch.equal(a.idx, b.idx):
+                return _Patch(out_val, a.dim, a.idx, a.patch + sign * b.patch)
+            for pa, other, pa_first in ((a, b, True), (b, a, False)):
+                if isinstance(pa, _Patch) and isinstance(other, Tensor) and other.shape == pa.base.shape:
+                    o = _gather(other, pa.dim, pa.idx)
+                    patch = (pa.patch + sign * o) if pa_first else (o + sign * pa.patch)
+                    return _Patch(out_val, pa.dim, pa.idx, patch)
+                if isinstance(pa, _Patch) and isinstance(other, (int, float)):
+                    return _Patch(out_val, pa.dim, pa.idx, pa.patch + sign * other if pa_first
+                                  else other + sign * pa.patch)
+        if fn in _ADD | _MUL and len(nd.args) == 2 and not nd.kwargs:   # variants [g, n, ...] op shared [n, ...]
+            a, b = (get(x) if isinstance(x, torch.fx.Node) else x for x in nd.args)
+            if first is not None:
+                a = first
+            a = _Dense(self._mat(a)) if isinstance(a, _Patch) else a
+            b = _Dense(self._mat(b)) if isinstance(b, _Patch) else b
+            if isinstance(a, _Dense) != isinstance(b, _Dense) and all(
+                    isinstance(v, (_Dense, Tensor)) for v in (a, b)):
+                d, s = (a, b) if isinstance(a, _Dense) else (b, a)
+                if s.shape == d.t.shape[1:] or (s.ndim == d.t.ndim and s.shape[0] == n):
+                    dv = d.t.view(g, n, *d.t.shape[1:])
+                    s_b = s.unsqueeze(0) if s.ndim == d.t.ndim else s
+                    y = fn(dv, s_b) if d is a else fn(s_b, dv)
+                    return _Dense(y.flatten(0, 1))
 
-    def _next_conv(self, j: int) -> int | None:
-        return next((k for k in range(j + 1, len(self.ops)) if self.ops[k][0] == "conv"), None)
+        if nd.op == "call_function" and nd.target is torch.cat:
+            got = self._cat(nd, get, out_val, first)
+            if got is not None:
+                return got
 
-    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
-        k = self._next_conv(self.index[name])
-        if k is None:                                       # last conv: mask the head's input
-            h = _variants(self.cache["head"], len(groups))
-            for j, g in enumerate(groups):
-                h[j][:, g] = 0
-            return self.classifier(torch.flatten(self.pool(h.flatten(0, 1)), 1))
-        x, z = self.cache[k]                                # relu and max-pool keep zeros zero
-        return self._run(F.relu_(_minus_partials(z, x, self.ops[k][1], groups)), k + 1)
+        if (isinstance(m, nn.Conv2d) and nd in self.fused and nd not in self.nofuse and isinstance(v0, _Dense)
+                and not others):
+            bn_node, w, b = self.fused[nd]
+            x_in = v0.t.contiguous(memory_format=_FORMAT) if v0.t.ndim == 4 else v0.t
+            cur[bn_node] = _Dense(F.conv2d(x_in, w, b, m.stride, m.padding, m.dilation, m.groups))
+            return None                                            # consumed by its BN
 
-    def numel_after(self, name: str) -> int:
-        k = self._next_conv(self.index[name])
-        if k is None:
-            return self.cache["head"][0].numel()
-        return max(self.cache[j][1][0].numel() for j in self.cache if j != "head" and j >= k)
+        if (isinstance(v0, _Dense) and not others and len(args0.users) == 1 and first is None
+                and (isinstance(m, nn.ReLU) or nd.op == "call_function" and nd.target in (F.relu, torch.relu))
+                and self._fresh(args0)):
+            return _Dense(v0.t.relu_())                          # the variants' only user: in place
 
+        # anything else: run the node on the stacked variants
+        def arg(a):
+            return self._dense_arg(a, cur, vals, batched, g)
+        args = torch.fx.node.map_arg(nd.args, arg)
+        if first is not None:
+            f0 = first
+            args = ((self._mat(f0) if isinstance(f0, _Patch) else f0.t if isinstance(f0, _Dense) else f0),
+                    *args[1:])
+        kwargs = torch.fx.node.map_arg(nd.kwargs, arg)
+        y = self._call(nd, args, kwargs)
+        if isinstance(y, Tensor) and nd in batched and y.ndim and y.shape[0] == g * n:
+            return _Dense(y)
+        return _Raw(y)
 
-class _ResNetPlan(_Plan):
-    def __init__(self, model: nn.Module, layers: list) -> None:
-        self.stem, self.maxpool = _Affine(model.conv1, model.bn1), model.maxpool
-        self.blocks: list[dict] = []
-        self.where: dict[str, tuple[int, int]] = {}
-        by_conv = {id(layer.conv): layer.name for layer in layers}
-        for stage in model.stage_names:
-            for block in getattr(model, stage):
-                k_convs = 3 if hasattr(block, "conv3") else 2
-                convs = [getattr(block, f"conv{k}") for k in range(1, k_convs + 1)]
-                bns = [getattr(block, f"bn{k}") for k in range(1, k_convs + 1)]
-                for k, conv in enumerate(convs):
-                    self.where[by_conv[id(conv)]] = (len(self.blocks), k)
-                ds = None if block.downsample is None else _Affine(block.downsample[0], block.downsample[1])
-                self.blocks.append({"convs": [_Affine(c, b) for c, b in zip(convs, bns)], "ds": ds})
-        self.fc = model.fc
-        self.cache = {}
+    def _fresh(self, nd: torch.fx.Node) -> bool:
+        """Whether ``nd``'s re-run value is a fresh tensor (not a view of another value)."""
+        m = self.modules.get(nd.target) if nd.op == "call_module" else None
+        return isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) or (
+            nd.op == "call_function" and nd.target in (operator.add, operator.iadd, torch.add))
 
-    def _head(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+    def _flatten(self, p: _Patch, out_val: Tensor) -> _Patch:
+        inner = int(np.prod(p.base.shape[p.dim + 1:])) if p.dim == 1 else None
+        if inner is None:
+            raise _Unsupported("flatten of a patch along a dim other than 1")
+        g, k = p.idx.shape
+        idx = (p.idx.unsqueeze(-1) * inner + torch.arange(inner, device=p.idx.device)).reshape(g, k * inner)
+        return _Patch(out_val, 1, idx, p.patch.reshape(g, p.patch.shape[1], k * inner))
 
-    def _finish_block(self, b: int, k: int, z: Tensor, sc: Tensor) -> Tensor:
-        """Block ``b`` from conv ``k``'s pre-activation ``z`` [g*n, ...] on, with shortcut ``sc``."""
-        convs = self.blocks[b]["convs"]
-        for op in convs[k + 1:]:
-            z = op(F.relu_(z))
-        g = z.shape[0] // sc.shape[0] if sc.shape[0] != z.shape[0] else 1
-        if g > 1:   # sc [n, ...] shared by the g variants
-            z = z.view(g, sc.shape[0], *z.shape[1:]).add_(sc.unsqueeze(0)).flatten(0, 1)
-        else:
-            z = z.add_(sc)
-        return F.relu_(z)
+    def _conv(self, nd, m: nn.Conv2d, p: _Patch, cur: dict, vals: dict, g: int):
+        """Conv2d (groups 1) on a patch: cached output + a partial conv of the change (BN folded if fused)."""
+        delta = p.patch - _gather(p.base, 1, p.idx)
+        self._note(delta)
+        fused = nd in self.fused and nd not in self.nofuse
+        bn_node, w = (self.fused[nd][0], self.fused[nd][1]) if fused else (nd, m.weight)
+        out = _variants(vals[bn_node], g)
+        out += _conv_partial(m, w, delta, p.idx)               # cached output + the change's partial conv
+        flat = out.flatten(0, 1)
+        if fused:
+            cur[bn_node] = _Dense(flat)
+            return None
+        return _Dense(flat)
 
-    def _run(self, x: Tensor, start: int, record: bool = False) -> Tensor:
-        for b in range(start, len(self.blocks)):
-            convs, ds = self.blocks[b]["convs"], self.blocks[b]["ds"]
-            inp, xs, zs = x, [x], []
-            for k, op in enumerate(convs):
-                zs.append(op(xs[k]))
-                if k + 1 < len(convs):
-                    xs.append(F.relu(zs[k]) if record else F.relu_(zs[k]))
-            sc = inp if ds is None else ds(inp)
-            if record:
-                x = F.relu(zs[-1] + sc)
-                self.cache[b] = {"xs": xs, "zs": zs, "sc": sc, "out": x}
-            else:
-                x = F.relu_(zs[-1].add_(sc))
-        return self._head(x)
+    def _cat(self, nd, get, out_val, first):
+        tensors = nd.args[0] if nd.args else nd.kwargs.get("tensors")
+        dim = nd.args[1] if len(nd.args) > 1 else nd.kwargs.get("dim", 0)
+        if first is not None or not isinstance(tensors, (list, tuple)) or not all(
+                isinstance(t, torch.fx.Node) for t in tensors):
+            return None
+        vs = [get(t) for t in tensors]
+        if any(isinstance(v, (_Dense, _Raw)) for v in vs) or not any(isinstance(v, _Patch) for v in vs):
+            return None
+        dim = dim % out_val.ndim
+        offset, idxs, patches = 0, [], []
+        for v in vs:
+            base = v.base if isinstance(v, _Patch) else v
+            if isinstance(v, _Patch):
+                if v.dim != dim:
+                    return None
+                idxs.append(v.idx + offset)
+                patches.append(v.patch)
+            offset += base.shape[dim]
+        return _Patch(out_val, dim, torch.cat(idxs, 1), torch.cat(patches, dim + 1))
 
-    def prepare(self, x: Tensor) -> Tensor:
-        self.cache = {}
-        x = self.maxpool(F.relu(self.stem(x)))
-        return self._run(x, 0, record=True)
+    def run_masked(self, vals: dict, batched: set, sites: list, idx: list[Tensor], n: int):
+        """The output of the g masked variants: a [g, n, ...] tensor (or None when no change reaches it);
+        ``self.changed`` [g] is False for the variants whose mask provably changed nothing (their output is
+        then exactly the cached one, as in the naive path).
 
-    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
-        b, k = self.where[name]
-        c = self.cache[b]
-        convs = self.blocks[b]["convs"]
-        if k + 1 < len(convs):      # inside the block: correct the next conv, finish the block
-            z = _minus_partials(c["zs"][k + 1], c["xs"][k + 1], convs[k + 1], groups)
-            return self._run(self._finish_block(b, k + 1, z, c["sc"]), b + 1)
-        # last conv of the block: its branch adds nothing on channels G, out'[G] = relu(sc[G])
-        flat = [ch for g in groups for ch in g]
-        new = F.relu(c["sc"][:, flat])                       # [n, sum |G|, ...]
-        delta = new - c["out"][:, flat]                      # change of the block output on G
-        out = _variants(c["out"], len(groups))
-        start = 0
-        for j, g in enumerate(groups):
-            out[j][:, g] = new[:, start:start + len(g)]
-            start += len(g)
-        out = out.flatten(0, 1)
-        if b + 1 == len(self.blocks):
-            return self._head(out)
-        nxt, cn = self.blocks[b + 1], self.cache[b + 1]
-        z = _variants(cn["zs"][0], len(groups))             # the next block's first conv by linearity
-        z.add_(nxt["convs"][0].partials(delta, groups))
-        if nxt["ds"] is None:
-            sc = out
-        else:                                               # and its projection shortcut
-            sc = _variants(cn["sc"], len(groups))
-            sc = sc.add_(nxt["ds"].partials(delta, groups)).flatten(0, 1)
-        return self._run(self._finish_block(b + 1, 0, z.flatten(0, 1), sc), b + 2)
+        ``sites[i]``: a MaskSite, ``idx[i]``: [g, k_i] its positions for each group."""
+        g = idx[0].shape[0]
+        out_sites: dict[torch.fx.Node, list] = {}
+        in_sites: dict[torch.fx.Node, list] = {}
+        for s, ix in zip(sites, idx):
+            for nd in self.at[s.module]:
+                t = vals[nd] if s.where == "output" else vals[nd.args[0]]
+                spec = (s.dim % t.ndim, ix.to(t.device))
+                (out_sites if s.where == "output" else in_sites).setdefault(nd, []).append(spec)
+        start = min(self.order[nd] for nd in (*out_sites, *in_sites))
+        self.nofuse = {nd for nd, (bn_node, _, _) in self.fused.items() if nd in out_sites or bn_node in in_sites}
+        self.changed = torch.zeros(g, dtype=torch.bool)
+        cur: dict = {}
+        for nd in self.nodes[start:]:
+            if nd.op == "output":
+                break
+            if nd not in cur:
+                first = None
+                if nd in in_sites:
+                    a0 = nd.args[0]
+                    first = cur.get(a0, vals[a0])
+                    for dim, ix in in_sites[nd]:
+                        first = self._mask(first, vals[a0], dim, ix, n)
+                if first is not None or any(a in cur for a in nd.all_input_nodes):
+                    v = self._rerun(nd, cur, vals, batched, g, n, first)
+                    if v is not None:
+                        cur[nd] = v
+            if nd in out_sites:
+                v = cur.get(nd, vals[nd])
+                for dim, ix in out_sites[nd]:
+                    v = self._mask(v, vals[nd], dim, ix, n)
+                cur[nd] = v
+            for a in nd.all_input_nodes:
+                if self.last_use[a] <= self.order[nd] and a in cur and a is not self.output:
+                    del cur[a]
+        v = cur.get(self.output)
+        if v is None:
+            return None
+        t = self._mat(v) if isinstance(v, _Patch) else v.t if isinstance(v, _Dense) else v.v
+        return t.view(g, n, *t.shape[1:])
 
-    def numel_after(self, name: str) -> int:
-        b, _ = self.where[name]
-        return max(t[0].numel() for bb in range(b, len(self.blocks)) for t in _tensors(self.cache[bb]))
+    def _chunk(self, x: Tensor) -> Tensor:
+        xb = to_model(self.model, x)
+        return xb.contiguous(memory_format=_FORMAT) if xb.ndim == 4 else xb
 
-
-class _MLPPlan(_Plan):
-    def __init__(self, model: nn.Module, layers: list) -> None:
-        self.fcs = [_Affine(m) for m in model if isinstance(m, nn.Linear)]
-        self.index = {layer.name: int(layer.name[2:]) - 1 for layer in layers}   # "fc3" -> 2
-        self.cache = {}
-
-    def _run(self, z: Tensor, start: int, record: bool = False) -> Tensor:
-        """From fc ``start``'s pre-activation ``z`` on."""
-        for i in range(start + 1, len(self.fcs)):
-            x = F.relu(z) if record else F.relu_(z)
-            z = self.fcs[i](x)
-            if record:
-                self.cache[i] = (x, z)
-        return z
-
-    def prepare(self, x: Tensor) -> Tensor:
-        self.cache = {}
-        return self._run(self.fcs[0](x.flatten(1)), 0, record=True)
-
-    def masked(self, name: str, groups: list[list[int]]) -> Tensor:
-        i = self.index[name] + 1
-        x, z = self.cache[i]
-        return self._run(_minus_partials(z, x, self.fcs[i], groups), i)
-
-    def numel_after(self, name: str) -> int:
-        return max(z[0].numel() for i, (x, z) in self.cache.items() if i > self.index[name])
-
-
-def _fast_chunk(model: nn.Module, xb: Tensor) -> Tensor:
-    xb = to_model(model, xb)
-    return xb.contiguous(memory_format=_FORMAT) if xb.ndim == 4 else xb
-
-
-def _fast_importance(model: nn.Module, plan: _Plan, x: Tensor, work: dict[str, tuple[str, list[list[int]]]], loss,
-                     bar) -> dict[str, Tensor]:
-    """``work``: {key: (prunable layer name, groups)}.  Sums ``loss`` over chunks of samples."""
-    plan.prepare(_fast_chunk(model, x[:1]))
-    n_chunk = max(1, min(len(x), _MEMORY_BYTES // max(1, plan.cache_bytes())))
-    totals = {key: torch.zeros(len(gs), dtype=torch.float64) for key, (_, gs) in work.items()}
-    for start in range(0, len(x), n_chunk):
-        xb = _fast_chunk(model, x[start:start + n_chunk])
-        p = torch.softmax(plan.prepare(xb), dim=1).double()
-        n = len(xb)
-        for key, (name, gs) in work.items():
-            per_variant = 4 * plan.numel_after(name) * x.element_size()
-            g_chunk = max(1, min(len(gs), _MEMORY_BYTES // max(1, n * per_variant)))
-            for j in range(0, len(gs), g_chunk):
-                chunk = gs[j:j + g_chunk]
-                logits = plan.masked(name, chunk)
-                pm = torch.softmax(logits.view(len(chunk), n, *logits.shape[1:]), dim=2).double()
-                totals[key][j:j + len(chunk)] += loss(p, pm).cpu()
-                bar.update(len(chunk) * n / len(x))
-    return totals
+    def importance(self, x: Tensor, units: dict, loss, bar) -> dict[str, Tensor]:
+        """{key: float64 CPU [len(groups)]}: ``loss`` summed over chunks of samples (Section 3.1, Eq. 2)."""
+        vals, _ = self.reference(self._chunk(x[:1]))
+        sizes = {nd: v[0].numel() * v.element_size() for nd, v in vals.items()
+                 if isinstance(v, Tensor) and v.ndim and v.shape[0] == 1 and nd.op != "get_attr"}
+        n_chunk = max(1, min(len(x), _MEMORY_BYTES // max(1, sum(sizes.values()))))
+        totals = {key: torch.zeros(len(gs), dtype=torch.float64) for key, (_, gs) in units.items()}
+        work = []                 # (key, sites, positions of the batch's groups, [g, k] index per site)
+        for key, (sites, groups) in units.items():
+            start = min(self.order[nd] for s in sites for nd in self.at[s.module])
+            per_variant = 4 * max([b for nd, b in sizes.items() if self.order[nd] >= start] or [1])
+            by_shape: dict[tuple, list[int]] = {}
+            for j, grp in enumerate(groups):
+                by_shape.setdefault(tuple(len(_positions(s, grp)) for s in sites), []).append(j)
+            for js in by_shape.values():
+                work.append((key, sites, js, per_variant))
+        for s0 in range(0, len(x), n_chunk):
+            xb = self._chunk(x[s0:s0 + n_chunk])
+            n = len(xb)
+            vals, batched = self.reference(xb)
+            p = torch.softmax(vals[self.output], dim=1).double()
+            for key, sites, js, per_variant in work:
+                groups = units[key][1]
+                g_chunk = max(1, min(len(js), _MEMORY_BYTES // max(1, n * per_variant)))
+                for c0 in range(0, len(js), g_chunk):
+                    part = js[c0:c0 + g_chunk]
+                    idx = [torch.tensor([_positions(s, groups[j]) for j in part], dtype=torch.long) for s in sites]
+                    out = self.run_masked(vals, batched, sites, idx, n)
+                    if out is None:
+                        pm = p.unsqueeze(0).expand(len(part), *p.shape)
+                    else:
+                        pm = torch.softmax(out, dim=2).double()
+                        pm[~self.changed.to(pm.device)] = p          # provably unchanged: exactly the cached output
+                    totals[key][part] += loss(p, pm).cpu()
+                    bar.update(len(part) * n / len(x))
+        return totals
