@@ -2,8 +2,8 @@
 important removed until the rebuilt network fits an exact parameter budget, with layer collapse."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from torch import Tensor
@@ -42,106 +42,157 @@ class Budgeted:
     params_after: int
     last_step: int
     steps: int
+    kept_one: dict[str, str] = field(default_factory=dict)
 
 
-def apply_budget(spec: dict, layers: Sequence[models.PrunableLayer], groups: Mapping[str, Sequence[Sequence[int]]],
-                 scores: Mapping[str, Sequence[float] | Tensor], budget: int) -> Budgeted:
-    """Discard the least important groups until ``models.spec_params`` of the rebuilt spec <= ``budget``.
+def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapping[str, Sequence[Sequence[int]]],
+                   scores: Mapping[str, Sequence[float] | Tensor], budget: int,
+                   params_of: Callable[[Mapping[str, list[int]]], int], ties: Mapping[str, str | None] | None = None,
+                   cannot_empty: Mapping[str, str] | None = None, fill_back: int | None = None) -> Budgeted:
+    """THE budget loop of SPvR (Section 3.2, Appendix B), for any network.
 
-    ``layers``: ``models.prunable_layers(model, spec)``; ``groups``/``scores``: per layer name,
-    its channel groups (a partition of its channels) and one importance per group.  All groups
-    are sorted together by (importance, layer position, group index), ascending, and discarded
-    in that order (skipping those already gone with their stage) until the first point where the
-    network fits.  See the module docstring for ResNet stages.  ValueError if even discarding
-    every group does not fit.
+    ``names``: the layers (or units of coupled channels) in forward order; ``groups``/``scores``: per
+    name its channel groups (a partition of its ``widths[name]`` channels) and one importance each.
+    All groups are sorted together by (importance, position, group index), ascending, and discarded in
+    that order until the first point where ``params_of(kept)`` <= ``budget`` (``kept``: {name: sorted
+    kept channels}).  ``ties``: {name: tie id}; a tie's layers shrink together (Appendix B's identity
+    shortcut rule): when a group of one is discarded, every other loses its least significant remaining
+    group(s), ``expansion`` = its width / the tie's narrowest width of them.  ``cannot_empty``: {name:
+    why}; such a layer keeps its last group (the step is skipped).  ``fill_back``: one step can overshoot
+    (a collapse removes a whole branch at once); when the network ends more than ``fill_back`` parameters
+    under the budget (None: never), the most important discarded groups of
+    untied layers that did not collapse are restored, one at a time, wherever the network still fits.  ValueError if nothing fits.
     """
-    models.validate(spec)
+    ties = dict(ties or {})
+    cannot_empty = dict(cannot_empty or {})
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
         raise ValueError(f"budget={budget!r}; expected a positive parameter count")
-    tie_width: dict[str, int] = {}       # a tie's unit width: its narrowest layer (a ResNet stage width)
-    for layer in layers:
-        if layer.tie is not None:
-            tie_width[layer.tie] = min(tie_width.get(layer.tie, layer.width), layer.width)
+    tie_width: dict[str, int] = {}
+    for name in names:
+        if ties.get(name) is not None:
+            tie_width[ties[name]] = min(tie_width.get(ties[name], widths[name]), widths[name])
     imp: dict[str, np.ndarray] = {}
     expansion: dict[str, int] = {}
-    for layer in layers:
-        gs = groups.get(layer.name)
-        if gs is None or layer.name not in scores:
-            raise ValueError(f"groups and scores need an entry for layer {layer.name!r}")
-        s = np.asarray(scores[layer.name].cpu() if isinstance(scores[layer.name], Tensor) else scores[layer.name],
+    for name in names:
+        gs = groups.get(name)
+        if gs is None or name not in scores:
+            raise ValueError(f"groups and scores need an entry for layer {name!r}")
+        s = np.asarray(scores[name].cpu() if isinstance(scores[name], Tensor) else scores[name],
                        dtype=np.float64).reshape(-1)
         if len(s) != len(gs):
-            raise ValueError(f"scores[{layer.name!r}] has {len(s)} values for {len(gs)} groups")
+            raise ValueError(f"scores[{name!r}] has {len(s)} values for {len(gs)} groups")
         if not np.isfinite(s).all():
-            raise ValueError(f"scores[{layer.name!r}] holds NaN or infinite values")
-        flat = sorted(int(c) for g in gs for c in g)
-        if flat != list(range(layer.width)):
-            raise ValueError(f"groups[{layer.name!r}] must partition the layer's {layer.width} channels "
+            raise ValueError(f"scores[{name!r}] holds NaN or infinite values")
+        if sorted(int(c) for g in gs for c in g) != list(range(widths[name])):
+            raise ValueError(f"groups[{name!r}] must partition the layer's {widths[name]} channels "
                              f"(each channel in exactly one group)")
-        imp[layer.name] = s
-        if layer.tie is not None:
-            w = tie_width[layer.tie]
-            if layer.width % w:
-                raise ValueError(f"layer {layer.name!r} has {layer.width} channels, not a multiple of the "
-                                 f"width {w} of its tie {layer.tie!r}")
-            expansion[layer.name] = layer.width // w
-    by_name = {layer.name: layer for layer in layers}
-    stage_layers: dict[str, list[models.PrunableLayer]] = {}
-    for layer in layers:
-        if layer.tie is not None:
-            stage_layers.setdefault(layer.tie, []).append(layer)
+        imp[name] = s
+        if ties.get(name) is not None:
+            w = tie_width[ties[name]]
+            if widths[name] % w:
+                raise ValueError(f"layer {name!r} has {widths[name]} channels, not a multiple of the "
+                                 f"width {w} of its tie {ties[name]!r}")
+            expansion[name] = widths[name] // w
+    members: dict[str, list[str]] = {}
+    for name in names:
+        if ties.get(name) is not None:
+            members.setdefault(ties[name], []).append(name)
     # least significant first, within each layer and globally
-    remaining = {layer.name: sorted(range(len(groups[layer.name])), key=lambda j, n=layer.name: (imp[n][j], j))
-                 for layer in layers}
-    global_order = sorted(((imp[layer.name][j], pos, j) for pos, layer in enumerate(layers)
-                           for j in range(len(groups[layer.name]))))
-    order = {layer.name: [0] * len(groups[layer.name]) for layer in layers}
+    remaining = {n: sorted(range(len(groups[n])), key=lambda j, n=n: (imp[n][j], j)) for n in names}
+    global_order = sorted((imp[n][j], pos, j) for pos, n in enumerate(names) for j in range(len(groups[n])))
+    order = {n: [0] * len(groups[n]) for n in names}
     for rank, (_, pos, j) in enumerate(global_order):
-        order[layers[pos].name][j] = rank
+        order[names[pos]][j] = rank
 
     def kept_count(name: str) -> int:
         return sum(len(groups[name][j]) for j in remaining[name])
 
-    def width_of_stage(stage: str) -> int:
-        return min(kept_count(layer.name) // expansion[layer.name] for layer in stage_layers[stage])
+    def tie_units(tie: str) -> int:
+        return min(kept_count(n) // expansion[n] for n in members[tie])
 
-    def current_spec() -> dict:
-        widths = {}
-        for layer in layers:
-            widths[layer.ref] = kept_count(layer.name) if layer.tie is None else width_of_stage(layer.tie)
-        return models.with_widths(spec, widths)
+    kept_cache: dict[str, list[int]] = {}
 
-    params = models.spec_params(spec)
+    def kept_of(name: str) -> list[int]:
+        most_important_first = [c for j in reversed(remaining[name]) for c in groups[name][j]]
+        n_keep = len(most_important_first) if ties.get(name) is None else tie_units(ties[name]) * expansion[name]
+        return sorted(most_important_first[:n_keep])
+
+    def refresh(changed: Sequence[str]) -> dict[str, list[int]]:
+        for n in changed:
+            kept_cache[n] = kept_of(n)
+        return kept_cache
+
+    refresh(names)
+    params = params_of(kept_cache)
     last_step, steps = 0, 0
+    kept_one: dict[str, str] = {}
     if params > budget:
         for _, pos, j in global_order:
-            layer = layers[pos]
-            if j not in remaining[layer.name]:
-                continue                                  # already gone with its stage
-            if layer.tie is None:
-                remaining[layer.name].remove(j)
-            else:
-                for partner in stage_layers[layer.tie]:
-                    take = expansion[partner.name]
-                    if partner is layer:
-                        remaining[layer.name].remove(j)
-                        take -= 1
-                    del remaining[partner.name][:take]    # its least significant remaining groups
+            name = names[pos]
+            if j not in remaining[name]:
+                continue                                  # already gone with its tie
+            tie = ties.get(name)
+            partners = [name] if tie is None else members[tie]
+            take = {p: expansion.get(p, 1) for p in partners}
+            blocked = [p for p in partners if p in cannot_empty and len(remaining[p]) <= take[p]]
+            if blocked:
+                kept_one.update({p: cannot_empty[p] for p in blocked})
+                continue
+            for p in partners:
+                t = take[p]
+                if p == name:
+                    remaining[p].remove(j)
+                    t -= 1
+                del remaining[p][:t]                     # its least significant remaining groups
             steps += 1
-            before, params = params, models.spec_params(current_spec())
+            before, params = params, params_of(refresh(partners))
             if params <= budget:
                 last_step = before - params
                 break
         else:
             raise ValueError(f"budget={budget} parameters is below the smallest network the pruner can reach "
-                             f"({params} parameters with every prunable layer removed)")
-    new_spec = current_spec()
-    kept: dict[str, list[int]] = {}
+                             f"({params} parameters with every removable group removed)")
+    if fill_back is not None and budget - params > fill_back:
+        gone = sorted(((imp[n][j], pos, j) for pos, n in enumerate(names) if ties.get(n) is None and remaining[n]
+                       for j in range(len(groups[n])) if j not in remaining[n]), reverse=True)
+        for _, pos, j in gone:
+            name = names[pos]
+            remaining[name] = sorted([*remaining[name], j], key=lambda k, n=name: (imp[n][k], k))
+            trial = params_of(refresh([name]))
+            if trial <= budget:
+                params = trial
+            else:
+                remaining[name].remove(j)
+                refresh([name])
+    kept = {n: list(kept_cache[n]) for n in names}
+    removed = {n: [not (set(g) & set(kept[n])) for g in groups[n]] for n in names}
+    return Budgeted(spec={}, kept=kept, removed=removed, order=order, params_after=int(params),
+                    last_step=int(last_step), steps=steps, kept_one=kept_one)
+
+
+def apply_budget(spec: dict, layers: Sequence[models.PrunableLayer], groups: Mapping[str, Sequence[Sequence[int]]],
+                 scores: Mapping[str, Sequence[float] | Tensor], budget: int) -> Budgeted:
+    """:func:`global_discard` for a ``spvr_lib.models`` spec: ``models.spec_params`` of the rebuilt spec
+    counts the parameters; a ResNet stage (``PrunableLayer.tie``) is one tie; a layer at width 0 goes
+    (``models.with_widths``: layer collapse)."""
+    models.validate(spec)
+    by_name = {layer.name: layer for layer in layers}
+    names = [layer.name for layer in layers]
+    ties = {layer.name: layer.tie for layer in layers}
+    widths = {layer.name: layer.width for layer in layers}
+    tie_width: dict[str, int] = {}
     for layer in layers:
-        most_important_first = [c for j in reversed(remaining[layer.name]) for c in groups[layer.name][j]]
-        n_keep = len(most_important_first) if layer.tie is None else \
-            width_of_stage(layer.tie) * expansion[layer.name]
-        kept[layer.name] = sorted(most_important_first[:n_keep])
-    removed = {name: [not (set(g) & set(kept[name])) for g in groups[name]] for name in by_name}
-    return Budgeted(spec=new_spec, kept=kept, removed=removed, order=order, params_after=int(params),
-                    last_step=int(last_step), steps=steps)
+        if layer.tie is not None:
+            tie_width[layer.tie] = min(tie_width.get(layer.tie, layer.width), layer.width)
+
+    def spec_of(kept: Mapping[str, list[int]]) -> dict:
+        out = {}
+        for name, chans in kept.items():
+            layer = by_name[name]
+            out[layer.ref] = len(chans) if layer.tie is None else len(chans) // (layer.width // tie_width[layer.tie])
+        return models.with_widths(spec, out)
+
+    decided = global_discard(names, widths, groups, scores, budget, lambda kept: models.spec_params(spec_of(kept)),
+                             ties)
+    decided.spec = spec_of(decided.kept)
+    return decided

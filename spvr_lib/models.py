@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import io
 import json
 import numbers
@@ -24,11 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torchvision.models import mobilenetv3 as tv_mobilenetv3
 
-from spvr_lib import store
+from spvr_lib import graph, store
 from spvr_lib.store import canonical_json
 
 # required keys, optional keys per arch
@@ -265,14 +268,15 @@ def build(spec: dict) -> nn.Module:
     return reinitialize(model)
 
 
-def reinitialize(model: nn.Module) -> nn.Module:
+def reinitialize(model: nn.Module, strict: bool = True) -> nn.Module:
     """THE re-initialisation (SPvR retrains from scratch): every parameter and BN statistic, in place.
 
     Conv2d, BatchNorm2d and Linear get ``build``'s init (kaiming-normal fan_out convs, BN 1/0 with
     running stats reset, Linear N(0, 0.01) when the model's ``linear_init`` is "normal" (VGG,
     MobileNetV3) else PyTorch's default); any other module holding parameters must have
     ``reset_parameters()``.  Works on any nn.Module: spvr_lib's own, a pruned copy, a user's.
-    Raises ValueError naming the module types it cannot re-initialise.
+    Raises ValueError naming the module types it cannot re-initialise (``strict=False``: leaves their
+    parameters as they are, e.g. ConvNeXt's layer scale, a constant at construction).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model={type(model).__name__}: expected an nn.Module")
@@ -280,13 +284,13 @@ def reinitialize(model: nn.Module) -> nn.Module:
     odd = sorted({type(m).__name__ for m in model.modules()
                   if not isinstance(m, handled) and not callable(getattr(m, "reset_parameters", None))
                   and any(True for _ in m.parameters(recurse=False))})
-    if odd:
+    if odd and strict:
         raise ValueError(f"model holds parameters in {odd}, which have no reset_parameters(): cannot re-initialise")
     linear_init = getattr(model, "linear_init", "default")
     for m in model.modules():
         if isinstance(m, handled):
             _init_module(m, linear_init)
-        elif any(True for _ in m.parameters(recurse=False)):
+        elif any(True for _ in m.parameters(recurse=False)) and callable(getattr(m, "reset_parameters", None)):
             m.reset_parameters()
     return model
 
@@ -314,12 +318,18 @@ def save_network(model: nn.Module, path: str | Path, spec: dict | None = None) -
     Both files are written atomically.  Returns ``path``.
     """
     spec = spec if spec is not None else getattr(model, "spec", None)
-    if spec is None:
+    described = getattr(model, "spvr_description", None)
+    if spec is None and described is None:
         raise ValueError("spec=None and the model has no .spec: pass the spec the network was built from")
+    if spec is None and not described.get("source"):
+        raise ValueError("the pruned network does not say how to rebuild its original: pass source= to spvr_prune "
+                         "(e.g. {'torchvision': 'resnet50', 'kwargs': {'num_classes': 10}} or "
+                         "{'model_file': '/abs/path/net.py:build'})")
     path = Path(path)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     store.atomic_torch_save(state, path)
-    store.atomic_write_json(path.with_name(path.name + ".json"), {"spec": spec, "shapes": network_shapes(model)})
+    desc = {"spec": spec, "shapes": network_shapes(model)} if spec is not None else dict(described)
+    store.atomic_write_json(path.with_name(path.name + ".json"), desc)
     return path
 
 
@@ -378,9 +388,53 @@ def load_network(path: str | Path) -> nn.Module:
     except json.JSONDecodeError as err:
         raise ValueError(f"network description {str(meta)!r} is not valid JSON ({err}); delete the network "
                          "and recompute it") from err
-    model = build_network(desc["spec"], desc.get("shapes"))
+    if "plan" in desc:
+        model = build_pruned(desc["source"], desc["plan"])
+    else:
+        model = build_network(desc["spec"], desc.get("shapes"))
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     return model
+
+
+def build_source(source: Mapping) -> nn.Module:
+    """The ORIGINAL network a pruned one came from: {"spec": spec}, {"torchvision": name, "kwargs": {...}} or
+    {"model_file": "/path/net.py:build_fn", "kwargs": {...}} (the function is called with the kwargs)."""
+    if not isinstance(source, Mapping):
+        raise ValueError(f"source must be a dict, got {type(source).__name__}")
+    kwargs = dict(source.get("kwargs") or {})
+    if "spec" in source:
+        return build(source["spec"])
+    if "torchvision" in source:
+        return torchvision.models.get_model(source["torchvision"], weights=None, **kwargs)
+    if "model_file" in source:
+        file, _, fn = str(source["model_file"]).rpartition(":")
+        if not file or not fn or not Path(file).is_file():
+            raise ValueError(f"source model_file={source['model_file']!r}: expected an existing 'path.py:function'")
+        mod_spec = importlib.util.spec_from_file_location(f"spvr_user_model_{abs(hash(file))}", file)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        return getattr(module, fn)(**kwargs)
+    raise ValueError(f"source {source!r}: expected a key 'spec', 'torchvision' or 'model_file'")
+
+
+def build_pruned(source: Mapping, plan: Mapping) -> nn.Module:
+    """The pruned network a plan describes (``PruneResult.plan``), freshly initialised: the original from
+    ``source``, its units traced again, the plan's channels removed and the emptied units collapsed."""
+    original = build_source(source).eval()
+    g = graph.trace_units(original, torch.zeros(plan["example_shape"]), tuple(plan.get("ignored_layers", ())))
+    removed = []
+    for u in g.units:
+        mask = np.zeros(u.width, dtype=bool)
+        mask[list(plan["removed"].get(u.name, []))] = True
+        removed.append(mask)
+    unknown = set(plan["removed"]) - {u.name for u in g.units}
+    if unknown:
+        raise ValueError(f"the plan removes channels of {sorted(unknown)[:3]}, which the rebuilt original does not "
+                         "have as units: the source builds a different network")
+    net = g.build(removed)
+    reinitialize(net, strict=False)
+    net.spvr_description = {"source": dict(source), "plan": dict(plan)}
+    return net
 
 
 # --------------------------------------------------------------------------- sizes

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +45,8 @@ import torch
 from torch import Tensor, nn
 
 from spvr_lib import models
-from spvr_lib.budget import apply_budget, budget_from_keep
+from spvr_lib.budget import apply_budget, budget_from_keep, global_discard
+from spvr_lib.graph import NetworkGraph, trace_units
 from spvr_lib.criteria import CRITERIA
 from spvr_lib.devices import resolve_device
 from spvr_lib.grouping import (
@@ -54,7 +55,7 @@ from spvr_lib.grouping import (
     record_activations,
     reduce_feature_maps,
 )
-from spvr_lib.ranking import RANKING_PATHS, group_importance
+from spvr_lib.ranking import RANKING_PATHS, group_importance, unit_importance
 from spvr_lib.store import canonical_json
 
 __all__ = ["layer_groups", "apply_budget", "PruneResult", "GroupRanking", "rank_groups", "spvr_prune", "inherit_weights",
@@ -88,7 +89,7 @@ def _check_group_size(group_size: int) -> None:
         raise ValueError(f"group_size={group_size!r}; expected an integer >= 1 (d of Section 3.2)")
 
 
-def _check_calib(calib, spec: dict) -> tuple[Tensor, Tensor]:
+def _check_calib(calib, n_classes: int) -> tuple[Tensor, Tensor]:
     if not isinstance(calib, (tuple, list)) or len(calib) != 2:
         raise ValueError(f"calib must be a pair (x, y) of tensors, got {type(calib).__name__}")
     x, y = calib
@@ -97,7 +98,6 @@ def _check_calib(calib, spec: dict) -> tuple[Tensor, Tensor]:
     if y.ndim < 1 or len(y) != len(x) or len(x) < 2:
         raise ValueError(f"calib: x {tuple(x.shape)} and y {tuple(y.shape)} must hold the same n >= 2 samples, "
                          "y one class label per sample (or one mask [H, W] per image)")
-    n_classes = spec["num_classes"]
     present = set(int(c) for c in y.unique().tolist())
     missing = sorted(set(range(n_classes)) - present)
     if y.ndim > 1:      # segmentation masks: other values are ignore labels; a rare class may be absent
@@ -156,6 +156,11 @@ class PruneResult:
     groups: dict[str, list[list[int]]]
     last_step: int = 0
     original_spec: dict = field(default_factory=dict)
+    collapsed: list[dict] = field(default_factory=list)
+    kept_one: list[dict] = field(default_factory=list)
+    architecture_before: str = ""
+    architecture: str = ""
+    plan: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -200,17 +205,95 @@ def _on_device(model: nn.Module, device: str | torch.device | None) -> nn.Module
     return copy.deepcopy(model).to(dev)
 
 
+FILL_BACK = 0.005   # fraction of the original parameters a first fit may fall short of the budget before
+                    # the most important discarded groups are given back (budget.global_discard)
+
+
+def _is_spec_network(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "spec", None), dict) and isinstance(model, tuple(models._CLASSES.values()))
+
+
+def _num_classes(model: nn.Module, x: Tensor) -> int:
+    """Classes of a general model: the size of dim 1 of its output on one calibration sample."""
+    param = next(model.parameters(), None)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:1].to(param.device) if param is not None else x[:1])
+    finally:
+        model.train(was)
+    if not isinstance(out, Tensor) or out.ndim < 2:
+        raise ValueError(f"model output must be a tensor [n, classes, ...], got {type(out).__name__} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
+    return int(out.shape[1])
+
+
+def _structure(model: nn.Module, x: Tensor, engine: str | None, ignored_layers) -> tuple[str, NetworkGraph | None]:
+    """Which description of the network the engine uses: "spec" (a spvr_lib network: its prunable layers,
+    Appendix B's ResNet stage ties, collapse by its spec) or "graph" (any model: units of coupled channels
+    from Torch-Pruning's DependencyGraph, collapse by torch.fx)."""
+    if engine not in (None, "spec", "graph"):
+        raise ValueError(f"engine={engine!r}; expected None (automatic), 'spec' or 'graph'")
+    if engine is None:
+        engine = "spec" if _is_spec_network(model) and not ignored_layers else "graph"
+    if engine == "spec":
+        model_spec(model)
+        return "spec", None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ValueError("model has no parameters: nothing to prune")
+    was = model.training
+    try:
+        g = trace_units(model, x[:1].to(device=param.device, dtype=param.dtype), tuple(ignored_layers or ()))
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - tracing errors come in many types
+        raise ValueError(f"model ({type(model).__name__}) could not be traced by Torch-Pruning's "
+                         f"DependencyGraph: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    finally:
+        model.train(was)
+    if not g.units:
+        raise ValueError(f"model ({type(model).__name__}) has no prunable conv or linear layer besides its output layer")
+    return "graph", g
+
+
+def unit_groups(model: nn.Module, g: NetworkGraph, x: Tensor, group_size: int,
+                batch_size: int = 256) -> dict[str, list[list[int]]]:
+    """Section 3.2 for any model: {unit: groups of ``group_size`` channels} from one pass over ``x``, each
+    unit's activations read where it is first normalised (``Unit.record``), reduced by Eq. 4 and grouped
+    by Eq. 3 and Algorithm 1."""
+    modules = dict(model.named_modules())
+    sites = {u.name: u.record for u in g.units}
+
+    def to_channels(out: Tensor, site) -> Tensor:
+        out = out.detach().movedim(site.dim, 1)
+        idx = torch.as_tensor([p[0] for p in site.index], device=out.device)
+        return reduce_feature_maps(out.index_select(1, idx)).double()
+
+    reduced = {}
+    by_module: dict[str, list[str]] = {}
+    for name, site in sites.items():
+        by_module.setdefault(site.module, []).append(name)
+    raw = record_activations(model, x, {m: modules[m] for m in by_module}, batch_size,
+                             reduce=lambda out: out.detach().float())
+    for m, names in by_module.items():
+        for name in names:
+            reduced[name] = to_channels(raw[m], sites[name])
+    return {u.name: group_neurons(correlation_matrix(reduced[u.name]), int(group_size)) for u in g.units}
+
+
 def rank_groups(model: nn.Module, calib: tuple[Tensor, Tensor], group_size: int = 2, criterion: str = "spvr",
-                method: str = "fast", device: str | torch.device | None = None,
-                progress: bool = True) -> GroupRanking:
+                method: str = "fast", device: str | torch.device | None = None, progress: bool = True,
+                engine: str | None = None, ignored_layers: Sequence[str] | None = None) -> GroupRanking:
     """Groups (Section 3.2, Algorithm 1) and their importances (Eq. 2 or KL) on ``device``.
 
     ``device``: where the forward passes run ("cuda", "cpu"; None: where the model is); the
     calibration set stays on the CPU and is streamed to the device a chunk at a time.  The
     model is not moved: a copy is, when it lives elsewhere.  See :func:`spvr_prune`.
     """
-    spec = model_spec(model)
-    x, _ = _check_calib(calib, spec)
     _check_group_size(group_size)
     if criterion not in CRITERIA:
         raise ValueError(f"criterion={criterion!r}; expected one of {sorted(CRITERIA)}")
@@ -218,30 +301,140 @@ def rank_groups(model: nn.Module, calib: tuple[Tensor, Tensor], group_size: int 
         raise ValueError(f"method={method!r}; expected one of {list(RANKING_PATHS)}")
     t0 = time.perf_counter()
     work = _on_device(model, device)
-    groups = layer_groups(work, x, int(group_size))
-    scores = group_importance(work, x, groups, criterion=criterion, method=method, progress=progress)
+    x = _calib_x(calib)
+    kind, g = _structure(work, x, engine, ignored_layers)
+    if kind == "spec":
+        x, _ = _check_calib(calib, model_spec(model)["num_classes"])
+        groups = layer_groups(work, x, int(group_size))
+        scores = group_importance(work, x, groups, criterion=criterion, method=method, progress=progress)
+    else:
+        x, _ = _check_calib(calib, _num_classes(work, x))
+        groups = unit_groups(work, g, x, int(group_size))
+        units = {u.name: (u.sites, groups[u.name]) for u in g.units}
+        scores = unit_importance(work, x, units, criterion=criterion, method=method, progress=progress)
     return GroupRanking(groups=groups, scores=scores, group_size=int(group_size), criterion=criterion,
                         method=method, n_calib=len(x), seconds=round(time.perf_counter() - t0, 3))
 
 
+def _calib_x(calib) -> Tensor:
+    if not isinstance(calib, (tuple, list)) or len(calib) != 2 or not isinstance(calib[0], Tensor):
+        raise ValueError(f"calib must be a pair (x, y) of tensors, got {type(calib).__name__}")
+    if calib[0].ndim < 2 or len(calib[0]) < 2:
+        raise ValueError(f"calib x must hold n >= 2 samples [n, ...], got shape {tuple(calib[0].shape)}")
+    return calib[0]
+
+
+def describe(model: nn.Module) -> str:
+    """A one-line architecture: the output width of every conv and linear layer, in module order."""
+    widths = [str(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+              for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return f"{len(widths)} layers: " + "-".join(widths)
+
+
 def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float, group_size: int = 2,
                criterion: str = "spvr", method: str = "fast", progress: bool = True,
-               device: str | torch.device | None = None, ranking: GroupRanking | None = None) -> PruneResult:
-    """SPvR on ``model`` (a trained ``spvr_lib.models`` network) to ``keep`` parameters.
+               device: str | torch.device | None = None, ranking: GroupRanking | None = None, *,
+               ignored_layers: Sequence[str] | None = None, ties: Sequence[Sequence[str]] | None = None,
+               inherit: bool = False, source: Mapping | None = None, engine: str | None = None) -> PruneResult:
+    """SPvR on ``model`` to ``keep`` parameters: the smaller architecture to retrain from scratch.
 
-    ``calib``: (x [n, C, H, W], y [n]) calibration samples; y only checks that every class is
-    present.  ``keep``: a parameter count (int) or a fraction of the original count (float in
-    (0, 1]).  ``group_size``: d of Section 3.2.  ``criterion``: "spvr" (Eq. 2) or "kl";
-    ``method``: "fast" or "naive" ranking (same numbers).  ``device``: where grouping and ranking
-    run (e.g. "cuda"; None: where the model is).  ``ranking``: a :func:`rank_groups` result for
-    this model, calibration set, d and criterion, so that several budgets share one ranking (only
-    the global sort is redone).  The new model is freshly initialised with torch's global RNG
-    (seed it for a reproducible init).
+    ``model``: any trained nn.Module that Torch-Pruning's DependencyGraph can trace (a torchvision or
+    timm network, your own), or a ``spvr_lib.models`` network.  ``calib``: (x [n, C, H, W], y [n])
+    calibration samples; y only checks that every class is present (segmentation: masks [n, H, W]).
+    ``keep``: a parameter count (int) or a fraction of the original count (float in (0, 1]).
+    ``group_size``: d of Section 3.2.  ``criterion``: "spvr" (Eq. 2) or "kl"; ``method``: "fast" or
+    "naive" ranking (same numbers).  ``device``: where grouping and ranking run (None: where the model
+    is).  ``ranking``: a :func:`rank_groups` result for this model, calibration set, d and criterion,
+    so that several budgets share one ranking.
+
+    For a general model (``engine="graph"``, automatic unless the model is a spvr_lib network): channels
+    coupled by sums, concatenations and depthwise convs form one unit (Torch-Pruning's DependencyGraph),
+    masked everywhere it lives; all groups of all units are sorted together and removed until the
+    rebuilt network has <= budget parameters (every parameter counted); a unit that empties collapses
+    (a residual branch it cuts disappears; a stride-1 layer in a chain is removed and its consumer
+    rebuilt), or, where the structure allows no collapse, keeps one group (``result.kept_one``).
+    ``ignored_layers``: module names never pruned (the output layer never is).  ``ties``: lists of layer
+    names whose units shrink together (Appendix B's identity-shortcut rule).  ``inherit``: keep the
+    original weights of what is kept (default: re-initialised, SPvR trains from scratch; the new model
+    is initialised with torch's global RNG).  ``source``: how to rebuild the ORIGINAL model (e.g.
+    {"torchvision": "resnet50", "kwargs": {"num_classes": 10}} or {"model_file": "net.py:build"}), so that
+    ``models.save_network`` / ``load_network`` can save and rebuild the pruned one.
     """
-    spec = model_spec(model)
-    _check_calib(calib, spec)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    x = _calib_x(calib)
+    kind, g = _structure(model, x, engine, ignored_layers)
+    if kind == "spec":
+        if ties or inherit or source is not None:
+            raise ValueError("ties, inherit and source apply to engine='graph'; a spvr_lib network ties its ResNet "
+                             "stages itself, and inherit_weights gives its fine-tuning start")
+        return _spvr_prune_spec(model, calib, keep, group_size, criterion, method, progress, device, ranking)
+    _check_calib(calib, _num_classes(model, x))
     if ranking is None:
-        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress)
+        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress, "graph", ignored_layers)
+    elif (ranking.group_size, ranking.criterion) != (int(group_size), criterion):
+        raise ValueError(f"ranking was computed with group_size={ranking.group_size}, criterion="
+                         f"{ranking.criterion!r}; this call asks for group_size={group_size}, criterion={criterion!r}")
+    if set(ranking.groups) != {u.name for u in g.units}:
+        raise ValueError("ranking does not hold the groups of this model's units: "
+                         f"{sorted(set(ranking.groups) ^ {u.name for u in g.units})[:5]}")
+    params_before = models.count_params(model)
+    budget = budget_from_keep(keep, params_before)
+    names = [u.name for u in g.units]
+    widths = {u.name: u.width for u in g.units}
+    unit_of = {p: u.name for u in g.units for p in u.producers}
+    tie_of: dict[str, str] = {}
+    for t, layers in enumerate(ties or ()):
+        for layer in layers:
+            if layer not in unit_of:
+                raise ValueError(f"ties names {layer!r}, which is not a prunable layer of the model "
+                                 f"(e.g. {names[:3]})")
+            tie_of[unit_of[layer]] = f"tie{t}"
+
+    def removed_of(kept: Mapping[str, list[int]]) -> list[np.ndarray]:
+        out = []
+        for u in g.units:
+            mask = np.ones(u.width, dtype=bool)
+            mask[kept[u.name]] = False
+            out.append(mask)
+        return out
+
+    decided = global_discard(names, widths, ranking.groups, ranking.scores, budget,
+                             lambda kept: g.count(removed_of(kept)), tie_of,
+                             {u.name: u.why_not for u in g.units if u.collapse is None},
+                             fill_back=int(FILL_BACK * params_before))
+    removed = removed_of(decided.kept)
+    new_model = g.build(removed)
+    if not inherit:
+        models.reinitialize(new_model, strict=False)
+    params_after = models.count_params(new_model)
+    if params_after != decided.params_after:
+        raise RuntimeError(f"internal error: the rebuilt network has {params_after} parameters, the exact count "
+                           f"predicted {decided.params_after}; please report this model")
+    collapsed = [{"unit": u.name, "kind": u.collapse, "modules": list(u.dead)}
+                 for u, r in zip(g.units, removed) if r.all()]
+    plan = {"engine": "graph", "example_shape": list(x[:1].shape), "ignored_layers": list(g.ignored),
+            "removed": {u.name: np.flatnonzero(r).tolist() for u, r in zip(g.units, removed) if r.any()},
+            "inherit": bool(inherit)}
+    new_model.spvr_description = {"source": dict(source) if source is not None else None, "plan": plan}
+    rows = [{"layer": name, "group": j, "channels": list(grp), "size": len(grp),
+             "importance": float(ranking.scores[name][j]), "order": decided.order[name][j],
+             "removed": decided.removed[name][j]}
+            for name, gs in ranking.groups.items() for j, grp in enumerate(gs)]
+    return PruneResult(spec=None, model=new_model, scores=pd.DataFrame(rows), params_before=params_before,
+                       params_after=params_after, budget=budget, kept=decided.kept, groups=ranking.groups,
+                       last_step=decided.last_step, original_spec={}, collapsed=collapsed,
+                       kept_one=[{"unit": k, "why": v} for k, v in decided.kept_one.items()],
+                       architecture_before=describe(model), architecture=describe(new_model), plan=plan)
+
+
+def _spvr_prune_spec(model, calib, keep, group_size, criterion, method, progress, device, ranking) -> PruneResult:
+    """:func:`spvr_prune` for a ``spvr_lib.models`` network: its spec's prunable layers and ResNet stage ties
+    (Appendix B), the pruned spec rebuilt by ``models.build``."""
+    spec = model_spec(model)
+    _check_calib(calib, spec["num_classes"])
+    if ranking is None:
+        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress, "spec")
     elif (ranking.group_size, ranking.criterion) != (int(group_size), criterion):
         raise ValueError(f"ranking was computed with group_size={ranking.group_size}, criterion="
                          f"{ranking.criterion!r}; this call asks for group_size={group_size}, criterion={criterion!r}")
@@ -258,9 +451,12 @@ def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float
              "importance": float(scores[name][j]), "order": decided.order[name][j],
              "removed": decided.removed[name][j]}
             for name, gs in groups.items() for j, g in enumerate(gs)]
+    collapsed = [{"unit": name, "kind": "layer", "modules": [name]} for name, k in decided.kept.items() if not k]
     return PruneResult(spec=decided.spec, model=new_model, scores=pd.DataFrame(rows), params_before=params_before,
                        params_after=models.count_params(new_model), budget=budget, kept=decided.kept,
-                       groups=groups, last_step=decided.last_step, original_spec=copy.deepcopy(spec))
+                       groups=groups, last_step=decided.last_step, original_spec=copy.deepcopy(spec),
+                       collapsed=collapsed, architecture_before=models.spec_to_str(spec),
+                       architecture=models.spec_to_str(decided.spec), plan={"engine": "spec"})
 
 
 # --------------------------------------------------------------------------- fine-tuning start

@@ -180,18 +180,20 @@ def test_fast_chunks_samples_and_groups(monkeypatch):
     _assert_same(whole, group_importance(model, x, groups, method="fast", progress=False))
 
 
-def test_keys_by_mask_point_and_fallback_warning():
+def test_keys_by_mask_point_and_any_module():
     model = _model(SMALL_VGG)
     x = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     by_conv = group_importance(model, x, {"features.0.0": [[0], [1, 2]]}, method="fast", progress=False)
     by_bn = group_importance(model, x, {"features.0.1": [[0], [1, 2]]}, method="fast", progress=False)
     assert torch.allclose(by_conv["features.0.0"], by_bn["features.0.1"])
-    with pytest.warns(UserWarning, match="naive"):     # a ReLU output is not a prunable layer's key
-        relu = group_importance(model, x, {"features.0.2": [[0], [1, 2]]}, method="fast", progress=False)
+    # a ReLU's output is masked directly: zeroing after the ReLU equals zeroing after the BN before it
+    relu = group_importance(model, x, {"features.0.2": [[0], [1, 2]]}, method="fast", progress=False)
     assert torch.allclose(relu["features.0.2"], by_conv["features.0.0"])
+    # any network, not only spvr_lib's: the general fast path equals the naive one
     net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
-    with pytest.warns(UserWarning, match="not a network built by spvr_lib.models"):
-        group_importance(net, x.flatten(1)[:, :4], {"1": [[0]]}, method="fast", progress=False)
+    fast = group_importance(net, x.flatten(1)[:, :4], {"1": [[0], [1, 2]]}, method="fast", progress=False)
+    naive = group_importance(net, x.flatten(1)[:, :4], {"1": [[0], [1, 2]]}, method="naive", progress=False)
+    assert torch.allclose(fast["1"], naive["1"], rtol=1e-9)
 
 
 def test_training_flag_restored_and_no_grad_needed():
