@@ -52,6 +52,10 @@ __all__ = ["MaskSite", "unit_importance", "mask_output", "group_importance", "RA
 RANKING_PATHS = ("fast", "naive")
 _MEMORY_BYTES = 1 << 30      # working memory the fast path aims for (caches, and masked variants)
 _FORMAT = torch.channels_last  # memory format of the fast path's feature maps (faster convs on CPU)
+# The largest single tensor the fast path aims to allocate per masked re-run: glibc's malloc serves blocks
+# above its mmap threshold (at most 32 MiB) with fresh mmaps, page-faulted on every touch and unmapped on
+# free; below it, freed blocks are reused.  Measured: a conv writing > 32 MiB costs ~2x per sample.
+_TENSOR_BYTES = 24 << 20
 
 
 @contextlib.contextmanager
@@ -929,7 +933,8 @@ class _FastRanker:
             p = torch.softmax(vals[self.output], dim=1).double()
             for key, sites, js, per_variant in work:
                 groups = units[key][1]
-                g_chunk = max(1, min(len(js), _MEMORY_BYTES // max(1, n * per_variant)))
+                g_chunk = max(1, min(len(js), _MEMORY_BYTES // max(1, n * per_variant),
+                                     _TENSOR_BYTES // max(1, n * per_variant // 4)))
                 for c0 in range(0, len(js), g_chunk):
                     part = js[c0:c0 + g_chunk]
                     idx = [torch.tensor([_positions(s, groups[j]) for j in part], dtype=torch.long) for s in sites]
