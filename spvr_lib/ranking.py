@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -590,6 +591,7 @@ class _FastRanker:
         missing = leaves - set(self.at)
         if missing:
             raise _Unsupported(f"modules {sorted(missing)[:3]} are not called as modules in its traced graph")
+        self._how: dict[tuple, tuple] = {}     # (conv node, input shape) -> how _dense_conv runs it
         self.fused: dict[torch.fx.Node, tuple[torch.fx.Node, Tensor, Tensor]] = {}
         for nd in self.nodes:          # conv -> eval BN with the conv's output used only there: fold the BN
             m = self.modules.get(nd.target) if nd.op == "call_module" else None
@@ -789,7 +791,7 @@ class _FastRanker:
                 and not others):
             bn_node, w, b = self.fused[nd]
             x_in = v0.t.contiguous(memory_format=_FORMAT) if v0.t.ndim == 4 else v0.t
-            cur[bn_node] = _Dense(F.conv2d(x_in, w, b, m.stride, m.padding, m.dilation, m.groups))
+            cur[bn_node] = _Dense(self._dense_conv(nd, m, x_in, w, b))
             return None                                            # consumed by its BN
 
         if (isinstance(v0, _Dense) and not others and len(args0.users) == 1 and first is None
@@ -810,6 +812,56 @@ class _FastRanker:
         if isinstance(y, Tensor) and nd in batched and y.ndim and y.shape[0] == g * n:
             return _Dense(y)
         return _Raw(y)
+
+    def _dense_conv(self, nd, m: nn.Conv2d, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+        """``F.conv2d(x, w, b)`` with ``m``'s geometry on the stacked variants, or the same linear map as one
+        matmul where that measured faster for this layer and input shape (chosen once per shape, by timing both):
+        a 1x1 conv (stride 1, no padding) is a matmul per pixel of the channels_last map; a conv whose input has
+        no more pixels than its kernel taps (a 3x3 conv on a 2x2 or 1x1 map) is one dense matrix over all its
+        input values (built by running the conv on the basis), cheaper than a conv mostly over padding."""
+        conv = lambda: F.conv2d(x, w, b, m.stride, m.padding, m.dilation, m.groups)  # noqa: E731
+        if x.ndim != 4 or m.groups != 1 or not x.is_contiguous(memory_format=_FORMAT) or x.shape[0] < 2:
+            return conv()
+        key = (nd, tuple(x.shape[1:]))
+        how = self._how.get(key)
+        if how is None:
+            how = self._how[key] = ("conv", None)
+            c, h, wd = x.shape[1:]
+            kh, kw = w.shape[2:]
+            mat = None
+            if (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0):
+                mat = ("pixel", w.reshape(w.shape[0], c).t().contiguous(), b)
+            elif h * wd <= kh * kw and c * h * wd <= 4096:
+                eye = torch.eye(c * h * wd, dtype=x.dtype, device=x.device)
+                basis = eye.view(-1, h, wd, c).permute(0, 3, 1, 2)
+                a = F.conv2d(basis, w, None, m.stride, m.padding, m.dilation)          # [c*h*w, out, h', w']
+                ho, wo = a.shape[2:]
+                a = a.permute(0, 2, 3, 1).reshape(c * h * wd, -1).contiguous()
+                mat = ("whole", a, None if b is None else b.repeat(ho * wo), (ho, wo))
+            if mat is not None and x.device.type == "cpu":
+                times = {}
+                for name, fn in (("conv", conv), ("mat", lambda: self._mat_conv(mat, x, w.shape[0]))):
+                    best = float("inf")
+                    for _ in range(2):
+                        t0 = time.perf_counter()
+                        fn()
+                        best = min(best, time.perf_counter() - t0)
+                    times[name] = best
+                if times["mat"] < 0.9 * times["conv"]:
+                    how = self._how[key] = ("mat", mat)
+        return conv() if how[0] == "conv" else self._mat_conv(how[1], x, w.shape[0])
+
+    @staticmethod
+    def _mat_conv(mat: tuple, x: Tensor, out_c: int) -> Tensor:
+        n, c, h, wd = x.shape
+        flat = x.permute(0, 2, 3, 1)                                   # a view: x is channels_last
+        if mat[0] == "pixel":
+            _, a, b = mat
+            y = flat.reshape(-1, c) @ a if b is None else torch.addmm(b, flat.reshape(-1, c), a)
+            return y.view(n, h, wd, out_c).permute(0, 3, 1, 2)
+        _, a, b, (ho, wo) = mat
+        y = flat.reshape(n, -1) @ a if b is None else torch.addmm(b, flat.reshape(n, -1), a)
+        return y.view(n, ho, wo, out_c).permute(0, 3, 1, 2)
 
     def _fresh(self, nd: torch.fx.Node) -> bool:
         """Whether ``nd``'s re-run value is a fresh tensor (not a view of another value)."""
