@@ -1,14 +1,22 @@
 """SPvR: from a trained network, a calibration set and a parameter budget to the smaller
 architecture SPvR recommends (Section 3 and Appendix B), ready to be trained from scratch.
 
-1. Grouping (Section 3.2): one forward pass records every prunable layer's output at its mask
-   point; Eq. 3/4 and Algorithm 1 turn it into groups of ``d`` channels (:func:`layer_groups`).
-2. Ranking (Section 3.1): the importance of each group, Eq. 2 summed over the calibration set
-   (:func:`spvr_lib.ranking.group_importance`).
-3. Budget (Section 3.2, Appendix B): all groups of all layers are sorted together by importance
-   and the least important are discarded until the rebuilt network fits the parameter budget
-   (:func:`budget.apply_budget`).  There is no minimum width: a layer, a VGG block of convs or a whole
-   ResNet stage can disappear ("layer collapse"; ``models.with_widths`` rebuilds the spec).
+One engine for every network, in the paper's order:
+
+1. Grouping (Section 3.2): one forward pass records each unit's activations where it is first
+   normalised; Eq. 3/4 and Algorithm 1 (``grouping``) turn them into groups of ``d`` channels
+   (:func:`unit_groups`; :func:`layer_groups` for a spvr_lib spec).
+2. Ranking (Section 3.1): the importance of each group, Eq. 2 summed over the calibration set, by
+   masking the group wherever its unit lives (:func:`spvr_lib.ranking.unit_importance`).
+3. Budget (Section 3.2, Appendix B): all groups of all units sorted together, the least important
+   discarded until the rebuilt network fits the parameter budget (:func:`budget.global_discard`),
+   with layer collapse: a layer, a residual branch or a whole ResNet stage can disappear.
+
+What a "unit" is and how the smaller network is rebuilt comes from one of two descriptions:
+``engine="graph"`` (any nn.Module: units of coupled channels from Torch-Pruning's DependencyGraph,
+the exact count and the rebuild by ``spvr_lib.graph``) and ``engine="spec"`` (a ``spvr_lib.models``
+network, the default for those: one unit per prunable layer, ResNet stages tied as below, the pruned
+spec rebuilt by ``models.build``, which is how the paper's Tables 6-8 read).
 
 ResNets (Appendix B).  All layers of a stage share one width (``PrunableLayer.tie``), which is
 what the paper's Tables 7 and 8 show (equal widths in every block).  Our rule: when a group of a

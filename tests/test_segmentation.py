@@ -172,9 +172,11 @@ def test_bad_segnet_spec(change, match):
 
 # --------------------------------------------------------------------------- importance and training
 def test_spvr_loss_sums_over_pixels_of_segnet_output():
+    torch.manual_seed(0)            # a pixel whose two logits tie (p = 0.5, 0.5) would not flip: seed it away
     model = M.build(S3)
     x = torch.randn(3, 1, 8, 8)
     p = torch.softmax(_forward(model, x), dim=1)                      # [n, K, H, W]
+    assert ((p[:, 0] - p[:, 1]).abs() > 1e-6).all()
     flipped = p.flip(1).unsqueeze(0)                                  # K = 2: every argmax changes
     assert spvr_loss(p, flipped).item() == pytest.approx(3 * 64 + (p.max(1).values - p.min(1).values).sum().item(),
                                                          rel=1e-5)
