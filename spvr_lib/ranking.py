@@ -575,6 +575,7 @@ class _FastRanker:
             raise _Unsupported(f"torch.fx could not trace it: {type(e).__name__}: {str(e)[:200]}") from None
         self.nodes = list(self.graph.nodes)
         self.order = {node: i for i, node in enumerate(self.nodes)}
+        self.inputs = {node: tuple(node.all_input_nodes) for node in self.nodes}
         self.last_use = {node: max((self.order[u] for u in node.users), default=self.order[node])
                          for node in self.nodes}
         placeholders = [nd for nd in self.nodes if nd.op == "placeholder"]
@@ -699,7 +700,7 @@ class _FastRanker:
         get = (lambda a: cur.get(a, vals[a]))
         args0 = nd.args[0] if nd.args else None
         v0 = first if first is not None else (get(args0) if isinstance(args0, torch.fx.Node) else None)
-        others = [a for a in nd.all_input_nodes if a is not args0]
+        others = [a for a in self.inputs[nd] if a is not args0]
         only_first = isinstance(v0, _Patch) and not any(a in cur for a in others)
         m = self.modules.get(nd.target) if nd.op == "call_module" else None
         out_val = vals[nd]
@@ -782,6 +783,19 @@ class _FastRanker:
             a, b = (get(x) if isinstance(x, torch.fx.Node) else x for x in nd.args)
             if first is not None:
                 a = first
+            if fn in _ADD:    # variants + patch: variants + base, plus the patch's change where it is (no copy)
+                for d, pa, d_first in ((a, b, True), (b, a, False)):
+                    if (isinstance(d, _Dense) and isinstance(pa, _Patch) and d.t.shape[0] == g * n
+                            and d.t.shape[1:] == pa.base.shape[1:] and pa.base.shape[0] == n
+                            and (pa.idx.shape[1] == 1 or bool((pa.idx.sort(1).values.diff(1) != 0).all()))):
+                        diff = pa.patch - _gather(pa.base, pa.dim, pa.idx)
+                        self._note(diff)
+                        dv = d.t.view(g, n, *d.t.shape[1:])
+                        y = fn(dv, pa.base) if d_first else fn(pa.base, dv)
+                        if d_first and fn in (operator.sub, torch.sub):
+                            diff = diff.neg_()
+                        y.scatter_add_(pa.dim + 1, _index(pa.idx, diff.shape, pa.dim), diff.to(y.dtype))
+                        return _Dense(y.flatten(0, 1))
             a = _Dense(self._mat(a)) if isinstance(a, _Patch) else a
             b = _Dense(self._mat(b)) if isinstance(b, _Patch) else b
             if isinstance(a, _Dense) != isinstance(b, _Dense) and all(
@@ -951,7 +965,7 @@ class _FastRanker:
                     first = cur.get(a0, vals[a0])
                     for dim, ix in in_sites[nd]:
                         first = self._mask(first, vals[a0], dim, ix, n)
-                if first is not None or any(a in cur for a in nd.all_input_nodes):
+                if first is not None or any(a in cur for a in self.inputs[nd]):
                     v = self._rerun(nd, cur, vals, batched, g, n, first)
                     if v is not None:
                         cur[nd] = v
@@ -960,7 +974,7 @@ class _FastRanker:
                 for dim, ix in out_sites[nd]:
                     v = self._mask(v, vals[nd], dim, ix, n)
                 cur[nd] = v
-            for a in nd.all_input_nodes:
+            for a in self.inputs[nd]:
                 if self.last_use[a] <= self.order[nd] and a in cur and a is not self.output:
                     del cur[a]
         v = cur.get(self.output)
