@@ -99,7 +99,7 @@ class _ParamDim:
 @dataclass
 class _Param:
     name: str
-    module: str           # the owning module's name ("" for an unwrapped parameter's parent path)
+    module: str           # the owning module's name (an unwrapped parameter, e.g. a layer scale: its own name)
     dims: list[_ParamDim]
 
 
@@ -112,7 +112,7 @@ class NetworkGraph:
         self.gm, self.why_no_fx, self.ignored = gm, why_no_fx, ignored
         self.index = {u.name: i for i, u in enumerate(units)}
         self._modules = dict(model.named_modules())
-        self.total = sum(p.numel() for p in model.parameters())
+        self._by_name = {p.name: p for p in params}
 
     # ------------------------------------------------------------------ exact count
     def count(self, removed: Sequence[np.ndarray]) -> int:
@@ -129,25 +129,26 @@ class NetworkGraph:
                 dead_modules.update(u.dead)
                 if u.collapse == "layer":
                     chain[i] = u.chain_input
-        by_module = {p.name: p for p in self.params}
         total = 0
         for p in self.params:
             if p.module in dead_modules:
                 continue
             n = 1
-            for d, dim in enumerate(p.dims):
-                n *= self._dim_size(p, d, removed, chain, by_module, dead_modules)
+            for d in range(len(p.dims)):
+                n *= self._dim_size(p, d, removed, chain)
             total += n
         return int(total)
 
-    def _dim_size(self, p: _Param, d: int, removed, chain, by_module, dead_modules, depth: int = 0) -> int:
+    def _dim_size(self, p: _Param, d: int, removed: Sequence[np.ndarray], chain: Mapping[int, str]) -> int:
+        """Size of dim ``d`` of parameter ``p``: its base less the removed channels of each unit along it; a
+        consumer of a collapsed layer (``chain``: unit -> layer) reads that layer's input width instead."""
         dim = p.dims[d]
         size = dim.base
         for i, mult in dim.terms:
             if i in chain and d == 1:                      # the consumer reads the collapsed layer's input
                 per = mult.sum() / max(1, len(mult))
-                src = by_module.get(f"{chain[i]}.weight")
-                src_in = self._dim_size(src, 1, removed, chain, by_module, dead_modules, depth + 1) if src else 0
+                src = self._by_name.get(f"{chain[i]}.weight")
+                src_in = self._dim_size(src, 1, removed, chain) if src else 0
                 size += int(round(per * src_in)) - int(mult.sum())
             else:
                 size -= int(mult[removed[i]].sum())

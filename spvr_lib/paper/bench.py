@@ -21,13 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 from torch.utils.data import DataLoader
 from torch import nn
 
 from spvr_lib import data, models, store, train
+from spvr_lib.devices import resolve_device
 from spvr_lib.paper import base_models, scales
-from spvr_lib.prune import layer_groups
-from spvr_lib.ranking import group_importance
+from spvr_lib.graph import trace_units
+from spvr_lib.prune import layer_groups, unit_groups
+from spvr_lib.ranking import group_importance, unit_importance
 
 
 def trained_base_model(spec: dict, dataset: str) -> tuple[nn.Module, str] | None:
@@ -119,6 +122,39 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
             "n_calib": int(len(x)), "device": str(next(model.parameters()).device),
             "threads": torch.get_num_threads(), "weights": weights, "weights_run": run,
             "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat}
+
+
+def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_size: int = 8, per_unit: int = 2,
+                              n_calib: int = 10, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """Fast vs naive ranking of a FULL-WIDTH torchvision network (random weights, 10 classes) at ``size`` px.
+
+    A full ranking of such a network is hours of naive passes on a CPU, so both paths score the same
+    subset: the first ``per_unit`` groups of every unit (every depth of the network is represented), and the
+    full ranking's time is extrapolated per group.  One JSON object: model, size, device, groups (the full
+    count), groups_timed, naive_s / fast_s (the subset), speedup, naive_full_s_est / fast_full_s_est,
+    max_rel_diff and same_ranking on the subset."""
+    dev = resolve_device(device)
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval().to(dev)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_calib, 3, size, size, generator=gen)
+    g = trace_units(model, x[:1].to(dev))
+    groups = unit_groups(model, g, x, group_size)
+    subset = {u.name: (u.sites, groups[u.name][:per_unit]) for u in g.units}
+    timed = sum(len(gs) for _, gs in subset.values())
+    total = sum(len(gs) for gs in groups.values())
+    (naive_s, _, naive), (fast_s, _, fast) = _timed_pair(
+        lambda: unit_importance(model, x, subset, method="naive", progress=False),
+        lambda: unit_importance(model, x, subset, method="fast", progress=False), 1)
+    a = torch.cat([naive[k] for k in subset])
+    b = torch.cat([fast[k] for k in subset])
+    rel = ((a - b).abs() / a.abs().clamp_min(1e-12)).max().item()
+    return {"model": name, "size": size, "device": str(dev), "group_size": group_size, "n_calib": n_calib,
+            "units": len(g.units), "groups": total, "groups_timed": timed, "naive_s": round(naive_s, 2),
+            "fast_s": round(fast_s, 2), "speedup": round(naive_s / fast_s, 2),
+            "naive_full_s_est": round(naive_s / timed * total, 1), "fast_full_s_est": round(fast_s / timed * total, 1),
+            "max_rel_diff": rel, "same_ranking": bool(torch.equal(a.argsort(stable=True), b.argsort(stable=True))),
+            "threads": torch.get_num_threads(), "weights": "random-init"}
 
 
 def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool = False) -> Any:
@@ -267,7 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spvr_lib.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     r = commands.add_parser("ranking", help="naive vs fast ranking time on one setup")
-    r.add_argument("--model", required=True, help="a key of scales.get_scale(SCALE).models: vgg16, resnet34, resnet50")
+    model_arg = r.add_mutually_exclusive_group(required=True)
+    model_arg.add_argument("--model", help="a key of scales.get_scale(SCALE).models: vgg16, resnet34, resnet50")
+    model_arg.add_argument("--torchvision", help="a full-width torchvision network (e.g. resnet50), random weights, "
+                           "timed on the first --per-unit groups of every unit")
+    r.add_argument("--size", type=int, default=224, help="--torchvision input size in pixels (default 224)")
+    r.add_argument("--per-unit", type=int, default=2, help="--torchvision: groups timed per unit (default 2)")
+    r.add_argument("--device", default="cpu", help="--torchvision: cpu or cuda (default cpu)")
     r.add_argument("--scale", default="cpu", help="smoke, cpu or paper (default cpu)")
     r.add_argument("--group-size", type=int, default=None, help="d, channels per group (default: the setup's)")
     r.add_argument("--per-class", type=int, default=None, help="calibration samples per class (default: the setup's)")
@@ -308,8 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(record) if args.json else json.dumps(record, indent=2))
         return 0
     try:
-        record = bench_ranking(args.model, args.scale, args.group_size, per_class=args.per_class, seed=args.seed,
-                               repeat=args.repeat, criterion=args.criterion, progress=not args.json)
+        if args.torchvision:
+            record = bench_ranking_torchvision(args.torchvision, args.size, args.group_size or 8, args.per_unit,
+                                               10 * (args.per_class or 1), args.device, args.seed)
+        else:
+            record = bench_ranking(args.model, args.scale, args.group_size, per_class=args.per_class, seed=args.seed,
+                                   repeat=args.repeat, criterion=args.criterion, progress=not args.json)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
