@@ -504,6 +504,11 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             record = out_sites.get(root) or out_sites[producers[0]]
         units.append(Unit(name=root, width=width, sites=tuple(sites), record=record, producers=tuple(producers),
                           consumers=tuple(dict.fromkeys(consumers)), out_sites=out_sites))
+    position = {n: i for i, n in enumerate(modules)}      # forward (module) order, as Section 3.2 lists layers
+    order = sorted(range(len(units)), key=lambda i: position[units[i].name])
+    renumber = {old: new for new, old in enumerate(order)}
+    units = [units[i] for i in order]
+    param_terms = {k: [(renumber[i], mult) for i, mult in v] for k, v in param_terms.items()}
     params = []
     for pname, p in model.named_parameters():
         module = pname.rsplit(".", 1)[0] if "." in pname else ""

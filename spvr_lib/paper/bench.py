@@ -124,15 +124,16 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
             "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat}
 
 
-def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_size: int = 8, per_unit: int = 2,
+def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_size: int = 8, n_units: int = 4,
                               n_calib: int = 10, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
     """Fast vs naive ranking of a FULL-WIDTH torchvision network (random weights, 10 classes) at ``size`` px.
 
-    A full ranking of such a network is hours of naive passes on a CPU, so both paths score the same
-    subset: the first ``per_unit`` groups of every unit (every depth of the network is represented), and the
-    full ranking's time is extrapolated per group.  One JSON object: model, size, device, groups (the full
-    count), groups_timed, naive_s / fast_s (the subset), speedup, naive_full_s_est / fast_full_s_est,
-    max_rel_diff and same_ranking on the subset."""
+    A full naive ranking of such a network is hours on a CPU, so both paths score the same sample: every
+    group of ``n_units`` units spread evenly over the network's depth (the fast path's gain depends on how
+    deep the unit is and on ranking many groups of a unit at once), and the full ranking's time is
+    extrapolated per group.  One JSON object: model, size, device, groups (the full count), groups_timed,
+    units_timed, naive_s / fast_s (the sample), speedup, naive_full_s_est / fast_full_s_est, max_rel_diff
+    and same_ranking on the sample."""
     dev = resolve_device(device)
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None, num_classes=10).eval().to(dev)
@@ -140,7 +141,8 @@ def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_siz
     x = torch.randn(n_calib, 3, size, size, generator=gen)
     g = trace_units(model, x[:1].to(dev))
     groups = unit_groups(model, g, x, group_size)
-    subset = {u.name: (u.sites, groups[u.name][:per_unit]) for u in g.units}
+    picks = sorted({round(i * (len(g.units) - 1) / max(1, n_units - 1)) for i in range(n_units)})
+    subset = {g.units[i].name: (g.units[i].sites, groups[g.units[i].name]) for i in picks}
     timed = sum(len(gs) for _, gs in subset.values())
     total = sum(len(gs) for gs in groups.values())
     (naive_s, _, naive), (fast_s, _, fast) = _timed_pair(
@@ -150,7 +152,7 @@ def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_siz
     b = torch.cat([fast[k] for k in subset])
     rel = ((a - b).abs() / a.abs().clamp_min(1e-12)).max().item()
     return {"model": name, "size": size, "device": str(dev), "group_size": group_size, "n_calib": n_calib,
-            "units": len(g.units), "groups": total, "groups_timed": timed, "naive_s": round(naive_s, 2),
+            "units": len(g.units), "groups": total, "groups_timed": timed, "units_timed": list(subset), "naive_s": round(naive_s, 2),
             "fast_s": round(fast_s, 2), "speedup": round(naive_s / fast_s, 2),
             "naive_full_s_est": round(naive_s / timed * total, 1), "fast_full_s_est": round(fast_s / timed * total, 1),
             "max_rel_diff": rel, "same_ranking": bool(torch.equal(a.argsort(stable=True), b.argsort(stable=True))),
@@ -306,9 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_arg = r.add_mutually_exclusive_group(required=True)
     model_arg.add_argument("--model", help="a key of scales.get_scale(SCALE).models: vgg16, resnet34, resnet50")
     model_arg.add_argument("--torchvision", help="a full-width torchvision network (e.g. resnet50), random weights, "
-                           "timed on the first --per-unit groups of every unit")
+                           "timed on every group of --units units")
     r.add_argument("--size", type=int, default=224, help="--torchvision input size in pixels (default 224)")
-    r.add_argument("--per-unit", type=int, default=2, help="--torchvision: groups timed per unit (default 2)")
+    r.add_argument("--units", type=int, default=4, help="--torchvision: units timed, spread over the depth (default 4)")
     r.add_argument("--device", default="cpu", help="--torchvision: cpu or cuda (default cpu)")
     r.add_argument("--scale", default="cpu", help="smoke, cpu or paper (default cpu)")
     r.add_argument("--group-size", type=int, default=None, help="d, channels per group (default: the setup's)")
@@ -351,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         if args.torchvision:
-            record = bench_ranking_torchvision(args.torchvision, args.size, args.group_size or 8, args.per_unit,
+            record = bench_ranking_torchvision(args.torchvision, args.size, args.group_size or 8, args.units,
                                                10 * (args.per_class or 1), args.device, args.seed)
         else:
             record = bench_ranking(args.model, args.scale, args.group_size, per_class=args.per_class, seed=args.seed,
