@@ -178,3 +178,26 @@ def test_general_engine_gives_the_spec_engine_architecture_on_vgg16():
             assert a.params_after == b.params_after
         else:
             assert a.params_after < b.params_after <= b.budget
+
+
+def test_general_engine_with_stage_ties_gives_the_spec_engine_architecture_on_resnet50():
+    """spvr_lib's own ResNet50 through the general engine, given Appendix B's rule as ties (every conv of a
+    stage shrinks with the stage) and the stem left alone as the spec engine does: the same stage widths and
+    parameter count as the spec engine, from the same weights and calibration set (rates where no stage
+    collapses: a whole stage's removal is a spec rule the general engine does not have)."""
+    torch.manual_seed(0)
+    spec = models.preset("resnet50", num_classes=10, in_channels=1, width=1 / 16, stem="imagenet")
+    model = models.build(spec).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 1, 32, 32, generator=g), torch.arange(40) % 10
+    ties = [[f"{st['name']}.{b}.conv{k}" for b in range(st["blocks"]) for k in (1, 2, 3)] for st in spec["stages"]]
+    for keep in (0.5, 0.2):
+        a = spvr_prune(model, (x, y), keep, group_size=2, method="naive", progress=False)
+        b = spvr_prune(model, (x, y), keep, group_size=2, method="naive", progress=False, engine="graph",
+                       ties=ties, ignored_layers=["conv1"])
+        assert a.params_after == b.params_after <= a.budget
+        pruned = dict(b.model.named_modules())
+        for st in a.spec["stages"]:
+            for blk in range(st["blocks"]):
+                for k, w in ((1, st["width"]), (2, st["width"]), (3, 4 * st["width"])):
+                    assert pruned[f"{st['name']}.{blk}.conv{k}"].out_channels == w
