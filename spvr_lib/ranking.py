@@ -882,9 +882,10 @@ class _FastRanker:
             c, h, wd = x.shape[1:]
             kh, kw = w.shape[2:]
             mat = None
-            if (kh, kw) == (1, 1) and tuple(m.stride) == (1, 1) and tuple(m.padding) == (0, 0):
-                mat = ("pixel", w.reshape(w.shape[0], c).t().contiguous(), b)
-            elif h * wd <= kh * kw and c * h * wd <= 4096:
+            if (kh, kw) == (1, 1) and tuple(m.padding) == (0, 0) and tuple(m.dilation) == (1, 1):
+                # a strided 1x1 conv (a ResNet downsample) is the same matmul on every stride-th pixel
+                mat = ("pixel", w.reshape(w.shape[0], c).t().contiguous(), b, tuple(m.stride))
+            elif h * wd <= 4 * kh * kw and c * h * wd <= 4096:
                 eye = torch.eye(c * h * wd, dtype=x.dtype, device=x.device)
                 basis = eye.view(-1, h, wd, c).permute(0, 3, 1, 2)
                 a = F.conv2d(basis, w, None, m.stride, m.padding, m.dilation)          # [c*h*w, out, h', w']
@@ -909,7 +910,10 @@ class _FastRanker:
         n, c, h, wd = x.shape
         flat = x.permute(0, 2, 3, 1)                                   # a view: x is channels_last
         if mat[0] == "pixel":
-            _, a, b = mat
+            _, a, b, (sh, sw) = mat
+            if (sh, sw) != (1, 1):
+                flat = flat[:, ::sh, ::sw]
+                h, wd = flat.shape[1:3]
             y = flat.reshape(-1, c) @ a if b is None else torch.addmm(b, flat.reshape(-1, c), a)
             return y.view(n, h, wd, out_c).permute(0, 3, 1, 2)
         _, a, b, (ho, wo) = mat
