@@ -1030,6 +1030,11 @@ class _FastRanker:
         for key, (sites, groups) in units.items():
             start = min(self.order[nd] for s in sites for nd in self.at[s.module])
             per_variant = 4 * max([b for nd, b in sizes.items() if self.order[nd] >= start] or [1])
+            # the stack size the tensor cap bounds: the mean output of the convs that follow (where the work
+            # is); the largest tensor over-counts a bottleneck, whose 4x-wide outputs only its last conv writes
+            convs = [b for nd, b in sizes.items() if self.order[nd] >= start and (
+                nd in self.bn_of or nd.op == "call_module" and isinstance(self.modules[nd.target], nn.Conv2d))]
+            per_variant = (per_variant, int(np.mean(convs)) if convs else per_variant // 4)
             by_shape: dict[tuple, list[int]] = {}
             for j, grp in enumerate(groups):
                 by_shape.setdefault(tuple(len(_positions(s, grp)) for s in sites), []).append(j)
@@ -1042,8 +1047,8 @@ class _FastRanker:
             p = torch.softmax(vals[self.output], dim=1).double()
             for key, sites, js, per_variant in work:
                 groups = units[key][1]
-                g_chunk = max(1, min(len(js), _MEMORY_BYTES // max(1, n * per_variant),
-                                     _TENSOR_BYTES // max(1, n * per_variant // 4)))
+                g_chunk = max(1, min(len(js), _MEMORY_BYTES // max(1, n * per_variant[0]),
+                                     _TENSOR_BYTES // max(1, n * per_variant[1])))
                 for c0 in range(0, len(js), g_chunk):
                     part = js[c0:c0 + g_chunk]
                     idx = [torch.tensor([_positions(s, groups[j]) for j in part], dtype=torch.long) for s in sites]
