@@ -11,6 +11,7 @@ speedup_cpu (process CPU time, less sensitive to other processes than wall-clock
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -81,7 +82,7 @@ def _timed_pair(first, second, repeat: int) -> tuple[tuple[float, float, Any], t
 
 def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per_class: int | None = None,
                   seed: int = 0, repeat: int = 1, criterion: str = "spvr", progress: bool = False,
-                  model: nn.Module | None = None) -> dict[str, Any]:
+                  model: nn.Module | None = None, check_float64: bool = False) -> dict[str, Any]:
     """Naive vs fast ranking of ``scales.get_scale(scale).models[model_key]`` (its preset, width,
     dataset, group size and calibration samples per class unless given); the JSON record.
     ``model``: the trained network to rank (default: the best cached trained base of that setup,
@@ -121,7 +122,19 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
             "speedup_cpu": round(naive_cpu / fast_cpu, 2),
             "n_calib": int(len(x)), "device": str(next(model.parameters()).device),
             "threads": torch.get_num_threads(), "weights": weights, "weights_run": run,
-            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat}
+            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)], "repeat": repeat,
+            **(_float64_check(model, x, groups, criterion) if check_float64 else {})}
+
+
+def _float64_check(model: nn.Module, x: torch.Tensor, groups: dict, criterion: str) -> dict[str, Any]:
+    """Both paths once more in float64 (a copy of the model): float32 rounding, in either path, can swap
+    groups whose scores differ by less than it; in float64 the two paths must agree to rounding."""
+    m64 = copy.deepcopy(model).double()
+    naive = group_importance(m64, x.double(), groups, criterion, "naive", progress=False)
+    fast = group_importance(m64, x.double(), groups, criterion, "fast", progress=False)
+    a, b = torch.cat([naive[n] for n in groups]), torch.cat([fast[n] for n in groups])
+    return {"max_rel_diff_f64": ((a - b).abs() / a.abs().clamp_min(1e-12)).max().item(),
+            "same_ranking_f64": bool(torch.equal(torch.argsort(a, stable=True), torch.argsort(b, stable=True)))}
 
 
 def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_size: int = 8, n_units: int = 4,
@@ -319,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--repeat", type=int, default=1,
                    help="time each method this many times (alternating), report the fastest")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--check-float64", action="store_true",
+                   help="also compare both paths in float64 (max_rel_diff_f64, same_ranking_f64): float32 rounding can "
+                   "swap groups whose scores differ by less than it, in either path")
     r.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
     tr = commands.add_parser("train", help="the training loop's end-to-end images/s and its ceiling")
     tr.add_argument("--model", required=True, help="a key of the scale's models: vgg16, resnet34, resnet50")
@@ -357,7 +373,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                10 * (args.per_class or 1), args.device, args.seed)
         else:
             record = bench_ranking(args.model, args.scale, args.group_size, per_class=args.per_class, seed=args.seed,
-                                   repeat=args.repeat, criterion=args.criterion, progress=not args.json)
+                                   repeat=args.repeat, criterion=args.criterion, progress=not args.json,
+                                   check_float64=args.check_float64)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
