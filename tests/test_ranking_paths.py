@@ -170,10 +170,7 @@ def _dg_units(model: nn.Module, x1: Tensor, per_unit: int = 2, max_units: int = 
     return units
 
 
-ZOO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny",
-       pytest.param("densenet121", marks=pytest.mark.xfail(reason="one naive score is exactly 0 where fast gives "
-                                                            "1.1e-16: an exact tie the fast path does not yet "
-                                                            "detect as unchanged", strict=False))]
+ZOO = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "densenet121"]
 
 
 @pytest.mark.slow
