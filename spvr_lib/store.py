@@ -339,20 +339,46 @@ def stale_code(fingerprint: Mapping[str, str] | None) -> list[str]:
     return [name for name, sha in fingerprint.items() if _source_sha(_code_path(name)) != sha]
 
 
+# who computes: this process's token, or, in a paper.jobs worker, the token of the process it works for (so a
+# record a worker computed counts as computed by the notebook that asked for it)
+PROCESS_TOKEN = os.urandom(8).hex()
+_on_behalf_of: list[str] = []
+
+
+def work_for(token: str) -> None:
+    """Mark records computed from now on in this process as computed by the process whose
+    :data:`PROCESS_TOKEN` is ``token`` (``paper.jobs`` workers call it at start)."""
+    _on_behalf_of[:] = [token]
+
+
 _used: dict[str, dict[str, Any]] = {}     # records used at top level by this process: hash -> kind, compute_s, computed
 _depth = [0]                               # how many cached computations are open (nested ones are inside their parent)
 
 
 def records_used() -> dict[str, dict[str, Any]]:
     """Every record this process used at top level (not inside another cached computation): {hash: {"kind",
-    "compute_s" (its compute time, measured when it was computed, wherever that was), "computed" (in this
+    "compute_s" (its cost in machine-seconds, :func:`machine_seconds`, measured when it was computed), "computed" (in this
     process, or found in the cache)}}.  The cost of a cold run is the sum of compute_s over the union."""
     return {h: dict(v) for h, v in _used.items()}
 
 
+def machine_seconds(record: Mapping[str, Any]) -> float | None:
+    """What a record cost its machine: its wall time times the share of the machine's cores it was given
+    (``torch_threads / cpu_count`` from its provenance, at most 1).  Two single-thread runs side by side on
+    a 2-core machine each cost half their wall time; a record without provenance counts its whole wall time."""
+    wall = record.get("wall_s")
+    if wall is None:
+        return None
+    dev = (record.get("provenance") or {}).get("device") or {}
+    threads, cores = dev.get("torch_threads"), dev.get("cpu_count")
+    share = min(1.0, threads / cores) if threads and cores else 1.0
+    return round(float(wall) * share, 3)
+
+
 def _note_use(h: str, kind: str, record: Mapping[str, Any], computed: bool) -> None:
+    computed = computed or record.get("computed_by") == PROCESS_TOKEN
     if _depth[0] == 0:
-        entry = _used.setdefault(h, {"kind": kind, "compute_s": record.get("wall_s"), "computed": computed})
+        entry = _used.setdefault(h, {"kind": kind, "compute_s": machine_seconds(record), "computed": computed})
         entry["computed"] = entry["computed"] or computed
 
 
@@ -391,6 +417,7 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
     record["key"] = dict(key)
     record["hash"] = h
     record["code"] = code_fingerprint(trace.files)
+    record["computed_by"] = _on_behalf_of[0] if _on_behalf_of else PROCESS_TOKEN
     record.setdefault("provenance", {"git": git_state(), "versions": library_versions(),
                                      "device": device_info()})
     atomic_write_json(path, record)

@@ -64,6 +64,8 @@ class Recipe:
     default: with torch 2.14.1 on this CPU, the backward pass of a 1x1 stride-2 convolution in
     channels_last aborts the process for some batch sizes (e.g. 3 images of 4x64x64), so it is only
     for shapes known to work.
+    ``eval_every``: the test set is scored after every ``eval_every``-th epoch, after EVERY epoch of the last
+    quarter of training (where :func:`plateau_rise` reads the curve) and after the last one.
     """
 
     epochs: int
@@ -78,6 +80,7 @@ class Recipe:
     optimizer: str = "sgd"
     schedule: str = "cosine"
     channels_last: bool = False
+    eval_every: int = 1
 
     def __post_init__(self) -> None:
         def require(ok: bool, field: str, expected: str) -> None:
@@ -103,14 +106,23 @@ class Recipe:
         require(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
         require(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         require(isinstance(self.channels_last, bool), "channels_last", "a bool")
+        require(is_int(self.eval_every) and self.eval_every >= 1, "eval_every", "an int >= 1")
         # Normalise types so that to_dict() (and with it every cache key) is canonical: lr=1 == lr=1.0.
-        for name in ("epochs", "batch_size", "num_workers"):
+        for name in ("epochs", "batch_size", "num_workers", "eval_every"):
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("lr", "momentum", "weight_decay"):
             object.__setattr__(self, name, float(getattr(self, name)))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["eval_every"] == 1:          # the default leaves the cache keys of earlier recipes as they were
+            del out["eval_every"]
+        return out
+
+    def evaluates_after(self, epoch: int) -> bool:
+        """Whether the test set is scored after ``epoch`` (1-based): every ``eval_every``-th epoch, every
+        epoch of the last quarter, and the last."""
+        return epoch % self.eval_every == 0 or epoch >= last_quarter_start(self.epochs) or epoch == self.epochs
 
 
 # --------------------------------------------------------------------------- helpers
@@ -445,12 +457,15 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
                 dist.broadcast(buf, src=0)
             dist.all_reduce(loss_sum)
             dist.all_reduce(seen)
-        test = _evaluate_distributed(model, test_set, task.eval_batch(per_rank_batch), dev, recipe.num_workers,
-                                     task)
-        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": (loss_sum / seen.clamp(min=1)).item(),
-                 **{f"test_{k}": v for k, v in test.items() if k != "n"}}
+        entry = {"epoch": epoch + 1, "lr": lr, "train_loss": (loss_sum / seen.clamp(min=1)).item()}
+        if recipe.evaluates_after(epoch + 1):
+            test = _evaluate_distributed(model, test_set, task.eval_batch(per_rank_batch), dev, recipe.num_workers,
+                                         task)
+            entry.update({f"test_{k}": v for k, v in test.items() if k != "n"})
         history.append(entry)
-        epochs_bar.set_postfix({"loss": f"{entry['train_loss']:.4f}", task.primary: f"{test[task.primary]:.2f}"})
+        epochs_bar.set_postfix({"loss": f"{entry['train_loss']:.4f}",
+                                **({task.primary: f"{entry['test_' + task.primary]:.2f}"}
+                                   if f"test_{task.primary}" in entry else {})})
         if ckpt_path is not None and rank == 0:
             store.atomic_torch_save({
                 "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -466,6 +481,27 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
     last = history[-1]
     return {**{k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")},
             "history": history, "epochs": recipe.epochs}
+
+
+# --------------------------------------------------------------------------- convergence
+def last_quarter_start(epochs: int) -> int:
+    """The epoch (1-based, counted as done) at which the last quarter of ``epochs`` begins: floor(3/4 * epochs)."""
+    return (3 * int(epochs)) // 4
+
+
+def plateau_rise(history: Sequence[Mapping[str, Any]], metric: str = "test_top1") -> float | None:
+    """How much ``metric`` rose over the last quarter of training: its value after the last epoch minus its
+    value after epoch ``last_quarter_start(epochs)`` (points); None when either was not scored.  A network
+    has plateaued when this is at most 0.3 points (the cpu scale's rule)."""
+    if not history:
+        return None
+    by_epoch = {int(h["epoch"]): h.get(metric) for h in history}
+    last = max(by_epoch)
+    start = by_epoch.get(last_quarter_start(last))
+    end = by_epoch[last]
+    if start is None or end is None:
+        return None
+    return round(float(end) - float(start), 4)
 
 
 # --------------------------------------------------------------------------- learning-rate search

@@ -5,7 +5,6 @@ of the SPvR and KL neuron rankings against a ground truth).
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -17,8 +16,9 @@ import torch
 from spvr_lib import data, models, store, train
 from spvr_lib.models import build, spec_to_str
 from spvr_lib.paper import reference
+from spvr_lib.paper.lr_search import lr_grid, lr_trial, recipe, searched_lr  # noqa: F401 (re-exported)
 from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
-from spvr_lib.train import Recipe, load_weights, train_run
+from spvr_lib.train import load_weights, train_run
 
 # ----------------------------------------------------------------- Section 3.1.1: worked example
 
@@ -44,40 +44,32 @@ def base_spec(setup: Any) -> dict:
                          width=setup.width, **kw)
 
 
-def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Any:
-    """The training recipe of a setup (SGD, momentum 0.9, cosine annealing; Section 4.3)."""
-
-    return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
-                  weight_decay=setup.weight_decay, mode=mode, augment=setup.augment, num_workers=setup.num_workers)
+def _scratch_trial_job(cfg: Any, key: str, lr: float) -> None:
+    setup = cfg.model(key)
+    lr_trial(setup, base_spec(setup), lr, "scratch", progress=False)
 
 
-def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict | None = None,
-                seed: int = 0, progress: bool = True) -> tuple[float, dict[float, float]]:
-    """Grid search of the learning rate over ``setup.lr_grid`` on a validation split of the
-    training subset (never the test set); cached.  Returns (best lr, {lr: validation top-1})."""
+def _base_job(cfg: Any, key: str) -> None:
+    train_base(cfg, key, progress=False)
 
-    key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset,
-           "grid": list(setup.lr_grid), "recipe": recipe(setup, mode=mode).to_dict(), "seed": seed,
-           "init": None if init_state is None else train.state_dict_digest(init_state)}
 
-    def compute() -> dict[str, Any]:
-        if len(setup.lr_grid) == 1:
-            return {"best": setup.lr_grid[0], "scores": {str(setup.lr_grid[0]): None}}
-        ds = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset, seed=seed)
-        plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
+    """Fill the run cache with the base networks of ``keys`` and their learning-rate searches, side by side in
+    ``jobs.worker_count(cfg)`` processes (nothing happens with one worker: the callers compute in order)."""
+    from spvr_lib.paper import jobs
 
-        def make() -> torch.nn.Module:
-            m = models.build(spec)
-            if init_state is not None:
-                m.load_state_dict(init_state)
-            return m
+    workers = jobs.worker_count(cfg)
+    keys = [k for k in keys if not cfg.model(k).pretrained]
+    trials = [(cfg, k, lr) for k in keys for lr in lr_grid(cfg.model(k), "scratch") if len(cfg.model(k).lr_grid) > 1]
+    jobs.fill_cache(_scratch_trial_job, trials, workers, desc="lr search (scratch)", progress=progress)
+    jobs.fill_cache(_base_job, [(cfg, k) for k in keys], workers, desc="base networks", progress=progress)
 
-        best, scores = train.lr_search(make, ds, setup.lr_grid, recipe(setup, mode=mode), seed=seed,
-                                       eval_set=plain, progress=progress)
-        return {"best": best, "scores": {str(k): v for k, v in scores.items()}}
 
-    rec = store.cached(key, compute, kind="lrsearch")
-    return float(rec["best"]), {float(k): v for k, v in rec["scores"].items()}
+def scratch_lr(cfg: Any, key: str, progress: bool = True) -> tuple[float, dict[float, float]]:
+    """THE learning rate of every network of model ``key`` trained from scratch (base, SPvR, baselines
+    re-initialised, Figure 2): searched once per model on the unpruned network.  (best, {lr: val top-1})."""
+    setup = cfg.model(key)
+    return searched_lr(setup, base_spec(setup), "scratch", progress=progress)
 
 
 # The paper prunes "an ImageNet1K pre-trained ResNet50" (Section 4.3): torchvision's IMAGENET1K_V1 weights
@@ -148,10 +140,9 @@ def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict
     if setup.pretrained:
         return pretrained_base(cfg, key, progress=progress)
     spec = base_spec(setup)
-    lr, _ = searched_lr(setup, spec, progress=progress)   # searched at the pruned networks' budget
-    base = dataclasses.replace(recipe(setup, lr=lr), epochs=setup.base_epochs or setup.epochs)
-    per_class = setup.base_train_subset or setup.train_subset
-    return train_run(spec, setup.dataset, base, seed, per_class, setup.test_subset, tag="base", progress=progress)
+    lr, _ = scratch_lr(cfg, key, progress=progress)
+    return train_run(spec, setup.dataset, recipe(setup, lr=lr), seed, setup.train_subset, setup.test_subset,
+                     tag="base", progress=progress)
 
 
 def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -168,17 +159,37 @@ def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.
     return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
 
 
+PLATEAU_POINTS = 0.3    # a network has converged when top-1 rose by at most this much over its last quarter
+
+
+def train_images_of(setup: Any) -> int:
+    """How many training images every network of ``setup`` is trained on."""
+    return len(data.load_dataset(setup.dataset, "train", per_class=setup.train_subset))
+
+
+def test_images_of(setup: Any) -> int:
+    """How many test images every network of ``setup`` is scored on."""
+    return len(data.load_dataset(setup.dataset, "test", per_class=setup.test_subset))
+
+
 def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """Notebook 03's table: our base models beside the paper's base rows."""
 
     rows = []
     for key, rec in records.items():
         setup = cfg.model(key)
+        per_class = rec["key"]["per_class_train"]
+        n_classes = data.num_classes(setup.dataset)
+        rise = train.plateau_rise(rec["history"])
         rows.append({"model": key, "dataset": setup.dataset, "width": setup.width,
-                     "train images per class": rec["key"]["per_class_train"],
+                     "train images per class": per_class if per_class is not None else
+                     train_images_of(setup) // n_classes,
+                     "test images": test_images_of(setup),
                      "epochs": "published weights" if rec.get("pretrained") else rec["key"]["recipe"]["epochs"],
                      "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
-                     "top1": rec["top1"], "top5": rec["top5"], "train s": rec["wall_s"],
+                     "top1": rec["top1"], "top5": rec["top5"], "rise over last quarter": rise,
+                     "plateau": None if rise is None else bool(rise <= PLATEAU_POINTS),
+                     "train s": rec["wall_s"],
                      **reference.PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
     return pd.DataFrame(rows)
 

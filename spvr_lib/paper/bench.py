@@ -186,14 +186,16 @@ def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool
 
 
 def bench_train(model_key: str, scale: str, images: int = 2048, batch_size: int | None = None,
-                amp: bool | None = None, seed: int = 0) -> dict[str, Any]:
+                amp: bool | None = None, seed: int = 0, side_by_side: int = 0) -> dict[str, Any]:
     """The training loop's end-to-end images/s against its own ceiling, for the scale's base network of
     ``model_key`` with the scale's data and recipe (``batch_size``/``amp`` override the recipe's).
 
     end_to_end: ``train.fit`` for one epoch over ``images`` training images (augmentation, batching, the
     optimizer step; the per-epoch evaluation runs on one batch and is excluded from the timing).
     ceiling: forward + backward + optimizer step of the same network on one fixed batch already in memory,
-    in the same memory format and precision.  Both after a warm-up; wall clock on this machine."""
+    in the same memory format and precision.  Both after a warm-up; wall clock on this machine.
+    ``side_by_side``: also run the end-to-end measure in that many single-thread processes at once (as
+    ``paper.jobs`` trains independent networks) and report their summed images/s."""
     cfg = scales.get_scale(scale)
     setup = cfg.model(model_key)
     spec = base_models.base_spec(setup)
@@ -252,11 +254,31 @@ def bench_train(model_key: str, scale: str, images: int = 2048, batch_size: int 
     for _ in range(2):                                   # alternating, the best of each: noise on a shared CPU
         ceiling = max(ceiling, ceiling_once())
         end_to_end = max(end_to_end, end_to_end_once())
-    return {"model": model_key, "scale": scale, "dataset": setup.dataset, "width": setup.width,
-            "batch_size": recipe.batch_size, "amp_bf16": bool(use_amp), "channels_last": recipe.channels_last, "images": n,
-            "end_to_end_img_s": round(end_to_end, 1), "ceiling_img_s": round(ceiling, 1),
-            "loop_share_of_ceiling": round(end_to_end / ceiling, 3), "threads": torch.get_num_threads(),
-            "in_memory_path": source is not None}
+    out = {"model": model_key, "scale": scale, "dataset": setup.dataset, "width": setup.width,
+           "batch_size": recipe.batch_size, "amp_bf16": bool(use_amp), "channels_last": recipe.channels_last,
+           "images": n, "end_to_end_img_s": round(end_to_end, 1), "ceiling_img_s": round(ceiling, 1),
+           "loop_share_of_ceiling": round(end_to_end / ceiling, 3), "threads": torch.get_num_threads(),
+           "in_memory_path": source is not None}
+    if side_by_side and side_by_side > 1 and not _IN_BENCH_WORKER:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(side_by_side, initializer=_bench_worker_init) as pool:
+            each = pool.starmap(bench_train, [(model_key, scale, images, batch_size, amp, seed, 0)] * side_by_side)
+        out.update({"side_by_side_processes": side_by_side,
+                    "side_by_side_img_s": round(sum(r["end_to_end_img_s"] for r in each), 1),
+                    "side_by_side_per_process_img_s": [r["end_to_end_img_s"] for r in each]})
+    return out
+
+
+_IN_BENCH_WORKER = False
+
+
+def _bench_worker_init() -> None:
+    """A side-by-side bench process: one torch thread, as ``paper.jobs`` runs its workers."""
+    global _IN_BENCH_WORKER
+    _IN_BENCH_WORKER = True
+    torch.set_num_threads(1)
 
 
 # ImageNet's typical stored image (about 500x375 JPEG) and Tiny ImageNet's (64x64 JPEG)
@@ -342,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr.add_argument("--images", type=int, default=2048, help="training images timed (default 2048)")
     tr.add_argument("--batch-size", type=int, default=None, help="default: the scale's recipe")
     tr.add_argument("--amp", choices=("on", "off"), default=None, help="bfloat16 autocast (default: the recipe's)")
+    tr.add_argument("--side-by-side", type=int, default=0, metavar="N",
+                    help="also time N single-thread training processes at once (summed images/s; default off)")
     tr.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
     ld = commands.add_parser("loader", help="images/s of the training data loader alone (decode + augmentation)")
     ld.add_argument("--dataset", choices=sorted(_LOADER_IMAGES), default="imagenet")
@@ -353,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "train":
         try:
             record = bench_train(args.model, args.scale, args.images, args.batch_size,
-                                 None if args.amp is None else args.amp == "on")
+                                 None if args.amp is None else args.amp == "on", side_by_side=args.side_by_side)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

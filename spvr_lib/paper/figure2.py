@@ -52,6 +52,33 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
 
 
 
+def _train_job(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> None:
+    train_pruned(cfg, key, spec, seed, lr=lr, progress=False)
+
+
+def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_at: set[int], seeds: Sequence[int],
+             progress: bool) -> None:
+    """Prune at every d in this process (its timings are the figure's), then fill the run cache with the
+    trainings side by side (``paper.jobs``; nothing happens with one worker).  Errors are left to the rows."""
+    from spvr_lib.paper import jobs
+
+    workers = jobs.worker_count(cfg)
+    if workers <= 1:
+        return
+    specs = []
+    for d in group_sizes:
+        for m in [m for m in RANKING_METHODS if m == "fast" or int(d) in naive_at]:
+            try:
+                spec = base_models.spvr_pruned(cfg, key, rate, group_size=int(d), method=m, progress=progress)["spec"]
+            except Exception:
+                continue
+            if spec not in specs:
+                specs.append(spec)
+    lr = base_lr(cfg, key, progress=progress)
+    jobs.fill_cache(_train_job, [(cfg, key, spec, s, lr) for spec in specs for s in seeds], workers,
+                    desc=f"{key}: trainings", progress=progress)
+
+
 def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,
                     naive_group_sizes: Sequence[int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """One row per group size d for model ``key`` at :func:`ablation_rate`: pruning time of the fast
@@ -67,6 +94,7 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
         raise ValueError(f"group_sizes={list(group_sizes)!r}; expected a non-empty list of positive ints")
     naive_at = {int(d) for d in (group_sizes if naive_group_sizes is None else naive_group_sizes)}
     rate = ablation_rate(cfg, key)
+    _prepare(cfg, key, rate, group_sizes, naive_at, seeds, progress)
     rows = []
     for d in tqdm(list(group_sizes), desc=f"{key}: group sizes", disable=not progress, leave=False):
         row: dict[str, Any] = {"model": key, "rate": rate, "d": int(d), "status": "ok", "error": ""}

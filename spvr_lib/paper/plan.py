@@ -85,7 +85,7 @@ def plan(cfg: Any) -> pd.DataFrame:
             add("03", "published weights, evaluated once", 0, 0, 1, 0)
         else:
             add("03", f"lr search ({len(setup.lr_grid)} values, 90% of the data) + base training",
-                len(setup.lr_grid) * 0.9 + 1, setup.base_epochs or setup.epochs, 1, 0)
+                len(setup.lr_grid) * (1 - setup.val_fraction) + 1, setup.epochs, 1, 0)
         mean_keep = sum(1 - r for r in rates) / len(rates)
         add("04", f"{len(methods)} methods x {len(rates)} rates x {seeds} seeds, fine-tuned / from scratch",
             len(methods) * len(rates) * seeds, setup.epochs, mean_keep, 1)

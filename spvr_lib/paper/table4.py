@@ -123,6 +123,38 @@ def _latency_and_macs(spec: dict, dataset: str, runs: int) -> dict[str, Any]:
             "latency device": t["device"], "threads": t["threads"], "MMACs": latency.count_macs(net, shape) / 1e6}
 
 
+def _trial_job(cfg: Any, spec: dict, lr: float) -> None:
+    base_models.lr_trial(_resnet50_setup(cfg), spec, lr, "scratch", progress=False)
+
+
+def _train_job(cfg: Any, spec: dict, seed: int, lr: float) -> None:
+    train_pruned(cfg, "resnet50", spec, seed, lr=lr, progress=False)
+
+
+def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Sequence[int], base_lr: float,
+             budget: int, progress: bool) -> None:
+    """Fill the run cache for Table 4 side by side (``paper.jobs``): the MobileNets' lr searches, then every
+    training.  Nothing happens with one worker."""
+    from spvr_lib.paper import jobs
+
+    workers = jobs.worker_count(cfg)
+    if workers <= 1:
+        return
+    mobiles = [spec for name, spec in nets if name in MOBILENET_VARIANTS]
+    grid = base_models.lr_grid(setup, "scratch")
+    if len(grid) > 1:
+        jobs.fill_cache(_trial_job, [(cfg, spec, lr) for spec in mobiles for lr in grid], workers,
+                        desc="lr search (MobileNets)", progress=progress)
+    train_jobs = [(cfg, spec, s, base_models.searched_lr(setup, spec, "scratch", progress=False)[0])
+                  for spec in mobiles for s in seeds]
+    try:
+        pruned = pruned_resnet50(cfg, budget, progress=progress)["spec"]
+        train_jobs += [(cfg, pruned, s, base_lr) for s in seeds]
+    except Exception:            # reported by table4's own call
+        pass
+    jobs.fill_cache(_train_job, train_jobs, workers, desc="Table 4 trainings", progress=progress)
+
+
 def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | None = None,
            progress: bool = True) -> pd.DataFrame:
     """Table 4 at the scale: MobileNetV3-small, -minimal and SPvR's ResNet50 at 80% of -minimal's
@@ -137,11 +169,12 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     width = mobilenet_width(cfg)
     budget = mobilenet_budget(cfg, width)
     base_rec = base_models.train_base(cfg, "resnet50", progress=progress)
-    lr = float(base_rec["key"]["recipe"]["lr"])          # the base ResNet50's searched learning rate
-    jobs: list[tuple[str, Any]] = [(name, spec) for name, spec in mobilenet_specs(cfg, width).items()]
-    jobs.append(("ResNet50-pruned", None))
+    base_lr = float(base_rec["key"]["recipe"]["lr"])     # the base ResNet50's searched learning rate
+    nets: list[tuple[str, Any]] = [(name, spec) for name, spec in mobilenet_specs(cfg, width).items()]
+    nets.append(("ResNet50-pruned", None))
+    _prepare(cfg, setup, nets, seeds, base_lr, budget, progress)
     rows = []
-    for name, spec in tqdm(jobs, desc="Table 4", disable=not progress, leave=False):
+    for name, spec in tqdm(nets, desc="Table 4", disable=not progress, leave=False):
         row: dict[str, Any] = {"model": name, "width": width if name in MOBILENET_VARIANTS else setup.width,
                                "status": "ok", "error": ""}
         try:
@@ -150,6 +183,10 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
                 spec = rec["spec"]
                 row.update({"budget": budget, "removed from ResNet50 (%)": 100.0 * rec["removed_fraction"],
                             "prune s": rec["prune_s"], "collapsed": rec["collapsed"]})
+            # each MobileNet's own learning rate, searched on a validation split; the pruned ResNet50 trains
+            # from scratch as every ResNet50 network does, at the base's searched lr
+            lr = base_lr if name not in MOBILENET_VARIANTS else \
+                base_models.searched_lr(setup, spec, "scratch", progress=progress)[0]
             trained = [train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress) for s in seeds]
             row.update(_accuracy_columns(trained))
             row.update({"params": models.spec_params(spec), "lr": lr, "architecture": models.spec_to_str(spec)})
@@ -161,7 +198,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     base_spec = base_rec["spec"]
     rows.append({"model": "ResNet50 (unpruned base)", "width": setup.width, "status": "ok", "error": "",
                  **_accuracy_columns([base_rec]), "params": base_rec["params"],
-                 "lr": lr, "architecture": models.spec_to_str(base_spec),
+                 "lr": base_lr, "architecture": models.spec_to_str(base_spec),
                  **_latency_and_macs(base_spec, setup.dataset, runs), "paper params (M)": 25.6, "paper top1": None})
     df = pd.DataFrame(rows)
     minimal = df.loc[df["model"] == "MobileNetV3-minimal", "params"]

@@ -84,18 +84,26 @@ def rcp_samples(cfg: Any) -> int:
     return cfg.rcp_samples
 
 
-RCP_BRIEF_TRAINING = {"epochs": 1, "val_fraction": 0.1}   # RCP's selection: a brief training of each candidate
+# RCP's selection: a brief training of each candidate (one epoch over at most 500 images per class: with 20
+# candidates per architecture, a whole epoch of the cpu scale's training set each would cost as much as
+# training ten networks in full)
+RCP_BRIEF_TRAINING = {"epochs": 1, "val_fraction": 0.1, "max_per_class": 500}
 
 
 def rcp_short_train(cfg: Any, key: str, lr: float, seed: int = 0) -> Any:
     """RCP's selection rule (Li et al. 2022): each sampled candidate is fine-tuned briefly and scored on
-    held-out data.  Here: :data:`RCP_BRIEF_TRAINING` epochs of the model's training subset minus a
-    stratified validation split, with the base network's learning rate and the common recipe, scored
+    held-out data.  Here: :data:`RCP_BRIEF_TRAINING` epochs of (at most ``max_per_class`` images per class of)
+    the model's training set minus a stratified validation split, with the fine-tuning learning rate ``lr``
+    and the common recipe, scored
     by validation top-1 (never the test set).  Returns ``short_train(model) -> float``."""
     setup = cfg.model(key)
-    augmented = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset,
-                                  seed=seed)
-    plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+    cap = RCP_BRIEF_TRAINING["max_per_class"]
+    per_class = cap if setup.train_subset is None else min(setup.train_subset, cap)
+    targets = getattr(data.load_dataset(setup.dataset, "train", per_class=setup.train_subset, seed=seed), "targets", None)
+    if targets is not None and int(np.bincount(np.asarray(targets)).min()) <= per_class:
+        per_class = setup.train_subset              # a class has no more than the cap: the whole training set
+    augmented = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=per_class, seed=seed)
+    plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=per_class, seed=seed)
     train_idx, val_idx = train.validation_split(augmented, RCP_BRIEF_TRAINING["val_fraction"], seed)
     recipe = dataclasses.replace(base_models.recipe(setup, lr=lr, mode="finetune"),
                                  epochs=RCP_BRIEF_TRAINING["epochs"])
@@ -188,6 +196,89 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
     return model, info
 
 
+# --------------------------------------------------------------------------- learning rates
+FINETUNE_LR_METHOD = "l1"     # the pruned network the fine-tuning lr is searched on (at setup.table3_rate)
+
+
+def finetune_lr(cfg: Any, key: str, progress: bool = True) -> tuple[float, dict[float, float]]:
+    """THE learning rate of every network of model ``key`` fine-tuned from pruned weights: searched once per
+    model (``base_models.searched_lr`` in mode "finetune", validation split of the training set) on the
+    base network pruned by ℓ1 at ``setup.table3_rate``, starting from its kept weights.  (best, scores)."""
+    setup = cfg.model(key)
+    if setup.pretrained or len(base_models.lr_grid(setup, "finetune")) == 1:
+        lr = float(_base(cfg, key, progress)["key"]["recipe"]["lr"]) if setup.pretrained else \
+            base_models.lr_grid(setup, "finetune")[0]
+        return lr, {lr: None}
+    model, info = pruned_network(cfg, key, FINETUNE_LR_METHOD, setup.table3_rate, progress=progress)
+    if model is None:
+        raise RuntimeError(f"the fine-tuning lr of {key} is searched on {FINETUNE_LR_METHOD}'s network, which "
+                           f"failed: {info['error']}")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return base_models.searched_lr(setup, _base(cfg, key, progress)["spec"], "finetune", init_state=state,
+                                   progress=progress, shapes=models.network_shapes(model))
+
+
+def model_lr(cfg: Any, key: str, mode: str, progress: bool = True) -> float:
+    """The learning rate of every network of ``key`` trained in ``mode`` ("scratch": ``base_models.scratch_lr``,
+    the base network's; "finetune": :func:`finetune_lr`).  A pretrained base (the paper's ImageNet ResNet50)
+    uses its setup's lr for both."""
+    _check_mode(mode)
+    if cfg.model(key).pretrained:
+        return float(_base(cfg, key, progress)["key"]["recipe"]["lr"])
+    return float(base_models.scratch_lr(cfg, key, progress)[0] if mode == "scratch" else
+                 finetune_lr(cfg, key, progress)[0])
+
+
+# --------------------------------------------------------------------------- side by side (paper.jobs)
+def _prune_job(cfg: Any, key: str, method: str, rate: float) -> None:
+    pruned_network(cfg, key, method, rate, progress=False)
+
+
+def _finetune_trial_job(cfg: Any, key: str, lr: float) -> None:
+    setup = cfg.model(key)
+    model, _ = pruned_network(cfg, key, FINETUNE_LR_METHOD, setup.table3_rate, progress=False)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    base_models.lr_trial(setup, _base(cfg, key, False)["spec"], lr, "finetune", init_state=state, progress=False,
+                         shapes=models.network_shapes(model))
+
+
+def train_run_job(kwargs: dict[str, Any]) -> None:
+    """``train.train_run(**kwargs)`` as a ``paper.jobs`` job (no progress bar)."""
+    train.train_run(**kwargs, progress=False)
+
+
+def _train_job(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str) -> None:
+    trained_accuracy(cfg, key, method, rate, seed, mode, progress=False)
+
+
+def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: str, progress: bool = True) -> None:
+    """Fill the run cache for the (model, rate, method, seed) runs ``jobs_`` in ``mode`` side by side
+    (``paper.jobs``; nothing happens with one worker), in dependency order: base networks and their lr
+    searches, SPvR's rankings, every pruned network, the fine-tuning lr searches, then the trainings."""
+    from spvr_lib.paper import jobs
+
+    workers = jobs.worker_count(cfg)
+    if workers <= 1 or not jobs_:
+        return
+    keys = sorted({k for k, *_ in jobs_ if not cfg.model(k).quote_baselines})
+    jobs_ = [j for j in jobs_ if j[0] in keys]
+    base_models.prepare_bases(cfg, keys, progress)
+    for k in keys:        # in this process, alone on the machine: the rankings' timings are reported (Figure 2)
+        if any(m == "spvr" for kk, _, m, _ in jobs_ if kk == k):
+            base_models.spvr_ranking(cfg, k, progress=progress)
+    prunes = {(k, m, float(r)) for k, r, m, _ in jobs_}
+    if mode == "finetune":
+        prunes |= {(k, FINETUNE_LR_METHOD, float(cfg.model(k).table3_rate)) for k in keys}
+    jobs.fill_cache(_prune_job, [(cfg, *p) for p in sorted(prunes)], workers, desc="pruned networks",
+                    progress=progress)
+    if mode == "finetune":
+        trials = [(cfg, k, lr) for k in keys for lr in base_models.lr_grid(cfg.model(k), "finetune")
+                  if len(base_models.lr_grid(cfg.model(k), "finetune")) > 1]
+        jobs.fill_cache(_finetune_trial_job, trials, workers, desc="lr search (fine-tune)", progress=progress)
+    jobs.fill_cache(_train_job, [(cfg, k, m, float(r), int(s), mode) for k, r, m, s in jobs_], workers,
+                    desc=f"{mode} trainings", progress=progress)
+
+
 # --------------------------------------------------------------------------- training
 def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str,
                      progress: bool = True) -> dict[str, Any]:
@@ -208,12 +299,13 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     mode = "scratch" if method == "spvr" else mode         # SPvR trains from scratch (Section 5.2)
     setup = cfg.model(key)
     base_rec = _base(cfg, key, progress)
-    lr = float(base_rec["key"]["recipe"]["lr"])
+    lr = model_lr(cfg, key, mode, progress)
     recipe = base_models.recipe(setup, lr=lr, mode=mode)
     budget = parameter_budget(base_rec["params"], rate)
     model, info = pruned_network(cfg, key, method, rate, seed=0, progress=progress)
     out = {"model": key, "method": method, "rate": rate, "seed": int(seed), "mode": mode, "lr": lr,
-           "epochs": recipe.epochs, "train images": train_images(setup), "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
+           "epochs": recipe.epochs, "train images": train_images(setup), "test images": base_models.test_images_of(setup),
+           "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
            "status": info["status"], "error": info["error"], "notes": info["notes"], "arch": info["arch"],
            "prune_hash": info["hash"], "top1": None, "top5": None, "history": []}
     if info["status"] != "ok":
@@ -225,13 +317,14 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     init_state = model.state_dict() if mode == "finetune" else None
     rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
                           init_state=init_state, tag=method, progress=progress, shapes=shapes)
-    out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"])
+    out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"],
+               **{"rise over last quarter": train.plateau_rise(rec["history"])})
     return out
 
 
-_RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "method", "name", "seed", "mode", "epochs",
-                "train images", "lr", "top1", "top5", "params", "budget", "params_before", "status", "error", "notes",
-                "arch", "wall_s")
+_RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "removed (%)", "method", "name", "seed", "mode",
+                "epochs", "train images", "test images", "lr", "top1", "top5", "rise over last quarter", "params",
+                "budget", "params_before", "status", "error", "notes", "arch", "wall_s")
 
 
 @functools.lru_cache(maxsize=32)
@@ -256,6 +349,7 @@ def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: 
     keys, methods, seeds = list(keys), [_check_method(m) for m in methods], [int(s) for s in seeds]
     jobs = [(k, r, m, s) for k in keys for r in (rates or {}).get(k, cfg.model(k).compare_rates)
             for m in methods for s in seeds]
+    prepare_runs(cfg, [(k, r, m, s) for k, r, m, s in jobs], mode, progress=progress)
     rows = []
     for k, r, m, s in tqdm(jobs, desc=f"{mode} runs", disable=not progress):
         if cfg.model(k).quote_baselines and m != "spvr":    # Section 4.2: ImageNet baselines as published
@@ -268,8 +362,11 @@ def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: 
         except Exception as e:                        # recorded, not cached: the rerun retries it
             rec = {"model": k, "method": m, "rate": round(float(r), 6), "seed": s, "mode": mode,
                    "status": "failed", "error": f"{type(e).__name__}: {e} (not cached; a rerun retries)"}
+        achieved = None if rec.get("params") is None or not rec.get("params_before") else \
+            round(100 * (1 - rec["params"] / rec["params_before"]), 2)
         rows.append({**{c: rec.get(c) for c in _RUN_COLUMNS}, "dataset": cfg.model(k).dataset,
-                     "params removed (%)": round(100 * rec["rate"], 2), "name": DISPLAY_NAMES[m]})
+                     "params removed (%)": round(100 * rec["rate"], 2), "removed (%)": achieved,
+                     "name": DISPLAY_NAMES[m]})
     return _nullable_ints(pd.DataFrame(rows, columns=list(_RUN_COLUMNS)))
 
 
@@ -456,8 +553,9 @@ def _finetune_init(cfg: Any, key: str, record: dict[str, Any], progress: bool) -
 def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, grid: Sequence[float] = TABLE2_GRID,
            progress: bool = True) -> pd.DataFrame:
     """Table 2: SPvR's network at the highest rate of ``grid`` without layer collapse, fine-tuned from the
-    base network's weights (FT) against trained from scratch (TFS): same epochs, learning rate searched
-    for EACH (``base_models.searched_lr`` with its mode and initial weights), ``cfg.seeds`` seeds.
+    base network's weights (FT) against trained from scratch (TFS): same data and epochs as the base, the
+    learning rate searched for EACH mode (:func:`model_lr`: once per model and mode, on a validation split),
+    ``cfg.seeds`` seeds.
 
     One row per (model, metric): rate, architecture, params, FT and TFS ("mean ± std" and numeric mean
     and std), their lrs, TFS - FT, the noise verdict, the paper's rate, FT and TFS, status and error.
@@ -475,14 +573,18 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
         if rec is not None:
             try:
                 init = _finetune_init(cfg, key, rec, progress)
+                runs = []
                 for label, mode, state in (("FT", "finetune", init), ("TFS", "scratch", None)):
-                    lrs[label], _ = base_models.searched_lr(setup, rec["spec"], mode=mode, init_state=state,
-                                                            progress=progress)
-                    for s in seeds:
-                        per_mode[label].append(train.train_run(
-                            rec["spec"], setup.dataset, base_models.recipe(setup, lr=lrs[label], mode=mode), s,
-                            setup.train_subset, setup.test_subset, init_state=state, tag=f"table2-{label}",
-                            progress=progress))
+                    lrs[label] = model_lr(cfg, key, mode, progress)
+                    runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
+                                          recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
+                                          per_class_train=setup.train_subset, per_class_test=setup.test_subset,
+                                          init_state=state, tag=f"table2-{label}")) for s in seeds]
+                from spvr_lib.paper import jobs
+                jobs.fill_cache(train_run_job, [(kw,) for _, kw in runs], jobs.worker_count(cfg),
+                                desc=f"Table 2 {key}", progress=progress)
+                for label, kw in runs:
+                    per_mode[label].append(train.train_run(**kw, progress=progress))
             except Exception as e:                    # recorded; the other models go on
                 error = f"{type(e).__name__}: {e}"
         for metric in _metrics(cfg, key):

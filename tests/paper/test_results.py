@@ -140,9 +140,20 @@ def test_run_account_counts_every_record_once_across_notebooks(tmp_path):
 def test_records_used_are_top_level_and_marked_computed_or_found(tmp_path, monkeypatch):
     monkeypatch.setenv("SPVR_CACHE", str(tmp_path))
     monkeypatch.setattr(store, "_used", {})
-    inner = lambda: store.cached({"i": 1}, lambda: {"v": 1, "wall_s": 2.0}, kind="t")     # noqa: E731
-    outer = store.cached({"o": 1}, lambda: {"v": inner()["v"], "wall_s": 5.0}, kind="t")
+    whole = {"device": {"torch_threads": 4, "cpu_count": 4}}                              # the whole machine
+    inner = lambda: store.cached({"i": 1}, lambda: {"v": 1, "wall_s": 2.0, "provenance": whole}, kind="t")  # noqa: E731
+    outer = store.cached({"o": 1}, lambda: {"v": inner()["v"], "wall_s": 5.0, "provenance": whole}, kind="t")
     again = inner()                                                                       # found, top level now
     used = store.records_used()
     assert used[outer["hash"]] == {"kind": "t", "compute_s": 5.0, "computed": True}
     assert used[again["hash"]] == {"kind": "t", "compute_s": 2.0, "computed": False}       # inside outer: not counted
+
+
+def test_machine_seconds_counts_the_share_of_the_cores_a_record_was_given():
+    rec = lambda threads, cores: {"wall_s": 10.0, "provenance": {"device": {"torch_threads": threads,  # noqa: E731
+                                                                            "cpu_count": cores}}}
+    assert store.machine_seconds(rec(1, 2)) == 5.0       # one of two side-by-side single-thread workers
+    assert store.machine_seconds(rec(2, 2)) == 10.0
+    assert store.machine_seconds(rec(4, 2)) == 10.0      # oversubscribed: still the whole machine, never more
+    assert store.machine_seconds({"wall_s": 3.0}) == 3.0  # no provenance: its whole wall time
+    assert store.machine_seconds({}) is None

@@ -1,0 +1,76 @@
+"""Learning rates by grid search on a validation split of the training set (never the test set; Section 4.3).
+
+One cached trial per grid value (kind ``lrtrial``), so that ``paper.jobs`` can run a grid's trials side by
+side and a regeneration spread over several runs keeps every finished one.  Kept apart from the notebooks'
+modules: a trial's record carries the fingerprint of the code that ran it, this file included.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from spvr_lib import data, models, store, train
+from spvr_lib.train import Recipe
+
+
+def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Recipe:
+    """The training recipe of EVERY network of a setup, base, pruned, fine-tuned or from scratch (SGD, momentum
+    0.9, cosine annealing; Section 4.3): the setup's epochs, batch, precision and memory format; only ``lr``
+    and ``mode`` differ."""
+    return Recipe(epochs=setup.epochs, batch_size=setup.batch_size, lr=setup.lr if lr is None else lr,
+                  weight_decay=setup.weight_decay, mode=mode, augment=setup.augment, num_workers=setup.num_workers,
+                  amp=setup.amp, channels_last=setup.channels_last, eval_every=setup.eval_every)
+
+
+def lr_trial(setup: Any, spec: dict, lr: float, mode: str = "scratch", init_state: dict | None = None,
+             seed: int = 0, progress: bool = True, shapes: dict | None = None) -> dict[str, Any]:
+    """One point of a learning-rate grid search: ``spec`` trained with :func:`recipe` at ``lr`` in ``mode`` on
+    the setup's training images minus a stratified validation split (``setup.val_fraction``, never the test
+    set), scored by validation top-1; cached (kind ``lrtrial``).  Record: lr, val_top1 (0 when the training
+    loss diverged), history, wall_s."""
+    rcp = recipe(setup, lr=float(lr), mode=mode)
+    key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset, "recipe": rcp.to_dict(),
+           "seed": seed, "val_fraction": setup.val_fraction, "data_files": data.fingerprint(setup.dataset),
+           "init": None if init_state is None else train.state_dict_digest(init_state)}
+    if shapes:
+        key["shapes"] = dict(shapes)
+
+    def compute() -> dict[str, Any]:
+        ds = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset, seed=seed)
+        plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+        train_idx, val_idx = train.validation_split(ds, setup.val_fraction, seed)
+        torch.manual_seed(seed)
+        model = models.build_network(spec, shapes)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        out = train.fit(model, torch.utils.data.Subset(ds, train_idx), torch.utils.data.Subset(plain, val_idx), rcp,
+                        seed=seed, progress=progress)
+        diverged = not all(torch.isfinite(torch.tensor(h["train_loss"])) for h in out["history"])
+        return {"lr": float(lr), "val_top1": 0.0 if diverged else float(out["top1"]), "history": out["history"]}
+
+    return store.cached(key, compute, kind="lrtrial")
+
+
+def lr_grid(setup: Any, mode: str) -> list[float]:
+    """The learning rates searched for ``mode``: ``setup.finetune_lr_grid`` for fine-tuning when set, else
+    ``setup.lr_grid``."""
+    return [float(v) for v in (setup.finetune_lr_grid if mode == "finetune" and setup.finetune_lr_grid
+                               else setup.lr_grid)]
+
+
+def searched_lr(setup: Any, spec: dict, mode: str = "scratch", init_state: dict | None = None,
+                seed: int = 0, progress: bool = True, grid: Any = None,
+                shapes: dict | None = None) -> tuple[float, dict[float, float]]:
+    """Grid search of the learning rate over ``grid`` (default ``setup.lr_grid``, or ``setup.finetune_lr_grid``
+    in mode "finetune"): one :func:`lr_trial` per value (each cached; ``paper.jobs`` can fill them side by
+    side).  Returns (best lr, {lr: validation top-1}); ties go to the smaller lr; a one-value grid is taken as
+    is, untrained."""
+    grid = [float(v) for v in grid] if grid else lr_grid(setup, mode)
+    if len(grid) == 1:
+        return grid[0], {grid[0]: None}
+    scores = {lr: lr_trial(setup, spec, lr, mode, init_state, seed, progress, shapes)["val_top1"] for lr in grid}
+    best = max(sorted(scores), key=lambda lr: scores[lr])
+    return best, scores
+
+
