@@ -253,7 +253,7 @@ def test_nisp_propagates_abs_weights_back_from_the_final_layer():
             bn.running_var.uniform_(0.5, 2)
     x = torch.randn(20, 1, 8, 8)
     scores = B._nisp_scores(model, x, torch.zeros(20, dtype=torch.long), 7, torch.device("cpu"), False)
-    conv1, bn1, conv2, bn2 = model.features[0][0], model.features[0][1], model.features[2][0], model.features[2][1]
+    conv1, _bn1, conv2, bn2 = model.features[0][0], model.features[0][1], model.features[2][0], model.features[2][1]
     with torch.no_grad():
         frl = model.pool(model.features(x)).flatten(1)
     s2 = B.inf_fs(frl)

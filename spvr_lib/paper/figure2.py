@@ -80,7 +80,8 @@ def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_
 
 
 def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,
-                    naive_group_sizes: Sequence[int] | None = None, progress: bool = True) -> list[dict[str, Any]]:
+                    naive_group_sizes: Sequence[int] | None = None, progress: bool = True,
+                    runs_out: list | None = None) -> list[dict[str, Any]]:
     """One row per group size d for model ``key`` at :func:`ablation_rate`: pruning time of the fast
     and the naive ranking, whether they gave the same network, and its accuracy trained from
     scratch (mean and sample std over ``seeds``, default the scale's; in %, NaN where the dataset
@@ -112,6 +113,14 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
             lr = base_lr(cfg, key, progress=progress)
             for m in methods:           # identical specs share one cached training run per seed
                 runs = [train_pruned(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress) for s in seeds]
+                if runs_out is not None:
+                    from spvr_lib.paper import tables1_3
+
+                    runs_out += [{**tables1_3.training_row(cfg.model(key), key, "spvr", r, rate=rate,
+                                                           budget=recs[m]["budget"],
+                                                           params_before=recs[m]["params_before"],
+                                                           arch=recs[m]["arch"]), "d": int(d), "ranking": m}
+                                 for r in runs]
                 for metric in ("top1", "top5"):
                     mean, std = stats._mean_std([r[metric] for r in runs])
                     row[f"{metric} ({m})"], row[f"{metric} std ({m})"] = mean, std
@@ -125,21 +134,32 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
 
 def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int]], seeds: Sequence[int] | None = None,
                      naive_group_sizes: Mapping[str, Sequence[int]] | None = None,
-                     progress: bool = True) -> pd.DataFrame:
+                     progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Figure 2's data: :func:`group_size_rows` for every model in ``group_sizes`` ({model key: [d, ...]});
     ``naive_group_sizes`` ({model key: [d, ...]}, default: all of ``group_sizes``) limits the naive ranking."""
     if not group_sizes:
         raise ValueError("group_sizes is empty; expected {model key: [d, ...]}")
+    runs: list[dict[str, Any]] = []
     rows = [r for key, ds in group_sizes.items()
             for r in group_size_rows(cfg, key, ds, seeds,
-                                     None if naive_group_sizes is None else naive_group_sizes.get(key, ds), progress)]
+                                     None if naive_group_sizes is None else naive_group_sizes.get(key, ds), progress,
+                                     runs_out=runs)]
     order = ["model", "rate", "d", "params before", "budget", "params after", "removed (%)", "collapsed",
              "prune s (fast)", "prune s (naive)", "naive / fast", "same spec",
              "top1 (fast)", "top1 std (fast)", "top5 (fast)", "top5 std (fast)",
              "top1 (naive)", "top1 std (naive)", "top5 (naive)", "top5 std (naive)", "n seeds",
              "paper prune s bound (d=32)", "status", "error", "architecture"]
     df = pd.DataFrame(rows)
-    return df[[c for c in order if c in df.columns]]
+    df = df[[c for c in order if c in df.columns]]
+    if not with_runs:
+        return df
+    from spvr_lib.paper import tables1_3
+
+    frame = tables1_3.runs_frame(runs)
+    if runs:
+        frame.insert(2, "d", [r["d"] for r in runs])
+        frame.insert(3, "ranking", [r["ranking"] for r in runs])
+    return df, frame
 
 
 _TITLES = {"vgg16": "VGG16", "resnet34": "ResNet34", "resnet50": "ResNet50"}

@@ -26,7 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from spvr_lib import data, latency, models
-from spvr_lib.paper import base_models, reference
+from spvr_lib.paper import base_models, reference, tables1_3
 from spvr_lib.paper.figure2 import train_pruned
 from spvr_lib.paper.stats import _mean_std
 
@@ -156,7 +156,7 @@ def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Seque
 
 
 def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | None = None,
-           progress: bool = True) -> pd.DataFrame:
+           progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Table 4 at the scale: MobileNetV3-small, -minimal and SPvR's ResNet50 at 80% of -minimal's
     parameters, each trained from scratch with the ResNet50 setup's data and recipe at the base
     ResNet50's searched learning rate, over ``seeds`` (default the scale's); the unpruned base ResNet50
@@ -173,7 +173,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     nets: list[tuple[str, Any]] = [(name, spec) for name, spec in mobilenet_specs(cfg, width).items()]
     nets.append(("ResNet50-pruned", None))
     _prepare(cfg, setup, nets, seeds, base_lr, budget, progress)
-    rows = []
+    rows, run_rows = [], []
     for name, spec in tqdm(nets, desc="Table 4", disable=not progress, leave=False):
         row: dict[str, Any] = {"model": name, "width": width if name in MOBILENET_VARIANTS else setup.width,
                                "status": "ok", "error": ""}
@@ -188,6 +188,12 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
             lr = base_lr if name not in MOBILENET_VARIANTS else \
                 base_models.searched_lr(setup, spec, "scratch", progress=progress)[0]
             trained = [train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress) for s in seeds]
+            run_rows += [tables1_3.training_row(setup, "resnet50", "spvr" if spec is not None and name not in
+                                                MOBILENET_VARIANTS else name, r, budget=row.get("budget"),
+                                                params_before=base_rec["params"], name=name,
+                                                rate=None if name in MOBILENET_VARIANTS else
+                                                round(1 - budget / base_rec["params"], 6),
+                                                arch=models.spec_to_str(spec)) for r in trained]
             row.update(_accuracy_columns(trained))
             row.update({"params": models.spec_params(spec), "lr": lr, "architecture": models.spec_to_str(spec)})
             row.update(_latency_and_macs(spec, setup.dataset, runs))
@@ -208,7 +214,8 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
              "top5", "top5 std", "n seeds", "lr", "MMACs", "latency median (ms)", "latency p10 (ms)",
              "latency p90 (ms)", "latency device", "threads", "prune s", "collapsed", "paper params (M)",
              "paper top1", "status", "error", "architecture"]
-    return df[[c for c in order if c in df.columns]]
+    df = df[[c for c in order if c in df.columns]]
+    return (df, tables1_3.runs_frame(run_rows)) if with_runs else df
 
 
 def _accuracy_columns(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

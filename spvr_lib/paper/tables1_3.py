@@ -327,6 +327,30 @@ _RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "removed (%)",
                 "budget", "params_before", "status", "error", "notes", "arch", "wall_s")
 
 
+def training_row(setup: Any, model: str, method: str, record: dict[str, Any], *, rate: float | None = None,
+                 budget: int | None = None, params_before: int | None = None, arch: str | None = None,
+                 name: str | None = None) -> dict[str, Any]:
+    """One row of a runs table (the columns of Table 1's) for a ``train.train_run`` record of ``setup``'s data:
+    its recipe (mode, epochs, lr), training and test images, scores, the rise over the last quarter, its
+    parameters against ``budget`` and the achieved removal from ``params_before``."""
+    rcp = record["key"]["recipe"]
+    params = record.get("params")
+    return {"model": model, "dataset": setup.dataset, "rate": rate,
+            "params removed (%)": None if rate is None else round(100 * rate, 2),
+            "removed (%)": None if params is None or not params_before else round(100 * (1 - params / params_before), 2),
+            "method": method, "name": name or DISPLAY_NAMES.get(method, method), "seed": record["key"]["seed"],
+            "mode": rcp["mode"], "epochs": rcp["epochs"], "train images": train_images(setup),
+            "test images": base_models.test_images_of(setup), "lr": rcp["lr"], "top1": record.get("top1"),
+            "top5": record.get("top5"), "rise over last quarter": train.plateau_rise(record.get("history") or []),
+            "params": params, "budget": budget, "params_before": params_before, "status": "ok", "error": None,
+            "arch": arch, "wall_s": record.get("wall_s")}
+
+
+def runs_frame(rows: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """A runs table from :func:`training_row` rows (Table 1's columns but ``notes``)."""
+    return _nullable_ints(pd.DataFrame(list(rows), columns=[c for c in _RUN_COLUMNS if c != "notes"]))
+
+
 @functools.lru_cache(maxsize=32)
 def _train_images(dataset: str, per_class: int | None) -> int:
     return len(data.load_dataset(dataset, "train", per_class=per_class))
@@ -551,7 +575,7 @@ def _finetune_init(cfg: Any, key: str, record: dict[str, Any], progress: bool) -
 
 
 def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, grid: Sequence[float] = TABLE2_GRID,
-           progress: bool = True) -> pd.DataFrame:
+           progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Table 2: SPvR's network at the highest rate of ``grid`` without layer collapse, fine-tuned from the
     base network's weights (FT) against trained from scratch (TFS): same data and epochs as the base, the
     learning rate searched for EACH mode (:func:`model_lr`: once per model and mode, on a validation split),
@@ -562,7 +586,7 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
     """
 
     seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
-    rows = []
+    rows, run_rows = [], []
     for key in keys:
         setup = cfg.model(key)
         paper = reference.PAPER_TABLE2[key]
@@ -585,6 +609,9 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                                 desc=f"Table 2 {key}", progress=progress)
                 for label, kw in runs:
                     per_mode[label].append(train.train_run(**kw, progress=progress))
+                    run_rows.append(training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,
+                                                 budget=rec["budget"], params_before=rec["params_before"],
+                                                 arch=rec["arch"]))
             except Exception as e:                    # recorded; the other models go on
                 error = f"{type(e).__name__}: {e}"
         for metric in _metrics(cfg, key):
@@ -610,7 +637,10 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                         "paper TFS": paper[f"TFS {metric}"], "seeds": len(seeds),
                         "status": "ok" if error is None else "failed", "error": error})
             rows.append(row)
-    return _tidy(pd.DataFrame(rows), ["params"])
+    table = _tidy(pd.DataFrame(rows), ["params"])
+    if not with_runs:
+        return table
+    return table, runs_frame(run_rows)
 
 
 # --------------------------------------------------------------------------- Table 3

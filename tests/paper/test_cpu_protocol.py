@@ -1,0 +1,158 @@
+"""The cpu scale's protocol: every network of a model gets its base's images and epochs, learning rates are
+searched per model and mode on a validation split, convergence is measured, and independent trainings run
+side by side with the same results as one after another."""
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from spvr_lib import data, models, store, train
+from spvr_lib.paper import base_models, jobs, reference, scales, tables1_3
+
+SETUP = scales.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=2, batch_size=32, lr=0.05,
+                          lr_grid=(0.01, 0.05), finetune_lr_grid=(0.002, 0.02), group_size=2, rates=(0.7,),
+                          train_rates=(0.7,), calib_per_class=2, train_subset=4, test_subset=2, augment=False,
+                          table3_rate=0.7)
+TINY = scales.Scale(name="smoke", seeds=(0, 1), models={"vgg16": SETUP})
+BEST = {"scratch": 0.01, "finetune": 0.02}      # where the fake training below scores best, per mode
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
+    monkeypatch.setattr(store, "_used", {})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path / "runs"
+    torch.set_num_threads(threads)
+
+
+def fake_fit(log):
+    """Stands in for train.fit: records (mode, lr, training images) and scores best at BEST[mode]."""
+    def fit(model, train_set, test_set, recipe, seed=0, **kwargs):
+        log.append((recipe.mode, recipe.lr, len(train_set), recipe.epochs))
+        top1 = 100.0 - 1000 * abs(recipe.lr - BEST[recipe.mode])
+        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0, "test_top1": top1}
+                   for e in range(1, recipe.epochs + 1)]
+        return {"top1": top1, "top5": 100.0, "loss": 1.0, "history": history, "epochs": recipe.epochs}
+    return fit
+
+
+# --------------------------------------------------------------------------- convergence
+def test_plateau_rise_reads_the_last_quarter_of_the_curve():
+    curve = lambda vals: [{"epoch": i + 1, "test_top1": v} for i, v in enumerate(vals)]  # noqa: E731
+    assert train.last_quarter_start(40) == 30 and train.last_quarter_start(8) == 6 and train.last_quarter_start(2) == 1
+    assert train.plateau_rise(curve([50, 60, 70, 80, 81, 81.5, 81.4, 81.6])) == pytest.approx(0.1)  # 81.6 - 81.5
+    assert train.plateau_rise(curve([50, 60, 70, 80])) == pytest.approx(10.0)                       # 80 - 70
+    unscored = curve([50, 60, 70, 80])
+    del unscored[2]["test_top1"]
+    assert train.plateau_rise(unscored) is None and train.plateau_rise([]) is None
+
+
+def test_eval_every_scores_every_nth_epoch_and_the_whole_last_quarter():
+    r = train.Recipe(epochs=12, batch_size=4, lr=0.1, eval_every=5)
+    assert [e for e in range(1, 13) if r.evaluates_after(e)] == [5, 9, 10, 11, 12]
+    assert "eval_every" not in train.Recipe(epochs=1, batch_size=4, lr=0.1).to_dict()   # earlier cache keys hold
+    assert r.to_dict()["eval_every"] == 5
+    with pytest.raises(ValueError, match="eval_every"):
+        train.Recipe(epochs=1, batch_size=4, lr=0.1, eval_every=0)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    ds = torch.utils.data.TensorDataset(x, y)
+    out = train.fit(torch.nn.Linear(3, 2), ds, ds, train.Recipe(epochs=6, batch_size=8, lr=0.1, eval_every=4),
+                    progress=False)
+    assert [h["epoch"] for h in out["history"] if "test_top1" in h] == [4, 5, 6]
+    assert out["top1"] == out["history"][-1]["test_top1"]
+
+
+# --------------------------------------------------------------------------- equal budgets, lr per mode
+def test_every_network_gets_the_base_images_and_epochs_and_the_lr_of_its_mode(cache, monkeypatch):
+    log = []
+    monkeypatch.setattr(train, "fit", fake_fit(log))
+    base = base_models.train_base(TINY, "vgg16", progress=False)
+    assert base["key"]["recipe"]["lr"] == BEST["scratch"]          # the scratch grid's best, on validation
+    assert base_models.scratch_lr(TINY, "vgg16", progress=False)[1] == {0.01: 100.0, 0.05: 60.0}
+    lr_ft, scores = tables1_3.finetune_lr(TINY, "vgg16", progress=False)
+    assert lr_ft == BEST["finetune"] and set(scores) == {0.002, 0.02}
+    # the searches never saw the test set: they trained on the training images minus the validation split
+    n_train = len(data.load_dataset("fashion-mnist", "train", per_class=SETUP.train_subset))
+    searches = [entry for entry in log if entry[2] < n_train]
+    assert searches and all(n == n_train - 10 for _, _, n, _ in searches)      # 10%: one image per class
+
+    runs = pd.concat([tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "spvr"], [0, 1], mode, progress=False)
+                      for mode in ("finetune", "scratch")])
+    assert (runs["status"] == "ok").all()
+    assert (runs["epochs"] == base["key"]["recipe"]["epochs"]).all()
+    assert (runs["train images"] == n_train).all() and (runs["test images"] == 20).all()
+    assert set(runs.loc[runs["mode"] == "finetune", "lr"]) == {BEST["finetune"]}
+    assert set(runs.loc[runs["mode"] == "scratch", "lr"]) == {BEST["scratch"]}
+    assert (runs["params"] <= runs["budget"]).all()
+    assert ((runs["params removed (%)"] - runs["removed (%)"]).abs() <= 100).all()
+    trainings = [entry for entry in log if entry[2] == n_train]
+    assert {epochs for *_, epochs in trainings} == {SETUP.epochs}
+
+
+# --------------------------------------------------------------------------- side by side
+def test_side_by_side_trainings_equal_one_after_another(cache, monkeypatch):
+    spec = base_models.base_spec(SETUP)
+    kw = [dict(spec=spec, dataset="fashion-mnist", recipe=base_models.recipe(SETUP, lr=0.05), seed=s,
+               per_class_train=2, per_class_test=1, tag="jobs") for s in (0, 1)]
+    failures = jobs.fill_cache(tables1_3.train_run_job, [(k,) for k in kw], workers=2, progress=False)
+    assert failures == []
+    parallel = [train.train_run(**k, progress=False) for k in kw]          # found in the cache
+    used = store.records_used()
+    assert all(used[r["hash"]]["computed"] for r in parallel)             # computed for this process, by workers
+    assert all(r["provenance"]["device"]["torch_threads"] == 1 for r in parallel)
+    assert all(used[r["hash"]]["compute_s"] == store.machine_seconds(r) for r in parallel)
+
+    monkeypatch.setenv("SPVR_CACHE", str(cache.parent / "serial"))
+    serial = [train.train_run(**k, progress=False) for k in kw]
+    for p, s in zip(parallel, serial):
+        assert p["hash"] == s["hash"] and p["top1"] == s["top1"]
+        assert [h["train_loss"] for h in p["history"]] == [h["train_loss"] for h in s["history"]]
+        wp, ws = train.load_weights(p), train.load_weights(s)
+        assert train.state_dict_digest(wp.state_dict()) == train.state_dict_digest(ws.state_dict())
+
+
+def test_a_failing_job_is_reported_and_not_cached(cache):
+    bad = dict(spec={"arch": "nonsense"}, dataset="fashion-mnist", recipe=base_models.recipe(SETUP), seed=0)
+    failures = jobs.fill_cache(tables1_3.train_run_job, [(bad,), (bad,)], workers=2, progress=False)
+    assert len(failures) == 2 and all("ValueError" in f for f in failures)
+    assert not list(cache.glob("train-*.json")) if cache.exists() else True
+
+
+def test_worker_count_reads_the_scale_and_the_environment(monkeypatch):
+    monkeypatch.delenv("SPVR_WORKERS", raising=False)
+    assert jobs.worker_count(TINY) == 1 and jobs.worker_count(scales.get_scale("cpu")) == min(2, os.cpu_count())
+    monkeypatch.setenv("SPVR_WORKERS", "1")
+    assert jobs.worker_count(scales.get_scale("cpu")) == 1
+    monkeypatch.setenv("SPVR_WORKERS", "two")
+    with pytest.raises(ValueError, match="SPVR_WORKERS='two'"):
+        jobs.worker_count(TINY)
+
+
+def test_cpu_scale_gives_every_network_of_a_model_one_budget():
+    cfg = scales.get_scale("cpu")
+    for key, setup in cfg.models.items():
+        assert setup.test_subset is None                       # the whole 10,000-image test set
+        assert len(cfg.seeds) == 3 and len(setup.compare_rates) >= 2
+        assert max(setup.compare_rates) == max(k[1] for k in reference.PAPER_TABLE1 if k[0] == key)
+        assert setup.table3_rate in setup.compare_rates        # Table 3's fine-tuned runs are Table 1's
+        assert not hasattr(setup, "base_epochs")               # no separate budget for the base network
+        assert base_models.recipe(setup).epochs == setup.epochs
+        assert models.count_params(models.build(base_models.base_spec(setup))) > 0
+
+
+def test_same_ranking_ignores_only_swaps_of_groups_equal_to_the_tolerance():
+    from spvr_lib.paper.bench import same_ranking
+
+    naive = torch.tensor([1.0, 2.0, 2.00001, 5.0])
+    assert same_ranking(naive, naive.clone()) == (True, 0)
+    near = torch.tensor([1.0, 2.00001, 2.0, 5.0])       # 2.0 and 2.00001 differ by 5e-6 relative: a near tie
+    assert same_ranking(naive, near) == (True, 1)
+    far = torch.tensor([2.5, 2.0, 2.00001, 5.0])        # 1.0 now ranks above 2.0: a real disagreement
+    assert same_ranking(naive, far)[0] is False
+    assert same_ranking(naive, near, rtol=1e-7)[0] is False
+    with pytest.raises(ValueError, match="same groups"):
+        same_ranking(naive, naive[:2])
