@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 .PHONY: help venv lock data test reproduce lab bench gpu-check clean
 
 help: ## show this help (each target and what it does)
-	@echo "usage: make <target> [SCALE=smoke|cpu|paper] [ONLY='01 03']"
+	@echo "usage: make <target> [SCALE=smoke|cpu|cpu-full|paper] [ONLY='01 03']"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 14
 
 # the exact versions come from requirements.lock; spvr_lib itself goes in editable, without re-resolving

@@ -5,6 +5,7 @@ of the SPvR and KL neuron rankings against a ground truth).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -49,8 +50,8 @@ def _scratch_trial_job(cfg: Any, key: str, lr: float) -> None:
     lr_trial(setup, base_spec(setup), lr, "scratch", progress=False)
 
 
-def _base_job(cfg: Any, key: str) -> None:
-    train_base(cfg, key, progress=False)
+def _base_job(cfg: Any, key: str, epochs_factor: int = 1) -> None:
+    train_base(cfg, key, progress=False, epochs_factor=epochs_factor)
 
 
 def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
@@ -62,7 +63,9 @@ def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
     keys = [k for k in keys if not cfg.model(k).pretrained]
     trials = [(cfg, k, lr) for k in keys for lr in lr_grid(cfg.model(k), "scratch") if len(cfg.model(k).lr_grid) > 1]
     jobs.fill_cache(_scratch_trial_job, trials, workers, desc="lr search (scratch)", progress=progress)
-    jobs.fill_cache(_base_job, [(cfg, k) for k in keys], workers, desc="base networks", progress=progress)
+    factors = (1,) + ((cfg.convergence_factor,) if cfg.convergence_factor else ())
+    jobs.fill_cache(_base_job, [(cfg, k, f) for f in factors for k in keys], workers,
+                    desc="base networks", progress=progress)
 
 
 def scratch_lr(cfg: Any, key: str, progress: bool = True) -> tuple[float, dict[float, float]]:
@@ -132,17 +135,22 @@ def pretrained_base(cfg: Any, key: str, progress: bool = True) -> dict[str, Any]
     return store.cached(key_, compute, kind="pretrained", refresh=path.exists() and not weights.exists())
 
 
-def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True, epochs_factor: int = 1) -> dict[str, Any]:
     """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record.
-    A setup with ``pretrained`` weights (the paper's ImageNet ResNet50) loads them instead of training."""
+    A setup with ``pretrained`` weights (the paper's ImageNet ResNet50) loads them instead of training.
+    ``epochs_factor``: the same network and recipe trained that many times longer (the convergence check of
+    :func:`base_table`: had the base network converged, more epochs would not raise its top-1)."""
 
     setup = cfg.model(key)
     if setup.pretrained:
         return pretrained_base(cfg, key, progress=progress)
     spec = base_spec(setup)
     lr, _ = scratch_lr(cfg, key, progress=progress)
-    return train_run(spec, setup.dataset, recipe(setup, lr=lr), seed, setup.train_subset, setup.test_subset,
-                     tag="base", progress=progress)
+    rcp = recipe(setup, lr=lr)
+    if epochs_factor != 1:
+        rcp = dataclasses.replace(rcp, epochs=rcp.epochs * int(epochs_factor))
+    return train_run(spec, setup.dataset, rcp, seed, setup.train_subset, setup.test_subset,
+                     tag="base" if epochs_factor == 1 else f"base-x{int(epochs_factor)}", progress=progress)
 
 
 def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -181,6 +189,9 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
         per_class = rec["key"]["per_class_train"]
         n_classes = data.num_classes(setup.dataset)
         rise = train.plateau_rise(rec["history"])
+        factor = cfg.convergence_factor
+        longer = None if rec.get("pretrained") or not factor else \
+            train_base(cfg, key, epochs_factor=factor, progress=False)
         rows.append({"model": key, "dataset": setup.dataset, "width": setup.width,
                      "train images per class": per_class if per_class is not None else
                      train_images_of(setup) // n_classes,
@@ -189,6 +200,9 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
                      "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
                      "top1": rec["top1"], "top5": rec["top5"], "rise over last quarter": rise,
                      "plateau": None if rise is None else bool(rise <= PLATEAU_POINTS),
+                     "top1 with more epochs": None if longer is None else longer["top1"],
+                     "epochs factor": factor if longer is not None else None,
+                     "gain with more epochs": None if longer is None else round(longer["top1"] - rec["top1"], 2),
                      "train s": rec["wall_s"],
                      **reference.PAPER_BASE[key], "architecture": spec_to_str(rec["spec"])})
     return pd.DataFrame(rows)

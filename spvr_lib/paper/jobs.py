@@ -42,12 +42,23 @@ def worker_count(cfg: Any = None) -> int:
 
 
 def _init_worker(token: str) -> None:
+    import threading
+    import time
+
     import torch
 
     from spvr_lib import store
 
     torch.set_num_threads(1)
     store.work_for(token)
+    parent = os.getppid()
+
+    def watch() -> None:             # the notebook was stopped: stop too (an unfinished record is not written)
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _call(target: str, args: tuple, kwargs: dict) -> str | None:

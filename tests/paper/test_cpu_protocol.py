@@ -43,27 +43,33 @@ def fake_fit(log):
 def test_plateau_rise_reads_the_last_quarter_of_the_curve():
     curve = lambda vals: [{"epoch": i + 1, "test_top1": v} for i, v in enumerate(vals)]  # noqa: E731
     assert train.last_quarter_start(40) == 30 and train.last_quarter_start(8) == 6 and train.last_quarter_start(2) == 1
-    assert train.plateau_rise(curve([50, 60, 70, 80, 81, 81.5, 81.4, 81.6])) == pytest.approx(0.1)  # 81.6 - 81.5
-    assert train.plateau_rise(curve([50, 60, 70, 80])) == pytest.approx(10.0)                       # 80 - 70
-    unscored = curve([50, 60, 70, 80])
-    del unscored[2]["test_top1"]
+    # 12 epochs: the last quarter starts after epoch 9; mean of epochs 10-12 minus mean of epochs 8-9 (10 is a tail)
+    vals = [50, 60, 70, 80, 81, 82, 83, 84.0, 85.0, 85.2, 85.3, 85.4]
+    assert train.plateau_rise(curve(vals)) == pytest.approx(85.3 - 84.5)
+    dip = list(vals)
+    dip[8] = 80.0                                  # one bad epoch at the start moves the rise by a third of it
+    assert train.plateau_rise(curve(dip)) == pytest.approx(85.3 - 82.0)
+    unscored = curve(vals)
+    for h in unscored[:9]:
+        del h["test_top1"]
     assert train.plateau_rise(unscored) is None and train.plateau_rise([]) is None
 
 
-def test_eval_every_scores_every_nth_epoch_and_the_whole_last_quarter():
-    r = train.Recipe(epochs=12, batch_size=4, lr=0.1, eval_every=5)
-    assert [e for e in range(1, 13) if r.evaluates_after(e)] == [5, 9, 10, 11, 12]
+def test_eval_every_scores_every_nth_epoch_and_the_ends_of_the_last_quarter():
+    r = train.Recipe(epochs=40, batch_size=4, lr=0.1, eval_every=10)
+    assert [e for e in range(1, 41) if r.evaluates_after(e)] == [10, 20, 29, 30, 31, 38, 39, 40]
     assert "eval_every" not in train.Recipe(epochs=1, batch_size=4, lr=0.1).to_dict()   # earlier cache keys hold
-    assert r.to_dict()["eval_every"] == 5
+    assert r.to_dict()["eval_every"] == 10
     with pytest.raises(ValueError, match="eval_every"):
         train.Recipe(epochs=1, batch_size=4, lr=0.1, eval_every=0)
     torch.manual_seed(0)
     x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
     ds = torch.utils.data.TensorDataset(x, y)
-    out = train.fit(torch.nn.Linear(3, 2), ds, ds, train.Recipe(epochs=6, batch_size=8, lr=0.1, eval_every=4),
+    out = train.fit(torch.nn.Linear(3, 2), ds, ds, train.Recipe(epochs=12, batch_size=8, lr=0.1, eval_every=5),
                     progress=False)
-    assert [h["epoch"] for h in out["history"] if "test_top1" in h] == [4, 5, 6]
+    assert [h["epoch"] for h in out["history"] if "test_top1" in h] == [5, 8, 9, 10, 11, 12]
     assert out["top1"] == out["history"][-1]["test_top1"]
+    assert train.plateau_rise(out["history"]) is not None
 
 
 # --------------------------------------------------------------------------- equal budgets, lr per mode
