@@ -50,8 +50,8 @@ def _scratch_trial_job(cfg: Any, key: str, lr: float) -> None:
     lr_trial(setup, base_spec(setup), lr, "scratch", progress=False)
 
 
-def _base_job(cfg: Any, key: str, epochs_factor: int = 1) -> None:
-    train_base(cfg, key, progress=False, epochs_factor=epochs_factor)
+def _base_job(cfg: Any, key: str, epochs_factor: int = 1, amp: bool | None = None) -> None:
+    train_base(cfg, key, progress=False, epochs_factor=epochs_factor, amp=amp)
 
 
 def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
@@ -64,7 +64,9 @@ def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
     trials = [(cfg, k, lr) for k in keys for lr in lr_grid(cfg.model(k), "scratch") if len(cfg.model(k).lr_grid) > 1]
     jobs.fill_cache(_scratch_trial_job, trials, workers, desc="lr search (scratch)", progress=progress)
     factors = (1,) + ((cfg.convergence_factor,) if cfg.convergence_factor else ())
-    jobs.fill_cache(_base_job, [(cfg, k, f) for f in factors for k in keys], workers,
+    base_jobs = [(cfg, k, f) for f in factors for k in keys]
+    base_jobs += [(cfg, k, 1, False) for k in keys if cfg.model(k).amp]      # bfloat16's cost in accuracy
+    jobs.fill_cache(_base_job, base_jobs, workers,
                     desc="base networks", progress=progress)
 
 
@@ -135,11 +137,13 @@ def pretrained_base(cfg: Any, key: str, progress: bool = True) -> dict[str, Any]
     return store.cached(key_, compute, kind="pretrained", refresh=path.exists() and not weights.exists())
 
 
-def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True, epochs_factor: int = 1) -> dict[str, Any]:
+def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True, epochs_factor: int = 1,
+               amp: bool | None = None) -> dict[str, Any]:
     """Train (or fetch from the cache) the pre-trained network SPvR starts from; its run record.
     A setup with ``pretrained`` weights (the paper's ImageNet ResNet50) loads them instead of training.
     ``epochs_factor``: the same network and recipe trained that many times longer (the convergence check of
-    :func:`base_table`: had the base network converged, more epochs would not raise its top-1)."""
+    :func:`base_table`: had the base network converged, more epochs would not raise its top-1).  ``amp``
+    overrides the setup's bfloat16 autocast (:func:`amp_table`: what bfloat16 costs in accuracy)."""
 
     setup = cfg.model(key)
     if setup.pretrained:
@@ -149,8 +153,29 @@ def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True, epochs_
     rcp = recipe(setup, lr=lr)
     if epochs_factor != 1:
         rcp = dataclasses.replace(rcp, epochs=rcp.epochs * int(epochs_factor))
+    if amp is not None:
+        rcp = dataclasses.replace(rcp, amp=bool(amp))
+    tag = "base" if epochs_factor == 1 else f"base-x{int(epochs_factor)}"
     return train_run(spec, setup.dataset, rcp, seed, setup.train_subset, setup.test_subset,
-                     tag="base" if epochs_factor == 1 else f"base-x{int(epochs_factor)}", progress=progress)
+                     tag=tag if amp is None or amp == setup.amp else f"{tag}-amp{int(bool(amp))}", progress=progress)
+
+
+def amp_table(cfg: Any, keys: Any) -> pd.DataFrame:
+    """What bfloat16 autocast costs: for every model of ``keys`` whose setup trains with it, the base network's
+    top-1 with and without it (same seed, data and recipe otherwise) and its training time."""
+    rows = []
+    for key in keys:
+        setup = cfg.model(key)
+        if not setup.amp or setup.pretrained:
+            continue
+        on, off = train_base(cfg, key, progress=False), train_base(cfg, key, progress=False, amp=False)
+        rows.append({"model": key, "top1 bf16": on["top1"], "top1 float32": off["top1"],
+                     "bf16 - float32": round(on["top1"] - off["top1"], 2),
+                     "train s bf16": on["wall_s"], "train s float32": off["wall_s"],
+                     "threads bf16": on["provenance"]["device"]["torch_threads"],
+                     "threads float32": off["provenance"]["device"]["torch_threads"]})
+    return pd.DataFrame(rows, columns=["model", "top1 bf16", "top1 float32", "bf16 - float32", "train s bf16",
+                                       "train s float32", "threads bf16", "threads float32"])
 
 
 def base_model(cfg: Any, key: str, seed: int = 0, progress: bool = True) -> tuple[torch.nn.Module, dict[str, Any]]:

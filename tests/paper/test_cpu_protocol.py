@@ -162,3 +162,18 @@ def test_same_ranking_ignores_only_swaps_of_groups_equal_to_the_tolerance():
     assert same_ranking(naive, near, rtol=1e-7)[0] is False
     with pytest.raises(ValueError, match="same groups"):
         same_ranking(naive, naive[:2])
+
+
+def test_amp_table_trains_the_base_with_and_without_bfloat16(cache, monkeypatch):
+    import dataclasses
+
+    log = []
+    monkeypatch.setattr(train, "fit", fake_fit(log))
+    cfg = scales.Scale(name="smoke", seeds=(0,), models={"vgg16": dataclasses.replace(SETUP, amp=True),
+                                                          "other": SETUP})
+    table = base_models.amp_table(cfg, ["vgg16", "other"])
+    assert list(table["model"]) == ["vgg16"]                   # only models that train in bfloat16
+    on = base_models.train_base(cfg, "vgg16", progress=False)
+    off = base_models.train_base(cfg, "vgg16", progress=False, amp=False)
+    assert on["key"]["recipe"]["amp"] is True and off["key"]["recipe"]["amp"] is False and on["hash"] != off["hash"]
+    assert table.iloc[0]["top1 bf16"] == on["top1"] and table.iloc[0]["top1 float32"] == off["top1"]
