@@ -84,13 +84,21 @@ def plan(cfg: Any) -> pd.DataFrame:
         if setup.pretrained:
             add("03", "published weights, evaluated once", 0, 0, 1, 0)
         else:
-            add("03", f"lr search ({len(setup.lr_grid)} values, 90% of the data) + base training",
-                len(setup.lr_grid) * (1 - setup.val_fraction) + 1, setup.epochs, 1, 0)
+            add("03", f"lr search from scratch ({len(setup.lr_grid)} values, {1 - setup.val_fraction:.0%} of the "
+                f"data) + base training (+ {cfg.convergence_factor}x epochs)" if cfg.convergence_factor else
+                f"lr search from scratch ({len(setup.lr_grid)} values, {1 - setup.val_fraction:.0%} of the data) "
+                "+ base training",
+                len(setup.lr_grid) * (1 - setup.val_fraction) + 1 + (cfg.convergence_factor or 0),
+                setup.epochs, 1, 0)
+            ft_grid = base_models.lr_grid(setup, "finetune")
+            add("04", f"lr search for fine-tuning ({len(ft_grid)} values) on ℓ1's network at "
+                f"{setup.table3_rate:.0%}", len(ft_grid) * (1 - setup.val_fraction), setup.epochs,
+                1 - setup.table3_rate, 0)
         mean_keep = sum(1 - r for r in rates) / len(rates)
         add("04", f"{len(methods)} methods x {len(rates)} rates x {seeds} seeds, fine-tuned / from scratch",
             len(methods) * len(rates) * seeds, setup.epochs, mean_keep, 1)
-        add("05", "fine-tune vs scratch: 2 lr searches + 2 x seeds trainings at one rate",
-            2 * len(setup.lr_grid) * 0.9 + 2 * seeds, setup.epochs, 1 - 0.6, 0)
+        add("05", "fine-tune vs scratch: 2 x seeds trainings at one rate (the model's lr per mode)",
+            2 * seeds, setup.epochs, 1 - 0.6, 0)
         add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}", len(methods) * seeds,
             setup.epochs, 1 - setup.table3_rate, 0)
         d_values = FIGURE2_D.get(key, (setup.group_size,))
