@@ -159,7 +159,7 @@ def scaled_group_size(paper_d: int, width: float) -> int:
 # group is the same fraction of a layer as in the paper.  Independent networks train side by side, one per
 # core (paper.jobs).
 _CPU_TRAIN = dict(epochs=80, train_subset=250, test_subset=None, batch_size=128, channels_last=True, eval_every=10,
-                  lr_grid=(0.02, 0.05, 0.1), finetune_lr_grid=(0.005, 0.02, 0.05), val_fraction=0.1)
+                  lr_grid=(0.02, 0.05, 0.1, 0.2), finetune_lr_grid=(0.005, 0.02, 0.05, 0.1), val_fraction=0.1)
 CPU = Scale(
     name="cpu",
     seeds=(0, 1, 2),
