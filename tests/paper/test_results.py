@@ -143,10 +143,14 @@ def test_records_used_are_top_level_and_marked_computed_or_found(tmp_path, monke
     whole = {"device": {"torch_threads": 4, "cpu_count": 4}}                              # the whole machine
     inner = lambda: store.cached({"i": 1}, lambda: {"v": 1, "wall_s": 2.0, "provenance": whole}, kind="t")  # noqa: E731
     outer = store.cached({"o": 1}, lambda: {"v": inner()["v"], "wall_s": 5.0, "provenance": whole}, kind="t")
-    again = inner()                                                                       # found, top level now
+    again = inner()                                            # found, top level now; this process computed it (inside outer)
     used = store.records_used()
     assert used[outer["hash"]] == {"kind": "t", "compute_s": 5.0, "computed": True}
-    assert used[again["hash"]] == {"kind": "t", "compute_s": 2.0, "computed": False}       # inside outer: not counted
+    assert used[again["hash"]] == {"kind": "t", "compute_s": 2.0, "computed": True}
+    monkeypatch.setattr(store, "_used", {})
+    monkeypatch.setattr(store, "PROCESS_TOKEN", "another-run")    # a later run finds both: computed by someone else
+    assert store.cached({"i": 1}, lambda: {"v": 9}, kind="t")["v"] == 1
+    assert store.records_used()[again["hash"]] == {"kind": "t", "compute_s": 2.0, "computed": False}
 
 
 def test_machine_seconds_counts_the_share_of_the_cores_a_record_was_given():
