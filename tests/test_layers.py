@@ -87,8 +87,8 @@ def test_each_mechanism_exists_once():
     assert optimizers == ["train.py"], optimizers
     assert not {n for n in _top_level_defs(r"(fit|train)_\w+|_train_\w+|\w+_fit") if n not in ("train_run", "train_mlp", "train_base", "train_segnet", "train_pruned",
                                                                         "train_images", "_train_images",
-                                                                        # job wrappers around a training, and a count: no loops
-                                                                        "_train_job", "train_run_job", "train_images_of")}
+                                                                        # a count: no loop
+                                                                        "train_images_of")}
     # a name "METHODS" no longer means three things
     assert "METHODS" not in _top_level_defs(r"METHODS")
 

@@ -52,10 +52,6 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
 
 
 
-def _train_job(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> None:
-    train_pruned(cfg, key, spec, seed, lr=lr, progress=False)
-
-
 def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_at: set[int], seeds: Sequence[int],
              progress: bool) -> None:
     """Prune at every d in this process (its timings are the figure's), then fill the run cache with the
@@ -75,8 +71,8 @@ def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_
             if spec not in specs:
                 specs.append(spec)
     lr = base_lr(cfg, key, progress=progress)
-    jobs.fill_cache(_train_job, [(cfg, key, spec, s, lr) for spec in specs for s in seeds], workers,
-                    desc=f"{key}: trainings", progress=progress)
+    jobs.fill_cache(train_pruned, [(cfg, key, spec, s, lr) for spec in specs for s in seeds], workers,
+                    desc=f"{key}: trainings", progress=progress, kwargs={"progress": False})
 
 
 def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,

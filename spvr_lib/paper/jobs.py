@@ -61,19 +61,22 @@ def _init_worker(token: str) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _call(target: str, args: tuple, kwargs: dict) -> str | None:
-    """Run ``module:function(*args, **kwargs)`` in a worker; None on success, the traceback otherwise."""
+def _call(target: str, args: tuple | dict, kwargs: dict) -> str | None:
+    """Run ``module:function(*args, **kwargs)`` (``**args`` when ``args`` is a dict) in a worker; None on
+    success, the traceback otherwise."""
     module, name = target.split(":")
     try:
-        getattr(importlib.import_module(module), name)(*args, **kwargs)
+        fn = getattr(importlib.import_module(module), name)
+        fn(**args, **kwargs) if isinstance(args, dict) else fn(*args, **kwargs)
         return None
     except Exception:                       # the notebook's own call reports it
         return traceback.format_exc(limit=4)
 
 
-def fill_cache(target: Callable[..., Any], jobs: Sequence[tuple], workers: int, desc: str = "jobs",
+def fill_cache(target: Callable[..., Any], jobs: Sequence[tuple | dict], workers: int, desc: str = "jobs",
                progress: bool = True, kwargs: dict | None = None) -> list[str]:
-    """Run ``target(*job, **kwargs)`` for every job in ``workers`` spawned processes (one torch thread
+    """Run ``target(*job, **kwargs)`` (``target(**job, **kwargs)`` for a dict job; pass ``kwargs={"progress":
+    False}`` to silence the workers' bars) for every job in ``workers`` spawned processes (one torch thread
     each) so that their cached records exist; results are not returned (read them from the cache).
     ``target`` must be a module-level function whose arguments pickle.  With ``workers <= 1`` or at most
     one job, nothing runs here.  Returns the tracebacks of the jobs that failed (they are not cached)."""
@@ -84,7 +87,8 @@ def fill_cache(target: Callable[..., Any], jobs: Sequence[tuple], workers: int, 
     failures: list[str] = []
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                 initializer=_init_worker, initargs=(store.PROCESS_TOKEN,)) as pool:
-        futures = [pool.submit(_call, name, tuple(job), dict(kwargs or {})) for job in jobs]
+        futures = [pool.submit(_call, name, dict(job) if isinstance(job, dict) else tuple(job), dict(kwargs or {}))
+                   for job in jobs]
         for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=desc, disable=not progress):
             err = fut.result()
             if err is not None:

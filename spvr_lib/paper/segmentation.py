@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from spvr_lib import data, models, store, train
+from spvr_lib import data, models, store, tasks, train
 from spvr_lib.paper import base_models, reference, scales
 from spvr_lib.paper.stats import _mean_std
 from spvr_lib.prune import spvr_prune
@@ -43,19 +43,59 @@ def segnet_spec(settings: dict[str, Any]) -> dict:
     return models.segnet_vgg16(num_classes=info.num_classes, in_channels=info.in_channels, width=settings["width"])
 
 
-def segnet_recipe(settings: dict[str, Any]) -> train.Recipe:
-    """The settings' recipe: SGD with momentum 0.9 and cosine annealing, from scratch."""
-    return train.Recipe(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
-                        weight_decay=settings["weight_decay"], augment=bool(settings["augment"]), mode="scratch")
+def segnet_recipe(settings: dict[str, Any], lr: float) -> train.Recipe:
+    """The settings' recipe at ``lr``: SGD with momentum 0.9 and cosine annealing, from scratch."""
+    return train.Recipe(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=float(lr),
+                        weight_decay=settings["weight_decay"], augment=bool(settings["augment"]), mode="scratch",
+                        eval_every=int(settings.get("eval_every", 1)))
+
+
+def segnet_lr_trial(settings: dict[str, Any], lr: float, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """One point of SegNet's learning-rate grid search: the unpruned SegNet trained with the settings' recipe at
+    ``lr`` on the training scenes minus a random ``settings["val_fraction"]`` of them (never the test scenes),
+    scored by mean IoU on those; cached (kind ``lrtrial``).  Record: lr, val_miou (%; 0 when the training loss
+    diverged), history, wall_s.  (``lr_search.lr_trial`` is the classification twin.)"""
+    spec, rcp = segnet_spec(settings), segnet_recipe(settings, lr)
+    key = {"spec": spec, "dataset": settings["dataset"], "train_options": split_options(settings, "train"),
+           "recipe": rcp.to_dict(), "seed": int(seed), "val_fraction": settings["val_fraction"],
+           "data_files": data.fingerprint(settings["dataset"])}
+
+    def compute() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        ds = segmentation_dataset(settings, "train", augment=rcp.augment)
+        plain = segmentation_dataset(settings, "train")
+        train_idx, val_idx = train.validation_split(ds, settings["val_fraction"], int(seed))
+        torch.manual_seed(int(seed))
+        model = models.build_network(spec)
+        out = train.fit(model, torch.utils.data.Subset(ds, train_idx), torch.utils.data.Subset(plain, val_idx), rcp,
+                        seed=int(seed), progress=progress, task=tasks.SEGMENTATION)
+        diverged = not all(torch.isfinite(torch.tensor(h["train_loss"])) for h in out["history"])
+        return {"lr": float(lr), "val_miou": 0.0 if diverged else float(out["miou"]), "history": out["history"],
+                "wall_s": round(time.perf_counter() - t0, 3)}
+
+    return store.cached(key, compute, kind="lrtrial")
+
+
+def segnet_lr(settings: dict[str, Any], progress: bool = True) -> tuple[float, dict[float, float | None]]:
+    """THE learning rate of every SegNet of the settings (unpruned and SPvR's from scratch), searched once on the
+    unpruned network over ``settings["lr_grid"]`` by :func:`segnet_lr_trial`: (best, {lr: validation mIoU});
+    ties go to the smaller lr; a one-value grid is taken as is, untrained."""
+    grid = [float(v) for v in settings["lr_grid"]]
+    if len(grid) == 1:
+        return grid[0], {grid[0]: None}
+    scores = {lr: segnet_lr_trial(settings, lr, progress=progress)["val_miou"] for lr in grid}
+    return max(sorted(scores), key=lambda lr: scores[lr]), scores
 
 
 def train_segnet(spec: dict, settings: dict[str, Any], seed: int, tag: str = "",
                  progress: bool = True) -> dict[str, Any]:
-    """Train ``spec`` from scratch with the settings' recipe: ``train.train_run`` with the segmentation
-    task (the dataset's).  Record: miou, pixel_acc, loss (final test scores), history, params, size_mb,
-    wall_s, weights, spec."""
-    return train.train_run(spec, settings["dataset"], segnet_recipe(settings), int(seed), tag=tag, progress=progress,
-                           train_options=split_options(settings, "train"), test_options=split_options(settings, "test"))
+    """Train ``spec`` from scratch with the settings' recipe at the searched lr (:func:`segnet_lr`):
+    ``train.train_run`` with the segmentation task (the dataset's).  Record: miou, pixel_acc, loss (final
+    test scores), history, params, size_mb, wall_s, weights, spec."""
+    lr, _ = segnet_lr(settings, progress=progress)
+    return train.train_run(spec, settings["dataset"], segnet_recipe(settings, lr), int(seed), tag=tag,
+                           progress=progress, train_options=split_options(settings, "train"),
+                           test_options=split_options(settings, "test"))
 
 
 def load_segnet(record: dict[str, Any]) -> nn.Module:
@@ -96,19 +136,41 @@ def segnet_pruned(settings: dict[str, Any], progress: bool = True) -> dict[str, 
     return store.cached(key, compute, kind="segprune")
 
 
+def prepare_segmentation(settings: dict[str, Any], progress: bool = True) -> None:
+    """Fill the run cache with the settings' learning-rate trials and every seed's unpruned SegNet, then SPvR's
+    SegNet from scratch, side by side in the scale's ``jobs.worker_count`` processes (nothing with one worker)."""
+    from spvr_lib.paper import jobs
+
+    workers = jobs.worker_count(scales.get_scale(settings["name"]) if "name" in settings else None)
+    if len(settings["lr_grid"]) > 1:
+        jobs.fill_cache(segnet_lr_trial, [(settings, lr) for lr in settings["lr_grid"]], workers,
+                        desc="lr search (SegNet)", progress=progress, kwargs={"progress": False})
+    jobs.fill_cache(train_segnet, [(segnet_spec(settings), settings, s, "base") for s in settings["seeds"]],
+                    workers, desc="SegNet", progress=progress, kwargs={"progress": False})
+    prec = segnet_pruned(settings, progress=progress)
+    jobs.fill_cache(train_segnet, [(prec["spec"], settings, s, "scratch") for s in settings["seeds"]],
+                    workers, desc="SPvR's SegNet", progress=progress, kwargs={"progress": False})
+
+
 def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple[pd.DataFrame, dict[str, list]]:
     """Mean IoU before and after pruning, beside the paper's 51.2 and 46.5.
 
     Rows: the trained SegNet and SPvR's SegNet at ``settings["rate"]`` re-initialised and trained
-    from scratch with the same recipe; mIoU and pixel accuracy in % (mean, sample std over
-    ``settings["seeds"]``).  Also returns the training records per row (for the curves).  A step
-    that raises gives a row with status "failed" and its reason."""
+    from scratch with the same recipe and searched lr; mIoU and pixel accuracy in % (mean, sample std over
+    ``settings["seeds"]``), the lr and its grid, epochs, and the rise of test mIoU over the last quarter of
+    training (mean over seeds, as base_models.csv's).  Also returns the training records per row (for the
+    curves).  A step that raises gives a row with status "failed" and its reason."""
     rows, records = [], {}
     jobs = [("SegNet", reference.SEGMENTATION_PAPER_MIOU["base"]),
             (f"SegNet, {settings['rate']:.0%} removed by SPvR", reference.SEGMENTATION_PAPER_MIOU["pruned"])]
     for i, (name, paper) in enumerate(jobs):
         row: dict[str, Any] = {"model": name, "dataset": settings["dataset"], "status": "ok", "error": ""}
         try:
+            lr, scores = segnet_lr(settings, progress=progress)
+            row.update({"epochs": settings["epochs"], "train images": settings["n_train"],
+                        "test images": settings["n_test"], "lr": lr,
+                        "lr grid (val mIoU)": ", ".join(f"{k:g}: {'-' if v is None else round(v, 2)}"
+                                                        for k, v in scores.items())})
             if i == 0:
                 spec, tag = segnet_spec(settings), "base"
             else:
@@ -123,6 +185,9 @@ def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple
             row["removed (%)"] = 100.0 * (1 - params / models.spec_params(segnet_spec(settings)))
             for metric, col in (("miou", "mIoU"), ("pixel_acc", "pixel acc")):
                 row[col], row[f"{col} std"] = _mean_std([r[metric] for r in runs])
+            rises = [train.plateau_rise(r["history"], "test_miou") for r in runs]
+            rises = [v for v in rises if v is not None]
+            row["mIoU rise over last quarter"] = round(sum(rises) / len(rises), 2) if rises else None
             row["n seeds"] = len(runs)
             row["architecture"] = models.spec_to_str(spec)
         except Exception as err:  # a failed step is a row, never dropped
@@ -130,7 +195,8 @@ def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple
         row["paper mIoU (CityScapes)"] = paper
         rows.append(row)
     order = ["model", "dataset", "params", "removed (%)", "budget", "mIoU", "mIoU std", "pixel acc", "pixel acc std",
-             "n seeds", "paper mIoU (CityScapes)", "prune s", "calibration images", "collapsed", "status", "error",
+             "n seeds", "paper mIoU (CityScapes)", "epochs", "train images", "test images", "lr", "lr grid (val mIoU)",
+             "mIoU rise over last quarter", "prune s", "calibration images", "collapsed", "status", "error",
              "architecture"]
     df = pd.DataFrame(rows)
     return df[[c for c in order if c in df.columns]], records

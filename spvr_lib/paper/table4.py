@@ -127,10 +127,6 @@ def _trial_job(cfg: Any, spec: dict, lr: float) -> None:
     base_models.lr_trial(_resnet50_setup(cfg), spec, lr, "scratch", progress=False)
 
 
-def _train_job(cfg: Any, spec: dict, seed: int, lr: float) -> None:
-    train_pruned(cfg, "resnet50", spec, seed, lr=lr, progress=False)
-
-
 def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Sequence[int], base_lr: float,
              budget: int, progress: bool) -> None:
     """Fill the run cache for Table 4 side by side (``paper.jobs``): the MobileNets' lr searches, then every
@@ -145,14 +141,15 @@ def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Seque
     if len(grid) > 1:
         jobs.fill_cache(_trial_job, [(cfg, spec, lr) for spec in mobiles for lr in grid], workers,
                         desc="lr search (MobileNets)", progress=progress)
-    train_jobs = [(cfg, spec, s, base_models.searched_lr(setup, spec, "scratch", progress=False)[0])
+    train_jobs = [(cfg, "resnet50", spec, s, base_models.searched_lr(setup, spec, "scratch", progress=False)[0])
                   for spec in mobiles for s in seeds]
     try:
         pruned = pruned_resnet50(cfg, budget, progress=progress)["spec"]
-        train_jobs += [(cfg, pruned, s, base_lr) for s in seeds]
+        train_jobs += [(cfg, "resnet50", pruned, s, base_lr) for s in seeds]
     except Exception:            # reported by table4's own call
         pass
-    jobs.fill_cache(_train_job, train_jobs, workers, desc="Table 4 trainings", progress=progress)
+    jobs.fill_cache(train_pruned, train_jobs, workers, desc="Table 4 trainings", progress=progress,
+                    kwargs={"progress": False})
 
 
 def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | None = None,

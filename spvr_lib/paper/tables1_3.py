@@ -242,15 +242,6 @@ def _finetune_trial_job(cfg: Any, key: str, lr: float) -> None:
                          shapes=models.network_shapes(model))
 
 
-def train_run_job(kwargs: dict[str, Any]) -> None:
-    """``train.train_run(**kwargs)`` as a ``paper.jobs`` job (no progress bar)."""
-    train.train_run(**kwargs, progress=False)
-
-
-def _train_job(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str) -> None:
-    trained_accuracy(cfg, key, method, rate, seed, mode, progress=False)
-
-
 def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: str, progress: bool = True) -> None:
     """Fill the run cache for the (model, rate, method, seed) runs ``jobs_`` in ``mode`` side by side
     (``paper.jobs``; nothing happens with one worker), in dependency order: base networks and their lr
@@ -275,8 +266,8 @@ def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: s
         trials = [(cfg, k, lr) for k in keys for lr in base_models.lr_grid(cfg.model(k), "finetune")
                   if len(base_models.lr_grid(cfg.model(k), "finetune")) > 1]
         jobs.fill_cache(_finetune_trial_job, trials, workers, desc="lr search (fine-tune)", progress=progress)
-    jobs.fill_cache(_train_job, [(cfg, k, m, float(r), int(s), mode) for k, r, m, s in jobs_], workers,
-                    desc=f"{mode} trainings", progress=progress)
+    jobs.fill_cache(trained_accuracy, [(cfg, k, m, float(r), int(s), mode) for k, r, m, s in jobs_], workers,
+                    desc=f"{mode} trainings", progress=progress, kwargs={"progress": False})
 
 
 # --------------------------------------------------------------------------- training
@@ -605,8 +596,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                                           per_class_train=setup.train_subset, per_class_test=setup.test_subset,
                                           init_state=state, tag=f"table2-{label}")) for s in seeds]
                 from spvr_lib.paper import jobs
-                jobs.fill_cache(train_run_job, [(kw,) for _, kw in runs], jobs.worker_count(cfg),
-                                desc=f"Table 2 {key}", progress=progress)
+                jobs.fill_cache(train.train_run, [kw for _, kw in runs], jobs.worker_count(cfg),
+                                desc=f"Table 2 {key}", progress=progress, kwargs={"progress": False})
                 for label, kw in runs:
                     per_mode[label].append(train.train_run(**kw, progress=progress))
                     run_rows.append(training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,

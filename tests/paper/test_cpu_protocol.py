@@ -104,7 +104,7 @@ def test_side_by_side_trainings_equal_one_after_another(cache, monkeypatch):
     spec = base_models.base_spec(SETUP)
     kw = [dict(spec=spec, dataset="fashion-mnist", recipe=base_models.recipe(SETUP, lr=0.05), seed=s,
                per_class_train=2, per_class_test=1, tag="jobs") for s in (0, 1)]
-    failures = jobs.fill_cache(tables1_3.train_run_job, [(k,) for k in kw], workers=2, progress=False)
+    failures = jobs.fill_cache(train.train_run, kw, workers=2, progress=False, kwargs={"progress": False})
     assert failures == []
     parallel = [train.train_run(**k, progress=False) for k in kw]          # found in the cache
     used = store.records_used()
@@ -123,7 +123,7 @@ def test_side_by_side_trainings_equal_one_after_another(cache, monkeypatch):
 
 def test_a_failing_job_is_reported_and_not_cached(cache):
     bad = dict(spec={"arch": "nonsense"}, dataset="fashion-mnist", recipe=base_models.recipe(SETUP), seed=0)
-    failures = jobs.fill_cache(tables1_3.train_run_job, [(bad,), (bad,)], workers=2, progress=False)
+    failures = jobs.fill_cache(train.train_run, [bad, bad], workers=2, progress=False)
     assert len(failures) == 2 and all("ValueError" in f for f in failures)
     assert not list(cache.glob("train-*.json")) if cache.exists() else True
 
@@ -177,3 +177,65 @@ def test_amp_table_trains_the_base_with_and_without_bfloat16(cache, monkeypatch)
     off = base_models.train_base(cfg, "vgg16", progress=False, amp=False)
     assert on["key"]["recipe"]["amp"] is True and off["key"]["recipe"]["amp"] is False and on["hash"] != off["hash"]
     assert table.iloc[0]["top1 bf16"] == on["top1"] and table.iloc[0]["top1 float32"] == off["top1"]
+
+
+# --------------------------------------------------------------------------- convergence on the budget
+def test_short_epochs_leaves_out_the_last_quarter():
+    from spvr_lib.paper.convergence import short_epochs
+
+    assert [short_epochs(e) for e in (1, 2, 4, 80, 160, 200)] == [1, 1, 3, 60, 120, 150]
+    with pytest.raises(ValueError, match="epochs=0"):
+        short_epochs(0)
+
+
+def test_budget_gain_pairs_the_runs_by_seed():
+    from spvr_lib.paper.convergence import budget_gain
+
+    g = budget_gain({0: 80.0, 1: 81.0, 2: 82.0, 7: 50.0}, {0: 80.5, 1: 81.1, 2: 82.3})
+    assert g["seeds"] == [0, 1, 2]                              # seed 7 has no full-budget twin
+    assert g["gain"] == pytest.approx(0.3)                      # mean of 0.5, 0.1, 0.3
+    assert g["gain sd"] == pytest.approx(0.2) and g["gain se"] == pytest.approx(round(0.2 / 3 ** 0.5, 3))
+    one = budget_gain({0: 80.0}, {0: 79.5})
+    assert one["gain"] == pytest.approx(-0.5) and one["gain sd"] is None and one["gain se"] is None
+    with pytest.raises(ValueError, match="at least one seed in both"):
+        budget_gain({0: 1.0}, {1: 1.0})
+
+
+def test_convergence_table_trains_each_seed_at_three_quarters_and_all_of_each_budget(cache, monkeypatch):
+    import dataclasses
+
+    from spvr_lib.paper import convergence
+
+    log = []
+
+    def fit(model, train_set, test_set, recipe, seed=0, **kwargs):       # top-1 = epochs/10 + seed
+        log.append((recipe.epochs, seed, recipe.lr))
+        top1 = recipe.epochs / 10 + seed
+        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0, "test_top1": e / 10 + seed}
+                   for e in range(1, recipe.epochs + 1)]
+        return {"top1": top1, "top5": 100.0, "loss": 1.0, "history": history, "epochs": recipe.epochs}
+
+    monkeypatch.setattr(train, "fit", fit)
+    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(SETUP, epochs=4)}, convergence_factor=2)
+    assert [(j[1], j[2], j[3]) for j in convergence.budget_jobs(cfg, ["vgg16"])] == \
+        [("vgg16", 4, 0), ("vgg16", 3, 0), ("vgg16", 4, 1), ("vgg16", 3, 1),
+         ("vgg16", 8, 0), ("vgg16", 6, 0), ("vgg16", 8, 1), ("vgg16", 6, 1)]
+    table = convergence.convergence_table(cfg, ["vgg16"], progress=False)
+    assert list(table["epochs"]) == [4, 8] and list(table["shorter epochs"]) == [3, 6]
+    assert list(table["seeds"]) == [2, 2] and list(table["x base epochs"]) == [1, 2]
+    assert list(table["gain of last quarter"]) == pytest.approx([0.1, 0.2]) and list(table["gain se"]) == [0, 0]
+    assert list(table["top1"]) == pytest.approx([0.9, 1.3]) and list(table["top1 at shorter"]) == pytest.approx([0.8, 1.1])
+    assert list(table["plateau on the budget"]) == [True, True]               # 0.1 and 0.2 <= 0.3
+    # within the run: mean of the last three epochs (0.6, 0.7, 0.8) minus the epochs around epoch 6 that end
+    # before them (only 0.5 at 8 epochs), the seed's offset cancelling
+    assert table.iloc[1]["rise within run"] == pytest.approx(0.2)
+    # the full budgets ARE the base runs (and the longer base runs of base_table)
+    assert convergence.base_with_epochs(cfg, "vgg16", 4, 1, progress=False)["hash"] == \
+        base_models.train_base(cfg, "vgg16", 1, progress=False)["hash"]
+    assert convergence.base_with_epochs(cfg, "vgg16", 8, 0, progress=False)["hash"] == \
+        base_models.train_base(cfg, "vgg16", 0, progress=False, epochs_factor=2)["hash"]
+    lr = base_models.scratch_lr(cfg, "vgg16", progress=False)[0]
+    assert sorted({(e, s) for e, s, r in log if r == lr}) == [(e, s) for e in (3, 4, 6, 8) for s in (0, 1)]
+    with pytest.raises(ValueError, match="published weights"):
+        convergence.base_with_epochs(dataclasses.replace(cfg, models={"vgg16": dataclasses.replace(
+            SETUP, pretrained="IMAGENET1K_V1")}), "vgg16", 4)

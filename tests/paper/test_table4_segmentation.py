@@ -99,6 +99,31 @@ def test_segmentation_table_format(cache):
     assert list(curves.columns) == ["model", "seed", "epoch", "test mIoU (%)"] and len(curves) == 2
 
 
+def test_segnet_lr_is_searched_on_held_out_training_scenes_and_used_by_every_segnet(cache, monkeypatch):
+    from spvr_lib import train
+
+    log = []
+
+    def fit(model, train_set, test_set, recipe, seed=0, task=None, **kwargs):     # best mIoU at lr 0.1
+        log.append((recipe.lr, len(train_set), len(test_set), task.name))
+        miou = {0.05: 40.0, 0.1: 60.0, 0.2: 60.0}.get(recipe.lr, 10.0)
+        history = [{"epoch": 1, "lr": recipe.lr, "train_loss": 1.0, "test_miou": miou}]
+        return {"miou": miou, "pixel_acc": 90.0, "loss": 1.0, "history": history, "epochs": recipe.epochs}
+
+    monkeypatch.setattr(train, "fit", fit)
+    s = segmentation.segmentation_settings("smoke")
+    s.update(n_train=20, n_test=4, lr_grid=(0.05, 0.1, 0.2), val_fraction=0.1)
+    lr, scores = segmentation.segnet_lr(s, progress=False)
+    assert lr == 0.1 and scores == {0.05: 40.0, 0.1: 60.0, 0.2: 60.0}   # the tie goes to the smaller lr
+    # each trial trains on 18 scenes and scores the 2 held out of the 20 training scenes, never the 4 test ones
+    assert sorted(log) == [(0.05, 18, 2, "segmentation"), (0.1, 18, 2, "segmentation"), (0.2, 18, 2, "segmentation")]
+    log.clear()
+    rec = segmentation.train_segnet(segmentation.segnet_spec(s), s, 0, tag="base", progress=False)
+    assert rec["key"]["recipe"]["lr"] == 0.1 and log == [(0.1, 20, 4, "segmentation")]   # trials are cached
+    one = dict(s, lr_grid=(0.05,))
+    assert segmentation.segnet_lr(one, progress=False) == (0.05, {0.05: None})          # a one-value grid: untrained
+
+
 def test_segmentation_settings_errors():
     with pytest.raises(ValueError, match="scale"):
         segmentation.segmentation_settings("gpu")
