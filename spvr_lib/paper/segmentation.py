@@ -203,6 +203,7 @@ def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple
 
 
 def segmentation_curves(records: dict[str, list[dict[str, Any]]]) -> pd.DataFrame:
-    """Test mean IoU per epoch of every training run in ``records`` (from :func:`segmentation_table`)."""
+    """Test mean IoU per scored epoch (``eval_every`` skips some) of every training run in ``records`` (from
+    :func:`segmentation_table`)."""
     return pd.DataFrame([{"model": name, "seed": r["key"]["seed"], "epoch": h["epoch"], "test mIoU (%)": h["test_miou"]}
-                         for name, runs in records.items() for r in runs for h in r["history"]])
+                         for name, runs in records.items() for r in runs for h in r["history"] if "test_miou" in h])

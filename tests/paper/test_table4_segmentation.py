@@ -97,6 +97,10 @@ def test_segmentation_table_format(cache):
     assert table["n seeds"].tolist() == [1, 1]
     curves = segmentation.segmentation_curves(records)
     assert list(curves.columns) == ["model", "seed", "epoch", "test mIoU (%)"] and len(curves) == 2
+    # a run scored every other epoch gives only its scored epochs
+    sparse = {"SegNet": [{"key": {"seed": 0}, "history": [{"epoch": 1, "train_loss": 1.0},
+                                                          {"epoch": 2, "train_loss": 0.9, "test_miou": 40.0}]}]}
+    assert segmentation.segmentation_curves(sparse)[["epoch", "test mIoU (%)"]].values.tolist() == [[2, 40.0]]
 
 
 def test_segnet_lr_is_searched_on_held_out_training_scenes_and_used_by_every_segnet(cache, monkeypatch):
