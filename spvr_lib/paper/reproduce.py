@@ -103,6 +103,8 @@ README_RESULTS = [
     ("01", "table5_sensitivity", "Table 5: sensitivity to the choices the paper leaves unstated", None),
     ("02", "grouping_passes", "Section 3.2: forward passes needed per group size", "grouping_heatmap"),
     ("03", "base_models", "Table 1 base rows: the pre-trained networks", None),
+    ("03", "base_models_convergence", "Table 1 base rows: have they converged? (the plateau rule within one run and "
+     "on the training budget)", None),
     ("08", "architectures", "Tables 6-8: the architectures SPvR recommends", None),
     ("08", "ranking_speed", "Ranking speed: naive (one pass per group) against fast", None),
     ("04", "table1_accuracy", "Table 1: SPvR against nine baselines at equal parameter budgets",
