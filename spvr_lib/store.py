@@ -363,12 +363,14 @@ def records_used() -> dict[str, dict[str, Any]]:
 
 
 def machine_seconds(record: Mapping[str, Any]) -> float | None:
-    """What a record cost its machine: its wall time times the share of the machine's cores it was given
-    (``torch_threads / cpu_count`` from its provenance, at most 1).  Two single-thread runs side by side on
-    a 2-core machine each cost half their wall time; a record without provenance counts its whole wall time."""
+    """What a record cost its machine: its wall time, plus the ``interrupted_s`` of earlier attempts it resumed
+    from (:func:`cached`), times the share of the machine's cores it was given (``torch_threads / cpu_count``
+    from its provenance, at most 1).  Two single-thread runs side by side on a 2-core machine each cost half
+    their wall time; a record without provenance counts its whole wall time."""
     wall = record.get("wall_s")
     if wall is None:
         return None
+    wall = float(wall) + float(record.get("interrupted_s") or 0.0)
     dev = (record.get("provenance") or {}).get("device") or {}
     threads, cores = dev.get("torch_threads"), dev.get("cpu_count")
     share = min(1.0, threads / cores) if threads and cores else 1.0
@@ -382,6 +384,59 @@ def _note_use(h: str, kind: str, record: Mapping[str, Any], computed: bool) -> N
         entry["computed"] = entry["computed"] or computed
 
 
+# --------------------------------------------------------------------------- the time of unfinished attempts
+ATTEMPT_BEAT_S = 30.0            # how often an attempt's elapsed time is written to its ledger
+RESUMABLE_KINDS = {"train"}      # kinds whose computation resumes an interrupted attempt (train.fit's checkpoint)
+
+
+def attempt_ledger(kind: str, h: str) -> Path:
+    """The ledger of the attempts at record ``<kind>-<h>``: ``data/runs/attempts/<kind>-<h>.json``, holding
+    ``interrupted_s`` (the time of earlier attempts that ended unfinished) and ``current_s`` (the attempt
+    under way, written every :data:`ATTEMPT_BEAT_S` seconds and when it ends unfinished)."""
+    return cache_dir() / "attempts" / f"{kind}-{h}.json"
+
+
+class _Heartbeat:
+    """Writes an attempt's elapsed time to its ledger every ``ATTEMPT_BEAT_S`` s (a daemon thread), so that a
+    run killed at a session's end leaves what it had cost; :meth:`stop` writes it a last time."""
+
+    def __init__(self, path: Path, interrupted_s: float, kind: str, h: str) -> None:
+        self.path, self.interrupted_s, self.kind, self.h = path, interrupted_s, kind, h
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self.beat()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat {kind}-{h}")
+        self._thread.start()
+
+    def beat(self) -> None:
+        atomic_write_json(self.path, {"kind": self.kind, "hash": self.h, "interrupted_s": round(self.interrupted_s, 3),
+                                      "current_s": round(time.perf_counter() - self.t0, 3)})
+
+    def _run(self) -> None:
+        while not self._stop.wait(ATTEMPT_BEAT_S):
+            try:
+                self.beat()
+            except OSError:           # a full disk must not kill the computation it accounts for
+                pass
+
+    def stop(self, finished: bool) -> None:
+        self._stop.set()
+        self._thread.join()
+        if finished:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.beat()
+
+
+def _earlier_attempts_s(path: Path) -> float:
+    """The time of the unfinished attempts a ledger records (0 when there is none or it cannot be read)."""
+    try:
+        ledger = json.loads(path.read_text())
+        return float(ledger.get("interrupted_s", 0.0)) + float(ledger.get("current_s", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
+
+
 def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kind: str = "run",
            refresh: bool = False) -> dict[str, Any]:
     """Return the record stored for ``key``, or run ``compute()`` and store its record.
@@ -393,6 +448,11 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
     again (with a warning naming the changed files).  ``refresh`` recomputes in any case.
     A failure inside ``compute`` is stored only when ``compute`` returns it as a record; exceptions
     propagate and nothing is written.  An unreadable record raises :class:`CacheError`.
+
+    While ``compute`` runs, its elapsed time goes to :func:`attempt_ledger`; a kind of
+    :data:`RESUMABLE_KINDS` (a training, which resumes from its checkpoint) records the time of the earlier,
+    interrupted attempts as ``interrupted_s``, which :func:`machine_seconds` adds; any other kind starts again
+    and its earlier attempts are not counted.
     """
     h = run_hash({"kind": kind, **key})
     path = cache_dir() / f"{kind}-{h}.json"
@@ -406,14 +466,22 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
         warnings.warn(f"cached {kind} record {path.name} was computed by other code (changed: "
                       f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); computing it again",
                       stacklevel=2)
+    ledger = attempt_ledger(kind, h)
+    earlier = _earlier_attempts_s(ledger) if kind in RESUMABLE_KINDS else 0.0
+    heartbeat = _Heartbeat(ledger, earlier, kind, h)
+    finished = False
     t0 = time.perf_counter()
     _depth[0] += 1
     try:
         with CodeTrace() as trace:
             record = dict(compute())
+        finished = True
     finally:
         _depth[0] -= 1
+        heartbeat.stop(finished)
     record.setdefault("wall_s", round(time.perf_counter() - t0, 3))
+    if earlier > 0:
+        record["interrupted_s"] = round(earlier, 3)
     record["key"] = dict(key)
     record["hash"] = h
     record["code"] = code_fingerprint(trace.files)

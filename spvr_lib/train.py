@@ -575,7 +575,7 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
               per_class_test: int | None = None, init_state: Mapping[str, torch.Tensor] | None = None,
               tag: str = "", progress: bool = True, device: str | torch.device | None = None,
               shapes: Mapping[str, Mapping[str, int]] | None = None, train_options: Mapping[str, Any] | None = None,
-              test_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+              test_options: Mapping[str, Any] | None = None, weights_needed: bool = True) -> dict[str, Any]:
     """THE cached training run: build the network, train it on ``dataset`` with ``recipe``, keep the record.
 
     The network is ``models.build_network(spec, shapes)`` (``shapes``: a pruned network's layer
@@ -588,7 +588,9 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
     The cache key is every argument above but ``progress`` and ``device`` (plus sha256 of
     ``init_state`` and ``data.fingerprint`` of the dataset's files); the record also carries the fingerprint of the code that ran (``store.cached``).
     A finished run is never recomputed while its code is unchanged, an interrupted one resumes from
-    its per-epoch checkpoint, and a record whose weights file was deleted is retrained.
+    its per-epoch checkpoint, and a record whose weights file was deleted is retrained when
+    ``weights_needed`` (the default; pass False where only the record's scores are read, so that a run cache
+    carried without those weights, as the committed cpu records are, is not retrained).
 
     Returns the record: the final test scores (top1, top5, loss or miou, pixel_acc, loss), history,
     epochs, params, size_mb, wall_s, weights (the ``models.save_network`` file, relative to the repo
@@ -628,7 +630,8 @@ def train_run(spec: dict, dataset: str, recipe: Recipe, seed: int, per_class_tra
                 "spec": spec, "shapes": models.network_shapes(model) if shapes else None}
 
     record_exists = store.cache_path(key, kind="train").exists()
-    record = store.cached(key, compute, kind="train", refresh=record_exists and not final_path.exists())
+    record = store.cached(key, compute, kind="train",
+                          refresh=record_exists and weights_needed and not final_path.exists())
     resume_path.unlink(missing_ok=True)  # the run is finished and recorded
     return record
 

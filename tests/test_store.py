@@ -111,3 +111,60 @@ def test_save_and_load_network_round_trip(tmp_path):
         models.load_network(path)
     with pytest.raises(FileNotFoundError, match="other.pt"):
         models.load_network(tmp_path / "other.pt")
+
+
+# --------------------------------------------------------------------------- the time of unfinished attempts
+class Interrupted(Exception):
+    pass
+
+
+def _slow(seconds, seen=None, ledger=None, fail=False):
+    import time
+
+    def compute():
+        time.sleep(seconds)
+        if seen is not None:
+            seen.append(json.loads(ledger.read_text()))
+        if fail:
+            raise Interrupted("killed at the session's end")
+        return {"value": 1}
+    return compute
+
+
+def test_an_attempt_writes_its_elapsed_time_while_it_runs_and_drops_it_when_done(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
+    monkeypatch.setattr(store, "ATTEMPT_BEAT_S", 0.02)
+    ledger = store.attempt_ledger("train", store.run_hash({"kind": "train", "x": 1}))
+    seen = []
+    rec = store.cached({"x": 1}, _slow(0.3, seen, ledger), kind="train")
+    assert seen[0]["current_s"] >= 0.1 and seen[0]["interrupted_s"] == 0     # beats during the computation
+    assert not ledger.exists() and "interrupted_s" not in rec                  # a first attempt that finished
+
+
+def test_a_resumed_training_counts_the_time_of_its_interrupted_attempts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
+    monkeypatch.setattr(store, "_used", {})
+    h = store.run_hash({"kind": "train", "x": 2})
+    ledger = store.attempt_ledger("train", h)
+    for _ in range(2):                                          # two attempts killed before they finished
+        with pytest.raises(Interrupted):
+            store.cached({"x": 2}, _slow(0.05, fail=True), kind="train")
+    left = json.loads(ledger.read_text())
+    assert left["current_s"] >= 0.05 and left["interrupted_s"] >= 0.05        # the last one and the one before
+    rec = store.cached({"x": 2}, _slow(0.01), kind="train")
+    assert rec["interrupted_s"] == pytest.approx(left["interrupted_s"] + left["current_s"], abs=1e-3)
+    assert not ledger.exists()
+    dev = rec["provenance"]["device"]
+    share = min(1.0, dev["torch_threads"] / dev["cpu_count"])
+    assert store.machine_seconds(rec) == pytest.approx((rec["wall_s"] + rec["interrupted_s"]) * share, abs=1e-3)
+    assert store.records_used()[h]["compute_s"] == store.machine_seconds(rec)
+
+
+def test_a_kind_that_starts_again_does_not_count_its_interrupted_attempts(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
+    with pytest.raises(Interrupted):
+        store.cached({"x": 3}, _slow(0.05, fail=True), kind="lrtrial")
+    assert store.attempt_ledger("lrtrial", store.run_hash({"kind": "lrtrial", "x": 3})).exists()
+    rec = store.cached({"x": 3}, _slow(0.01), kind="lrtrial")
+    assert "interrupted_s" not in rec
+    assert store.machine_seconds({"wall_s": 2.0, "interrupted_s": 3.0}) == 5.0      # no provenance: whole wall

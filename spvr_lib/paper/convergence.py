@@ -9,6 +9,8 @@ The rule (at most 0.3 points of top-1 gained over the last quarter of training) 
 * on the budget (this module): the same network and recipe trained with a complete schedule over 3/4 of
   the epochs, against all of them, paired by seed (same data draw and initialisation).  Had the network not
   converged, the last quarter of its budget would buy more than 0.3 points.
+* at twice the budget (this module): the same network trained ``convergence_factor`` times as long, against
+  the base, paired by seed.  Had the network not converged, twice the epochs would buy more than 0.3 points.
 
 Both are shown; neither replaces the other.
 """
@@ -51,27 +53,28 @@ def base_with_epochs(cfg: Any, key: str, epochs: int, seed: int = 0, progress: b
     lr, _ = base_models.scratch_lr(cfg, key, progress=progress)
     rcp = dataclasses.replace(recipe(setup, lr=lr), epochs=int(epochs))
     return train.train_run(base_models.base_spec(setup), setup.dataset, rcp, seed, setup.train_subset,
-                           setup.test_subset, tag=f"base-e{int(epochs)}", progress=progress)
+                           setup.test_subset, tag=f"base-e{int(epochs)}", progress=progress,
+                           weights_needed=False)
 
 
 def budget_factors(cfg: Any) -> tuple[int, ...]:
-    """The budgets the plateau rule is read at, as multiples of the base's epochs: the base's own, and the scale's
+    """The budgets the table reads, as multiples of the base's epochs: the base's own, and the scale's
     ``convergence_factor`` (twice as long at the cpu scale) when it has one."""
     return (1,) + ((int(cfg.convergence_factor),) if cfg.convergence_factor else ())
 
 
 def budget_jobs(cfg: Any, keys: Sequence[str]) -> list[tuple]:
-    """The (cfg, key, epochs, seed) trainings :func:`convergence_table` reads: for every budget of
-    :func:`budget_factors` and every seed of the scale, the full budget and :func:`short_epochs` of it."""
+    """The (cfg, key, epochs, seed) trainings :func:`convergence_table` reads, for every seed of the scale: the
+    base's epochs and :func:`short_epochs` of them (the last quarter's gain), and the scale's
+    ``convergence_factor`` times the epochs (what twice the training adds; no shorter run there)."""
     jobs = []
-    for factor in budget_factors(cfg):
-        for key in keys:
-            setup = cfg.model(key)
-            if setup.pretrained:
-                continue
-            full = factor * setup.epochs
-            for seed in cfg.seeds:
-                jobs += [(cfg, key, full, seed), (cfg, key, short_epochs(full), seed)]
+    for key in keys:
+        setup = cfg.model(key)
+        if setup.pretrained:
+            continue
+        for seed in cfg.seeds:
+            jobs += [(cfg, key, setup.epochs, seed), (cfg, key, short_epochs(setup.epochs), seed)]
+            jobs += [(cfg, key, f * setup.epochs, seed) for f in budget_factors(cfg)[1:]]
     return jobs
 
 
@@ -84,9 +87,9 @@ def prepare_budget_runs(cfg: Any, keys: Sequence[str], progress: bool = True) ->
 
 
 def budget_gain(short_top1: Mapping[int, float], full_top1: Mapping[int, float]) -> dict[str, Any]:
-    """What the last quarter of the budget buys, paired by seed: ``{seed: top-1 (%)}`` at the shorter and the
-    full budget -> gain (mean of full - short over the seeds both have, points), its sample sd and standard
-    error (None with one seed), and the seeds used."""
+    """What the larger budget buys, paired by seed: ``{seed: top-1 (%)}`` at the smaller and the larger budget ->
+    gain (mean of larger - smaller over the seeds both have, points), its sample sd and standard error (None with
+    one seed), and the seeds used."""
     seeds = sorted(set(short_top1) & set(full_top1))
     if not seeds:
         raise ValueError(f"short_top1 seeds {sorted(short_top1)} and full_top1 seeds {sorted(full_top1)}: "
@@ -99,31 +102,42 @@ def budget_gain(short_top1: Mapping[int, float], full_top1: Mapping[int, float])
 
 
 def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> pd.DataFrame:
-    """Notebook 03's convergence table, one row per trained base model and budget of :func:`budget_factors`:
-    top-1 after 3/4 of the budget's epochs and after all of them (mean over the scale's seeds), the gain of
-    the last quarter of the budget (paired by seed, with its standard error; ``plateau on the budget``: gain
-    <= 0.3 points) and the rise within the run (mean over seeds; ``plateau within run``: <= 0.3 points)."""
+    """Notebook 03's convergence table, one row per trained base model, every top-1 a mean over the scale's seeds
+    and every gain paired by seed (with its standard error):
+
+    * ``gain of last quarter``: top-1 after the base's epochs minus after 3/4 of them (complete schedules both);
+      ``plateau on the budget``: at most 0.3 points (``base_models.PLATEAU_POINTS``);
+    * ``gain of Nx epochs``: top-1 after ``convergence_factor`` times the epochs minus after the base's;
+      ``plateau at Nx``: at most 0.3 points (the columns are left out when the scale has no factor);
+    * ``rise within run``: :func:`spvr_lib.train.plateau_rise` of the base's runs, and its plateau reading."""
     rows = []
-    for factor in budget_factors(cfg):
-        for key in keys:
-            setup = cfg.model(key)
-            if setup.pretrained:
-                continue
-            full_e = factor * setup.epochs
-            short_e = short_epochs(full_e)
-            full = {s: base_with_epochs(cfg, key, full_e, s, progress) for s in cfg.seeds}
-            short = {s: base_with_epochs(cfg, key, short_e, s, progress) for s in cfg.seeds}
-            g = budget_gain({s: r["top1"] for s, r in short.items()}, {s: r["top1"] for s, r in full.items()})
-            rises = [v for v in (train.plateau_rise(r["history"]) for r in full.values()) if v is not None]
-            rise = round(statistics.fmean(rises), 2) if rises else None
-            rows.append({"model": key, "epochs": full_e, "x base epochs": factor, "shorter epochs": short_e,
-                         "seeds": len(g["seeds"]),
-                         "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
-                         "top1": round(statistics.fmean(r["top1"] for r in full.values()), 2),
-                         "gain of last quarter": g["gain"], "gain se": g["gain se"],
-                         "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS),
-                         "rise within run": rise,
-                         "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
-                         "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]),
-                                                       1)})
+    factors = budget_factors(cfg)[1:]
+    for key in keys:
+        setup = cfg.model(key)
+        if setup.pretrained:
+            continue
+        full_e, short_e = setup.epochs, short_epochs(setup.epochs)
+        full = {s: base_with_epochs(cfg, key, full_e, s, progress) for s in cfg.seeds}
+        short = {s: base_with_epochs(cfg, key, short_e, s, progress) for s in cfg.seeds}
+        g = budget_gain({s: r["top1"] for s, r in short.items()}, {s: r["top1"] for s, r in full.items()})
+        rises = [v for v in (train.plateau_rise(r["history"]) for r in full.values()) if v is not None]
+        rise = round(statistics.fmean(rises), 2) if rises else None
+        row = {"model": key, "lr": full[cfg.seeds[0]]["key"]["recipe"]["lr"], "epochs": full_e,
+               "shorter epochs": short_e, "seeds": len(g["seeds"]),
+               "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
+               "top1": round(statistics.fmean(r["top1"] for r in full.values()), 2),
+               "gain of last quarter": g["gain"], "gain se": g["gain se"],
+               "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS)}
+        runs = [*full.values(), *short.values()]
+        for factor in factors:
+            longer = {s: base_with_epochs(cfg, key, factor * full_e, s, progress) for s in cfg.seeds}
+            gl = budget_gain({s: r["top1"] for s, r in full.items()}, {s: r["top1"] for s, r in longer.items()})
+            row.update({f"top1 at {factor}x epochs": round(statistics.fmean(r["top1"] for r in longer.values()), 2),
+                        f"gain of {factor}x epochs": gl["gain"], f"gain of {factor}x se": gl["gain se"],
+                        f"plateau at {factor}x": bool(gl["gain"] <= base_models.PLATEAU_POINTS)})
+            runs += longer.values()
+        row.update({"rise within run": rise,
+                    "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
+                    "train s (these runs)": round(sum(r["wall_s"] for r in runs), 1)})
+        rows.append(row)
     return pd.DataFrame(rows)

@@ -48,7 +48,7 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
     setup = cfg.model(key)
     lr = base_lr(cfg, key, progress=progress) if lr is None else lr
     return train_run(spec, setup.dataset, base_models.recipe(setup, lr=lr), int(seed), setup.train_subset,
-                     setup.test_subset, tag="scratch", progress=progress)
+                     setup.test_subset, tag="scratch", progress=progress, weights_needed=False)
 
 
 

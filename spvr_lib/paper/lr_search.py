@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from spvr_lib import data, models, store, train
+from spvr_lib.data.common import LabeledSubset
 from spvr_lib.train import Recipe
 
 
@@ -23,31 +24,54 @@ def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Recipe
                   amp=setup.amp, channels_last=setup.channels_last, eval_every=setup.eval_every)
 
 
+def validation_images(setup: Any, seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
+    """(what an lr trial trains on, what it is scored on) for ``setup``: never the test set.
+
+    * ``setup.val_per_class`` set: ALL the training images every network of the setup gets (``train_subset`` per
+      class, drawn with ``seed``), and ``val_per_class`` OTHER training images per class, not augmented.
+    * otherwise: those training images minus a stratified ``setup.val_fraction`` of them, which are scored.
+    """
+    ds = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset, seed=seed)
+    if setup.val_per_class is None:
+        plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
+        train_idx, val_idx = train.validation_split(ds, setup.val_fraction, seed)
+        return torch.utils.data.Subset(ds, train_idx), torch.utils.data.Subset(plain, val_idx)
+    full = data.load_dataset(setup.dataset, "train", augment=False, seed=seed)
+    used = set(getattr(ds, "indices", range(len(full))))
+    rest = [i for i in range(len(full)) if i not in used]
+    if not rest:
+        raise ValueError(f"val_per_class={setup.val_per_class}: every training image of {setup.dataset!r} is already "
+                         "a training image of the setup (train_subset=None); set val_fraction instead")
+    targets = torch.as_tensor(full.targets)[rest]
+    picked = data.stratified_indices(targets, setup.val_per_class, seed, num_classes=full.num_classes)
+    return ds, LabeledSubset(full, [rest[i] for i in picked])
+
+
 def lr_trial(setup: Any, spec: dict, lr: float, mode: str = "scratch", init_state: dict | None = None,
              seed: int = 0, progress: bool = True, shapes: dict | None = None) -> dict[str, Any]:
     """One point of a learning-rate grid search: ``spec`` trained with :func:`recipe` at ``lr`` in ``mode`` on
-    the setup's training images minus a stratified validation split (``setup.val_fraction``, never the test
-    set), scored by validation top-1; cached (kind ``lrtrial``).  Record: lr, val_top1 (0 when the training
-    loss diverged), history, wall_s."""
+    :func:`validation_images` (held-out training images, never the test set) and scored by validation top-1;
+    cached (kind ``lrtrial``).  Record: lr, val_top1 (0 when the training loss diverged), history, wall_s."""
     rcp = recipe(setup, lr=float(lr), mode=mode)
     key = {"spec": spec, "dataset": setup.dataset, "per_class_train": setup.train_subset, "recipe": rcp.to_dict(),
            "seed": seed, "val_fraction": setup.val_fraction, "data_files": data.fingerprint(setup.dataset),
            "init": None if init_state is None else train.state_dict_digest(init_state)}
+    if setup.val_per_class is not None:
+        key["val_per_class"] = int(setup.val_per_class)
+        del key["val_fraction"]
     if shapes:
         key["shapes"] = dict(shapes)
 
     def compute() -> dict[str, Any]:
-        ds = data.load_dataset(setup.dataset, "train", augment=setup.augment, per_class=setup.train_subset, seed=seed)
-        plain = data.load_dataset(setup.dataset, "train", augment=False, per_class=setup.train_subset, seed=seed)
-        train_idx, val_idx = train.validation_split(ds, setup.val_fraction, seed)
+        train_part, val_part = validation_images(setup, seed)
         torch.manual_seed(seed)
         model = models.build_network(spec, shapes)
         if init_state is not None:
             model.load_state_dict(init_state)
-        out = train.fit(model, torch.utils.data.Subset(ds, train_idx), torch.utils.data.Subset(plain, val_idx), rcp,
-                        seed=seed, progress=progress)
+        out = train.fit(model, train_part, val_part, rcp, seed=seed, progress=progress)
         diverged = not all(torch.isfinite(torch.tensor(h["train_loss"])) for h in out["history"])
-        return {"lr": float(lr), "val_top1": 0.0 if diverged else float(out["top1"]), "history": out["history"]}
+        return {"lr": float(lr), "val_top1": 0.0 if diverged else float(out["top1"]), "history": out["history"],
+                "train images": len(train_part), "val images": len(val_part)}
 
     return store.cached(key, compute, kind="lrtrial")
 

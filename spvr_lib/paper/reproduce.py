@@ -84,6 +84,8 @@ def run_notebook(nb: Path, scale: str, out_dir: Path, timeout_s: float, paramete
         cmd += ["-p", k, str(v)]
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # the kernel imports THIS checkout's spvr_lib, even where the venv's editable install points at another one
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, timeout=timeout_s)

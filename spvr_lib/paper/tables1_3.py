@@ -307,7 +307,7 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     shapes = None if hasattr(model, "spec") else models.network_shapes(model)
     init_state = model.state_dict() if mode == "finetune" else None
     rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
-                          init_state=init_state, tag=method, progress=progress, shapes=shapes)
+                          init_state=init_state, tag=method, progress=progress, shapes=shapes, weights_needed=False)
     out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"],
                **{"rise over last quarter": train.plateau_rise(rec["history"])})
     return out
@@ -594,7 +594,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                     runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
                                           recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
                                           per_class_train=setup.train_subset, per_class_test=setup.test_subset,
-                                          init_state=state, tag=f"table2-{label}")) for s in seeds]
+                                          init_state=state, tag=f"table2-{label}", weights_needed=False))
+                             for s in seeds]
                 from spvr_lib.paper import jobs
                 jobs.fill_cache(train.train_run, [kw for _, kw in runs], jobs.worker_count(cfg),
                                 desc=f"Table 2 {key}", progress=progress, kwargs={"progress": False})

@@ -99,6 +99,34 @@ def test_every_network_gets_the_base_images_and_epochs_and_the_lr_of_its_mode(ca
     assert {epochs for *_, epochs in trainings} == {SETUP.epochs}
 
 
+def test_val_per_class_trials_train_on_the_base_images_and_score_other_training_images(cache, monkeypatch):
+    import dataclasses
+
+    from spvr_lib.paper import lr_search
+
+    setup = dataclasses.replace(SETUP, val_per_class=3)
+    seen = []
+
+    def fit(model, train_set, test_set, recipe, seed=0, **kwargs):
+        seen.append((train_set, test_set))
+        return fake_fit([])(model, train_set, test_set, recipe, seed=seed)
+
+    monkeypatch.setattr(train, "fit", fit)
+    rec = lr_search.lr_trial(setup, base_models.base_spec(setup), 0.05, progress=False)
+    train_part, val_part = seen[0]
+    base_images = data.load_dataset("fashion-mnist", "train", per_class=SETUP.train_subset, seed=0)
+    assert train_part.indices == base_images.indices        # exactly the images every network of the model gets
+    assert len(val_part) == 3 * 10 and not set(val_part.indices) & set(train_part.indices)
+    assert torch.bincount(val_part.targets, minlength=10).tolist() == [3] * 10
+    assert not val_part.augment                                # scored without augmentation
+    assert (rec["train images"], rec["val images"]) == (40, 30)
+    assert rec["key"]["val_per_class"] == 3 and "val_fraction" not in rec["key"]
+    # the fraction split (val_per_class unset) keeps its earlier cache key
+    assert "val_fraction" in lr_search.lr_trial(SETUP, base_models.base_spec(SETUP), 0.05, progress=False)["key"]
+    with pytest.raises(ValueError, match="val_per_class=3"):
+        lr_search.validation_images(dataclasses.replace(setup, train_subset=None))
+
+
 # --------------------------------------------------------------------------- side by side
 def test_side_by_side_trainings_equal_one_after_another(cache, monkeypatch):
     spec = base_models.base_spec(SETUP)
@@ -201,7 +229,7 @@ def test_budget_gain_pairs_the_runs_by_seed():
         budget_gain({0: 1.0}, {1: 1.0})
 
 
-def test_convergence_table_trains_each_seed_at_three_quarters_and_all_of_each_budget(cache, monkeypatch):
+def test_convergence_table_trains_each_seed_at_three_quarters_all_and_twice_the_epochs(cache, monkeypatch):
     import dataclasses
 
     from spvr_lib.paper import convergence
@@ -217,25 +245,31 @@ def test_convergence_table_trains_each_seed_at_three_quarters_and_all_of_each_bu
 
     monkeypatch.setattr(train, "fit", fit)
     cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(SETUP, epochs=4)}, convergence_factor=2)
+    # no shorter run at twice the epochs: 3/4, all and twice the epochs per seed
     assert [(j[1], j[2], j[3]) for j in convergence.budget_jobs(cfg, ["vgg16"])] == \
-        [("vgg16", 4, 0), ("vgg16", 3, 0), ("vgg16", 4, 1), ("vgg16", 3, 1),
-         ("vgg16", 8, 0), ("vgg16", 6, 0), ("vgg16", 8, 1), ("vgg16", 6, 1)]
+        [("vgg16", 4, 0), ("vgg16", 3, 0), ("vgg16", 8, 0), ("vgg16", 4, 1), ("vgg16", 3, 1), ("vgg16", 8, 1)]
     table = convergence.convergence_table(cfg, ["vgg16"], progress=False)
-    assert list(table["epochs"]) == [4, 8] and list(table["shorter epochs"]) == [3, 6]
-    assert list(table["seeds"]) == [2, 2] and list(table["x base epochs"]) == [1, 2]
-    assert list(table["gain of last quarter"]) == pytest.approx([0.1, 0.2]) and list(table["gain se"]) == [0, 0]
-    assert list(table["top1"]) == pytest.approx([0.9, 1.3]) and list(table["top1 at shorter"]) == pytest.approx([0.8, 1.1])
-    assert list(table["plateau on the budget"]) == [True, True]               # 0.1 and 0.2 <= 0.3
-    # within the run: mean of the last three epochs (0.6, 0.7, 0.8) minus the epochs around epoch 6 that end
-    # before them (only 0.5 at 8 epochs), the seed's offset cancelling
-    assert table.iloc[1]["rise within run"] == pytest.approx(0.2)
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row["epochs"], row["shorter epochs"], row["seeds"]) == (4, 3, 2)
+    assert row["gain of last quarter"] == pytest.approx(0.1) and row["gain se"] == 0
+    assert row["top1"] == pytest.approx(0.9) and row["top1 at shorter"] == pytest.approx(0.8)
+    assert row["top1 at 2x epochs"] == pytest.approx(1.3)               # (0.8 + 1.8) / 2
+    assert row["gain of 2x epochs"] == pytest.approx(0.4) and row["gain of 2x se"] == 0
+    assert bool(row["plateau on the budget"]) and not bool(row["plateau at 2x"])   # 0.1 <= 0.3 < 0.4
+    # within the run (4 epochs): mean of the last three (0.2, 0.3, 0.4) minus the epochs around epoch 3 that
+    # end before them (none), so no reading
+    assert row["rise within run"] is None or pd.isna(row["rise within run"])
+    no_factor = convergence.convergence_table(dataclasses.replace(cfg, convergence_factor=None), ["vgg16"],
+                                              progress=False)
+    assert not [c for c in no_factor.columns if "2x" in c]
     # the full budgets ARE the base runs (and the longer base runs of base_table)
     assert convergence.base_with_epochs(cfg, "vgg16", 4, 1, progress=False)["hash"] == \
         base_models.train_base(cfg, "vgg16", 1, progress=False)["hash"]
     assert convergence.base_with_epochs(cfg, "vgg16", 8, 0, progress=False)["hash"] == \
         base_models.train_base(cfg, "vgg16", 0, progress=False, epochs_factor=2)["hash"]
     lr = base_models.scratch_lr(cfg, "vgg16", progress=False)[0]
-    assert sorted({(e, s) for e, s, r in log if r == lr}) == [(e, s) for e in (3, 4, 6, 8) for s in (0, 1)]
+    assert sorted({(e, s) for e, s, r in log if r == lr}) == [(e, s) for e in (3, 4, 8) for s in (0, 1)]
     with pytest.raises(ValueError, match="published weights"):
         convergence.base_with_epochs(dataclasses.replace(cfg, models={"vgg16": dataclasses.replace(
             SETUP, pretrained="IMAGENET1K_V1")}), "vgg16", 4)
