@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock data test reproduce lab bench gpu-check clean
+.PHONY: help venv lock data test reproduce pin lab bench gpu-check clean
 
 help: ## show this help (each target and what it does)
 	@echo "usage: make <target> [SCALE=smoke|cpu|cpu-full|paper] [ONLY='01 03']"
@@ -49,6 +49,11 @@ NEEDS_FMNIST := $(if $(filter paper,$(SCALE)),,data)
 
 reproduce: $(STAMP) $(NEEDS_FMNIST) ## run the numbered notebooks at SCALE (default cpu), outputs in figures/$(SCALE)/
 	$(PY) -m spvr_lib.reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY))
+
+# a regeneration spread over sessions that each start from a fresh clone keeps its progress in git: stage the run
+# cache (records, resume checkpoints, the weights later runs read; data/ is otherwise ignored) before committing
+pin: $(STAMP) ## stage the run cache under data/ for a commit, so that a fresh clone's `make reproduce` goes on from it
+	$(PY) -m spvr_lib.reproduce --pin
 
 bench: $(STAMP) $(NEEDS_FMNIST) ## time naive vs fast ranking on each model at SCALE (JSON lines)
 	for m in vgg16 resnet34 resnet50; do $(PY) -m spvr_lib.bench ranking --model $$m --scale $(SCALE) --json; done

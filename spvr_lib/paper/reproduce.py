@@ -193,6 +193,52 @@ def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
     return new != text
 
 
+# --------------------------------------------------------------------------- the run cache, committed
+# A regeneration spread over several sessions on machines that start from a fresh clone keeps its progress only
+# in git: ``--pin`` stages the run cache for a commit (git add -f, data/ stays ignored otherwise).  Weights go
+# with it only where a later computation reads them; every other record is reused for its scores alone.
+PINNED_WEIGHT_KINDS = {"train", "own_model"}     # record kinds whose "weights" file may be read again
+
+
+def pinned_files(cache: Path | None = None) -> list[Path]:
+    """The files of the run cache (``data/``) a later session needs to go on where this one stopped, sorted:
+    every record (``runs/*.json``) and attempt ledger (``runs/attempts/``), every resume checkpoint of an
+    unfinished training (``checkpoints/<stem>.pt``), every pruned baseline (``pruned/*.pt``), and the final
+    weights of the records whose weights are read again: base networks (a ``train`` record tagged "base") and
+    notebook 12's own model.  Not the weights of the hundreds of networks read only for their scores."""
+    runs = cache or store.cache_dir()
+    root = runs.parent
+    files = sorted(runs.glob("*.json")) + sorted((runs / "attempts").glob("*.json"))
+    files += sorted(p for p in (root / "checkpoints").glob("*.pt") if not p.name.endswith(".final.pt"))
+    files += sorted((root / "pruned").glob("*.pt"))
+    for path in sorted(runs.glob("*.json")):
+        kind = path.name.split("-", 1)[0]
+        if kind not in PINNED_WEIGHT_KINDS:
+            continue
+        rec = store.read_record(path)
+        if kind == "train" and (rec.get("key") or {}).get("tag") != "base":
+            continue
+        weights = rec.get("weights")
+        if isinstance(weights, str):
+            w = Path(weights) if Path(weights).is_absolute() else REPO_ROOT / weights
+            if w.exists():
+                files.append(w)
+    return files
+
+
+def pin_cache() -> int:
+    """Stage :func:`pinned_files` for the next commit (``git add -f``), and the removal of tracked cache files
+    that are gone (finished resume checkpoints); prints what it staged.  Returns git's exit status."""
+    files = [str(p) for p in pinned_files()]
+    data_dir = store.cache_dir().parent
+    rc = subprocess.run(["git", "add", "-u", "--", str(data_dir)], cwd=REPO_ROOT).returncode
+    for i in range(0, len(files), 200):
+        rc = rc or subprocess.run(["git", "add", "-f", "--", *files[i:i + 200]], cwd=REPO_ROOT).returncode
+    size = sum(Path(f).stat().st_size for f in files)
+    print(f"staged {len(files)} cache files ({size / 2**20:.1f} MiB) under {store.repo_relative(data_dir)}/")
+    return rc
+
+
 def run_account(scale: str, walls: dict[str, float], total_s: float, cold: bool,
                 figures: Path | None = None) -> dict[str, Any]:
     """What a ``make reproduce`` cost: per notebook its wall time (this run) and the cached computations behind
@@ -244,9 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                     "with provenance and refresh the README's plan section")
     ap.add_argument("--check-data", action="store_true", help="only check that every dataset the scale reads is "
                     "in place (python -m spvr_lib.data check for each); exit 1 when one is missing")
+    ap.add_argument("--pin", action="store_true", help="only stage the run cache for a commit (git add -f): records, "
+                    "resume checkpoints and the weights later runs read, so a fresh clone goes on from them")
     ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
                     "provenance no longer matches the current code; exit 1 when any is stale")
     args = ap.parse_args(argv)
+    if args.pin:
+        return pin_cache()
     if args.plan or args.check_data or args.check:
         try:
             scale = check_scale(args.scale)

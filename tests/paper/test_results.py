@@ -161,3 +161,56 @@ def test_machine_seconds_counts_the_share_of_the_cores_a_record_was_given():
     assert store.machine_seconds(rec(4, 2)) == 10.0      # oversubscribed: still the whole machine, never more
     assert store.machine_seconds({"wall_s": 3.0}) == 3.0  # no provenance: its whole wall time
     assert store.machine_seconds({}) is None
+
+
+def test_pinned_files_are_the_cache_a_fresh_clone_needs_to_go_on(tmp_path, monkeypatch):
+    runs = tmp_path / "data" / "runs"
+    ckpt, pruned = tmp_path / "data" / "checkpoints", tmp_path / "data" / "pruned"
+    for d in (runs / "attempts", ckpt, pruned):
+        d.mkdir(parents=True)
+    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("SPVR_CACHE", str(runs))
+
+    def record(name, **rec):
+        store.atomic_write_json(runs / name, rec)
+        return runs / name
+
+    base = record("train-aaa.json", key={"tag": "base"}, weights="data/checkpoints/train-aaa.final.pt")
+    other = record("train-bbb.json", key={"tag": "scratch"}, weights="data/checkpoints/train-bbb.final.pt")
+    gone = record("train-ccc.json", key={"tag": "base"}, weights="data/checkpoints/train-ccc.final.pt")
+    own = record("own_model-ddd.json", key={}, weights=str(ckpt / "own_model-ddd.final.pt"))   # absolute path
+    lr = record("lrtrial-eee.json", key={}, lr=0.1)
+    for name in ("train-aaa.final.pt", "train-bbb.final.pt", "own_model-ddd.final.pt", "train-fff.pt"):
+        (ckpt / name).write_bytes(b"w")
+    (pruned / "baseline-ggg.pt").write_bytes(b"p")
+    ledger = runs / "attempts" / "train-fff.json"
+    ledger.write_text("{}")
+    got = set(reproduce.pinned_files(runs))
+    assert got == {base, other, gone, own, lr, ledger, ckpt / "train-fff.pt", pruned / "baseline-ggg.pt",
+                   ckpt / "train-aaa.final.pt", ckpt / "own_model-ddd.final.pt"}
+    # not the weights of a record read only for its scores, nor a base's weights that are not there
+    assert ckpt / "train-bbb.final.pt" not in got and ckpt / "train-ccc.final.pt" not in got
+
+
+def test_pin_cache_stages_the_pinned_files_and_the_removal_of_finished_checkpoints(tmp_path, monkeypatch):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text("data/*\n")
+    runs, ckpt = tmp_path / "data" / "runs", tmp_path / "data" / "checkpoints"
+    runs.mkdir(parents=True)
+    ckpt.mkdir()
+    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(store, "REPO_ROOT", tmp_path)
+    monkeypatch.setenv("SPVR_CACHE", str(runs))
+    store.atomic_write_json(runs / "lrtrial-a.json", {"lr": 0.1})
+    (ckpt / "train-b.pt").write_bytes(b"resume")
+    assert reproduce.pin_cache() == 0
+    assert git("diff", "--cached", "--name-only").split() == ["data/checkpoints/train-b.pt", "data/runs/lrtrial-a.json"]
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "cache")
+    (ckpt / "train-b.pt").unlink()                             # the training finished: its checkpoint is gone
+    assert reproduce.pin_cache() == 0
+    assert git("diff", "--cached", "--name-status").split() == ["D", "data/checkpoints/train-b.pt"]
