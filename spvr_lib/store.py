@@ -386,7 +386,7 @@ def _note_use(h: str, kind: str, record: Mapping[str, Any], computed: bool) -> N
 
 # --------------------------------------------------------------------------- the time of unfinished attempts
 ATTEMPT_BEAT_S = 30.0            # how often an attempt's elapsed time is written to its ledger
-RESUMABLE_KINDS = {"train"}      # kinds whose computation resumes an interrupted attempt (train.fit's checkpoint)
+RESUMABLE_KINDS = {"train", "lrtrial"}   # kinds that resume an interrupted attempt (train.fit's checkpoint)
 
 
 def attempt_ledger(kind: str, h: str) -> Path:

@@ -163,8 +163,8 @@ def test_a_resumed_training_counts_the_time_of_its_interrupted_attempts(tmp_path
 def test_a_kind_that_starts_again_does_not_count_its_interrupted_attempts(tmp_path, monkeypatch):
     monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
     with pytest.raises(Interrupted):
-        store.cached({"x": 3}, _slow(0.05, fail=True), kind="lrtrial")
-    assert store.attempt_ledger("lrtrial", store.run_hash({"kind": "lrtrial", "x": 3})).exists()
-    rec = store.cached({"x": 3}, _slow(0.01), kind="lrtrial")
+        store.cached({"x": 3}, _slow(0.05, fail=True), kind="baseline")
+    assert store.attempt_ledger("baseline", store.run_hash({"kind": "baseline", "x": 3})).exists()
+    rec = store.cached({"x": 3}, _slow(0.01), kind="baseline")
     assert "interrupted_s" not in rec
     assert store.machine_seconds({"wall_s": 2.0, "interrupted_s": 3.0}) == 5.0      # no provenance: whole wall

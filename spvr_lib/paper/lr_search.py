@@ -62,18 +62,23 @@ def lr_trial(setup: Any, spec: dict, lr: float, mode: str = "scratch", init_stat
     if shapes:
         key["shapes"] = dict(shapes)
 
+    # a per-epoch checkpoint: a trial interrupted at a session's end resumes (it is as long as a base training)
+    resume = train.checkpoint_dir() / f"{store.cache_path(key, kind='lrtrial').stem}.pt"
+
     def compute() -> dict[str, Any]:
         train_part, val_part = validation_images(setup, seed)
         torch.manual_seed(seed)
         model = models.build_network(spec, shapes)
         if init_state is not None:
             model.load_state_dict(init_state)
-        out = train.fit(model, train_part, val_part, rcp, seed=seed, progress=progress)
+        out = train.fit(model, train_part, val_part, rcp, seed=seed, progress=progress, checkpoint=resume)
         diverged = not all(torch.isfinite(torch.tensor(h["train_loss"])) for h in out["history"])
         return {"lr": float(lr), "val_top1": 0.0 if diverged else float(out["top1"]), "history": out["history"],
                 "train images": len(train_part), "val images": len(val_part)}
 
-    return store.cached(key, compute, kind="lrtrial")
+    record = store.cached(key, compute, kind="lrtrial")
+    resume.unlink(missing_ok=True)      # finished and recorded
+    return record
 
 
 def lr_grid(setup: Any, mode: str) -> list[float]:

@@ -127,6 +127,40 @@ def test_val_per_class_trials_train_on_the_base_images_and_score_other_training_
         lr_search.validation_images(dataclasses.replace(setup, train_subset=None))
 
 
+def test_an_interrupted_lr_trial_resumes_to_the_same_result_and_counts_its_time(cache, monkeypatch):
+    import dataclasses
+
+    from spvr_lib.paper import lr_search
+
+    setup = dataclasses.replace(SETUP, val_per_class=2, epochs=3)
+    spec = base_models.base_spec(setup)
+    whole = lr_search.lr_trial(setup, spec, 0.05, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    real_fit = train.fit
+
+    def fit_killed_after_two_epochs(*args, **kwargs):
+        def kill(entry):
+            if entry["epoch"] == 2:
+                raise Killed()
+        return real_fit(*args, **kwargs, on_epoch_end=kill)
+
+    monkeypatch.setenv("SPVR_CACHE", str(cache.parent / "resumed"))
+    monkeypatch.setattr(train, "fit", fit_killed_after_two_epochs)
+    with pytest.raises(Killed):
+        lr_search.lr_trial(setup, spec, 0.05, progress=False)
+    checkpoints = list((cache.parent / "checkpoints").glob("lrtrial-*.pt"))
+    assert len(checkpoints) == 1                                   # two epochs done, kept for the next attempt
+    monkeypatch.setattr(train, "fit", real_fit)
+    resumed = lr_search.lr_trial(setup, spec, 0.05, progress=False)
+    assert resumed["hash"] == whole["hash"] and resumed["val_top1"] == whole["val_top1"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in whole["history"]]
+    assert resumed["interrupted_s"] > 0 and "interrupted_s" not in whole
+    assert not checkpoints[0].exists()
+
+
 # --------------------------------------------------------------------------- side by side
 def test_side_by_side_trainings_equal_one_after_another(cache, monkeypatch):
     spec = base_models.base_spec(SETUP)
