@@ -203,14 +203,14 @@ PINNED_WEIGHT_KINDS = {"train", "own_model"}     # record kinds whose "weights" 
 def pinned_files(cache: Path | None = None) -> list[Path]:
     """The files of the run cache (``data/``) a later session needs to go on where this one stopped, sorted:
     every record (``runs/*.json``) and attempt ledger (``runs/attempts/``), every resume checkpoint of an
-    unfinished training (``checkpoints/<stem>.pt``), every pruned baseline (``pruned/*.pt``), and the final
-    weights of the records whose weights are read again: base networks (a ``train`` record tagged "base") and
+    unfinished training (``checkpoints/<stem>.pt``), every pruned baseline (``pruned/*.pt`` and its ``.json``), and
+    the final weights (with their ``.json`` description) of the records whose weights are read again: base networks (a ``train`` record tagged "base") and
     notebook 12's own model.  Not the weights of the hundreds of networks read only for their scores."""
     runs = cache or store.cache_dir()
     root = runs.parent
     files = sorted(runs.glob("*.json")) + sorted((runs / "attempts").glob("*.json"))
     files += sorted(p for p in (root / "checkpoints").glob("*.pt") if not p.name.endswith(".final.pt"))
-    files += sorted((root / "pruned").glob("*.pt"))
+    files += sorted((root / "pruned").glob("*.pt*"))       # weights and their models.save_network description
     for path in sorted(runs.glob("*.json")):
         kind = path.name.split("-", 1)[0]
         if kind not in PINNED_WEIGHT_KINDS:
@@ -223,6 +223,9 @@ def pinned_files(cache: Path | None = None) -> list[Path]:
             w = Path(weights) if Path(weights).is_absolute() else REPO_ROOT / weights
             if w.exists():
                 files.append(w)
+                sidecar = w.with_name(w.name + ".json")     # models.save_network's description of the network
+                if sidecar.exists():
+                    files.append(sidecar)
     return files
 
 

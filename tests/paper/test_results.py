@@ -183,11 +183,15 @@ def test_pinned_files_are_the_cache_a_fresh_clone_needs_to_go_on(tmp_path, monke
     for name in ("train-aaa.final.pt", "train-bbb.final.pt", "own_model-ddd.final.pt", "train-fff.pt"):
         (ckpt / name).write_bytes(b"w")
     (pruned / "baseline-ggg.pt").write_bytes(b"p")
+    (pruned / "baseline-ggg.pt.json").write_text("{}")
+    (ckpt / "train-aaa.final.pt.json").write_text("{}")
+    (ckpt / "train-bbb.final.pt.json").write_text("{}")
     ledger = runs / "attempts" / "train-fff.json"
     ledger.write_text("{}")
     got = set(reproduce.pinned_files(runs))
     assert got == {base, other, gone, own, lr, ledger, ckpt / "train-fff.pt", pruned / "baseline-ggg.pt",
-                   ckpt / "train-aaa.final.pt", ckpt / "own_model-ddd.final.pt"}
+                   pruned / "baseline-ggg.pt.json", ckpt / "train-aaa.final.pt", ckpt / "train-aaa.final.pt.json",
+                   ckpt / "own_model-ddd.final.pt"}
     # not the weights of a record read only for its scores, nor a base's weights that are not there
     assert ckpt / "train-bbb.final.pt" not in got and ckpt / "train-ccc.final.pt" not in got
 
