@@ -201,11 +201,12 @@ PINNED_WEIGHT_KINDS = {"train", "own_model"}     # record kinds whose "weights" 
 
 
 def pinned_files(cache: Path | None = None) -> list[Path]:
-    """The files of the run cache (``data/``) a later session needs to go on where this one stopped, sorted:
-    every record (``runs/*.json``) and attempt ledger (``runs/attempts/``), every resume checkpoint of an
-    unfinished training (``checkpoints/<stem>.pt``), every pruned baseline (``pruned/*.pt`` and its ``.json``), and
-    the final weights (with their ``.json`` description) of the records whose weights are read again: base networks (a ``train`` record tagged "base") and
-    notebook 12's own model.  Not the weights of the hundreds of networks read only for their scores."""
+    """The files of the run cache (``data/``) a later session needs to go on where this one stopped: every
+    record (``runs/*.json``) and attempt ledger (``runs/attempts/``), every resume checkpoint of an unfinished
+    training or lr trial (``checkpoints/<stem>.pt``), every pruned baseline (``pruned/*.pt`` and its ``.json``),
+    and the final weights (with their ``.json`` description) of the records whose weights are read again: base
+    networks (a ``train`` record tagged "base") and notebook 12's own model.  Not the weights of the hundreds of
+    networks read only for their scores."""
     runs = cache or store.cache_dir()
     root = runs.parent
     files = sorted(runs.glob("*.json")) + sorted((runs / "attempts").glob("*.json"))
