@@ -73,13 +73,26 @@ def _call(target: str, args: tuple | dict, kwargs: dict) -> str | None:
         return traceback.format_exc(limit=4)
 
 
+def longest_first(jobs: Sequence[Any], cost: Callable[[Any], Any] | None) -> list[Any]:
+    """``jobs`` in the order :func:`fill_cache` submits them: by decreasing ``cost(job)`` (a number or a
+    tuple compared in order; stable: equal costs keep their order), so that the longest jobs start first
+    and the last to finish is a short one (no worker idles long at the end of a batch); as given when
+    ``cost`` is None."""
+    if cost is None:
+        return list(jobs)
+    return sorted(jobs, key=cost, reverse=True)
+
+
 def fill_cache(target: Callable[..., Any], jobs: Sequence[tuple | dict], workers: int, desc: str = "jobs",
-               progress: bool = True, kwargs: dict | None = None) -> list[str]:
+               progress: bool = True, kwargs: dict | None = None,
+               cost: Callable[[Any], Any] | None = None) -> list[str]:
     """Run ``target(*job, **kwargs)`` (``target(**job, **kwargs)`` for a dict job; pass ``kwargs={"progress":
     False}`` to silence the workers' bars) for every job in ``workers`` spawned processes (one torch thread
     each) so that their cached records exist; results are not returned (read them from the cache).
     ``target`` must be a module-level function whose arguments pickle.  With ``workers <= 1`` or at most
-    one job, nothing runs here.  Returns the tracebacks of the jobs that failed (they are not cached)."""
+    one job, nothing runs here.  ``cost(job)``: the job's relative duration (a number or a tuple); the jobs
+    are submitted longest first (:func:`longest_first`), in the given order without it.  Returns the
+    tracebacks of the jobs that failed (they are not cached)."""
     if workers <= 1 or len(jobs) <= 1:
         return []
     name = f"{target.__module__}:{target.__name__}"
@@ -88,7 +101,7 @@ def fill_cache(target: Callable[..., Any], jobs: Sequence[tuple | dict], workers
     with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=ctx,
                                 initializer=_init_worker, initargs=(store.PROCESS_TOKEN,)) as pool:
         futures = [pool.submit(_call, name, dict(job) if isinstance(job, dict) else tuple(job), dict(kwargs or {}))
-                   for job in jobs]
+                   for job in longest_first(jobs, cost)]
         for fut in tqdm(cf.as_completed(futures), total=len(futures), desc=desc, disable=not progress):
             err = fut.result()
             if err is not None:

@@ -242,6 +242,13 @@ def _finetune_trial_job(cfg: Any, key: str, lr: float) -> None:
                          shapes=models.network_shapes(model))
 
 
+def training_cost(cfg: Any, key: str, rate: float) -> tuple[int, float]:
+    """How long a pruned network's training runs, for ordering jobs (``paper.jobs``, longest first):
+    (the model's epochs, the fraction of parameters kept), compared in that order: epochs first, since a
+    narrow network's epoch is not proportionally shorter (the per-batch overhead stays)."""
+    return cfg.model(key).epochs, 1.0 - float(rate)
+
+
 def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: str, progress: bool = True) -> None:
     """Fill the run cache for the (model, rate, method, seed) runs ``jobs_`` in ``mode`` side by side
     (``paper.jobs``; nothing happens with one worker), in dependency order: base networks and their lr
@@ -267,7 +274,8 @@ def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: s
                   if len(base_models.lr_grid(cfg.model(k), "finetune")) > 1]
         jobs.fill_cache(_finetune_trial_job, trials, workers, desc="lr search (fine-tune)", progress=progress)
     jobs.fill_cache(trained_accuracy, [(cfg, k, m, float(r), int(s), mode) for k, r, m, s in jobs_], workers,
-                    desc=f"{mode} trainings", progress=progress, kwargs={"progress": False})
+                    desc=f"{mode} trainings", progress=progress, kwargs={"progress": False},
+                    cost=lambda job: training_cost(cfg, job[1], job[3]))
 
 
 # --------------------------------------------------------------------------- training

@@ -307,3 +307,22 @@ def test_convergence_table_trains_each_seed_at_three_quarters_all_and_twice_the_
     with pytest.raises(ValueError, match="published weights"):
         convergence.base_with_epochs(dataclasses.replace(cfg, models={"vgg16": dataclasses.replace(
             SETUP, pretrained="IMAGENET1K_V1")}), "vgg16", 4)
+
+
+def test_jobs_are_submitted_longest_first_and_stably():
+    jobs_ = [("a", 1.0), ("b", 3.0), ("c", 1.0), ("d", 2.0)]
+    assert jobs.longest_first(jobs_, None) == jobs_
+    assert jobs.longest_first(jobs_, lambda j: j[1]) == [("b", 3.0), ("d", 2.0), ("a", 1.0), ("c", 1.0)]
+
+
+def test_training_cost_orders_the_cpu_trainings_by_epochs_and_kept_parameters():
+    cfg = scales.get_scale("cpu")
+    keys = list(cfg.models)
+    runs = [(k, r) for k in keys for r in cfg.model(k).compare_rates]
+    order = jobs.longest_first(runs, lambda j: tables1_3.training_cost(cfg, *j))
+    epochs = [cfg.model(k).epochs for k, _ in order]
+    assert epochs == sorted(epochs, reverse=True)                  # the longest recipe first
+    for k in keys:                                                  # within a model: the larger network first
+        rates = [r for kk, r in order if kk == k]
+        assert rates == sorted(rates)
+    assert tables1_3.training_cost(cfg, keys[0], 0.9) == (cfg.model(keys[0]).epochs, pytest.approx(0.1))
