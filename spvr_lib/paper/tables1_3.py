@@ -242,6 +242,14 @@ def _finetune_trial_job(cfg: Any, key: str, lr: float) -> None:
                          shapes=models.network_shapes(model))
 
 
+def training_tag(method: str, mode: str) -> str:
+    """The ``tag`` of a pruned network's training record: the method when fine-tuning (it starts from that
+    method's weights), "scratch" from scratch, where the network (spec and layer shapes), recipe and seed
+    alone determine the training: methods that give the same architecture (the uniform ones: ℓ1, ℓ2, FPGM,
+    HRank, NISP) share one run instead of repeating it, as do Tables 1-3 and Figure 2 for one network."""
+    return method if mode == "finetune" else "scratch"
+
+
 def training_cost(cfg: Any, key: str, rate: float) -> tuple[int, float]:
     """How long a pruned network's training runs, for ordering jobs (``paper.jobs``, longest first):
     (the model's epochs, the fraction of parameters kept), compared in that order: epochs first, since a
@@ -315,7 +323,8 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     shapes = None if hasattr(model, "spec") else models.network_shapes(model)
     init_state = model.state_dict() if mode == "finetune" else None
     rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
-                          init_state=init_state, tag=method, progress=progress, shapes=shapes, weights_needed=False)
+                          init_state=init_state, tag=training_tag(method, mode), progress=progress, shapes=shapes,
+                          weights_needed=False)
     out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"],
                **{"rise over last quarter": train.plateau_rise(rec["history"])})
     return out
@@ -602,7 +611,7 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                     runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
                                           recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
                                           per_class_train=setup.train_subset, per_class_test=setup.test_subset,
-                                          init_state=state, tag=f"table2-{label}", weights_needed=False))
+                                          init_state=state, tag=training_tag("spvr", mode), weights_needed=False))
                              for s in seeds]
                 from spvr_lib.paper import jobs
                 jobs.fill_cache(train.train_run, [kw for _, kw in runs], jobs.worker_count(cfg),

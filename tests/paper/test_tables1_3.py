@@ -123,6 +123,22 @@ def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache,
     assert calls["n"] == 0 and (scratch["mode"] == "scratch").all()
 
 
+def test_one_architecture_trained_from_scratch_is_one_run_whichever_method_chose_it(cache, monkeypatch):
+    shapes = {m: models.network_shapes(tables1_3.pruned_network(TINY, "vgg16", m, RATE, progress=False)[0])
+              for m in ("l1", "l2", "taylor")}                   # (the base network is trained here)
+    calls = {"n": 0}
+    monkeypatch.setattr(train, "fit", fake_fit(calls))
+    assert shapes["l1"] == shapes["l2"] != shapes["taylor"]      # ℓ1 and ℓ2 thin every layer alike; Taylor does not
+    scratch = tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "l2", "taylor"], [7], "scratch", progress=False)
+    assert calls["n"] == 2 and (scratch["status"] == "ok").all()
+    by = scratch.set_index("method")
+    assert by.loc["l1", "top1"] == by.loc["l2", "top1"]
+    assert tables1_3.training_tag("l1", "scratch") == tables1_3.training_tag("spvr", "scratch") == "scratch"
+    calls["n"] = 0                                  # fine-tuned, each starts from its own method's weights
+    tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "l2"], [7], "finetune", progress=False)
+    assert calls["n"] == 2 and tables1_3.training_tag("l1", "finetune") == "l1"
+
+
 def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
     monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
     runs = tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], [0], "finetune", progress=False)
