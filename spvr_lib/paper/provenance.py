@@ -136,7 +136,8 @@ def stale_artifacts(scale: str, figures_dir: Path | None = None,
 
     An artifact (``<stem>.provenance.json`` and its files) is stale when its provenance has no code
     fingerprint, when a source file of its fingerprint changed or vanished, when its notebook's code
-    changed, or when a file it lists is missing or differs from its recorded sha256.  Returns one
+    changed, when a file it lists is missing or differs from its recorded sha256, or when a table it read
+    (``inputs`` in its provenance) changed or is stale itself.  Returns one
     ``{"artifact", "reasons"}`` per stale artifact (empty: everything is what the code computes).
     """
     folder = figures_dir or output_dir(scale)
@@ -163,6 +164,31 @@ def stale_artifacts(scale: str, figures_dir: Path | None = None,
                 reasons.append(f"{name} missing")
             elif file_sha256(f) != sha:
                 reasons.append(f"{name} differs from its recorded sha256")
+        for name, sha in (prov.get("inputs") or {}).items():       # tables it read (notebook 13)
+            f = folder / name
+            if not f.exists():
+                reasons.append(f"input {name} missing")
+            elif file_sha256(f) != sha:
+                reasons.append(f"input {name} changed")
         if reasons:
             stale.append({"artifact": stem, "reasons": reasons})
-    return stale
+    # an artifact that read a stale one is stale too (its numbers come from outdated tables), transitively
+    by_stem = {s["artifact"]: s for s in stale}
+    reads = {}
+    for prov_path in sorted(folder.glob("*.provenance.json")):
+        try:
+            reads[prov_path.name[: -len(".provenance.json")]] = read_record(prov_path).get("inputs") or {}
+        except CacheError:
+            continue
+    changed = True
+    while changed:
+        changed = False
+        for stem, inputs in reads.items():
+            upstream = sorted(n for n in inputs if n.rsplit(".", 1)[0] in by_stem and n.rsplit(".", 1)[0] != stem)
+            entry = by_stem.get(stem)
+            note = "reads stale " + ", ".join(upstream)
+            if upstream and (entry is None or note not in entry["reasons"]):
+                entry = by_stem.setdefault(stem, {"artifact": stem, "reasons": []})
+                entry["reasons"] = [r for r in entry["reasons"] if not r.startswith("reads stale ")] + [note]
+                changed = True
+    return sorted(by_stem.values(), key=lambda s: s["artifact"])

@@ -99,6 +99,7 @@ def run_notebook(nb: Path, scale: str, out_dir: Path, timeout_s: float, paramete
 # The README's results section is generated from these artifacts (never typed by hand):
 # (notebook number, table stem under figures/<scale>/, title, figure stem shown below it or None).
 README_RESULTS = [
+    ("13", "claims", "What reproduced and what did not: each claim of the paper, its number beside ours", None),
     ("01", "worked_example", "Section 3.1.1: the worked example", None),
     ("01", "table5_kendall_tau", "Table 5: Kendall tau of the neuron rankings against the ground truth (Guyon data)",
      "table5_ranks"),

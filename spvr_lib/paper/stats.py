@@ -15,8 +15,19 @@ def within_noise(a: Sequence[float], b: Sequence[float], k: float = 2.0) -> bool
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         return None
-    pooled = math.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
-    return bool(abs(a.mean() - b.mean()) < k * pooled)
+    return within_noise_summary(a.mean(), a.std(ddof=1), len(a), b.mean(), b.std(ddof=1), len(b), k)
+
+
+def within_noise_summary(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b: float, n_b: int,
+                         k: float = 2.0) -> bool | None:
+    """:func:`within_noise` from each sample's mean, sample std (ddof=1) and size, as the tables print
+    them; None when either has fewer than two values or a value is missing."""
+    values = (mean_a, std_a, n_a, mean_b, std_b, n_b)
+    if any(v is None or not np.isfinite(float(v)) for v in values) or int(n_a) < 2 or int(n_b) < 2:
+        return None
+    n_a, n_b = int(n_a), int(n_b)
+    pooled = math.sqrt(((n_a - 1) * float(std_a) ** 2 + (n_b - 1) * float(std_b) ** 2) / (n_a + n_b - 2))
+    return bool(abs(float(mean_a) - float(mean_b)) < k * pooled)
 
 
 def noise_verdict(spvr: Sequence[float], other: Sequence[float], other_name: str) -> str:

@@ -1,0 +1,371 @@
+"""What reproduced and what did not: each claim of the paper, its number beside ours and a verdict, read
+from the tables the other notebooks wrote under ``figures/<scale>/`` (notebook 13).
+
+Nothing is computed here but comparisons of committed numbers: every row names the tables it read
+(``evidence``), and the artifact's provenance lists their sha256, so it goes stale when one of them
+changes.  Verdicts follow the one noise rule (:data:`spvr_lib.paper.stats.NOISE_RULE`) wherever seeds
+give a spread:
+
+* ``reproduced``: the claim holds in every cell it covers here;
+* ``partly reproduced``: in some cells, not all (ties by the noise rule count as not holding);
+* ``not reproduced``: in none;
+* ``undecided (< 2 seeds)``: no spread to judge by (the smoke scale);
+* ``missing``: a table it needs was not produced (its reason in ``ours``).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from spvr_lib.paper import reference, stats
+from spvr_lib.store import file_sha256
+
+COLUMNS = ("claim", "paper says", "paper", "ours", "verdict", "evidence")
+MODEL_NAMES = {"vgg16": "VGG16", "resnet34": "ResNet34", "resnet50": "ResNet50"}
+
+
+class _Missing(Exception):
+    """A table a claim needs is not under figures/<scale>/."""
+
+
+def verdict_of(outcomes: Sequence[str]) -> str:
+    """One verdict from per-cell outcomes, each "holds", "fails" (a tie by the noise rule fails too) or
+    "undecided": reproduced when every cell holds, not reproduced when none does, partly otherwise;
+    "undecided (< 2 seeds)" when any cell could not be judged, "missing" when there are no cells."""
+    if not outcomes:
+        return "missing"
+    if any(o == "undecided" for o in outcomes):
+        return "undecided (< 2 seeds)"
+    held = sum(o == "holds" for o in outcomes)
+    return "reproduced" if held == len(outcomes) else "not reproduced" if held == 0 else "partly reproduced"
+
+
+def layer_count(architecture: str) -> int:
+    """Convolution layers of an architecture in the paper's notation (Tables 6-8): VGG's comma list
+    ('64, 64, "M", 128') counts its numbers; ResNet's stages ("[64, 64] × 3, [128, 128] × 4") count
+    widths per block times blocks."""
+    stages = re.findall(r"\[([^\]]*)\]\s*[×x]\s*(\d+)", architecture)
+    if stages:
+        return sum(len([w for w in body.split(",") if w.strip()]) * int(n) for body, n in stages)
+    return len(re.findall(r"(?<![\w\"])\d+(?![\w\"])", architecture))
+
+
+def _fmt(x: Any, nd: int = 2) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{float(x):.{nd}f}"
+
+
+def _pm(mean: Any, std: Any, nd: int = 2) -> str:
+    s = _fmt(mean, nd)
+    return s if _fmt(std, nd) == "-" else f"{s} ± {_fmt(std, nd)}"
+
+
+def _rate(r: float) -> str:
+    return f"{100 * float(r):g}%"
+
+
+def _true(x: Any) -> bool:
+    """A boolean cell as read from a CSV (True / "True"; NaN, None and "False" are not)."""
+    return str(x).strip().lower() == "true"
+
+
+def _outcome(inside: bool | None, better: bool) -> str:
+    return "undecided" if inside is None else "holds" if (better and not inside) else "fails"
+
+
+class _Tables:
+    """The CSVs of one figures folder, read once each; remembers which it read (the evidence)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.read = folder, {}
+
+    def __call__(self, stem: str) -> pd.DataFrame:
+        path = self.folder / f"{stem}.csv"
+        if not path.exists():
+            raise _Missing(f"{stem}.csv not produced")
+        if stem not in self.read:
+            self.read[stem] = pd.read_csv(path)
+        return self.read[stem]
+
+
+# --------------------------------------------------------------------------- the claims, one function each
+def _worked_example(t: _Tables) -> dict[str, Any]:
+    df = t("worked_example")
+    same = all(abs(o - p) < 0.005 for o, p in zip(df["L (ours)"], df["L (paper)"]))
+    return {"claim": "Section 3.1.1", "paper says": "Eq. 2 scores the three neurons of the worked example L = 1.3, "
+            "0.29, 1.5 and ranks them differently from KL",
+            "paper": "L = " + ", ".join(_fmt(v) for v in df["L (paper)"]),
+            "ours": "L = " + ", ".join(_fmt(v) for v in df["L (ours)"]),
+            "verdict": "reproduced" if same else "not reproduced", "evidence": "worked_example"}
+
+
+def _table5(t: _Tables) -> dict[str, Any]:
+    df = t("table5_kendall_tau").set_index("criterion")
+    s, k = df.loc["SPvR"], df.loc["KL"]
+    inside = stats.within_noise_summary(s["tau_mean"], s["tau_std"], s["n_seeds"], k["tau_mean"], k["tau_std"],
+                                        k["n_seeds"])
+    return {"claim": "Table 5", "paper says": "Eq. 2 ranks the neurons closer to the ground truth than KL "
+            "(Kendall tau, Guyon data)",
+            "paper": f"SPvR {_fmt(reference.TABLE5_PAPER['SPvR'], 3)}, KL {_fmt(reference.TABLE5_PAPER['KL'], 3)}",
+            "ours": f"SPvR {_pm(s['tau_mean'], s['tau_std'], 3)}, KL {_pm(k['tau_mean'], k['tau_std'], 3)} "
+                    f"({int(s['n_seeds'])} seeds)",
+            "verdict": verdict_of([_outcome(inside, s["tau_mean"] > k["tau_mean"])]),
+            "evidence": "table5_kendall_tau"}
+
+
+def _noise_cells(rows: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Outcomes and descriptions of a table's "verdict" cells (SPvR better / <X> better / within noise)."""
+    outcomes, parts = [], []
+    for _, r in rows.iterrows():
+        v = str(r["verdict"])
+        outcomes.append("undecided" if v.startswith("n/a") else "holds" if v == "SPvR better" else "fails")
+        parts.append(f"{MODEL_NAMES.get(r['model'], r['model'])} {_rate(r['params removed (%)'] / 100)}: {v}")
+    return outcomes, parts
+
+
+def _paper_best(table: dict, cells: Sequence[tuple[str, float]], methods: Sequence[str]) -> str:
+    best = 0
+    for key, rate in cells:
+        vals = {m: (table.get((key, round(rate, 6), m)) or {}).get("top1") for m in methods}
+        vals = {m: v for m, v in vals.items() if v is not None}
+        best += bool(vals) and vals.get("spvr") == max(vals.values())
+    return f"SPvR best in {best} of these {len(cells)} cells"
+
+
+def _table1(t: _Tables) -> dict[str, Any]:
+    df = t("table1_accuracy")
+    ours = df[df["source"].astype(str).str.startswith("ours") & (df["metric"] == "top1")]
+    outcomes, parts = _noise_cells(ours)
+    cells = [(k, r / 100) for k, r in zip(ours["model"], ours["params removed (%)"])]
+    return {"claim": "Table 1", "paper says": "at equal parameter budgets SPvR's network (trained from scratch) "
+            "beats every baseline (fine-tuned), at every rate",
+            "paper": _paper_best(reference.PAPER_TABLE1, cells, reference._T1_METHODS),
+            "ours": "; ".join(parts), "verdict": verdict_of(outcomes), "evidence": "table1_accuracy"}
+
+
+def _drop_at_90(t: _Tables) -> dict[str, Any]:
+    df = t("table1_accuracy_numeric")
+    base = t("base_models").set_index("model")["top1"]
+    row = df[(df["model"] == "vgg16") & (df["method"] == "spvr") & ((df["rate"] - 0.9).abs() < 1e-9)]
+    if row.empty:
+        raise _Missing("no SPvR run of VGG16 at 90% in table1_accuracy_numeric.csv")
+    r = row.iloc[0]
+    drop = float(base["vgg16"]) - float(r["top1 mean"])
+    paper = reference.PAPER_TABLE1[("vgg16", 0.0, "base")]["top1"] - reference.PAPER_TABLE1[("vgg16", 0.9, "spvr")]["top1"]
+    return {"claim": "Abstract, Table 1", "paper says": "with 90% of VGG16's parameters removed, SPvR's network "
+            "loses less than 1 point of top-1",
+            "paper": f"{_fmt(reference.PAPER_TABLE1[('vgg16', 0.0, 'base')]['top1'])} → "
+                     f"{_fmt(reference.PAPER_TABLE1[('vgg16', 0.9, 'spvr')]['top1'])} ({-paper:+.2f})",
+            "ours": f"{_fmt(base['vgg16'])} → {_pm(r['top1 mean'], r['top1 std'])} ({-drop:+.2f})",
+            "verdict": verdict_of(["holds" if drop < 1.0 else "fails"]),
+            "evidence": "table1_accuracy_numeric, base_models"}
+
+
+def _table2(t: _Tables) -> dict[str, Any]:
+    df = t("table2_finetune_vs_scratch")
+    df = df[df["metric"] == "top1"]
+    outcomes, ours, paper = [], [], []
+    for _, r in df.iterrows():
+        v = str(r["verdict"])
+        name = MODEL_NAMES.get(r["model"], r["model"])
+        if str(r.get("status")) != "ok":
+            outcomes.append("fails")
+            ours.append(f"{name}: {r.get('error')}")
+        else:
+            outcomes.append("undecided" if v.startswith("n/a") else "holds" if v == "TFS better" else "fails")
+            ours.append(f"{name} {_fmt(r['params removed (%)'], 0)}%: TFS - FT {float(r['TFS - FT']):+.2f} ({v})")
+        p = reference.PAPER_TABLE2[r["model"]]
+        paper.append(f"{name} {_rate(p['rate'])}: {p['TFS top1'] - p['FT top1']:+.2f}")
+    return {"claim": "Table 2", "paper says": "trained from scratch, SPvR's network beats the same network "
+            "fine-tuned, for every network (same epochs, searched learning rates)",
+            "paper": "TFS - FT: " + "; ".join(paper), "ours": "; ".join(ours), "verdict": verdict_of(outcomes),
+            "evidence": "table2_finetune_vs_scratch"}
+
+
+def _table3(t: _Tables) -> dict[str, Any]:
+    df = t("table3_architecture")
+    ours = df[(df["rows"] == "scratch (Table 3)") & (df["metric"] == "top1")]
+    outcomes, parts = _noise_cells(ours)
+    cells = [(k, r / 100) for k, r in zip(ours["model"], ours["params removed (%)"])]
+    return {"claim": "Table 3", "paper says": "every method's network trained from scratch: SPvR's architecture "
+            "is the best",
+            "paper": _paper_best(reference.PAPER_TABLE3, cells, reference._T3_METHODS),
+            "ours": "; ".join(parts), "verdict": verdict_of(outcomes), "evidence": "table3_architecture"}
+
+
+def _layer_collapse(t: _Tables) -> dict[str, Any]:
+    df = t("architectures")
+    outcomes, ours, paper = [], [], []
+    for key, sub in df.groupby("model", sort=False):
+        name = MODEL_NAMES.get(key, key)
+        top = sub.loc[sub["rate"].idxmax()]
+        base_layers = int(sub.loc[sub["rate"].idxmin(), "layers"])
+        arch = reference.PAPER_ARCHITECTURES.get(key, {})
+        rate = max(arch) if arch else float(top["rate"])
+        p_layers, p_base = (layer_count(arch[rate][1]), layer_count(arch[0.0][1])) if arch else (None, None)
+        ours.append(f"{name} at {_rate(top['rate'])}: {int(top['layers'])} of {base_layers} layers")
+        paper.append(f"{name} at {_rate(rate)}: {p_layers} of {p_base}" if arch else f"{name}: -")
+        outcomes.append("holds" if int(top["layers"]) < base_layers else "fails")
+    return {"claim": "Tables 6-8", "paper says": "at the highest rates SPvR removes whole layers (layer collapse) "
+            "instead of thinning every layer", "paper": "; ".join(paper), "ours": "; ".join(ours),
+            "verdict": verdict_of(outcomes), "evidence": "architectures"}
+
+
+def _latency_fastest(t: _Tables) -> dict[str, Any]:
+    df = t("figure1_latency_claims")
+    df = df[df["batch size"] == df["batch size"].min()]
+    outcomes, ours = [], []
+    for key, sub in df.groupby("model", sort=False):
+        cells = sub if key != "vgg16" else sub[sub["params removed (%)"] == sub["params removed (%)"].max()]
+        fastest = [_rate(r / 100) for r, f in zip(cells["params removed (%)"], cells["SPvR fastest"]) if _true(f)]
+        outcomes += ["holds" if _true(f) else "fails" for f in cells["SPvR fastest"]]
+        ours.append(f"{MODEL_NAMES.get(key, key)}: fastest at {len(fastest)} of {len(cells)} rates"
+                    + (f" ({', '.join(fastest)})" if fastest else ""))
+    return {"claim": "Figure 1", "paper says": "SPvR's networks have the lowest inference latency: VGG16 at 98%, "
+            "ResNet34 and ResNet50 at every rate", "paper": "all of these cells (read from the figure)",
+            "ours": "; ".join(ours) + f" (batch {int(df['batch size'].min())}, this CPU)",
+            "verdict": verdict_of(outcomes), "evidence": "figure1_latency_claims"}
+
+
+def _latency_curl(t: _Tables) -> dict[str, Any]:
+    df = t("figure1_latency_claims")
+    df = df[df["batch size"] == df["batch size"].min()]
+    slower = [str(s) for s in df["slower than unpruned"].fillna("none")]
+    curl = [f"{MODEL_NAMES.get(k, k)} {_rate(r / 100)}" for k, r, s in
+            zip(df["model"], df["params removed (%)"], slower) if "CURL" in s.split(", ")]
+    others = sum(1 for s in slower for m in s.split(", ") if m not in ("none", "CURL", ""))
+    return {"claim": "Figure 1", "paper says": "CURL's networks (irregular widths) are slower than the unpruned "
+            "network", "paper": "slower in the figure's cells (read from the figure)",
+            "ours": f"CURL slower than unpruned in {len(curl)} of {len(df)} cells"
+                    + (f" ({', '.join(curl)})" if curl else "") + f"; other methods' networks slower in {others} "
+                    "(method, cell) pairs",
+            "verdict": verdict_of(["holds" if "CURL" in s.split(", ") else "fails" for s in slower]),
+            "evidence": "figure1_latency_claims"}
+
+
+def _group_size_robust(t: _Tables) -> dict[str, Any]:
+    df = t("figure2_group_size")
+    paper_range = {"vgg16": ("top1", 1.0), "resnet34": ("top5", 2.0), "resnet50": ("top5", 1.0)}
+    outcomes, ours, paper = [], [], []
+    for key, sub in df.groupby("model", sort=False):
+        metric, p = paper_range.get(key, ("top1", None))
+        sub = sub[sub[f"{metric} (fast)"].notna()]
+        if len(sub) < 2:
+            continue
+        hi, lo = sub.loc[sub[f"{metric} (fast)"].idxmax()], sub.loc[sub[f"{metric} (fast)"].idxmin()]
+        inside = stats.within_noise_summary(hi[f"{metric} (fast)"], hi[f"{metric} std (fast)"], hi["n seeds"],
+                                            lo[f"{metric} (fast)"], lo[f"{metric} std (fast)"], lo["n seeds"])
+        outcomes.append("undecided" if inside is None else "holds" if inside else "fails")
+        spread = float(hi[f"{metric} (fast)"]) - float(lo[f"{metric} (fast)"])
+        ours.append(f"{MODEL_NAMES.get(key, key)} {metric}: {spread:.2f} from the worst d ({int(lo['d'])}) to the "
+                    f"best ({int(hi['d'])}), {'within noise' if inside else 'beyond noise' if inside is False else 'n/a'}")
+        paper.append(f"{MODEL_NAMES.get(key, key)} {metric}: about {p:g}" if p is not None else "-")
+    return {"claim": "Figure 2", "paper says": "SPvR is robust to the group size d (top-1 / top-5 move about "
+            "a point across d at 98%)", "paper": "; ".join(paper), "ours": "; ".join(ours),
+            "verdict": verdict_of(outcomes), "evidence": "figure2_group_size"}
+
+
+def _group_size_time(t: _Tables) -> dict[str, Any]:
+    df = t("figure2_group_size")
+    outcomes, ours = [], []
+    for key, sub in df.groupby("model", sort=False):
+        sub = sub[sub["prune s (fast)"].notna()].sort_values("d")
+        if len(sub) < 2:
+            continue
+        first, last = sub.iloc[0], sub.iloc[-1]
+        outcomes.append("holds" if last["prune s (fast)"] < first["prune s (fast)"] else "fails")
+        ours.append(f"{MODEL_NAMES.get(key, key)}: {_fmt(first['prune s (fast)'], 1)} s at d = {int(first['d'])}, "
+                    f"{_fmt(last['prune s (fast)'], 1)} s at d = {int(last['d'])}")
+    bound = reference.PAPER_PRUNE_S_AT_D32
+    return {"claim": "Figure 2", "paper says": "pruning takes less time as d grows",
+            "paper": "at d = 32 under " + ", ".join(f"{_fmt(v, 0)} s ({MODEL_NAMES[k]})" for k, v in bound.items()),
+            "ours": "; ".join(ours), "verdict": verdict_of(outcomes), "evidence": "figure2_group_size"}
+
+
+def _table4(t: _Tables, rival: str) -> dict[str, Any]:
+    df = t("table4_mobilenet").set_index("model")
+    if "ResNet50-pruned" not in df.index or rival not in df.index:
+        raise _Missing(f"table4_mobilenet.csv has no ResNet50-pruned or {rival} row")
+    ours_r, them = df.loc["ResNet50-pruned"], df.loc[rival]
+    p_ours, p_them = reference.TABLE4_PAPER["ResNet50-pruned"], reference.TABLE4_PAPER[rival]
+    inside = stats.within_noise_summary(ours_r["top1"], ours_r["top1 std"], ours_r["n seeds"], them["top1"],
+                                        them["top1 std"], them["n seeds"])
+    fewer = int(ours_r["params"]) < int(them["params"])
+    if rival == "MobileNetV3-small":      # "at par ... with 33% fewer parameters": on par or better
+        says = "SPvR's ResNet50, with a third fewer parameters, is on par with MobileNetV3-small"
+        outcome = "undecided" if inside is None else "holds" if fewer and (inside or ours_r["top1"] > them["top1"]) \
+            else "fails"
+    else:                                 # "3.3% better ... with 20% fewer parameters"
+        says = "SPvR's ResNet50, with a fifth fewer parameters, beats MobileNetV3-minimal by 3.3 points"
+        outcome = _outcome(inside, fewer and ours_r["top1"] > them["top1"])
+    word = "within noise" if inside else "beyond noise" if inside is False else "n/a"
+    return {"claim": "Table 4", "paper says": says,
+            "paper": f"{_fmt(p_ours['paper top1'])} ({p_ours['paper params (M)']}M) vs "
+                     f"{_fmt(p_them['paper top1'])} ({p_them['paper params (M)']}M)",
+            "ours": f"{_pm(ours_r['top1'], ours_r['top1 std'])} ({int(ours_r['params']):,} params) vs "
+                    f"{_pm(them['top1'], them['top1 std'])} ({int(them['params']):,}): "
+                    f"{float(ours_r['top1']) - float(them['top1']):+.2f}, {word}",
+            "verdict": verdict_of([outcome]), "evidence": "table4_mobilenet"}
+
+
+def _segmentation(t: _Tables) -> dict[str, Any]:
+    df = t("segmentation")
+    if len(df) < 2:
+        raise _Missing("segmentation.csv has no pruned SegNet row")
+    base, pruned = df.iloc[0], df.iloc[1]
+    paper = reference.SEGMENTATION_PAPER_MIOU
+    paper_loss = paper["base"] - paper["pruned"]
+    inside = stats.within_noise_summary(base["mIoU"], base["mIoU std"], base["n seeds"], pruned["mIoU"],
+                                        pruned["mIoU std"], pruned["n seeds"])
+    loss = float(base["mIoU"]) - float(pruned["mIoU"])
+    outcome = "undecided" if inside is None else "holds" if (inside or loss <= paper_loss) else "fails"
+    word = "within noise" if inside else "beyond noise" if inside is False else "n/a"
+    return {"claim": "Section 5.5", "paper says": f"a SegNet with 80% of its parameters removed by SPvR loses a "
+            f"few points of mean IoU ({paper_loss:.1f})",
+            "paper": f"{_fmt(paper['base'], 1)} → {_fmt(paper['pruned'], 1)} (CityScapes)",
+            "ours": f"{_pm(base['mIoU'], base['mIoU std'])} → {_pm(pruned['mIoU'], pruned['mIoU std'])} "
+                    f"({-loss:+.2f}, {word}; {base['dataset']})",
+            "verdict": verdict_of([outcome]), "evidence": "segmentation"}
+
+
+CLAIMS: tuple[tuple[str, str, Callable[[_Tables], dict[str, Any]]], ...] = (
+    ("Section 3.1.1", "the worked example", _worked_example),
+    ("Table 5", "Eq. 2 against KL", _table5),
+    ("Table 1", "SPvR against nine baselines", _table1),
+    ("Abstract, Table 1", "VGG16 at 90%", _drop_at_90),
+    ("Table 2", "from scratch against fine-tuning", _table2),
+    ("Table 3", "architectures trained from scratch", _table3),
+    ("Tables 6-8", "layer collapse", _layer_collapse),
+    ("Figure 1", "SPvR's latency", _latency_fastest),
+    ("Figure 1", "CURL's latency", _latency_curl),
+    ("Figure 2", "robust to d", _group_size_robust),
+    ("Figure 2", "pruning time against d", _group_size_time),
+    ("Table 4", "against MobileNetV3-small", lambda t: _table4(t, "MobileNetV3-small")),
+    ("Table 4", "against MobileNetV3-minimal", lambda t: _table4(t, "MobileNetV3-minimal")),
+    ("Section 5.5", "segmentation", _segmentation),
+)
+
+
+def claims_table(figures_dir: str | Path) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Every claim of :data:`CLAIMS` judged on the tables under ``figures_dir``.
+
+    Returns (one row per claim with :data:`COLUMNS`, {CSV file name: sha256} of every table read).  A
+    claim whose table is missing gets the verdict "missing" and the reason in ``ours``.
+    """
+    folder = Path(figures_dir)
+    tables = _Tables(folder)
+    rows = []
+    for claim, what, judge in CLAIMS:
+        try:
+            rows.append(judge(tables))
+        except _Missing as e:
+            rows.append({"claim": claim, "paper says": what, "paper": "-", "ours": f"missing: {e}",
+                         "verdict": "missing", "evidence": "-"})
+    inputs = {f"{stem}.csv": file_sha256(folder / f"{stem}.csv") for stem in sorted(tables.read)}
+    return pd.DataFrame(rows, columns=list(COLUMNS)), inputs

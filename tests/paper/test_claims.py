@@ -1,0 +1,97 @@
+"""Notebook 13: each claim judged from hand-made tables, and the staleness of a table that read others."""
+import json
+
+import pandas as pd
+
+from spvr_lib.paper import claims, provenance
+
+
+def test_layer_count_reads_the_papers_notation():
+    assert claims.layer_count('36, 62, "M", 78, 112, "M", 92, 44, 46, "M"') == 7                # Table 6, 98%
+    assert claims.layer_count("[60, 60] × 3, [36, 36] × 4, [44, 44] × 3") == 20                  # Table 7, 98%
+    assert claims.layer_count("[56, 56, 56] × 3, [88, 88, 88] × 4, [64, 64, 64] × 6") == 39      # Table 8, 95%
+
+
+def test_verdict_of_per_cell_outcomes():
+    assert claims.verdict_of(["holds", "holds"]) == "reproduced"
+    assert claims.verdict_of(["holds", "fails"]) == "partly reproduced"
+    assert claims.verdict_of(["fails", "fails"]) == "not reproduced"
+    assert claims.verdict_of(["holds", "undecided"]) == "undecided (< 2 seeds)"
+    assert claims.verdict_of([]) == "missing"
+
+
+def write(folder, stem, rows):
+    pd.DataFrame(rows).to_csv(folder / f"{stem}.csv", index=False)
+
+
+def tau(spvr, kl, n=10):
+    return [{"criterion": "SPvR", "tau_mean": spvr, "tau_std": 0.03, "n_seeds": n},
+            {"criterion": "KL", "tau_mean": kl, "tau_std": 0.04, "n_seeds": n}]
+
+
+def mobile(pruned_top1, pruned_params=22_000):
+    row = lambda name, top1, params, std: {"model": name, "params": params, "top1": top1, "top1 std": std,  # noqa: E731
+                                            "n seeds": 3}
+    return [row("MobileNetV3-small", 81.7, 43_794, 0.9), row("MobileNetV3-minimal", 78.0, 28_266, 0.2),
+            row("ResNet50-pruned", pruned_top1, pruned_params, 0.5)]
+
+
+def test_claims_are_judged_by_the_noise_rule_and_missing_tables_are_named(tmp_path):
+    write(tmp_path, "worked_example", {"L (ours)": [1.3, 0.29, 1.5], "L (paper)": [1.3, 0.29, 1.5]})
+    write(tmp_path, "table5_kendall_tau", tau(0.80, 0.58))
+    write(tmp_path, "table4_mobilenet", mobile(82.0))
+    table, inputs = claims.claims_table(tmp_path)
+    assert list(table.columns) == list(claims.COLUMNS) and len(table) == len(claims.CLAIMS)
+    got = table.set_index(["claim"]).groupby(level=0)["verdict"].apply(list).to_dict()
+    assert got["Section 3.1.1"] == ["reproduced"] and got["Table 5"] == ["reproduced"]
+    # pruned 82.0 ± 0.5 against small 81.7 ± 0.9: within noise, so on par (holds); against minimal 78.0 ± 0.2:
+    # better beyond the noise with fewer parameters (holds)
+    assert got["Table 4"] == ["reproduced", "reproduced"]
+    assert got["Table 1"] == ["missing"] and got["Section 5.5"] == ["missing"]
+    assert "table1_accuracy.csv not produced" in table.set_index("claim").loc["Table 1", "ours"]
+    assert set(inputs) == {"worked_example.csv", "table5_kendall_tau.csv", "table4_mobilenet.csv"}
+    assert all(len(sha) == 64 for sha in inputs.values())
+
+    write(tmp_path, "table5_kendall_tau", tau(0.60, 0.58))           # a tie inside the noise does not hold
+    write(tmp_path, "table4_mobilenet", mobile(78.2, pruned_params=30_000))   # more parameters than minimal
+    got = claims.claims_table(tmp_path)[0].set_index("claim").groupby(level=0)["verdict"].apply(list).to_dict()
+    assert got["Table 5"] == ["not reproduced"]
+    assert got["Table 4"] == ["not reproduced", "not reproduced"]     # below small beyond the noise; more params
+    write(tmp_path, "table5_kendall_tau", tau(0.80, 0.58, n=1))      # one seed: no spread to judge by
+    got = claims.claims_table(tmp_path)[0].set_index("claim")
+    assert got.loc["Table 5", "verdict"] == "undecided (< 2 seeds)"
+
+
+def test_table1_cells_count_only_spvr_better_as_holding(tmp_path):
+    rows = [{"model": "vgg16", "metric": "top1", "params removed (%)": 90.0, "source": "ours (cpu)",
+             "verdict": "SPvR better"},
+            {"model": "vgg16", "metric": "top1", "params removed (%)": 98.0, "source": "ours (cpu)",
+             "verdict": "within noise"},
+            {"model": "vgg16", "metric": "top1", "params removed (%)": 98.0, "source": "paper", "verdict": None},
+            {"model": "vgg16", "metric": "top5", "params removed (%)": 98.0, "source": "ours (cpu)",
+             "verdict": "CURL better"}]
+    write(tmp_path, "table1_accuracy", rows)
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 1"]
+    assert row["verdict"] == "partly reproduced"
+    assert row["ours"] == "VGG16 90%: SPvR better; VGG16 98%: within noise"
+    assert row["paper"] == "SPvR best in 2 of these 2 cells"           # the paper's VGG16 rows at 90% and 98%
+
+
+def test_an_artifact_that_read_a_changed_or_stale_table_is_stale(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    run = provenance.NotebookRun("99_test", "cpu")
+    run.table(pd.DataFrame({"a": [1]}), "t")
+    folder = tmp_path / "figures" / "cpu"
+    run.table(pd.DataFrame({"b": [2]}), "summary", inputs={"t.csv": provenance.file_sha256(folder / "t.csv")})
+    run.close()
+    assert provenance.stale_artifacts("cpu") == []
+    (folder / "t.csv").write_text("a\n5\n")                             # t edited by hand: both are stale
+    stale = {s["artifact"]: s["reasons"] for s in provenance.stale_artifacts("cpu")}
+    assert stale["t"] == ["t.csv differs from its recorded sha256"]
+    assert "input t.csv changed" in stale["summary"] and "reads stale t.csv" in stale["summary"]
+    prov = json.loads((folder / "t.provenance.json").read_text())      # t's code changed, its files did not:
+    prov["code"] = {"spvr_lib/paper/no_such_file.py": "0" * 64}
+    (folder / "t.csv").write_text("a\n1\n")
+    (folder / "t.provenance.json").write_text(json.dumps(prov))
+    stale = {s["artifact"]: s["reasons"] for s in provenance.stale_artifacts("cpu")}
+    assert stale["summary"] == ["reads stale t.csv"]                    # the summary is stale through it
