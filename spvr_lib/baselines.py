@@ -42,12 +42,16 @@ from tqdm.auto import tqdm
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
 
-__all__ = ["BASELINES", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
+__all__ = ["BASELINES", "LOCAL_METHODS", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
 BASELINES = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
 DISPLAY_NAMES = {"l1": "ℓ1", "l2": "ℓ2", "taylor": "Taylor", "fpgm": "FPGM", "rcp": "RCP", "hrank": "HRank",
                  "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2"}
+
+# the methods that choose ONE architecture at a given budget (one ratio for every unit; only which channels differ):
+# trained from scratch, their networks are one and the same training (paper.tables1_3.training_tag)
+LOCAL_METHODS = ("l1", "l2", "fpgm", "hrank", "nisp")
 
 _LOCAL = ("one channel ratio r for every unit (torch-pruning's local pruning rule, bisected to the parameter "
           "budget): each unit keeps int(C * (1 - r)) channels rounded down to a multiple of group_size, at least one "

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from spvr_lib import data, latency, models, store
+from spvr_lib import baselines, data, latency, models, store
 from spvr_lib.paper import base_models, tables1_3
 
 ASSUMED_MAC_PER_S = 60e12          # ~120 TFLOP/s sustained (bfloat16, ~40% of an A100's 312 TFLOP/s peak)
@@ -81,25 +81,31 @@ def plan(cfg: Any) -> pd.DataFrame:
                          "epochs each": epochs_each, "rankings": rankings, "MACs": macs,
                          "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600})
 
+        # an lr trial trains on the training images minus the validation split, or on all of them when the
+        # validation images are others (val_per_class)
+        trial_share = 1.0 if setup.val_per_class is not None else 1 - setup.val_fraction
+        trial_data = "the training images" if setup.val_per_class is not None else f"{trial_share:.0%} of the data"
         if setup.pretrained:
             add("03", "published weights, evaluated once", 0, 0, 1, 0)
         else:
-            add("03", f"lr search from scratch ({len(setup.lr_grid)} values, {1 - setup.val_fraction:.0%} of the "
-                f"data) + base training (+ {cfg.convergence_factor}x epochs)" if cfg.convergence_factor else
-                f"lr search from scratch ({len(setup.lr_grid)} values, {1 - setup.val_fraction:.0%} of the data) "
-                "+ base training",
-                len(setup.lr_grid) * (1 - setup.val_fraction) + 1 + (cfg.convergence_factor or 0),
-                setup.epochs, 1, 0)
+            add("03", f"lr search from scratch ({len(setup.lr_grid)} values, {trial_data}) + base training"
+                + (f" (+ {cfg.convergence_factor}x epochs)" if cfg.convergence_factor else ""),
+                len(setup.lr_grid) * trial_share + 1 + (cfg.convergence_factor or 0), setup.epochs, 1, 0)
             ft_grid = base_models.lr_grid(setup, "finetune")
             add("04", f"lr search for fine-tuning ({len(ft_grid)} values) on ℓ1's network at "
-                f"{setup.table3_rate:.0%}", len(ft_grid) * (1 - setup.val_fraction), setup.epochs,
-                1 - setup.table3_rate, 0)
+                f"{setup.table3_rate:.0%}", len(ft_grid) * trial_share, setup.epochs, 1 - setup.table3_rate, 0)
         mean_keep = sum(1 - r for r in rates) / len(rates)
         add("04", f"{len(methods)} methods x {len(rates)} rates x {seeds} seeds, fine-tuned / from scratch",
             len(methods) * len(rates) * seeds, setup.epochs, mean_keep, 1)
         add("05", "fine-tune vs scratch: 2 x seeds trainings at one rate (the model's lr per mode)",
             2 * seeds, setup.epochs, 1 - 0.6, 0)
-        add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}", len(methods) * seeds,
+        # from scratch, the local methods' one architecture is one training, and SPvR's is Table 1's
+        shared = [m for m in methods if m in baselines.LOCAL_METHODS]
+        distinct = len(methods) - max(len(shared) - 1, 0) - ("spvr" in methods and setup.table3_rate in rates)
+        why = ([f"the {len(shared)} local methods give one architecture"] if len(shared) > 1 else []) + \
+            (["SPvR's run is Table 1's"] if "spvr" in methods and setup.table3_rate in rates else [])
+        add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}"
+            + (f" ({distinct} distinct trainings: {', '.join(why)})" if why else ""), distinct * seeds,
             setup.epochs, 1 - setup.table3_rate, 0)
         d_values = FIGURE2_D.get(key, (setup.group_size,))
         add("09", f"d in {list(d_values)} at 98%, trained", len(d_values) * seeds, setup.epochs, 0.02,
