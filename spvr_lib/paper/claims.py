@@ -163,7 +163,7 @@ def _drop_at_90(t: _Tables) -> dict[str, Any]:
             "paper": f"{_fmt(reference.PAPER_TABLE1[('vgg16', 0.0, 'base')]['top1'])} → "
                      f"{_fmt(reference.PAPER_TABLE1[('vgg16', 0.9, 'spvr')]['top1'])} ({-paper:+.2f})",
             "ours": f"{_fmt(base['vgg16'])} → {_pm(r['top1 mean'], r['top1 std'])} ({-drop:+.2f})",
-            "verdict": verdict_of(["holds" if drop < 1.0 else "fails"]),
+            "verdict": verdict_of(["undecided" if int(r["n_ok"]) < 2 else "holds" if drop < 1.0 else "fails"]),
             "evidence": "table1_accuracy_numeric, base_models"}
 
 

@@ -95,3 +95,17 @@ def test_an_artifact_that_read_a_changed_or_stale_table_is_stale(tmp_path, monke
     (folder / "t.provenance.json").write_text(json.dumps(prov))
     stale = {s["artifact"]: s["reasons"] for s in provenance.stale_artifacts("cpu")}
     assert stale["summary"] == ["reads stale t.csv"]                    # the summary is stale through it
+
+
+def test_vgg16_at_90_percent_loses_less_than_a_point_only_with_seeds_to_show_it(tmp_path):
+    write(tmp_path, "base_models", [{"model": "vgg16", "top1": 88.0}])
+    spvr = {"model": "vgg16", "rate": 0.9, "method": "spvr", "top1 mean": 87.5, "top1 std": 0.2, "n_ok": 3}
+    write(tmp_path, "table1_accuracy_numeric", [spvr])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1"]
+    assert (row["verdict"], row["ours"], row["paper"]) == ("reproduced", "88.00 → 87.50 ± 0.20 (-0.50)",
+                                                           "94.25 → 94.43 (+0.18)")
+    write(tmp_path, "table1_accuracy_numeric", [{**spvr, "top1 mean": 86.5}])
+    assert claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1", "verdict"] == "not reproduced"
+    write(tmp_path, "table1_accuracy_numeric", [{**spvr, "n_ok": 1}])
+    assert claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1", "verdict"] == \
+        "undecided (< 2 seeds)"
