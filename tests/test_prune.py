@@ -490,9 +490,10 @@ def test_one_ranking_serves_every_budget():
         assert shared.spec == direct.spec and shared.params_after == direct.params_after <= shared.budget
     with pytest.raises(ValueError, match="group_size=2.*group_size=4"):
         spvr_prune(model, calib, 0.5, group_size=4, progress=False, ranking=ranking)
-    # the device argument: the user's model is never moved, the ranking is the same
+    # the device argument: the user's model is never moved, the ranking is the same (up to float32 noise: on this
+    # machine two identical calls already differ by ~1e-8 in a score, which the default atol=1e-8 rejects)
     cpu = rank_groups(model, calib, group_size=2, progress=False, device="cpu")
-    assert all(torch.allclose(cpu.scores[k], ranking.scores[k]) for k in ranking.scores)
+    assert all(torch.allclose(cpu.scores[k], ranking.scores[k], rtol=1e-5, atol=1e-6) for k in ranking.scores)
     assert next(model.parameters()).device.type == "cpu"
 
 
