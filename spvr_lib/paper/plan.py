@@ -101,9 +101,10 @@ def plan(cfg: Any) -> pd.DataFrame:
             2 * seeds, setup.epochs, 1 - 0.6, 0)
         # from scratch, the local methods' one architecture is one training, and SPvR's is Table 1's
         shared = [m for m in methods if m in baselines.LOCAL_METHODS]
-        distinct = len(methods) - max(len(shared) - 1, 0) - ("spvr" in methods and setup.table3_rate in rates)
+        spvr_shared = "spvr" in methods and setup.table3_rate in rates
+        distinct = len(methods) - max(len(shared) - 1, 0) - spvr_shared
         why = ([f"the {len(shared)} local methods give one architecture"] if len(shared) > 1 else []) + \
-            (["SPvR's run is Table 1's"] if "spvr" in methods and setup.table3_rate in rates else [])
+            (["SPvR's run is Table 1's"] if spvr_shared else [])
         add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}"
             + (f" ({distinct} distinct trainings: {', '.join(why)})" if why else ""), distinct * seeds,
             setup.epochs, 1 - setup.table3_rate, 0)

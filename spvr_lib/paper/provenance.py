@@ -142,6 +142,7 @@ def stale_artifacts(scale: str, figures_dir: Path | None = None,
     """
     folder = figures_dir or output_dir(scale)
     stale = []
+    reads: dict[str, dict[str, str]] = {}          # artifact -> the tables it read (``inputs``)
     for prov_path in sorted(folder.glob("*.provenance.json")):
         stem = prov_path.name[: -len(".provenance.json")]
         reasons: list[str] = []
@@ -150,6 +151,7 @@ def stale_artifacts(scale: str, figures_dir: Path | None = None,
         except CacheError as err:
             stale.append({"artifact": stem, "reasons": [str(err)]})
             continue
+        reads[stem] = prov.get("inputs") or {}
         changed = stale_code(prov.get("code"))
         if changed == ["<no code fingerprint>"]:
             reasons.append("no code fingerprint (written before fingerprints existed)")
@@ -164,7 +166,7 @@ def stale_artifacts(scale: str, figures_dir: Path | None = None,
                 reasons.append(f"{name} missing")
             elif file_sha256(f) != sha:
                 reasons.append(f"{name} differs from its recorded sha256")
-        for name, sha in (prov.get("inputs") or {}).items():       # tables it read (notebook 13)
+        for name, sha in reads[stem].items():       # tables it read (notebook 13)
             f = folder / name
             if not f.exists():
                 reasons.append(f"input {name} missing")
@@ -174,12 +176,6 @@ def stale_artifacts(scale: str, figures_dir: Path | None = None,
             stale.append({"artifact": stem, "reasons": reasons})
     # an artifact that read a stale one is stale too (its numbers come from outdated tables), transitively
     by_stem = {s["artifact"]: s for s in stale}
-    reads = {}
-    for prov_path in sorted(folder.glob("*.provenance.json")):
-        try:
-            reads[prov_path.name[: -len(".provenance.json")]] = read_record(prov_path).get("inputs") or {}
-        except CacheError:
-            continue
     changed = True
     while changed:
         changed = False
