@@ -15,7 +15,9 @@ def _notebook(path, cells):
     nbformat.write(nb, path)
 
 
-def test_runner_injects_scale_and_writes_executed_copy(tmp_path):
+def test_runner_injects_scale_and_writes_executed_copy(tmp_path, monkeypatch):
+    accounts = []          # the run account goes here, not over the committed figures/cpu/reproduce_run.json
+    monkeypatch.setattr(reproduce, "write_run_account", lambda scale, walls, *a: accounts.append((scale, dict(walls))))
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
     marker = tmp_path / "marker.txt"
@@ -29,6 +31,7 @@ def test_runner_injects_scale_and_writes_executed_copy(tmp_path):
     executed = json.loads((out / "01_tiny.ipynb").read_text())
     assert any(c.get("metadata", {}).get("tags") == ["injected-parameters"] for c in executed["cells"])
     assert not (out / "02_other.ipynb").exists()
+    assert accounts[-1][0] == "cpu" and list(accounts[-1][1]) == ["01_tiny"]
 
 
 def test_runner_stops_at_failure_and_names_the_cell(tmp_path, capsys):
