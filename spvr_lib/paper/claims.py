@@ -10,6 +10,9 @@ give a spread:
 * ``partly reproduced``: in some cells, not all (ties by the noise rule count as not holding);
 * ``not reproduced``: in none;
 * ``undecided (< 2 seeds)``: no spread to judge by (the smoke scale);
+* ``... (k of n cells not converged, left out)``: a cell whose compared network did not plateau like its base
+  (``<table>_plateau.csv``, :func:`spvr_lib.paper.convergence.plateau_against_base`) is no result and is not
+  judged; ``undecided (not converged)`` when no cell is left;
 * ``missing``: a table it needs was not produced (its reason in ``ours``).
 """
 from __future__ import annotations
@@ -34,11 +37,17 @@ class _Missing(Exception):
 
 
 def verdict_of(outcomes: Sequence[str]) -> str:
-    """One verdict from per-cell outcomes, each "holds", "fails" (a tie by the noise rule fails too) or
-    "undecided": reproduced when every cell holds, not reproduced when none does, partly otherwise;
-    "undecided (< 2 seeds)" when any cell could not be judged, "missing" when there are no cells."""
+    """One verdict from per-cell outcomes, each "holds", "fails" (a tie by the noise rule fails too),
+    "undecided" or "not converged": reproduced when every cell holds, not reproduced when none does, partly
+    otherwise; "undecided (< 2 seeds)" when any cell could not be judged, "missing" when there are no cells.
+    "not converged" cells are left out of the verdict, which says how many were."""
     if not outcomes:
         return "missing"
+    judged = [o for o in outcomes if o != "not converged"]
+    if len(judged) < len(outcomes):
+        if not judged:
+            return "undecided (not converged)"
+        return f"{verdict_of(judged)} ({len(outcomes) - len(judged)} of {len(outcomes)} cells not converged, left out)"
     if any(o == "undecided" for o in outcomes):
         return "undecided (< 2 seeds)"
     held = sum(o == "holds" for o in outcomes)
@@ -75,6 +84,11 @@ def _true(x: Any) -> bool:
     return str(x).strip().lower() == "true"
 
 
+def _false(x: Any) -> bool:
+    """A boolean cell as read from a CSV that says False (NaN and None, no reading, do not)."""
+    return str(x).strip().lower() == "false"
+
+
 def _outcome(inside: bool | None, better: bool) -> str:
     return "undecided" if inside is None else "holds" if (better and not inside) else "fails"
 
@@ -92,6 +106,34 @@ class _Tables:
         if stem not in self.read:
             self.read[stem] = pd.read_csv(path)
         return self.read[stem]
+
+    def unconverged(self, stem: str, model: str, removed: float, names: Sequence[str],
+                    mode: str | None = None) -> list[str] | None:
+        """Which of the methods ``names`` (display names) did not plateau like their base in the cell
+        (``model``, ``removed`` %) of ``<stem>.csv`` (a plateau table; ``mode`` narrows it; a cell with no
+        reading, e.g. too few epochs to have a last quarter, is not counted), or None when that table was not
+        produced (then no cell is left out, and the claim's text says so)."""
+        if not (self.folder / f"{stem}.csv").exists():
+            return None
+        df = self(stem)
+        cell = df[(df["model"] == model) & ((df["params removed (%)"] - float(removed)).abs() < 1e-6)]
+        if mode is not None:
+            cell = cell[cell["mode"] == mode]
+        return [n for n in names if any(_false(v) for v in cell.loc[cell["name"] == n, "plateau like its base"])]
+
+
+def _converged_outcome(outcome: str, unconverged: list[str] | None) -> tuple[str, str]:
+    """A cell's outcome and the note its description gets: "not converged" when a compared network did not
+    plateau (``unconverged``: their names; None: not checked)."""
+    if unconverged is None:
+        return outcome, ""
+    if unconverged:
+        return "not converged", f" (not converged: {', '.join(unconverged)})"
+    return outcome, ""
+
+
+def _plateau_note(t: _Tables, stem: str) -> str:
+    return "" if (t.folder / f"{stem}.csv").exists() else f"; plateau not checked: {stem}.csv not produced"
 
 
 # --------------------------------------------------------------------------- the claims, one function each
@@ -119,13 +161,21 @@ def _table5(t: _Tables) -> dict[str, Any]:
             "evidence": "table5_kendall_tau"}
 
 
-def _noise_cells(rows: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Outcomes and descriptions of a table's "verdict" cells (SPvR better / <X> better / within noise)."""
+def _noise_cells(rows: pd.DataFrame, t: _Tables | None = None,
+                 plateau: str | None = None) -> tuple[list[str], list[str]]:
+    """Outcomes and descriptions of a table's "verdict" cells (SPvR better / <X> better / within noise); a cell
+    whose SPvR or best baseline did not plateau (``plateau``: the stem of the table's plateau table) is
+    "not converged"."""
     outcomes, parts = [], []
     for _, r in rows.iterrows():
         v = str(r["verdict"])
-        outcomes.append("undecided" if v.startswith("n/a") else "holds" if v == "SPvR better" else "fails")
-        parts.append(f"{MODEL_NAMES.get(r['model'], r['model'])} {_rate(r['params removed (%)'] / 100)}: {v}")
+        outcome = "undecided" if v.startswith("n/a") else "holds" if v == "SPvR better" else "fails"
+        names = ["SPvR"] + ([str(r["best baseline"])] if pd.notna(r.get("best baseline")) else [])
+        unconverged = None if t is None or plateau is None else \
+            t.unconverged(plateau, r["model"], r["params removed (%)"], names)
+        outcome, note = _converged_outcome(outcome, unconverged)
+        outcomes.append(outcome)
+        parts.append(f"{MODEL_NAMES.get(r['model'], r['model'])} {_rate(r['params removed (%)'] / 100)}: {v}{note}")
     return outcomes, parts
 
 
@@ -141,20 +191,23 @@ def _paper_best(table: dict, cells: Sequence[tuple[str, float]]) -> str:
 
 
 def _spvr_best(t: _Tables, claim: str, says: str, stem: str, row_filter: Callable[[pd.DataFrame], Any],
-               paper_table: dict) -> dict[str, Any]:
-    """A claim that SPvR is the best method in every top-1 cell of a table with a noise "verdict" column."""
+               paper_table: dict, plateau: str) -> dict[str, Any]:
+    """A claim that SPvR is the best method in every top-1 cell of a table with a noise "verdict" column
+    (``plateau``: the stem of its plateau table)."""
     df = t(stem)
     ours = df[row_filter(df) & (df["metric"] == "top1")]
-    outcomes, parts = _noise_cells(ours)
+    outcomes, parts = _noise_cells(ours, t, plateau)
     cells = [(k, r / 100) for k, r in zip(ours["model"], ours["params removed (%)"])]
-    return {"claim": claim, "paper says": says, "paper": _paper_best(paper_table, cells), "ours": "; ".join(parts),
-            "verdict": verdict_of(outcomes), "evidence": stem}
+    return {"claim": claim, "paper says": says, "paper": _paper_best(paper_table, cells),
+            "ours": "; ".join(parts) + _plateau_note(t, plateau), "verdict": verdict_of(outcomes),
+            "evidence": ", ".join([stem] + ([plateau] if plateau in t.read else []))}
 
 
 def _table1(t: _Tables) -> dict[str, Any]:
     return _spvr_best(t, "Table 1", "at equal parameter budgets SPvR's network (trained from scratch) beats every "
                       "baseline (fine-tuned), at every rate", "table1_accuracy",
-                      lambda df: df["source"].astype(str).str.startswith("ours"), reference.PAPER_TABLE1)
+                      lambda df: df["source"].astype(str).str.startswith("ours"), reference.PAPER_TABLE1,
+                      "table1_plateau")
 
 
 def _drop_at_90(t: _Tables) -> dict[str, Any]:
@@ -166,13 +219,17 @@ def _drop_at_90(t: _Tables) -> dict[str, Any]:
     r = row.iloc[0]
     drop = float(base["vgg16"]) - float(r["top1 mean"])
     paper = reference.PAPER_TABLE1[("vgg16", 0.0, "base")]["top1"] - reference.PAPER_TABLE1[("vgg16", 0.9, "spvr")]["top1"]
+    outcome, note = _converged_outcome("undecided" if int(r["n_ok"]) < 2 else "holds" if drop < 1.0 else "fails",
+                                       t.unconverged("table1_plateau", "vgg16", 90.0, ["SPvR"]))
     return {"claim": "Abstract, Table 1", "paper says": "with 90% of VGG16's parameters removed, SPvR's network "
             "loses less than 1 point of top-1",
             "paper": f"{_fmt(reference.PAPER_TABLE1[('vgg16', 0.0, 'base')]['top1'])} → "
                      f"{_fmt(reference.PAPER_TABLE1[('vgg16', 0.9, 'spvr')]['top1'])} ({-paper:+.2f})",
-            "ours": f"{_fmt(base['vgg16'])} → {_pm(r['top1 mean'], r['top1 std'])} ({-drop:+.2f})",
-            "verdict": verdict_of(["undecided" if int(r["n_ok"]) < 2 else "holds" if drop < 1.0 else "fails"]),
-            "evidence": "table1_accuracy_numeric, base_models"}
+            "ours": f"{_fmt(base['vgg16'])} → {_pm(r['top1 mean'], r['top1 std'])} ({-drop:+.2f}){note}"
+                    + _plateau_note(t, "table1_plateau"),
+            "verdict": verdict_of([outcome]),
+            "evidence": ", ".join(["table1_accuracy_numeric", "base_models"]
+                                  + (["table1_plateau"] if "table1_plateau" in t.read else []))}
 
 
 def _table2(t: _Tables) -> dict[str, Any]:
@@ -186,19 +243,32 @@ def _table2(t: _Tables) -> dict[str, Any]:
             outcomes.append("fails")
             ours.append(f"{name}: {r.get('error')}")
         else:
-            outcomes.append("undecided" if v.startswith("n/a") else "holds" if v == "TFS better" else "fails")
-            ours.append(f"{name} {_fmt(r['params removed (%)'], 0)}%: TFS - FT {float(r['TFS - FT']):+.2f} ({v})")
+            outcome, note = _converged_outcome(
+                "undecided" if v.startswith("n/a") else "holds" if v == "TFS better" else "fails",
+                _unconverged_modes(t, r["model"], r["params removed (%)"]))
+            outcomes.append(outcome)
+            ours.append(f"{name} {_fmt(r['params removed (%)'], 0)}%: TFS - FT {float(r['TFS - FT']):+.2f} ({v}){note}")
         p = reference.PAPER_TABLE2[r["model"]]
         paper.append(f"{name} {_rate(p['rate'])}: {p['TFS top1'] - p['FT top1']:+.2f}")
     return {"claim": "Table 2", "paper says": "trained from scratch, SPvR's network beats the same network "
             "fine-tuned, for every network (same epochs, searched learning rates)",
-            "paper": "TFS - FT: " + "; ".join(paper), "ours": "; ".join(ours), "verdict": verdict_of(outcomes),
-            "evidence": "table2_finetune_vs_scratch"}
+            "paper": "TFS - FT: " + "; ".join(paper), "ours": "; ".join(ours) + _plateau_note(t, "table2_plateau"),
+            "verdict": verdict_of(outcomes),
+            "evidence": ", ".join(["table2_finetune_vs_scratch"] + (["table2_plateau"] if "table2_plateau" in t.read
+                                                                    else []))}
+
+
+def _unconverged_modes(t: _Tables, model: str, removed: float) -> list[str] | None:
+    """Which of SPvR's fine-tuned (FT) and from-scratch (TFS) networks of a Table 2 cell did not plateau."""
+    ft = t.unconverged("table2_plateau", model, removed, ["SPvR"], mode="finetune")
+    tfs = t.unconverged("table2_plateau", model, removed, ["SPvR"], mode="scratch")
+    return None if ft is None else ["FT"] * bool(ft) + ["TFS"] * bool(tfs)
 
 
 def _table3(t: _Tables) -> dict[str, Any]:
     return _spvr_best(t, "Table 3", "every method's network trained from scratch: SPvR's architecture is the best",
-                      "table3_architecture", lambda df: df["rows"] == "scratch (Table 3)", reference.PAPER_TABLE3)
+                      "table3_architecture", lambda df: df["rows"] == "scratch (Table 3)", reference.PAPER_TABLE3,
+                      "table3_plateau")
 
 
 def _layer_collapse(t: _Tables) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -101,6 +101,12 @@ def budget_gain(short_top1: Mapping[int, float], full_top1: Mapping[int, float])
             "gain se": None if sd is None else round(sd / math.sqrt(len(diffs)), 3)}
 
 
+def _mean_rise(records: Iterable[Mapping[str, Any]]) -> float | None:
+    """Mean over ``records`` of :func:`spvr_lib.train.plateau_rise` of their histories (points, 2 decimals)."""
+    rises = [v for v in (train.plateau_rise(r["history"]) for r in records) if v is not None]
+    return round(statistics.fmean(rises), 2) if rises else None
+
+
 def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> pd.DataFrame:
     """Notebook 03's convergence table, one row per trained base model, every top-1 a mean over the scale's seeds
     and every gain paired by seed (with its standard error):
@@ -120,8 +126,7 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
         full = {s: base_with_epochs(cfg, key, full_e, s, progress) for s in cfg.seeds}
         short = {s: base_with_epochs(cfg, key, short_e, s, progress) for s in cfg.seeds}
         g = budget_gain({s: r["top1"] for s, r in short.items()}, {s: r["top1"] for s, r in full.items()})
-        rises = [v for v in (train.plateau_rise(r["history"]) for r in full.values()) if v is not None]
-        rise = round(statistics.fmean(rises), 2) if rises else None
+        rise = _mean_rise(full.values())
         row = {"model": key, "lr": full[cfg.seeds[0]]["key"]["recipe"]["lr"], "epochs": full_e,
                "shorter epochs": short_e, "seeds": len(g["seeds"]),
                "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
@@ -141,3 +146,69 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
                     "train s (these runs)": round(sum(r["wall_s"] for r in runs), 1)})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the compared rows against their base
+CHANCE_MARGIN = 1.0     # a seed whose top-1 is within this many points of chance (100 / classes) learned nothing
+
+
+def base_rise(cfg: Any, key: str, progress: bool = True) -> float | None:
+    """The base network's rise over the last quarter of its own runs (points, mean over the scale's seeds; the
+    convergence table's ``rise within run``), or None for a setup that loads published weights."""
+    setup = cfg.model(key)
+    if setup.pretrained:
+        return None
+    return _mean_rise(base_with_epochs(cfg, key, setup.epochs, s, progress) for s in cfg.seeds)
+
+
+def plateau_against_base(runs: pd.DataFrame, base_rises: Mapping[str, float | None],
+                         classes: Mapping[str, int]) -> pd.DataFrame:
+    """Have the networks of a runs table plateaued as well as their base did?  One row per (model, params removed,
+    method name, mode) of ``runs`` (a runs table: ``tables1_3.runs_frame`` / ``accuracy_runs``; rows with status
+    other than "ok" are left out).
+
+    Every network of a table gets its base's epochs; the base is shown converged on that budget (notebook 03's
+    ``plateau on the budget``), yet under cosine annealing top-1 still rises over the last quarter of a run
+    (``base_rises``: {model: the base's rise, points}).  A cell is read as plateaued like its base when its mean
+    rise over the last quarter exceeds the base's by at most ``base_models.PLATEAU_POINTS`` and no seed ended at
+    chance (top-1 <= 100 / ``classes[dataset]`` + :data:`CHANCE_MARGIN`).  A cell that fails this is not a
+    converged number: more training would likely raise it, so a comparison that uses it is not a result.
+
+    Columns: model, params removed (%), name, mode, seeds, top1 mean, rise mean, rise max, base rise,
+    rise - base, seeds at chance, plateau like its base (None where the base's rise is unknown)."""
+    missing = {"model", "dataset", "params removed (%)", "name", "mode", "top1", "rise over last quarter",
+               "status"} - set(runs.columns)
+    if missing:
+        raise ValueError(f"runs: missing columns {sorted(missing)}; expected a runs table (tables1_3.runs_frame)")
+    ok = runs[runs["status"] == "ok"]
+    rows = []
+    for (model, rate, name, mode), sub in ok.groupby(["model", "params removed (%)", "name", "mode"], sort=False):
+        dataset = str(sub["dataset"].iloc[0])
+        if dataset not in classes:
+            raise ValueError(f"classes: no entry for dataset {dataset!r}; expected {{dataset: number of classes}}")
+        chance = 100.0 / int(classes[dataset]) + CHANCE_MARGIN
+        rises = [float(r) for r in sub["rise over last quarter"] if pd.notna(r)]
+        rise = round(statistics.fmean(rises), 2) if rises else None
+        base = base_rises.get(model)
+        at_chance = int((sub["top1"].astype(float) <= chance).sum())
+        excess = None if rise is None or base is None else round(rise - float(base), 2)
+        rows.append({"model": model, "params removed (%)": rate, "name": name, "mode": mode, "seeds": len(sub),
+                     "top1 mean": round(float(sub["top1"].astype(float).mean()), 2), "rise mean": rise,
+                     "rise max": round(max(rises), 2) if rises else None, "base rise": base, "rise - base": excess,
+                     "seeds at chance": at_chance,
+                     "plateau like its base": None if excess is None else
+                     bool(excess <= base_models.PLATEAU_POINTS and at_chance == 0)})
+    return pd.DataFrame(rows, columns=["model", "params removed (%)", "name", "mode", "seeds", "top1 mean",
+                                       "rise mean", "rise max", "base rise", "rise - base", "seeds at chance",
+                                       "plateau like its base"])
+
+
+def plateau_table(cfg: Any, runs: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """:func:`plateau_against_base` of ``runs`` with each model's :func:`base_rise` and its dataset's classes
+    (notebooks 04-06: which compared cells are converged numbers)."""
+    from spvr_lib import data
+
+    keys = [k for k in dict.fromkeys(runs["model"]) if k in cfg.models]
+    rises = {k: base_rise(cfg, k, progress) for k in keys}
+    classes = {str(d): data.dataset_info(str(d)).num_classes for d in dict.fromkeys(runs["dataset"].dropna())}
+    return plateau_against_base(runs, rises, classes)

@@ -18,6 +18,11 @@ def test_verdict_of_per_cell_outcomes():
     assert claims.verdict_of(["fails", "fails"]) == "not reproduced"
     assert claims.verdict_of(["holds", "undecided"]) == "undecided (< 2 seeds)"
     assert claims.verdict_of([]) == "missing"
+    # a cell whose compared networks did not plateau is no result: left out, and counted in the verdict
+    assert claims.verdict_of(["holds", "not converged", "fails"]) == \
+        "partly reproduced (1 of 3 cells not converged, left out)"
+    assert claims.verdict_of(["not converged", "holds"]) == "reproduced (1 of 2 cells not converged, left out)"
+    assert claims.verdict_of(["not converged"]) == "undecided (not converged)"
 
 
 def write(folder, stem, rows):
@@ -73,7 +78,8 @@ def test_table1_cells_count_only_spvr_better_as_holding(tmp_path):
     write(tmp_path, "table1_accuracy", rows)
     row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 1"]
     assert row["verdict"] == "partly reproduced"
-    assert row["ours"] == "VGG16 90%: SPvR better; VGG16 98%: within noise"
+    assert row["ours"] == ("VGG16 90%: SPvR better; VGG16 98%: within noise; "
+                           "plateau not checked: table1_plateau.csv not produced")
     assert row["paper"] == "SPvR best in 2 of these 2 cells"           # the paper's VGG16 rows at 90% and 98%
 
 
@@ -102,10 +108,58 @@ def test_vgg16_at_90_percent_loses_less_than_a_point_only_with_seeds_to_show_it(
     spvr = {"model": "vgg16", "rate": 0.9, "method": "spvr", "top1 mean": 87.5, "top1 std": 0.2, "n_ok": 3}
     write(tmp_path, "table1_accuracy_numeric", [spvr])
     row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1"]
-    assert (row["verdict"], row["ours"], row["paper"]) == ("reproduced", "88.00 → 87.50 ± 0.20 (-0.50)",
-                                                           "94.25 → 94.43 (+0.18)")
+    assert (row["verdict"], row["ours"], row["paper"]) == (
+        "reproduced", "88.00 → 87.50 ± 0.20 (-0.50); plateau not checked: table1_plateau.csv not produced",
+        "94.25 → 94.43 (+0.18)")
+    write(tmp_path, "table1_plateau", [plateau_row("vgg16", 90.0, "SPvR", "scratch", False)])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1"]
+    assert (row["verdict"], row["ours"]) == ("undecided (not converged)",
+                                             "88.00 → 87.50 ± 0.20 (-0.50) (not converged: SPvR)")
+    write(tmp_path, "table1_plateau", [plateau_row("vgg16", 90.0, "SPvR", "scratch", True)])
     write(tmp_path, "table1_accuracy_numeric", [{**spvr, "top1 mean": 86.5}])
     assert claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1", "verdict"] == "not reproduced"
     write(tmp_path, "table1_accuracy_numeric", [{**spvr, "n_ok": 1}])
     assert claims.claims_table(tmp_path)[0].set_index("claim").loc["Abstract, Table 1", "verdict"] == \
         "undecided (< 2 seeds)"
+
+
+def plateau_row(model, removed, name, mode, ok):
+    return {"model": model, "params removed (%)": removed, "name": name, "mode": mode, "plateau like its base": ok}
+
+
+def test_cells_whose_spvr_or_best_baseline_did_not_plateau_are_left_out(tmp_path):
+    cell = lambda removed, verdict, best: {"model": "vgg16", "metric": "top1", "params removed (%)": removed,  # noqa: E731
+                                           "source": "ours (cpu)", "verdict": verdict, "best baseline": best}
+    write(tmp_path, "table1_accuracy", [cell(80.0, "SPvR better", "CURL"), cell(90.0, "Taylor better", "Taylor"),
+                                        cell(98.0, "within noise", "CURL")])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 1"]
+    assert row["verdict"] == "partly reproduced"                    # no plateau table: every cell judged
+    assert row["ours"].endswith("; plateau not checked: table1_plateau.csv not produced")
+    write(tmp_path, "table1_plateau", [plateau_row("vgg16", 80.0, "SPvR", "scratch", True),
+                                       plateau_row("vgg16", 80.0, "CURL", "finetune", None),      # no reading
+                                       plateau_row("vgg16", 90.0, "SPvR", "scratch", False),      # SPvR rising
+                                       plateau_row("vgg16", 90.0, "Taylor", "finetune", True),
+                                       plateau_row("vgg16", 98.0, "SPvR", "scratch", True),
+                                       plateau_row("vgg16", 98.0, "CURL", "finetune", False),     # best baseline
+                                       plateau_row("vgg16", 98.0, "ℓ1", "finetune", False)])      # not compared
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 1"]
+    assert row["verdict"] == "reproduced (2 of 3 cells not converged, left out)"
+    assert row["ours"] == ("VGG16 80%: SPvR better; VGG16 90%: Taylor better (not converged: SPvR); "
+                           "VGG16 98%: within noise (not converged: CURL)")
+    assert row["evidence"] == "table1_accuracy, table1_plateau"
+
+
+def test_table2_cells_need_both_of_spvrs_trainings_to_plateau(tmp_path):
+    cell = lambda model, removed, diff, verdict: {  # noqa: E731
+        "model": model, "metric": "top1", "params removed (%)": removed, "TFS - FT": diff, "verdict": verdict,
+        "status": "ok"}
+    write(tmp_path, "table2_finetune_vs_scratch", [cell("vgg16", 85.0, 11.12, "TFS better"),
+                                                   cell("resnet50", 85.0, -5.45, "FT better")])
+    write(tmp_path, "table2_plateau", [plateau_row("vgg16", 85.0, "SPvR", "finetune", False),
+                                       plateau_row("vgg16", 85.0, "SPvR", "scratch", False),
+                                       plateau_row("resnet50", 85.0, "SPvR", "finetune", True),
+                                       plateau_row("resnet50", 85.0, "SPvR", "scratch", True)])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 2"]
+    assert row["verdict"] == "not reproduced (1 of 2 cells not converged, left out)"
+    assert row["ours"].startswith("VGG16 85%: TFS - FT +11.12 (TFS better) (not converged: FT, TFS); "
+                                  "ResNet50 85%: TFS - FT -5.45 (FT better)")

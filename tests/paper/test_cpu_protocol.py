@@ -326,3 +326,57 @@ def test_training_cost_orders_the_cpu_trainings_by_epochs_and_kept_parameters():
         rates = [r for kk, r in order if kk == k]
         assert rates == sorted(rates)
     assert tables1_3.training_cost(cfg, keys[0], 0.9) == (cfg.model(keys[0]).epochs, pytest.approx(0.1))
+
+
+# --------------------------------------------------------------------------- compared cells against their base
+def _run(model, rate, name, mode, seed, top1, rise, status="ok"):
+    return {"model": model, "dataset": "fashion-mnist", "params removed (%)": rate, "name": name, "mode": mode,
+            "seed": seed, "top1": top1, "rise over last quarter": rise, "status": status}
+
+
+def test_a_cell_plateaus_like_its_base_when_its_rise_exceeds_the_bases_by_at_most_the_threshold():
+    from spvr_lib.paper.convergence import plateau_against_base
+
+    runs = pd.DataFrame([
+        _run("vgg16", 90.0, "SPvR", "scratch", 0, 85.0, 1.0), _run("vgg16", 90.0, "SPvR", "scratch", 1, 86.0, 1.2),
+        _run("vgg16", 90.0, "ℓ1", "finetune", 0, 80.0, 2.0), _run("vgg16", 90.0, "ℓ1", "finetune", 1, 81.0, 0.4),
+        _run("vgg16", 98.0, "ℓ1", "finetune", 0, 10.5, 0.0), _run("vgg16", 98.0, "ℓ1", "finetune", 1, 70.0, 0.5),
+        _run("vgg16", 98.0, "Taylor", "finetune", 0, None, None, status="failed"),
+        _run("resnet34", 90.0, "SPvR", "scratch", 0, 84.0, 3.0)])
+    got = plateau_against_base(runs, {"vgg16": 0.8}, {"fashion-mnist": 10}).set_index(["model", "params removed (%)",
+                                                                                          "name"])
+    assert len(got) == 4                                    # the failed Taylor run has no cell
+    spvr = got.loc[("vgg16", 90.0, "SPvR")]                # rise 1.1 - base 0.8 = 0.3 <= 0.3: plateaued
+    assert (spvr["seeds"], spvr["top1 mean"], spvr["rise mean"], spvr["rise max"]) == (2, 85.5, 1.1, 1.2)
+    assert spvr["rise - base"] == pytest.approx(0.3) and bool(spvr["plateau like its base"])
+    l1 = got.loc[("vgg16", 90.0, "ℓ1")]                     # rise 1.2 - 0.8 = 0.4 > 0.3
+    assert l1["rise - base"] == pytest.approx(0.4) and not bool(l1["plateau like its base"])
+    chance = got.loc[("vgg16", 98.0, "ℓ1")]                 # 10.5 <= 10 + 1: a seed learned nothing
+    assert chance["seeds at chance"] == 1 and chance["rise - base"] == pytest.approx(-0.55)
+    assert not bool(chance["plateau like its base"])
+    unknown = got.loc[("resnet34", 90.0, "SPvR")]           # no base rise: no reading
+    assert pd.isna(unknown["base rise"]) and pd.isna(unknown["plateau like its base"])
+    with pytest.raises(ValueError, match="missing columns"):
+        plateau_against_base(runs.drop(columns=["mode"]), {}, {"fashion-mnist": 10})
+    with pytest.raises(ValueError, match="no entry for dataset 'fashion-mnist'"):
+        plateau_against_base(runs, {"vgg16": 0.8}, {})
+
+
+def test_plateau_table_reads_the_bases_rise_from_the_base_runs(cache, monkeypatch):
+    import dataclasses
+
+    from spvr_lib.paper import convergence
+
+    def fit(model, train_set, test_set, recipe, seed=0, **kwargs):      # rises 0.5 (seed 0) and 1.5 (seed 1)
+        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0,
+                    "test_top1": 80.0 + (seed + 0.5) * (e >= 14)} for e in range(1, recipe.epochs + 1)]
+        return {"top1": history[-1]["test_top1"], "top5": 100.0, "loss": 1.0, "history": history,
+                "epochs": recipe.epochs}
+
+    monkeypatch.setattr(train, "fit", fit)
+    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(SETUP, epochs=16)})
+    assert convergence.base_rise(cfg, "vgg16", progress=False) == pytest.approx(1.0)
+    runs = pd.DataFrame([_run("vgg16", 70.0, "SPvR", "scratch", 0, 85.0, 1.3)])
+    row = convergence.plateau_table(cfg, runs, progress=False).iloc[0]
+    assert row["base rise"] == pytest.approx(1.0) and row["rise - base"] == pytest.approx(0.3)
+    assert bool(row["plateau like its base"])
