@@ -161,18 +161,18 @@ def _table5(t: _Tables) -> dict[str, Any]:
             "evidence": "table5_kendall_tau"}
 
 
-def _noise_cells(rows: pd.DataFrame, t: _Tables | None = None,
-                 plateau: str | None = None) -> tuple[list[str], list[str]]:
+def _noise_cells(rows: pd.DataFrame, t: _Tables | None = None, plateau: str | None = None,
+                 mode: str | None = None) -> tuple[list[str], list[str]]:
     """Outcomes and descriptions of a table's "verdict" cells (SPvR better / <X> better / within noise); a cell
-    whose SPvR or best baseline did not plateau (``plateau``: the stem of the table's plateau table) is
-    "not converged"."""
+    whose SPvR or best baseline did not plateau (``plateau``: the stem of the table's plateau table, read in
+    ``mode`` when given) is "not converged"."""
     outcomes, parts = [], []
     for _, r in rows.iterrows():
         v = str(r["verdict"])
         outcome = "undecided" if v.startswith("n/a") else "holds" if v == "SPvR better" else "fails"
         names = ["SPvR"] + ([str(r["best baseline"])] if pd.notna(r.get("best baseline")) else [])
         unconverged = None if t is None or plateau is None else \
-            t.unconverged(plateau, r["model"], r["params removed (%)"], names)
+            t.unconverged(plateau, r["model"], r["params removed (%)"], names, mode)
         outcome, note = _converged_outcome(outcome, unconverged)
         outcomes.append(outcome)
         parts.append(f"{MODEL_NAMES.get(r['model'], r['model'])} {_rate(r['params removed (%)'] / 100)}: {v}{note}")
@@ -191,12 +191,13 @@ def _paper_best(table: dict, cells: Sequence[tuple[str, float]]) -> str:
 
 
 def _spvr_best(t: _Tables, claim: str, says: str, stem: str, row_filter: Callable[[pd.DataFrame], Any],
-               paper_table: dict, plateau: str) -> dict[str, Any]:
+               paper_table: dict, plateau: str, mode: str | None = None) -> dict[str, Any]:
     """A claim that SPvR is the best method in every top-1 cell of a table with a noise "verdict" column
-    (``plateau``: the stem of its plateau table)."""
+    (``plateau``: the stem of its plateau table; ``mode``: the training mode of the rows compared, when the
+    plateau table holds more than one per method)."""
     df = t(stem)
     ours = df[row_filter(df) & (df["metric"] == "top1")]
-    outcomes, parts = _noise_cells(ours, t, plateau)
+    outcomes, parts = _noise_cells(ours, t, plateau, mode)
     cells = [(k, r / 100) for k, r in zip(ours["model"], ours["params removed (%)"])]
     return {"claim": claim, "paper says": says, "paper": _paper_best(paper_table, cells),
             "ours": "; ".join(parts) + _plateau_note(t, plateau), "verdict": verdict_of(outcomes),
@@ -268,7 +269,7 @@ def _unconverged_modes(t: _Tables, model: str, removed: float) -> list[str] | No
 def _table3(t: _Tables) -> dict[str, Any]:
     return _spvr_best(t, "Table 3", "every method's network trained from scratch: SPvR's architecture is the best",
                       "table3_architecture", lambda df: df["rows"] == "scratch (Table 3)", reference.PAPER_TABLE3,
-                      "table3_plateau")
+                      "table3_plateau", mode="scratch")
 
 
 def _layer_collapse(t: _Tables) -> dict[str, Any]:

@@ -163,3 +163,18 @@ def test_table2_cells_need_both_of_spvrs_trainings_to_plateau(tmp_path):
     assert row["verdict"] == "not reproduced (1 of 2 cells not converged, left out)"
     assert row["ours"].startswith("VGG16 85%: TFS - FT +11.12 (TFS better) (not converged: FT, TFS); "
                                   "ResNet50 85%: TFS - FT -5.45 (FT better)")
+
+
+def test_table3_reads_only_the_scratch_rows_of_its_plateau_table(tmp_path):
+    write(tmp_path, "table3_architecture", [{"model": "vgg16", "metric": "top1", "params removed (%)": 90.0,
+                                             "rows": "scratch (Table 3)", "verdict": "SPvR better",
+                                             "best baseline": "RCP"}])
+    write(tmp_path, "table3_plateau", [plateau_row("vgg16", 90.0, "SPvR", "scratch", True),
+                                       plateau_row("vgg16", 90.0, "RCP", "scratch", True),
+                                       plateau_row("vgg16", 90.0, "RCP", "finetune", False)])   # Table 1's row
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 3"]
+    assert (row["verdict"], row["ours"]) == ("reproduced", "VGG16 90%: SPvR better")
+    write(tmp_path, "table3_plateau", [plateau_row("vgg16", 90.0, "SPvR", "scratch", True),
+                                       plateau_row("vgg16", 90.0, "RCP", "scratch", False)])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 3"]
+    assert row["verdict"] == "undecided (not converged)"
