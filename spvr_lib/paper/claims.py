@@ -107,6 +107,10 @@ class _Tables:
             self.read[stem] = pd.read_csv(path)
         return self.read[stem]
 
+    def evidence(self, *stems: str) -> str:
+        """The claim's ``evidence``: those of ``stems`` that were read, in order."""
+        return ", ".join(s for s in stems if s in self.read)
+
     def unconverged(self, stem: str, model: str, removed: float, names: Sequence[str],
                     mode: str | None = None) -> list[str] | None:
         """Which of the methods ``names`` (display names) did not plateau like their base in the cell
@@ -201,7 +205,7 @@ def _spvr_best(t: _Tables, claim: str, says: str, stem: str, row_filter: Callabl
     cells = [(k, r / 100) for k, r in zip(ours["model"], ours["params removed (%)"])]
     return {"claim": claim, "paper says": says, "paper": _paper_best(paper_table, cells),
             "ours": "; ".join(parts) + _plateau_note(t, plateau), "verdict": verdict_of(outcomes),
-            "evidence": ", ".join([stem] + ([plateau] if plateau in t.read else []))}
+            "evidence": t.evidence(stem, plateau)}
 
 
 def _table1(t: _Tables) -> dict[str, Any]:
@@ -229,8 +233,7 @@ def _drop_at_90(t: _Tables) -> dict[str, Any]:
             "ours": f"{_fmt(base['vgg16'])} → {_pm(r['top1 mean'], r['top1 std'])} ({-drop:+.2f}){note}"
                     + _plateau_note(t, "table1_plateau"),
             "verdict": verdict_of([outcome]),
-            "evidence": ", ".join(["table1_accuracy_numeric", "base_models"]
-                                  + (["table1_plateau"] if "table1_plateau" in t.read else []))}
+            "evidence": t.evidence("table1_accuracy_numeric", "base_models", "table1_plateau")}
 
 
 def _table2(t: _Tables) -> dict[str, Any]:
@@ -255,8 +258,7 @@ def _table2(t: _Tables) -> dict[str, Any]:
             "fine-tuned, for every network (same epochs, searched learning rates)",
             "paper": "TFS - FT: " + "; ".join(paper), "ours": "; ".join(ours) + _plateau_note(t, "table2_plateau"),
             "verdict": verdict_of(outcomes),
-            "evidence": ", ".join(["table2_finetune_vs_scratch"] + (["table2_plateau"] if "table2_plateau" in t.read
-                                                                    else []))}
+            "evidence": t.evidence("table2_finetune_vs_scratch", "table2_plateau")}
 
 
 def _unconverged_modes(t: _Tables, model: str, removed: float) -> list[str] | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from spvr_lib import train
+from spvr_lib import data, train
 from spvr_lib.paper import base_models
 from spvr_lib.paper.lr_search import recipe
 
@@ -206,8 +206,6 @@ def plateau_against_base(runs: pd.DataFrame, base_rises: Mapping[str, float | No
 def plateau_table(cfg: Any, runs: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """:func:`plateau_against_base` of ``runs`` with each model's :func:`base_rise` and its dataset's classes
     (notebooks 04-06: which compared cells are converged numbers)."""
-    from spvr_lib import data
-
     keys = [k for k in dict.fromkeys(runs["model"]) if k in cfg.models]
     rises = {k: base_rise(cfg, k, progress) for k in keys}
     classes = {str(d): data.dataset_info(str(d)).num_classes for d in dict.fromkeys(runs["dataset"].dropna())}
