@@ -11,8 +11,8 @@ give a spread:
 * ``not reproduced``: in none;
 * ``undecided (< 2 seeds)``: no spread to judge by (the smoke scale);
 * ``... (k of n cells not converged, left out)``: a cell whose compared network did not plateau like its base
-  (``<table>_plateau.csv``, :func:`spvr_lib.paper.convergence.plateau_against_base`) is no result and is not
-  judged; ``undecided (not converged)`` when no cell is left;
+  (``<table>_plateau.csv`` of Tables 1-4 and Figure 2, :func:`spvr_lib.paper.convergence.plateau_against_base`)
+  is no result and is not judged; ``undecided (not converged)`` when no cell is left;
 * ``missing``: a table it needs was not produced (its reason in ``ours``).
 """
 from __future__ import annotations
@@ -124,6 +124,21 @@ class _Tables:
         if mode is not None:
             cell = cell[cell["mode"] == mode]
         return [n for n in names if any(_false(v) for v in cell.loc[cell["name"] == n, "plateau like its base"])]
+
+    def unconverged_where(self, stem: str, cells: dict[str, dict[str, Any]]) -> list[str] | None:
+        """Which of ``cells`` ({label: {column: value}}, rows of the plateau table ``<stem>.csv`` picked by equal
+        values) did not plateau like their base; None when that table was not produced."""
+        if not (self.folder / f"{stem}.csv").exists():
+            return None
+        df = self(stem)
+        out = []
+        for label, where in cells.items():
+            mask = pd.Series(True, index=df.index)
+            for column, value in where.items():
+                mask &= df[column] == value
+            if any(_false(v) for v in df.loc[mask, "plateau like its base"]):
+                out.append(label)
+        return out
 
 
 def _converged_outcome(outcome: str, unconverged: list[str] | None) -> tuple[str, str]:
@@ -336,14 +351,21 @@ def _group_size_robust(t: _Tables) -> dict[str, Any]:
         hi, lo = sub.loc[sub[f"{metric} (fast)"].idxmax()], sub.loc[sub[f"{metric} (fast)"].idxmin()]
         inside = stats.within_noise_summary(hi[f"{metric} (fast)"], hi[f"{metric} std (fast)"], hi["n seeds"],
                                             lo[f"{metric} (fast)"], lo[f"{metric} std (fast)"], lo["n seeds"])
-        outcomes.append("undecided" if inside is None else "holds" if inside else "fails")
+        # the two compared cells: the best and the worst d (fast ranking, as the figure plots)
+        outcome, note = _converged_outcome(
+            "undecided" if inside is None else "holds" if inside else "fails",
+            t.unconverged_where("figure2_plateau", {f"d = {int(r['d'])}": {"model": key, "d": int(r["d"]),
+                                                                          "ranking": "fast"} for r in (lo, hi)}))
+        outcomes.append(outcome)
         spread = float(hi[f"{metric} (fast)"]) - float(lo[f"{metric} (fast)"])
+        word = "within noise" if inside else "beyond noise" if inside is False else "n/a"
         ours.append(f"{MODEL_NAMES.get(key, key)} {metric}: {spread:.2f} from the worst d ({int(lo['d'])}) to the "
-                    f"best ({int(hi['d'])}), {'within noise' if inside else 'beyond noise' if inside is False else 'n/a'}")
+                    f"best ({int(hi['d'])}), {word}{note}")
         paper.append(f"{MODEL_NAMES.get(key, key)} {metric}: about {p:g}" if p is not None else "-")
     return {"claim": "Figure 2", "paper says": "SPvR is robust to the group size d (top-1 / top-5 move about "
-            "a point across d at 98%)", "paper": "; ".join(paper), "ours": "; ".join(ours),
-            "verdict": verdict_of(outcomes), "evidence": "figure2_group_size"}
+            "a point across d at 98%)", "paper": "; ".join(paper),
+            "ours": "; ".join(ours) + _plateau_note(t, "figure2_plateau"),
+            "verdict": verdict_of(outcomes), "evidence": t.evidence("figure2_group_size", "figure2_plateau")}
 
 
 def _group_size_time(t: _Tables) -> dict[str, Any]:
@@ -379,14 +401,17 @@ def _table4(t: _Tables, rival: str) -> dict[str, Any]:
     else:                                 # "3.3% better ... with 20% fewer parameters"
         says = "SPvR's ResNet50, with a fifth fewer parameters, beats MobileNetV3-minimal by 3.3 points"
         outcome = _outcome(inside, fewer and ours_r["top1"] > them["top1"])
+    outcome, note = _converged_outcome(outcome, t.unconverged_where(
+        "table4_plateau", {name: {"name": name} for name in ("ResNet50-pruned", rival)}))
     word = "within noise" if inside else "beyond noise" if inside is False else "n/a"
     return {"claim": "Table 4", "paper says": says,
             "paper": f"{_fmt(p_ours['paper top1'])} ({p_ours['paper params (M)']}M) vs "
                      f"{_fmt(p_them['paper top1'])} ({p_them['paper params (M)']}M)",
             "ours": f"{_pm(ours_r['top1'], ours_r['top1 std'])} ({int(ours_r['params']):,} params) vs "
                     f"{_pm(them['top1'], them['top1 std'])} ({int(them['params']):,}): "
-                    f"{float(ours_r['top1']) - float(them['top1']):+.2f}, {word}",
-            "verdict": verdict_of([outcome]), "evidence": "table4_mobilenet"}
+                    f"{float(ours_r['top1']) - float(them['top1']):+.2f}, {word}{note}"
+                    + _plateau_note(t, "table4_plateau"),
+            "verdict": verdict_of([outcome]), "evidence": t.evidence("table4_mobilenet", "table4_plateau")}
 
 
 def _segmentation(t: _Tables) -> dict[str, Any]:

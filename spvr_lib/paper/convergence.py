@@ -162,10 +162,12 @@ def base_rise(cfg: Any, key: str, progress: bool = True) -> float | None:
 
 
 def plateau_against_base(runs: pd.DataFrame, base_rises: Mapping[str, float | None],
-                         classes: Mapping[str, int]) -> pd.DataFrame:
+                         classes: Mapping[str, int], by: Sequence[str] = ()) -> pd.DataFrame:
     """Have the networks of a runs table plateaued as well as their base did?  One row per (model, params removed,
-    method name, mode) of ``runs`` (a runs table: ``tables1_3.runs_frame`` / ``accuracy_runs``; rows with status
-    other than "ok" are left out).
+    method name, mode, ``*by``) of ``runs`` (a runs table: ``tables1_3.runs_frame`` / ``accuracy_runs``; ``by``:
+    further columns that tell cells apart, e.g. ``("d",)`` for Figure 2's group sizes; a missing value, such as
+    the removal of a network that was not pruned, is a key of its own; rows with status other than "ok" are left
+    out).
 
     Every network of a table gets its base's epochs; the base is shown converged on that budget (notebook 03's
     ``plateau on the budget``), yet under cosine annealing top-1 still rises over the last quarter of a run
@@ -174,15 +176,18 @@ def plateau_against_base(runs: pd.DataFrame, base_rises: Mapping[str, float | No
     chance (top-1 <= 100 / ``classes[dataset]`` + :data:`CHANCE_MARGIN`).  A cell that fails this is not a
     converged number: more training would likely raise it, so a comparison that uses it is not a result.
 
-    Columns: model, params removed (%), name, mode, seeds, top1 mean, rise mean, rise max, base rise,
+    Columns: model, params removed (%), name, mode, ``*by``, seeds, top1 mean, rise mean, rise max, base rise,
     rise - base, seeds at chance, plateau like its base (None where the base's rise is unknown)."""
+    by = list(by)
     missing = {"model", "dataset", "params removed (%)", "name", "mode", "top1", "rise over last quarter",
-               "status"} - set(runs.columns)
+               "status", *by} - set(runs.columns)
     if missing:
         raise ValueError(f"runs: missing columns {sorted(missing)}; expected a runs table (tables1_3.runs_frame)")
     ok = runs[runs["status"] == "ok"]
     rows = []
-    for (model, rate, name, mode), sub in ok.groupby(["model", "params removed (%)", "name", "mode"], sort=False):
+    keys = ["model", "params removed (%)", "name", "mode", *by]
+    for values, sub in ok.groupby(keys, sort=False, dropna=False):
+        model, rate, name, mode = values[:4]
         dataset = str(sub["dataset"].iloc[0])
         if dataset not in classes:
             raise ValueError(f"classes: no entry for dataset {dataset!r}; expected {{dataset: number of classes}}")
@@ -192,21 +197,23 @@ def plateau_against_base(runs: pd.DataFrame, base_rises: Mapping[str, float | No
         base = base_rises.get(model)
         at_chance = int((sub["top1"].astype(float) <= chance).sum())
         excess = None if rise is None or base is None else round(rise - float(base), 2)
-        rows.append({"model": model, "params removed (%)": rate, "name": name, "mode": mode, "seeds": len(sub),
+        rows.append({"model": model, "params removed (%)": rate, "name": name, "mode": mode,
+                     **dict(zip(by, values[4:])), "seeds": len(sub),
                      "top1 mean": round(float(sub["top1"].astype(float).mean()), 2), "rise mean": rise,
                      "rise max": round(max(rises), 2) if rises else None, "base rise": base, "rise - base": excess,
                      "seeds at chance": at_chance,
                      "plateau like its base": None if excess is None else
                      bool(excess <= base_models.PLATEAU_POINTS and at_chance == 0)})
-    return pd.DataFrame(rows, columns=["model", "params removed (%)", "name", "mode", "seeds", "top1 mean",
+    return pd.DataFrame(rows, columns=["model", "params removed (%)", "name", "mode", *by, "seeds", "top1 mean",
                                        "rise mean", "rise max", "base rise", "rise - base", "seeds at chance",
                                        "plateau like its base"])
 
 
-def plateau_table(cfg: Any, runs: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    """:func:`plateau_against_base` of ``runs`` with each model's :func:`base_rise` and its dataset's classes
-    (notebooks 04-06: which compared cells are converged numbers)."""
+def plateau_table(cfg: Any, runs: pd.DataFrame, by: Sequence[str] = (), progress: bool = True) -> pd.DataFrame:
+    """:func:`plateau_against_base` of ``runs`` (cells told apart by ``by`` too) with each model's
+    :func:`base_rise` and its dataset's classes (notebooks 04-06, 09, 10: which compared cells are converged
+    numbers)."""
     keys = [k for k in dict.fromkeys(runs["model"]) if k in cfg.models]
     rises = {k: base_rise(cfg, k, progress) for k in keys}
     classes = {str(d): data.dataset_info(str(d)).num_classes for d in dict.fromkeys(runs["dataset"].dropna())}
-    return plateau_against_base(runs, rises, classes)
+    return plateau_against_base(runs, rises, classes, by)

@@ -120,7 +120,9 @@ README_RESULTS = [
     ("07", "figure1_latency_claims", "Figure 1: inference latency (the claims; all timings in figure1_latency.csv)",
      "figure1_latency"),
     ("09", "figure2_group_size", "Figure 2: group-size ablation", "figure2_group_size"),
+    ("09", "figure2_plateau", "Figure 2: did each network plateau like its base?", None),
     ("10", "table4_mobilenet", "Table 4: pruned ResNet50 against MobileNetV3", None),
+    ("10", "table4_plateau", "Table 4: did each network plateau like the base ResNet50?", None),
     ("11", "segmentation", "Section 5.5: segmentation", None),
     ("12", "own_model_summary", "Prune your own model: a torchvision network, parameters against the budget and "
      "latency", "own_model_widths"),

@@ -178,3 +178,39 @@ def test_table3_reads_only_the_scratch_rows_of_its_plateau_table(tmp_path):
                                        plateau_row("vgg16", 90.0, "RCP", "scratch", False)])
     row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 3"]
     assert row["verdict"] == "undecided (not converged)"
+
+
+def test_table4_leaves_out_a_comparison_with_a_network_that_did_not_plateau(tmp_path):
+    write(tmp_path, "table4_mobilenet", mobile(82.0))
+    plateau = lambda name, ok: {"model": "resnet50", "params removed (%)": None, "name": name,  # noqa: E731
+                                "mode": "scratch", "plateau like its base": ok}
+    write(tmp_path, "table4_plateau", [plateau("MobileNetV3-small", False), plateau("MobileNetV3-minimal", True),
+                                       plateau("ResNet50-pruned", True)])
+    got = claims.claims_table(tmp_path)[0]
+    small, minimal = got[got["claim"] == "Table 4"].itertuples(index=False)
+    assert small.verdict == "undecided (not converged)"           # -small still rising: no result
+    assert small.ours.endswith("within noise (not converged: MobileNetV3-small)")
+    assert minimal.verdict == "reproduced"                        # 82.0 ± 0.5 against 78.0 ± 0.2, both plateaued
+    assert minimal.evidence == "table4_mobilenet, table4_plateau"
+
+
+def test_figure2_robustness_reads_the_best_and_worst_d_of_the_fast_ranking(tmp_path):
+    def cell(d, top1):
+        return {"model": "vgg16", "d": d, "top1 (fast)": top1, "top1 std (fast)": 0.5, "n seeds": 3,
+                "prune s (fast)": 10.0 / d}
+    write(tmp_path, "figure2_group_size", [cell(2, 86.0), cell(4, 85.8), cell(32, 70.0)])
+    row = claims.claims_table(tmp_path)[0].set_index(["claim", "paper says"]).xs("Figure 2").iloc[0]
+    assert row["verdict"] == "not reproduced"                      # 16 points from d = 32 to d = 2: beyond noise
+    assert row["ours"].endswith("; plateau not checked: figure2_plateau.csv not produced")
+    plateau = lambda d, ranking, ok: {"model": "vgg16", "d": d, "ranking": ranking, "name": "SPvR",  # noqa: E731
+                                      "mode": "scratch", "plateau like its base": ok}
+    write(tmp_path, "figure2_plateau", [plateau(2, "fast", True), plateau(4, "fast", False),
+                                        plateau(32, "naive", False), plateau(32, "fast", True)])
+    row = claims.claims_table(tmp_path)[0].set_index(["claim", "paper says"]).xs("Figure 2").iloc[0]
+    assert row["verdict"] == "not reproduced"                      # d = 4 (not compared) and naive rows ignored
+    write(tmp_path, "figure2_plateau", [plateau(2, "fast", True), plateau(32, "fast", False)])
+    row = claims.claims_table(tmp_path)[0].set_index(["claim", "paper says"]).xs("Figure 2").iloc[0]
+    assert row["verdict"] == "undecided (not converged)"
+    assert row["ours"] == ("VGG16 top1: 16.00 from the worst d (32) to the best (2), beyond noise "
+                           "(not converged: d = 32)")
+    assert row["evidence"] == "figure2_group_size, figure2_plateau"

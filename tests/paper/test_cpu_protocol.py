@@ -362,6 +362,24 @@ def test_a_cell_plateaus_like_its_base_when_its_rise_exceeds_the_bases_by_at_mos
         plateau_against_base(runs, {"vgg16": 0.8}, {})
 
 
+def test_cells_can_be_told_apart_by_further_columns_and_an_unpruned_network_is_a_cell_of_its_own():
+    from spvr_lib.paper.convergence import plateau_against_base
+
+    runs = pd.DataFrame([
+        {**_run("vgg16", 98.0, "SPvR", "scratch", 0, 86.0, 1.0), "d": 2},
+        {**_run("vgg16", 98.0, "SPvR", "scratch", 1, 85.0, 1.2), "d": 2},
+        {**_run("vgg16", 98.0, "SPvR", "scratch", 0, 66.0, 3.0), "d": 32},
+        {**_run("vgg16", None, "MobileNet", "scratch", 0, 80.0, 0.5), "d": None}])
+    got = plateau_against_base(runs, {"vgg16": 0.8}, {"fashion-mnist": 10}, by=["d"])
+    assert list(got.columns[:5]) == ["model", "params removed (%)", "name", "mode", "d"]
+    assert got["seeds"].tolist() == [2, 1, 1]                       # d = 2 and d = 32 are separate cells
+    assert got["rise mean"].tolist() == [pytest.approx(1.1), 3.0, 0.5]
+    assert got["plateau like its base"].tolist() == [True, False, True]   # 0.3, 2.2 and -0.3 above the base's 0.8
+    assert pd.isna(got["params removed (%)"].iloc[2])              # the NaN removal is kept, not dropped
+    with pytest.raises(ValueError, match=r"missing columns \['d'\]"):
+        plateau_against_base(runs.drop(columns=["d"]), {"vgg16": 0.8}, {"fashion-mnist": 10}, by=["d"])
+
+
 def test_plateau_table_reads_the_bases_rise_from_the_base_runs(cache, monkeypatch):
     import dataclasses
 
