@@ -214,3 +214,19 @@ def test_figure2_robustness_reads_the_best_and_worst_d_of_the_fast_ranking(tmp_p
     assert row["ours"] == ("VGG16 top1: 16.00 from the worst d (32) to the best (2), beyond noise "
                            "(not converged: d = 32)")
     assert row["evidence"] == "figure2_group_size, figure2_plateau"
+
+
+def test_segmentation_claim_reads_the_pruned_segnets_rise_against_the_unpruned_ones(tmp_path):
+    def seg(miou, std, rise):
+        return {"dataset": "scenes", "mIoU": miou, "mIoU std": std, "n seeds": 3,
+                "mIoU rise over last quarter": rise}
+    write(tmp_path, "segmentation", [seg(67.0, 2.4, 2.6), seg(69.0, 0.7, 2.9)])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
+    assert row["verdict"] == "reproduced"                      # +2.00 inside the noise; rise 0.3 above: plateaued
+    assert row["ours"] == ("67.00 ± 2.40 → 69.00 ± 0.70 (+2.00, within noise; scenes); mean IoU rise over the last "
+                           "quarter 2.60 (unpruned), 2.90 (pruned); the unpruned SegNet's plateau on its budget is "
+                           "not checked")
+    write(tmp_path, "segmentation", [seg(67.0, 2.4, 2.6), seg(60.0, 0.7, 3.0)])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
+    assert row["verdict"] == "undecided (not converged)"       # rises 0.4 more than the unpruned SegNet
+    assert "(-7.00, beyond noise; scenes) (not converged: pruned SegNet);" in row["ours"]
