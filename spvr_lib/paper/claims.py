@@ -12,8 +12,8 @@ give a spread:
 * ``undecided (< 2 seeds)``: no spread to judge by (the smoke scale);
 * ``... (k of n cells not converged, left out)``: a cell whose compared network did not plateau like its base
   (``<table>_plateau.csv`` of Tables 1-4 and Figure 2, :func:`spvr_lib.paper.convergence.plateau_against_base`;
-  Section 5.5: the pruned SegNet against the unpruned one, from ``segmentation.csv``) is no result and is not
-  judged; ``undecided (not converged)`` when no cell is left;
+  Section 5.5: the unpruned SegNet on its budget, ``segmentation_convergence.csv``, and the pruned one's rise
+  against it) is no result and is not judged; ``undecided (not converged)`` when no cell is left;
 * ``missing``: a table it needs was not produced (its reason in ``ours``).
 """
 from __future__ import annotations
@@ -427,22 +427,34 @@ def _segmentation(t: _Tables) -> dict[str, Any]:
     loss = float(base["mIoU"]) - float(pruned["mIoU"])
     outcome = "undecided" if inside is None else "holds" if (inside or loss <= paper_loss) else "fails"
     word = "within noise" if inside else "beyond noise" if inside is False else "n/a"
-    # the plateau rule of Tables 1-4 with the unpruned SegNet as the base; that SegNet is not itself checked on
-    # its budget (no shorter-budget runs), which the text says
+    # the base, the unpruned SegNet, read on its budget (segmentation_convergence, as notebook 03's bases), and the
+    # pruned SegNet's rise over its last quarter against the base's (the plateau rule of Tables 1-4)
     rise = "mIoU rise over last quarter"
+    unconverged: list[str] | None = None
     note = ""
+    if (t.folder / "segmentation_convergence.csv").exists():
+        conv = t("segmentation_convergence").iloc[0]
+        if pd.isna(conv["gain of last quarter"]):
+            note += f"; the unpruned SegNet has no shorter budget to read ({int(conv['epochs'])} epoch)"
+        else:
+            unconverged = ["unpruned SegNet"] if _false(conv["plateau on the budget"]) else []
+            note += (f"; the unpruned SegNet gains {float(conv['gain of last quarter']):+.2f} from its last quarter "
+                     f"({int(conv['shorter epochs'])} → {int(conv['epochs'])} epochs)")
+    else:
+        note += "; plateau not checked: segmentation_convergence.csv not produced"
     if rise in df.columns and pd.notna(base[rise]) and pd.notna(pruned[rise]):
         rise_b, rise_p = float(base[rise]), float(pruned[rise])
-        unconverged = ["pruned SegNet"] if rise_p - rise_b > base_models.PLATEAU_POINTS else []
-        outcome, flag = _converged_outcome(outcome, unconverged)
-        note = (f"{flag}; mean IoU rise over the last quarter {rise_b:.2f} (unpruned), {rise_p:.2f} (pruned); "
-                "the unpruned SegNet's plateau on its budget is not checked")
+        unconverged = (unconverged or []) + (["pruned SegNet"] if rise_p - rise_b > base_models.PLATEAU_POINTS
+                                             else [])
+        note += f"; mean IoU rise over the last quarter {rise_b:.2f} (unpruned), {rise_p:.2f} (pruned)"
+    outcome, flag = _converged_outcome(outcome, unconverged)
+    note = flag + note
     return {"claim": "Section 5.5", "paper says": f"a SegNet with 80% of its parameters removed by SPvR loses a "
             f"few points of mean IoU ({paper_loss:.1f})",
             "paper": f"{_fmt(paper['base'], 1)} → {_fmt(paper['pruned'], 1)} (CityScapes)",
             "ours": f"{_pm(base['mIoU'], base['mIoU std'])} → {_pm(pruned['mIoU'], pruned['mIoU std'])} "
                     f"({-loss:+.2f}, {word}; {base['dataset']}){note}",
-            "verdict": verdict_of([outcome]), "evidence": "segmentation"}
+            "verdict": verdict_of([outcome]), "evidence": t.evidence("segmentation", "segmentation_convergence")}
 
 
 CLAIMS: tuple[tuple[str, str, Callable[[_Tables], dict[str, Any]]], ...] = (

@@ -217,3 +217,61 @@ def plateau_table(cfg: Any, runs: pd.DataFrame, by: Sequence[str] = (), progress
     rises = {k: base_rise(cfg, k, progress) for k in keys}
     classes = {str(d): data.dataset_info(str(d)).num_classes for d in dict.fromkeys(runs["dataset"].dropna())}
     return plateau_against_base(runs, rises, classes, by)
+
+
+# --------------------------------------------------------------------------- Section 5.5's unpruned SegNet
+def segnet_with_epochs(settings: Mapping[str, Any], epochs: int, seed: int = 0,
+                       progress: bool = True) -> dict[str, Any]:
+    """Section 5.5's unpruned SegNet (``segmentation.segmentation_settings``) trained by its own recipe (the
+    searched lr, the same scenes) for ``epochs`` with a complete cosine schedule: notebook 11's own record at the
+    settings' epochs."""
+    from spvr_lib.paper import segmentation
+
+    settings = dict(settings)
+    spec = segmentation.segnet_spec(settings)
+    if int(epochs) == int(settings["epochs"]):
+        return segmentation.train_segnet(spec, settings, int(seed), tag="base", progress=progress)
+    lr, _ = segmentation.segnet_lr(settings, progress=progress)
+    rcp = segmentation.segnet_recipe({**settings, "epochs": int(epochs)}, lr)
+    return train.train_run(spec, settings["dataset"], rcp, int(seed), tag=f"base-e{int(epochs)}", progress=progress,
+                           weights_needed=False, train_options=segmentation.split_options(settings, "train"),
+                           test_options=segmentation.split_options(settings, "test"))
+
+
+def prepare_segnet_budget_runs(settings: Mapping[str, Any], progress: bool = True) -> None:
+    """Fill the run cache with the shorter-budget SegNets :func:`segnet_convergence_table` reads (one per seed),
+    side by side in the settings' scale's ``jobs.worker_count`` processes (a no-op with one)."""
+    from spvr_lib.paper import jobs, scales
+
+    short = short_epochs(int(settings["epochs"]))
+    jobs.fill_cache(segnet_with_epochs, [(dict(settings), short, s) for s in settings["seeds"]],
+                    jobs.worker_count(scales.get_scale(settings["name"])), desc="SegNet budget", progress=progress,
+                    kwargs={"progress": False})
+
+
+def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True) -> pd.DataFrame:
+    """Has Section 5.5's unpruned SegNet, the base of its comparison, converged on its budget?  One row, read as
+    notebook 03 reads the classification bases (:func:`convergence_table`), test mean IoU (%) for top-1: every
+    value a mean over the settings' seeds, every gain paired by seed.  ``gain of last quarter``: mIoU after the
+    settings' epochs minus after :func:`short_epochs` of them (complete schedules both); ``plateau on the
+    budget``: at most ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget); ``rise within
+    run``: the rise of the full runs over their last quarter (:func:`spvr_lib.train.plateau_rise` of
+    ``test_miou``)."""
+    seeds = list(settings["seeds"])
+    full_e = int(settings["epochs"])
+    short_e = short_epochs(full_e)
+    full = {s: segnet_with_epochs(settings, full_e, s, progress) for s in seeds}
+    short = {s: segnet_with_epochs(settings, short_e, s, progress) for s in seeds}
+    g = budget_gain({s: r["miou"] for s, r in short.items()}, {s: r["miou"] for s, r in full.items()})
+    rises = [v for v in (train.plateau_rise(r["history"], "test_miou") for r in full.values()) if v is not None]
+    rise = round(statistics.fmean(rises), 2) if rises else None
+    return pd.DataFrame([{
+        "model": "SegNet", "dataset": settings["dataset"], "lr": full[seeds[0]]["key"]["recipe"]["lr"],
+        "epochs": full_e, "shorter epochs": short_e, "seeds": len(g["seeds"]),
+        "mIoU at shorter": round(statistics.fmean(r["miou"] for r in short.values()), 2),
+        "mIoU": round(statistics.fmean(r["miou"] for r in full.values()), 2),
+        "gain of last quarter": g["gain"] if short_e < full_e else None, "gain se": g["gain se"],
+        "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if short_e < full_e else None,
+        "rise within run": rise,
+        "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
+        "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)}])

@@ -124,6 +124,7 @@ README_RESULTS = [
     ("10", "table4_mobilenet", "Table 4: pruned ResNet50 against MobileNetV3", None),
     ("10", "table4_plateau", "Table 4: did each network plateau like the base ResNet50?", None),
     ("11", "segmentation", "Section 5.5: segmentation", None),
+    ("11", "segmentation_convergence", "Section 5.5: has the unpruned SegNet converged on its budget?", None),
     ("12", "own_model_summary", "Prune your own model: a torchvision network, parameters against the budget and "
      "latency", "own_model_widths"),
 ]

@@ -216,17 +216,36 @@ def test_figure2_robustness_reads_the_best_and_worst_d_of_the_fast_ranking(tmp_p
     assert row["evidence"] == "figure2_group_size, figure2_plateau"
 
 
-def test_segmentation_claim_reads_the_pruned_segnets_rise_against_the_unpruned_ones(tmp_path):
+def test_segmentation_claim_reads_the_base_on_its_budget_and_the_pruned_segnets_rise_against_it(tmp_path):
     def seg(miou, std, rise):
         return {"dataset": "scenes", "mIoU": miou, "mIoU std": std, "n seeds": 3,
                 "mIoU rise over last quarter": rise}
     write(tmp_path, "segmentation", [seg(67.0, 2.4, 2.6), seg(69.0, 0.7, 2.9)])
     row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
     assert row["verdict"] == "reproduced"                      # +2.00 inside the noise; rise 0.3 above: plateaued
-    assert row["ours"] == ("67.00 ± 2.40 → 69.00 ± 0.70 (+2.00, within noise; scenes); mean IoU rise over the last "
-                           "quarter 2.60 (unpruned), 2.90 (pruned); the unpruned SegNet's plateau on its budget is "
-                           "not checked")
+    assert row["ours"] == ("67.00 ± 2.40 → 69.00 ± 0.70 (+2.00, within noise; scenes); plateau not checked: "
+                           "segmentation_convergence.csv not produced; mean IoU rise over the last quarter 2.60 "
+                           "(unpruned), 2.90 (pruned)")
+    write(tmp_path, "segmentation_convergence", [{"epochs": 100, "shorter epochs": 75, "gain of last quarter": 0.25,
+                                                  "plateau on the budget": True}])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
+    assert row["verdict"] == "reproduced"
+    assert "; the unpruned SegNet gains +0.25 from its last quarter (75 → 100 epochs);" in row["ours"]
+    assert row["evidence"] == "segmentation, segmentation_convergence"
+    write(tmp_path, "segmentation_convergence", [{"epochs": 100, "shorter epochs": 75, "gain of last quarter": 1.5,
+                                                  "plateau on the budget": False}])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
+    assert row["verdict"] == "undecided (not converged)"       # the base is still rising on its budget
+    assert "within noise; scenes) (not converged: unpruned SegNet);" in row["ours"]
+    write(tmp_path, "segmentation_convergence", [{"epochs": 100, "shorter epochs": 75, "gain of last quarter": 0.1,
+                                                  "plateau on the budget": True}])
     write(tmp_path, "segmentation", [seg(67.0, 2.4, 2.6), seg(60.0, 0.7, 3.0)])
     row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
-    assert row["verdict"] == "undecided (not converged)"       # rises 0.4 more than the unpruned SegNet
+    assert row["verdict"] == "undecided (not converged)"       # the pruned one rises 0.4 more than the base
     assert "(-7.00, beyond noise; scenes) (not converged: pruned SegNet);" in row["ours"]
+    write(tmp_path, "segmentation_convergence", [{"epochs": 1, "shorter epochs": 1, "gain of last quarter": None,
+                                                  "plateau on the budget": None}])      # one epoch: no reading
+    write(tmp_path, "segmentation", [seg(67.0, 2.4, None), seg(69.0, 0.7, None)])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5"]
+    assert row["verdict"] == "reproduced"
+    assert row["ours"].endswith("; the unpruned SegNet has no shorter budget to read (1 epoch)")

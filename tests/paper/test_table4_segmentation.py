@@ -128,6 +128,34 @@ def test_segnet_lr_is_searched_on_held_out_training_scenes_and_used_by_every_seg
     assert segmentation.segnet_lr(one, progress=False) == (0.05, {0.05: None})          # a one-value grid: untrained
 
 
+def test_the_unpruned_segnet_is_read_on_its_budget_paired_by_seed(cache, monkeypatch):
+    from spvr_lib import train
+    from spvr_lib.paper import convergence
+
+    def fit(model, train_set, test_set, recipe, seed=0, task=None, **kwargs):
+        # mIoU 60 + seed after 8 epochs, 0.2 + seed less after 6: gains 0.2 and 1.2 (mean 0.7) over the last quarter
+        final = 60.0 + seed - (0.0 if recipe.epochs == 8 else 0.2 + seed)
+        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0, "test_miou": final - 1.0 * (e <= 5)}
+                   for e in range(1, recipe.epochs + 1)]
+        return {"miou": final, "pixel_acc": 90.0, "loss": 1.0, "history": history, "epochs": recipe.epochs}
+
+    monkeypatch.setattr(train, "fit", fit)
+    s = segmentation.segmentation_settings("smoke")
+    s.update(n_train=12, n_test=4, epochs=8, seeds=(0, 1))
+    row = convergence.segnet_convergence_table(s, progress=False).iloc[0]
+    assert (row["epochs"], row["shorter epochs"], row["seeds"]) == (8, 6, 2)
+    assert (row["mIoU"], row["mIoU at shorter"]) == (60.5, 59.8)
+    assert row["gain of last quarter"] == pytest.approx(0.7) and not row["plateau on the budget"]
+    assert row["gain se"] == pytest.approx(0.5)                  # sd 0.707 of (0.2, 1.2) over sqrt(2)
+    assert row["rise within run"] == pytest.approx(1.0) and not row["plateau within run"]
+    # the full-budget run is notebook 11's own unpruned SegNet, not a second training
+    base = segmentation.train_segnet(segmentation.segnet_spec(s), s, 1, tag="base", progress=False)
+    assert convergence.segnet_with_epochs(s, 8, 1, progress=False)["hash"] == base["hash"]
+    assert convergence.segnet_with_epochs(s, 6, 1, progress=False)["key"]["recipe"]["epochs"] == 6
+    one = convergence.segnet_convergence_table(dict(s, epochs=1), progress=False).iloc[0]
+    assert one["shorter epochs"] == 1 and one["gain of last quarter"] is None and one["plateau on the budget"] is None
+
+
 def test_segmentation_settings_errors():
     with pytest.raises(ValueError, match="scale"):
         segmentation.segmentation_settings("gpu")
