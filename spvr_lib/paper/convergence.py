@@ -101,9 +101,10 @@ def budget_gain(short_top1: Mapping[int, float], full_top1: Mapping[int, float])
             "gain se": None if sd is None else round(sd / math.sqrt(len(diffs)), 3)}
 
 
-def _mean_rise(records: Iterable[Mapping[str, Any]]) -> float | None:
-    """Mean over ``records`` of :func:`spvr_lib.train.plateau_rise` of their histories (points, 2 decimals)."""
-    rises = [v for v in (train.plateau_rise(r["history"]) for r in records) if v is not None]
+def _mean_rise(records: Iterable[Mapping[str, Any]], metric: str = "test_top1") -> float | None:
+    """Mean over ``records`` of :func:`spvr_lib.train.plateau_rise` of their histories' ``metric`` (points, 2
+    decimals)."""
+    rises = [v for v in (train.plateau_rise(r["history"], metric) for r in records) if v is not None]
     return round(statistics.fmean(rises), 2) if rises else None
 
 
@@ -263,8 +264,7 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
     full = {s: segnet_with_epochs(settings, full_e, s, progress) for s in seeds}
     short = {s: segnet_with_epochs(settings, short_e, s, progress) for s in seeds}
     g = budget_gain({s: r["miou"] for s, r in short.items()}, {s: r["miou"] for s, r in full.items()})
-    rises = [v for v in (train.plateau_rise(r["history"], "test_miou") for r in full.values()) if v is not None]
-    rise = round(statistics.fmean(rises), 2) if rises else None
+    rise = _mean_rise(full.values(), "test_miou")
     return pd.DataFrame([{
         "model": "SegNet", "dataset": settings["dataset"], "lr": full[seeds[0]]["key"]["recipe"]["lr"],
         "epochs": full_e, "shorter epochs": short_e, "seeds": len(g["seeds"]),
