@@ -275,3 +275,62 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
         "rise within run": rise,
         "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
         "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)}])
+
+
+# --------------------------------------------------------------------------- networks trained from scratch, on budget
+def scratch_with_epochs(cfg: Any, key: str, spec: dict, lr: float, epochs: int, seed: int = 0,
+                        progress: bool = True) -> dict[str, Any]:
+    """``spec`` trained from scratch by model ``key``'s recipe (its data, batch, precision) at ``lr`` for
+    ``epochs`` with a complete cosine schedule: ``figure2.train_pruned``'s own record at the setup's epochs (the
+    record Table 4 reads)."""
+    from spvr_lib.paper import figure2
+
+    setup = cfg.model(key)
+    if int(epochs) == setup.epochs:
+        return figure2.train_pruned(cfg, key, spec, int(seed), lr=float(lr), progress=progress)
+    rcp = dataclasses.replace(recipe(setup, lr=float(lr)), epochs=int(epochs))
+    return train.train_run(spec, setup.dataset, rcp, int(seed), setup.train_subset, setup.test_subset,
+                           tag=f"scratch-e{int(epochs)}", progress=progress, weights_needed=False)
+
+
+def prepare_scratch_budget_runs(cfg: Any, key: str, nets: Mapping[str, tuple[dict, float]],
+                                progress: bool = True) -> None:
+    """Fill the run cache with the shorter-budget trainings :func:`scratch_budget_table` reads (every net of
+    ``nets``, {name: (spec, lr)}, at every seed of the scale), side by side (a no-op with one worker)."""
+    from spvr_lib.paper import jobs
+
+    short = short_epochs(cfg.model(key).epochs)
+    jobs.fill_cache(scratch_with_epochs, [(cfg, key, spec, lr, short, s) for spec, lr in nets.values()
+                                          for s in cfg.seeds],
+                    jobs.worker_count(cfg), desc="budget (from scratch)", progress=progress,
+                    kwargs={"progress": False})
+
+
+def scratch_budget_table(cfg: Any, key: str, nets: Mapping[str, tuple[dict, float]],
+                         progress: bool = True) -> pd.DataFrame:
+    """Have networks trained from scratch with model ``key``'s budget converged on it?  Read as notebook 03 reads
+    the bases (:func:`convergence_table`): one row per net of ``nets`` ({name: (spec, lr)}), every top-1 a mean
+    over the scale's seeds.  ``gain of last quarter``: top-1 after the setup's epochs minus after
+    :func:`short_epochs` of them (complete schedules both, paired by seed); ``plateau on the budget``: at most
+    ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget); ``rise within run``: the
+    full runs' rise over their last quarter (:func:`spvr_lib.train.plateau_rise`), a reading that high-lr
+    instability inflates, shown beside it."""
+    full_e = cfg.model(key).epochs
+    short_e = short_epochs(full_e)
+    rows = []
+    for name, (spec, lr) in nets.items():
+        full = {s: scratch_with_epochs(cfg, key, spec, lr, full_e, s, progress) for s in cfg.seeds}
+        short = {s: scratch_with_epochs(cfg, key, spec, lr, short_e, s, progress) for s in cfg.seeds}
+        g = budget_gain({s: r["top1"] for s, r in short.items()}, {s: r["top1"] for s, r in full.items()})
+        rise = _mean_rise(full.values())
+        rows.append({
+            "model": key, "name": name, "params": full[cfg.seeds[0]]["params"], "lr": float(lr), "epochs": full_e,
+            "shorter epochs": short_e, "seeds": len(g["seeds"]),
+            "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
+            "top1": round(statistics.fmean(r["top1"] for r in full.values()), 2),
+            "gain of last quarter": g["gain"] if short_e < full_e else None, "gain se": g["gain se"],
+            "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if short_e < full_e else None,
+            "rise within run": rise,
+            "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
+            "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)})
+    return pd.DataFrame(rows)

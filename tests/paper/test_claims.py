@@ -194,6 +194,28 @@ def test_table4_leaves_out_a_comparison_with_a_network_that_did_not_plateau(tmp_
     assert minimal.evidence == "table4_mobilenet, table4_plateau"
 
 
+def test_table4_judges_its_networks_on_their_budget_when_that_reading_exists(tmp_path):
+    write(tmp_path, "table4_mobilenet", mobile(82.0))
+    plateau = lambda name: {"model": "resnet50", "params removed (%)": None, "name": name,  # noqa: E731
+                            "mode": "scratch", "plateau like its base": False}
+    write(tmp_path, "table4_plateau", [plateau(n) for n in ("MobileNetV3-small", "MobileNetV3-minimal",
+                                                               "ResNet50-pruned")])
+    budget = lambda name, gain: {"model": "resnet50", "name": name, "epochs": 800,  # noqa: E731
+                                 "shorter epochs": 600, "gain of last quarter": gain,
+                                 "plateau on the budget": gain <= 0.3}
+    write(tmp_path, "table4_convergence", [budget("MobileNetV3-small", 0.5), budget("MobileNetV3-minimal", -0.2),
+                                           budget("ResNet50-pruned", 0.1)])
+    got = claims.claims_table(tmp_path)[0]
+    small, minimal = got[got["claim"] == "Table 4"].itertuples(index=False)
+    # the on-budget reading replaces the within-run one: -small gains 0.5 from its last quarter, no result
+    assert small.verdict == "undecided (not converged)"
+    assert small.ours.endswith("within noise (not converged: MobileNetV3-small); ResNet50-pruned gains +0.10 from "
+                               "its last quarter (600 → 800 epochs); MobileNetV3-small gains +0.50 from its last "
+                               "quarter (600 → 800 epochs)")
+    assert minimal.verdict == "reproduced"                        # both converged on their budget
+    assert minimal.evidence == "table4_mobilenet, table4_convergence"
+
+
 def test_figure2_robustness_reads_the_best_and_worst_d_of_the_fast_ranking(tmp_path):
     def cell(d, top1):
         return {"model": "vgg16", "d": d, "top1 (fast)": top1, "top1 std (fast)": 0.5, "n seeds": 3,

@@ -67,6 +67,55 @@ def test_pruned_resnet50_meets_the_mobilenet_budget(cache):
         table4.pruned_resnet50(TINY, budget=10**9, progress=False)
 
 
+def test_table4_networks_are_read_on_their_budget_paired_by_seed(cache, monkeypatch):
+    import dataclasses
+
+    from spvr_lib import train
+    from spvr_lib.paper import convergence, figure2
+
+    def fit(model, train_set, test_set, recipe, seed=0, task=None, **kwargs):
+        # -small: top-1 80 + seed after 8 epochs, 0.1 less after 6 (gain 0.1); -minimal: 1 + seed less (mean gain 1.5)
+        small = model_params[0] == small_params
+        final = 80.0 + seed - (0.0 if recipe.epochs == 8 else 0.1 if small else 1.0 + seed)
+        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0, "test_top1": final - 2.0 * (e <= 5)}
+                   for e in range(1, recipe.epochs + 1)]
+        return {"top1": final, "top5": 99.0, "loss": 1.0, "history": history, "epochs": recipe.epochs}
+
+    cfg = dataclasses.replace(TINY, seeds=(0, 1), models={
+        "resnet50": dataclasses.replace(TINY.model("resnet50"), epochs=8)})
+    specs = table4.mobilenet_specs(cfg)
+    small_params = models.spec_params(specs["MobileNetV3-small"])
+    model_params = [0]
+    build = models.build
+
+    def counting_build(spec):
+        model_params[0] = models.spec_params(spec)
+        return build(spec)
+
+    monkeypatch.setattr(models, "build", counting_build)
+    monkeypatch.setattr(train, "fit", fit)
+    nets = {"MobileNetV3-small": (specs["MobileNetV3-small"], 0.05),
+            "MobileNetV3-minimal": (specs["MobileNetV3-minimal"], 0.1)}
+    df = convergence.scratch_budget_table(cfg, "resnet50", nets, progress=False).set_index("name")
+    assert list(df.index) == ["MobileNetV3-small", "MobileNetV3-minimal"]
+    assert (df["epochs"] == 8).all() and (df["shorter epochs"] == 6).all() and (df["seeds"] == 2).all()
+    small, minimal = df.loc["MobileNetV3-small"], df.loc["MobileNetV3-minimal"]
+    assert (small["top1"], small["top1 at shorter"]) == (80.5, 80.4) and small["lr"] == 0.05
+    assert small["gain of last quarter"] == pytest.approx(0.1) and small["plateau on the budget"]
+    assert small["gain se"] == pytest.approx(0.0)
+    assert minimal["gain of last quarter"] == pytest.approx(1.5) and not minimal["plateau on the budget"]
+    assert minimal["gain se"] == pytest.approx(0.5)          # sd 0.707 of (1.0, 2.0) over sqrt(2)
+    # within a run both rise by 2 points over the last quarter: the rule that cannot tell them apart
+    assert small["rise within run"] == pytest.approx(2.0) and not small["plateau within run"]
+    assert small["params"] == small_params
+    # the full-budget run is Table 4's own record, not a second training
+    spec, lr = nets["MobileNetV3-small"]
+    mine = convergence.scratch_with_epochs(cfg, "resnet50", spec, lr, 8, 1, progress=False)
+    assert mine["hash"] == figure2.train_pruned(cfg, "resnet50", spec, 1, lr=lr, progress=False)["hash"]
+    assert convergence.scratch_with_epochs(cfg, "resnet50", spec, lr, 6, 1, progress=False)["key"]["recipe"][
+        "epochs"] == 6
+
+
 # --------------------------------------------------------------------------- Section 5.5
 def test_segnet_pruned_at_80_percent_meets_budget_and_runs():
     torch.manual_seed(0)
