@@ -107,6 +107,16 @@ def test_readme_section_is_generated_from_artifacts(tmp_path, monkeypatch):
     assert "| 0.5 |" in text and "old" not in text and text.startswith("intro") and text.endswith("after\n")
     assert "*Not yet produced at the cpu scale*" in text          # missing artifacts are shown as missing
     assert not reproduce.update_readme("cpu", readme)              # idempotent
+    assert "*No run account yet*" in text                           # no reproduce_run.json: said so
+    (tmp_path / "figures" / "cpu" / "reproduce_run.json").write_text(json.dumps({
+        "commit": "abcdef0123456789", "scale": "cpu", "cold": False, "total_s": 1234.4, "compute_s": 45000.0,
+        "notebooks": [{"notebook": "01_ranking_criterion", "wall_s": 7.3, "computed": 2, "cached": 70,
+                       "compute_s": 18.8}]}))
+    assert reproduce.update_readme("cpu", readme)
+    text = readme.read_text()
+    assert ("costs 45,000 seconds of one machine (12.5 h;" in text and "commit `abcdef0123`, resumed from the run "
+            "cache) took 1,234 s of wall time" in text)
+    assert "| 01_ranking_criterion |                  2 |                           70 |" in text
 
 
 def test_readme_baselines_table_is_what_the_code_says():
