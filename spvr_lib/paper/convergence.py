@@ -220,6 +220,26 @@ def plateau_table(cfg: Any, runs: pd.DataFrame, by: Sequence[str] = (), progress
     return plateau_against_base(runs, rises, classes, by)
 
 
+def _on_budget_columns(short: Mapping[int, Mapping[str, Any]], full: Mapping[int, Mapping[str, Any]], short_e: int,
+                       full_e: int, score: str, label: str, metric: str) -> dict[str, Any]:
+    """The on-budget reading's columns from ``{seed: record}`` at ``short_e`` and ``full_e`` epochs: the epochs,
+    the seeds paired, the mean ``score`` (``label`` at shorter, ``label``), ``gain of last quarter`` (paired by seed)
+    with its standard error, ``plateau on the budget`` (at most ``base_models.PLATEAU_POINTS``; both None when
+    ``short_e`` is not shorter), the full runs' ``rise within run`` of their histories' ``metric`` and its plateau
+    reading, and the runs' training seconds."""
+    g = budget_gain({s: r[score] for s, r in short.items()}, {s: r[score] for s, r in full.items()})
+    rise = _mean_rise(full.values(), metric)
+    shorter = short_e < full_e
+    return {"epochs": full_e, "shorter epochs": short_e, "seeds": len(g["seeds"]),
+            f"{label} at shorter": round(statistics.fmean(r[score] for r in short.values()), 2),
+            label: round(statistics.fmean(r[score] for r in full.values()), 2),
+            "gain of last quarter": g["gain"] if shorter else None, "gain se": g["gain se"],
+            "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if shorter else None,
+            "rise within run": rise,
+            "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
+            "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)}
+
+
 # --------------------------------------------------------------------------- Section 5.5's unpruned SegNet
 def segnet_with_epochs(settings: Mapping[str, Any], epochs: int, seed: int = 0,
                        progress: bool = True) -> dict[str, Any]:
@@ -263,18 +283,9 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
     short_e = short_epochs(full_e)
     full = {s: segnet_with_epochs(settings, full_e, s, progress) for s in seeds}
     short = {s: segnet_with_epochs(settings, short_e, s, progress) for s in seeds}
-    g = budget_gain({s: r["miou"] for s, r in short.items()}, {s: r["miou"] for s, r in full.items()})
-    rise = _mean_rise(full.values(), "test_miou")
-    return pd.DataFrame([{
-        "model": "SegNet", "dataset": settings["dataset"], "lr": full[seeds[0]]["key"]["recipe"]["lr"],
-        "epochs": full_e, "shorter epochs": short_e, "seeds": len(g["seeds"]),
-        "mIoU at shorter": round(statistics.fmean(r["miou"] for r in short.values()), 2),
-        "mIoU": round(statistics.fmean(r["miou"] for r in full.values()), 2),
-        "gain of last quarter": g["gain"] if short_e < full_e else None, "gain se": g["gain se"],
-        "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if short_e < full_e else None,
-        "rise within run": rise,
-        "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
-        "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)}])
+    return pd.DataFrame([{"model": "SegNet", "dataset": settings["dataset"],
+                          "lr": full[seeds[0]]["key"]["recipe"]["lr"],
+                          **_on_budget_columns(short, full, short_e, full_e, "miou", "mIoU", "test_miou")}])
 
 
 # --------------------------------------------------------------------------- networks trained from scratch, on budget
@@ -321,16 +332,6 @@ def scratch_budget_table(cfg: Any, key: str, nets: Mapping[str, tuple[dict, floa
     for name, (spec, lr) in nets.items():
         full = {s: scratch_with_epochs(cfg, key, spec, lr, full_e, s, progress) for s in cfg.seeds}
         short = {s: scratch_with_epochs(cfg, key, spec, lr, short_e, s, progress) for s in cfg.seeds}
-        g = budget_gain({s: r["top1"] for s, r in short.items()}, {s: r["top1"] for s, r in full.items()})
-        rise = _mean_rise(full.values())
-        rows.append({
-            "model": key, "name": name, "params": full[cfg.seeds[0]]["params"], "lr": float(lr), "epochs": full_e,
-            "shorter epochs": short_e, "seeds": len(g["seeds"]),
-            "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
-            "top1": round(statistics.fmean(r["top1"] for r in full.values()), 2),
-            "gain of last quarter": g["gain"] if short_e < full_e else None, "gain se": g["gain se"],
-            "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if short_e < full_e else None,
-            "rise within run": rise,
-            "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
-            "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)})
+        rows.append({"model": key, "name": name, "params": full[cfg.seeds[0]]["params"], "lr": float(lr),
+                     **_on_budget_columns(short, full, short_e, full_e, "top1", "top1", "test_top1")})
     return pd.DataFrame(rows)
