@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spvr_lib import fingerprint
+
 REPO_ROOT = Path(os.environ.get("SPVR_ROOT", Path(__file__).resolve().parents[1]))
 
 
@@ -184,87 +186,27 @@ def read_record(path: str | Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the code a computation runs
-PACKAGE_ROOT = Path(__file__).resolve().parent      # spvr_lib/: the code fingerprints cover its files
-CODE_ROOTS: list[Path] = [PACKAGE_ROOT]             # tests may add a folder of their own
-_traces: list[set[str]] = []                         # open traces, innermost last (this thread only)
-_trace_lock = threading.Lock()
-_previous_tracer: list[Any] = []
+# function by function: spvr_lib.fingerprint (the tracer, the digests, the lookup of moved functions)
+CodeTrace = fingerprint.CodeTrace
+CODE_ROOTS = fingerprint.CODE_ROOTS
+PACKAGE_ROOT = fingerprint.PACKAGE_ROOT
 
 
-def _in_code_roots(filename: str) -> bool:
-    return any(filename.startswith(str(root) + os.sep) for root in CODE_ROOTS)
+def source_files(obj: Any) -> set[str]:
+    """The methods of ``obj``'s code-root classes (and of the objects it wraps, ``.dataset``): code that may
+    run elsewhere (DataLoader workers) than the traced thread; :meth:`CodeTrace.add` takes them."""
+    return fingerprint.source_functions(obj)
 
 
-def _tracer(frame: Any, event: str, arg: Any, _traces: list = _traces, _roots: list = CODE_ROOTS,
-            _sep: str = os.sep, _self: str = __file__) -> None:
-    # a "call" event per Python function entered; returning None asks for no line events.  Everything
-    # it uses is bound as a default, so it still works while the interpreter tears modules down.
-    if event == "call":
-        code = frame.f_code
-        name = code.co_filename
-        if code.co_name != "<module>" and name != _self and any(name.startswith(str(r) + _sep) for r in _roots):
-            for files in _traces:
-                files.add(name)
-    return None
-
-
-def _stop_tracing_at_exit() -> None:
-    if _traces:
-        sys.settrace(None)
-
-
-atexit.register(_stop_tracing_at_exit)
-
-
-class CodeTrace:
-    """The spvr_lib source files whose functions run while the trace is open (a context manager).
-
-    >>> with CodeTrace() as trace:
-    ...     compute()
-    >>> trace.files            # {"/.../spvr_lib/train.py", ...}
-
-    Traces nest: an inner trace's files are also added to every enclosing one, and
-    :meth:`add` (used by :func:`cached` for a record it reuses) adds files to all open traces.
-    Module-level code (imports) is not counted: a file counts when one of its functions runs.  This
-    module itself is not counted either: the cache's bookkeeping does not change what is computed.
-    """
-
-    def __init__(self) -> None:
-        self.files: set[str] = set()
-        self._open = False
-
-    def __enter__(self) -> "CodeTrace":
-        self.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        with _trace_lock:
-            if not _traces:
-                _previous_tracer.append(sys.gettrace())
-                sys.settrace(_tracer)
-            _traces.append(self.files)
-            self._open = True
-
-    def stop(self) -> None:
-        with _trace_lock:
-            if not self._open:
-                return
-            self._open = False
-            for i in range(len(_traces) - 1, -1, -1):
-                if _traces[i] is self.files:
-                    del _traces[i]
-                    break
-            if not _traces:
-                sys.settrace(_previous_tracer.pop() if _previous_tracer else None)
-
-    @staticmethod
-    def add(files: Iterable[str]) -> None:
-        """Count ``files`` as run by every open trace (the code of a reused cached record)."""
-        for open_files in _traces:
-            open_files.update(files)
+def stale_code(code: Mapping[str, str] | None) -> list[str]:
+    """What changed since fingerprint ``code`` was taken: the functions whose code or read values changed or
+    that are gone (``fingerprint.changed_functions``); ``["<no code fingerprint>"]`` when there is none; for a
+    fingerprint of the earlier kind ({file: sha256}), the files that changed."""
+    if code is None:
+        return ["<no code fingerprint>"]
+    if fingerprint.is_file_fingerprint(code):
+        return [name for name, sha in code.items() if _source_sha(_code_path(name)) != sha]
+    return fingerprint.changed_functions(code)
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}
@@ -282,61 +224,13 @@ def _source_sha(path: Path) -> str | None:
     return _HASHES[key]
 
 
-def _code_name(filename: str) -> str:
-    """A source file as a fingerprint names it: relative to the folder holding its code root
-    (``spvr_lib/train.py``)."""
-    path = Path(filename).resolve()
-    for root in CODE_ROOTS:
-        try:
-            return str(path.relative_to(root.resolve().parent))
-        except ValueError:
-            continue
-    return str(path)
-
-
 def _code_path(name: str) -> Path:
-    """The file on disk that a fingerprint's ``name`` stands for."""
+    """The file on disk that a file fingerprint's ``name`` (``spvr_lib/train.py``) stands for."""
     first = Path(name).parts[0] if name else ""
     for root in CODE_ROOTS:
         if root.name == first:
             return root.parent / name
     return Path(name)
-
-
-def source_files(obj: Any) -> set[str]:
-    """The code-root files defining ``obj``'s class and its base classes, and those of the objects it
-    wraps (``.dataset``): code that may run elsewhere (DataLoader workers) than the traced thread."""
-    import inspect
-
-    files: set[str] = set()
-    while obj is not None:
-        for cls in type(obj).__mro__:
-            try:
-                f = inspect.getfile(cls)
-            except TypeError:
-                continue
-            if _in_code_roots(str(Path(f).resolve())):
-                files.add(str(Path(f).resolve()))
-        obj = getattr(obj, "dataset", None)
-    return files
-
-
-def code_fingerprint(files: Iterable[str]) -> dict[str, str]:
-    """{source file relative to the repository: sha256} of ``files`` (absolute paths), sorted."""
-    out = {}
-    for f in files:
-        sha = _source_sha(Path(f))
-        if sha is not None:
-            out[_code_name(f)] = sha
-    return dict(sorted(out.items()))
-
-
-def stale_code(fingerprint: Mapping[str, str] | None) -> list[str]:
-    """The files of ``fingerprint`` that changed or vanished since it was taken (["<no fingerprint>"]
-    when there is none: the record predates fingerprints)."""
-    if fingerprint is None:
-        return ["<no code fingerprint>"]
-    return [name for name, sha in fingerprint.items() if _source_sha(_code_path(name)) != sha]
 
 
 # who computes: this process's token, or, in a paper.jobs worker, the token of the process it works for (so a
@@ -460,7 +354,7 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
         record = read_record(path)
         changed = stale_code(record.get("code"))
         if not changed:
-            CodeTrace.add(str(_code_path(name)) for name in record["code"])
+            CodeTrace.add(record["code"])
             _note_use(h, kind, record, computed=False)
             return record
         warnings.warn(f"cached {kind} record {path.name} was computed by other code (changed: "
@@ -484,7 +378,7 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
         record["interrupted_s"] = round(earlier, 3)
     record["key"] = dict(key)
     record["hash"] = h
-    record["code"] = code_fingerprint(trace.files)
+    record["code"] = trace.fingerprint()
     record["computed_by"] = _on_behalf_of[0] if _on_behalf_of else PROCESS_TOKEN
     record.setdefault("provenance", {"git": git_state(), "versions": library_versions(),
                                      "device": device_info()})

@@ -39,8 +39,8 @@ def test_record_carries_the_code_that_ran_and_is_recomputed_when_it_changes(code
     calls = []
     rec = store.cached({"x": 1}, lambda: _compute(calls), kind="t")
     assert rec["value"] == 1 and calls == [1]
-    # only the module whose function ran: alpha, not beta (nor any other file of the code root)
-    assert list(rec["code"]) == ["mycode/alpha.py"]
+    # only the function that ran: alpha's, not beta's (nor anything else of the code root)
+    assert list(rec["code"]) == ["mycode.alpha:value"]
     assert store.cached({"x": 1}, lambda: _compute(calls), kind="t")["value"] == 1 and calls == [1]   # reused
 
     (codebase / "beta.py").write_text("def value():\n    return 20\n")        # code that did not run
@@ -49,7 +49,9 @@ def test_record_carries_the_code_that_ran_and_is_recomputed_when_it_changes(code
     (codebase / "alpha.py").write_text("def value():\n    return 2\n")        # the code that ran
     sys.modules.pop("mycode.alpha", None)
     importlib.invalidate_caches()
-    with pytest.warns(UserWarning, match=r"computed by other code \(changed: mycode/alpha.py\)"):
+    from spvr_lib import fingerprint
+    fingerprint.forget()
+    with pytest.warns(UserWarning, match=r"computed by other code \(changed: mycode.alpha:value\)"):
         rec2 = store.cached({"x": 1}, lambda: _compute(calls), kind="t")
     assert rec2["value"] == 2 and calls == [1, 1]
 
@@ -58,7 +60,7 @@ def test_an_outer_record_inherits_the_code_of_the_records_it_reuses(codebase):
     inner = lambda: store.cached({"inner": 1}, lambda: _compute([]), kind="t")   # noqa: E731
     inner()                                                                   # computed once, then reused
     outer = store.cached({"outer": 1}, lambda: {"v": inner()["value"]}, kind="t")
-    assert "mycode/alpha.py" in outer["code"]                                  # though alpha did not run now
+    assert "mycode.alpha:value" in outer["code"]                               # though alpha did not run now
 
 
 def test_record_without_fingerprint_is_recomputed(codebase):
@@ -91,9 +93,11 @@ def test_a_training_run_fingerprints_the_method_files_it_ran(tmp_path, monkeypat
         return {"top1": out["top1"]}
 
     code = store.cached({"spec": spec}, compute, kind="t")["code"]
-    assert {"spvr_lib/train.py", "spvr_lib/models.py", "spvr_lib/tasks.py", "spvr_lib/devices.py"} <= set(code)
-    # nothing the run never touched: no dataset loaders, no ranking, no paper harness
-    assert not [f for f in code if f.startswith(("spvr_lib/data/", "spvr_lib/paper/")) or f == "spvr_lib/ranking.py"]
+    assert {"spvr_lib.train:fit", "spvr_lib.models:build", "spvr_lib.models:MLP.forward",
+            "spvr_lib.devices:resolve_device"} <= set(code)
+    # nothing the run never touched: no dataset loaders, no ranking, no paper harness, no unused train.py code
+    assert not [f for f in code if f.startswith(("spvr_lib.data", "spvr_lib.paper", "spvr_lib.ranking"))]
+    assert "spvr_lib.train:lr_search" not in code and "spvr_lib.train:main" not in code
 
 
 def test_save_and_load_network_round_trip(tmp_path):

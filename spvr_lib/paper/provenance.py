@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from spvr_lib import fingerprint
 from spvr_lib.paper.scales import SCALE_NAMES
 from spvr_lib.store import (
     REPO_ROOT,
@@ -17,7 +18,6 @@ from spvr_lib.store import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    code_fingerprint,
     device_info,
     file_sha256,
     git_state,
@@ -27,9 +27,9 @@ from spvr_lib.store import (
     stale_code,
 )
 
-# Harness files whose numbers a notebook reads without running a function of theirs (constants):
-# always part of an artifact's code fingerprint.
-_ALWAYS = ("paper/reference.py", "paper/scales.py")
+# Harness modules whose values a notebook reads without running a function of theirs (the paper's numbers,
+# the scales): their top-level values are always part of an artifact's code fingerprint.
+_ALWAYS = ("spvr_lib.paper.reference", "spvr_lib.paper.scales")
 
 
 def provenance(scale: str, params: Mapping[str, Any] | None = None, seeds: Any = None,
@@ -78,8 +78,9 @@ class NotebookRun:
         rec = provenance(self.scale, self.params, self.seeds, wall_s=time.perf_counter() - self.t0,
                          notebook=self.notebook, files={p.name: file_sha256(p) for p in files})
         rec["git"] = self.git
-        always = {str(Path(__file__).resolve().parent.parent / f) for f in _ALWAYS}
-        rec["code"] = code_fingerprint(self.trace.files | always)
+        always = {f"{mod}:{fingerprint.VALUES}": fingerprint.function_digest(f"{mod}:{fingerprint.VALUES}")
+                  for mod in _ALWAYS}
+        rec["code"] = dict(sorted({**self.trace.fingerprint(), **always}.items()))
         rec["notebook_sha256"] = notebook_sha256(self.notebook)
         rec["records"] = records_used()           # the cached computations behind it: computed here or found
         clash = {k: v for k, v in extra.items() if k in rec}     # never overwrite the standard fields

@@ -77,15 +77,17 @@ def test_check_lists_artifacts_whose_code_or_files_changed(tmp_path, monkeypatch
         run.table(pd.DataFrame({"b": [3]}), "u")
         run.close()
         prov = json.loads((tmp_path / "figures" / "cpu" / "t.provenance.json").read_text())
-        assert "mycode/alpha.py" in prov["code"] and "spvr_lib/paper/reference.py" in prov["code"]
+        assert "mycode.alpha:rows" in prov["code"] and "spvr_lib.paper.reference:<values>" in prov["code"]
         assert reproduce.main(["--check", "--scale", "cpu"]) == 0
         assert "all 2 artifacts under figures/cpu/ match the current code" in capsys.readouterr().out
 
         (root / "alpha.py").write_text("def rows():\n    return [1, 2, 3]\n")      # the code behind t and u
+        from spvr_lib import fingerprint
+        fingerprint.forget()
         (tmp_path / "figures" / "cpu" / "u.csv").write_text("b\n4\n")           # a hand-edited result
         assert reproduce.main(["--check", "--scale", "cpu"]) == 1
         out = capsys.readouterr().out
-        assert "stale  t: code changed: mycode/alpha.py" in out
+        assert "stale  t: code changed: mycode.alpha:rows" in out
         assert "u.csv differs from its recorded sha256" in out and "2 of 2 artifacts" in out
         (tmp_path / "figures" / "cpu" / "v.provenance.json").write_text("{")   # unreadable: named, stale
         assert provenance.stale_artifacts("cpu")[-1]["artifact"] == "v"
