@@ -52,8 +52,8 @@ reproduce: $(STAMP) $(NEEDS_FMNIST) ## run the numbered notebooks at SCALE (defa
 
 # a regeneration spread over sessions that each start from a fresh clone keeps its progress in git: stage the run
 # cache (records, resume checkpoints, the weights later runs read; data/ is otherwise ignored) before committing
-pin: $(STAMP) ## stage the run cache under data/ for a commit, so that a fresh clone's `make reproduce` goes on from it
-	$(PY) -m spvr_lib.reproduce --pin
+pin: $(STAMP) ## stage exactly the records and weights figures/$(SCALE)/reproduce_run.json lists (the rest of data/ leaves the index)
+	$(PY) -m spvr_lib.reproduce --pin --scale $(SCALE)
 
 bench: $(STAMP) $(NEEDS_FMNIST) ## time naive vs fast ranking on each model at SCALE (JSON lines)
 	for m in vgg16 resnet34 resnet50; do $(PY) -m spvr_lib.bench ranking --model $$m --scale $(SCALE) --json; done

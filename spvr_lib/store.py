@@ -32,7 +32,18 @@ from typing import Any
 
 from spvr_lib import fingerprint
 
-REPO_ROOT = Path(os.environ.get("SPVR_ROOT", Path(__file__).resolve().parents[1]))
+def _default_root() -> Path:
+    """Where ``data/`` (the run cache, checkpoints, downloaded datasets) lives: the checkout holding this package
+    (spvr_lib run from a clone), else, for an installed copy (``pip install .``, site-packages), the user's
+    cache directory (``$XDG_CACHE_HOME/spvr_lib``, default ``~/.cache/spvr_lib``): never site-packages."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and not {"site-packages", "dist-packages"} & set(checkout.parts):
+        return checkout
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spvr_lib"
+
+
+# SPVR_ROOT overrides it; the run cache alone moves with SPVR_CACHE (cache_dir)
+REPO_ROOT = Path(os.environ.get("SPVR_ROOT") or _default_root())
 
 
 # --------------------------------------------------------------------------- atomic I/O
@@ -60,6 +71,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def record_text(obj: Mapping[str, Any]) -> str:
+    """A record as JSON text: one top-level field per line, each value compact (sorted keys), so that records
+    stay small in git (a training's per-epoch history on one line, not one number per line) and diffs show
+    which field moved."""
+    fields = [f"{json.dumps(str(k))}: {json.dumps(v, sort_keys=True, separators=(',', ':'), default=_json_default)}"
+              for k, v in sorted(obj.items())]
+    return "{\n" + ",\n".join(fields) + "\n}\n"
+
+
+def write_record(path: str | Path, obj: Mapping[str, Any]) -> Path:
+    """:func:`record_text` of ``obj`` written atomically to ``path``."""
+    return atomic_write_text(path, record_text(obj))
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
@@ -168,7 +193,9 @@ def device_info() -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- the run cache
 def cache_dir() -> Path:
-    return Path(os.environ.get("SPVR_CACHE", REPO_ROOT / "data" / "runs"))
+    """The run cache's records: ``$SPVR_CACHE``, else ``data/runs`` under :data:`REPO_ROOT` (the checkout, or the
+    user's cache directory for an installed copy); checkpoints and pruned networks sit beside it."""
+    return Path(os.environ.get("SPVR_CACHE") or REPO_ROOT / "data" / "runs")
 
 
 class CacheError(ValueError):
@@ -343,6 +370,9 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
     A failure inside ``compute`` is stored only when ``compute`` returns it as a record; exceptions
     propagate and nothing is written.  An unreadable record raises :class:`CacheError`.
 
+    ``SPVR_FORBID_COMPUTE`` (kinds, comma-separated, or ``*``) makes computing a record of those kinds an error:
+    a run that must only reuse the cache says so instead of training for hours.
+
     While ``compute`` runs, its elapsed time goes to :func:`attempt_ledger`; a kind of
     :data:`RESUMABLE_KINDS` (a training, which resumes from its checkpoint) records the time of the earlier,
     interrupted attempts as ``interrupted_s``, which :func:`machine_seconds` adds; any other kind starts again
@@ -360,6 +390,11 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
         warnings.warn(f"cached {kind} record {path.name} was computed by other code (changed: "
                       f"{', '.join(changed[:5])}{' ...' if len(changed) > 5 else ''}); computing it again",
                       stacklevel=2)
+    forbidden = {k.strip() for k in os.environ.get("SPVR_FORBID_COMPUTE", "").split(",") if k.strip()}
+    if kind in forbidden or "*" in forbidden:
+        raise CacheError(f"{kind} record {path.name} would be computed, but SPVR_FORBID_COMPUTE="
+                         f"{os.environ['SPVR_FORBID_COMPUTE']!r} forbids computing {kind!r} records (a check that "
+                         "a run only reuses the cache); unset it to compute")
     ledger = attempt_ledger(kind, h)
     earlier = _earlier_attempts_s(ledger) if kind in RESUMABLE_KINDS else 0.0
     heartbeat = _Heartbeat(ledger, earlier, kind, h)
@@ -382,7 +417,7 @@ def cached(key: Mapping[str, Any], compute: Callable[[], Mapping[str, Any]], kin
     record["computed_by"] = _on_behalf_of[0] if _on_behalf_of else PROCESS_TOKEN
     record.setdefault("provenance", {"git": git_state(), "versions": library_versions(),
                                      "device": device_info()})
-    atomic_write_json(path, record)
+    write_record(path, record)
     _note_use(h, kind, record, computed=True)
     return read_record(path)
 

@@ -157,9 +157,10 @@ def train_base(cfg: Any, key: str, seed: int = 0, progress: bool = True, epochs_
         rcp = dataclasses.replace(rcp, amp=bool(amp))
     tag = "base" if epochs_factor == 1 else f"base-x{int(epochs_factor)}"
     tag = tag if amp is None or amp == setup.amp else f"{tag}-amp{int(bool(amp))}"
-    # only THE base's weights are read later (pruning starts from them); the others are read for their scores
+    # only THE base's weights are read later (seed 0: pruning starts from them); the others, the bases of the
+    # other seeds included, are read for their scores (the committed cache holds no weights of theirs)
     return train_run(spec, setup.dataset, rcp, seed, setup.train_subset, setup.test_subset, tag=tag,
-                     progress=progress, weights_needed=tag == "base")
+                     progress=progress, weights_needed=tag == "base" and seed == 0)
 
 
 def amp_table(cfg: Any, keys: Any) -> pd.DataFrame:

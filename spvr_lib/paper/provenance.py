@@ -17,7 +17,7 @@ from spvr_lib.store import (
     CodeTrace,
     atomic_write_bytes,
     atomic_write_json,
-    atomic_write_text,
+    _json_default,
     device_info,
     file_sha256,
     git_state,
@@ -95,26 +95,62 @@ class NotebookRun:
 
     def table(self, df: Any, name: str, floatfmt: str = ".4g", **extra: Any) -> Path:
         """Write ``df`` (a pandas DataFrame) as ``<name>.csv`` and ``<name>.md``; returns the CSV path."""
-        csv = atomic_write_text(self.dir / f"{name}.csv", df.to_csv(index=False))
-        md = atomic_write_text(self.dir / f"{name}.md", df.to_markdown(index=False, floatfmt=floatfmt) + "\n")
-        atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance([csv, md], **extra))
+        csv = write_if_changed(self.dir / f"{name}.csv", df.to_csv(index=False).encode())
+        md = write_if_changed(self.dir / f"{name}.md", (df.to_markdown(index=False, floatfmt=floatfmt) + "\n").encode())
+        self._write_provenance(name, [csv, md], extra)
         return csv
 
     def figure(self, fig: Any, name: str, **extra: Any) -> Path:
-        """Save a matplotlib figure as ``<name>.png`` and ``<name>.pdf``; returns the PNG path."""
+        """Save a matplotlib figure as ``<name>.png`` and ``<name>.pdf``; returns the PNG path.  No date or
+        software version in either file, so that the same figure is the same bytes."""
         paths = []
-        for ext, kw in (("png", {"dpi": 150}), ("pdf", {})):
+        for ext, kw in (("png", {"dpi": 150, "metadata": {"Software": None}}),
+                        ("pdf", {"metadata": {"CreationDate": None, "Producer": None, "Creator": None}})):
             buf = io.BytesIO()
             fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
-            paths.append(atomic_write_bytes(self.dir / f"{name}.{ext}", buf.getvalue()))
-        atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance(paths, **extra))
+            paths.append(write_if_changed(self.dir / f"{name}.{ext}", buf.getvalue()))
+        self._write_provenance(name, paths, extra)
         return paths[0]
 
     def record(self, obj: Any, name: str, **extra: Any) -> Path:
         """Write a JSON result (e.g. a benchmark) as ``<name>.json`` with provenance."""
-        path = atomic_write_json(self.dir / f"{name}.json", obj)
-        atomic_write_json(self.dir / f"{name}.provenance.json", self._provenance([path], **extra))
+        path = write_if_changed(self.dir / f"{name}.json",
+                                (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+        self._write_provenance(name, [path], extra)
         return path
+
+    def _write_provenance(self, name: str, files: list[Path], extra: Mapping[str, Any]) -> None:
+        """``<name>.provenance.json``, rewritten only where more than the run's time, commit and place moved:
+        a warm run that reproduces an artifact leaves both the artifact and its provenance as they were."""
+        path = self.dir / f"{name}.provenance.json"
+        new = self._provenance(files, **extra)
+        try:
+            old = read_record(path)
+        except (CacheError, FileNotFoundError):
+            old = None
+        if old is None or _lasting(old) != _lasting(new):
+            atomic_write_json(path, new)
+
+
+# what a warm rerun changes in a provenance without changing the artifact: when and where it ran, and whether
+# each record was computed by that run or found in the cache
+_VOLATILE = ("wall_s", "written_at", "git", "device", "versions")
+
+
+def _lasting(prov: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in prov.items() if k not in _VOLATILE}
+    out["records"] = {h: {k: v for k, v in r.items() if k != "computed"} for h, r in (prov.get("records") or {}).items()}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def write_if_changed(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically unless the file already holds exactly these bytes."""
+    try:
+        if path.read_bytes() == data:
+            return path
+    except OSError:
+        pass
+    return atomic_write_bytes(path, data)
 
 
 def notebook_sha256(notebook: str, notebooks_dir: Path | None = None) -> str | None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -225,51 +227,98 @@ def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
 
 # --------------------------------------------------------------------------- the run cache, committed
 # A regeneration spread over several sessions on machines that start from a fresh clone keeps its progress only
-# in git: ``--pin`` stages the run cache for a commit (git add -f, data/ stays ignored otherwise).  Weights go
-# with it only where a later computation reads them; every other record is reused for its scores alone.
-PINNED_WEIGHT_KINDS = {"train", "own_model"}     # record kinds whose "weights" file may be read again
+# in git.  The committed cache of a scale is what its run account (figures/<scale>/reproduce_run.json) lists: the
+# records its artifacts use and the files a later computation reads (cache_files), nothing else: no resume
+# checkpoints, no weights read only for their scores, no other scale's records.
+_HASH = re.compile(r"\b[0-9a-f]{16}\b")
 
 
-def pinned_files(cache: Path | None = None) -> list[Path]:
-    """The files of the run cache (``data/``) a later session needs to go on where this one stopped: every
-    record (``runs/*.json``) and attempt ledger (``runs/attempts/``), every resume checkpoint of an unfinished
-    training or lr trial (``checkpoints/<stem>.pt``), every pruned baseline (``pruned/*.pt`` and its ``.json``),
-    and the final weights (with their ``.json`` description) of the records whose weights are read again: base
-    networks (a ``train`` record tagged "base") and notebook 12's own model.  Not the weights of the hundreds of
-    networks read only for their scores."""
+def cache_files(records: Mapping[str, Mapping[str, Any]], cache: Path | None = None) -> dict[str, list[str]]:
+    """The files of the run cache (paths relative to ``data/``) behind ``records`` ({hash: {"kind", ...}}, the
+    records a scale's artifacts use): ``records``, each ``runs/<kind>-<hash>.json``; ``weights``, the files a
+    later computation reads: the weights (and ``models.save_network`` description) of every record whose hash
+    another of these records' key holds (the trained bases that rankings, pruning and fine-tuning start from),
+    and the description of every pruned baseline (its architecture and the digest of its weights, which are
+    pruned again only when a computation needs them: ``tables1_3.pruned_network``)."""
     runs = cache or store.cache_dir()
     root = runs.parent
-    files = sorted(runs.glob("*.json")) + sorted((runs / "attempts").glob("*.json"))
-    files += sorted(p for p in (root / "checkpoints").glob("*.pt") if not p.name.endswith(".final.pt"))
-    files += sorted((root / "pruned").glob("*.pt*"))       # weights and their models.save_network description
-    for path in sorted(runs.glob("*.json")):
-        kind = path.name.split("-", 1)[0]
-        if kind not in PINNED_WEIGHT_KINDS:
-            continue
-        rec = store.read_record(path)
-        if kind == "train" and (rec.get("key") or {}).get("tag") != "base":
-            continue
-        weights = rec.get("weights")
-        if isinstance(weights, str):
-            w = Path(weights) if Path(weights).is_absolute() else REPO_ROOT / weights
-            if w.exists():
-                files.append(w)
-                sidecar = w.with_name(w.name + ".json")     # models.save_network's description of the network
-                if sidecar.exists():
-                    files.append(sidecar)
-    return files
+    names = {h: f"{r['kind']}-{h}.json" for h, r in records.items()}
+    loaded = {h: store.read_record(runs / n) for h, n in names.items() if (runs / n).exists()}
+    referenced = set()
+    for rec in loaded.values():
+        referenced |= set(_HASH.findall(json.dumps(rec.get("key"), sort_keys=True))) - {rec.get("hash")}
+    weights: set[str] = set()
+    for h, rec in loaded.items():
+        w = rec.get("weights")
+        if h in referenced and isinstance(w, str):
+            path = Path(w) if Path(w).is_absolute() else store.REPO_ROOT / w
+            for f in (path, path.with_name(path.name + ".json")):
+                if f.exists():
+                    weights.add(str(f.resolve().relative_to(root.resolve())))
+        if records[h].get("kind") == "baseline" and rec.get("status") == "ok" and rec.get("weights"):
+            desc = root / "pruned" / f"{rec['weights']}.json"
+            if desc.exists():
+                weights.add(str(desc.relative_to(root)))
+    return {"records": sorted(f"runs/{n}" for n in names.values()), "weights": sorted(weights)}
 
 
-def pin_cache() -> int:
-    """Stage :func:`pinned_files` for the next commit (``git add -f``), and the removal of tracked cache files
-    that are gone (finished resume checkpoints); prints what it staged.  Returns git's exit status."""
-    files = [str(p) for p in pinned_files()]
+def pinned_files(scale: str = "cpu", cache: Path | None = None) -> list[Path]:
+    """The files the scale's run account lists (:func:`cache_files`, kept in figures/<scale>/reproduce_run.json),
+    as paths under ``data/``: what ``--pin`` stages and what git should hold under data/."""
+    path = output_dir(scale) / "reproduce_run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{store.repo_relative(path)} does not exist: run `make reproduce SCALE={scale}` "
+                                "first (the run account lists what the scale's figures use)")
+    acc = json.loads(path.read_text())
+    root = (cache or store.cache_dir()).parent
+    return [root / f for f in (acc.get("cache") or {}).get("records", []) + (acc.get("cache") or {}).get("weights", [])]
+
+
+def _run_account(scale: str) -> dict[str, Any]:
+    path = output_dir(scale) / "reproduce_run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def stale_records(scale: str) -> list[tuple[str, list[str]]]:
+    """(record, the functions that changed since it was computed) for every record of the scale's run account
+    whose code changed (``store.stale_code``: a function it ran, a default or a module value it read); a listed
+    record that is missing counts as stale too."""
+    out = []
+    runs = store.cache_dir()
+    for rel in (_run_account(scale).get("cache") or {}).get("records", []):
+        path = runs.parent / rel
+        if not path.exists():
+            out.append((rel, ["<record missing>"]))
+            continue
+        changed = store.stale_code(store.read_record(path).get("code"))
+        if changed:
+            out.append((rel, changed))
+    return out
+
+
+def pin_cache(scale: str = "cpu") -> int:
+    """Stage exactly :func:`pinned_files` of ``scale`` under data/ for the next commit (``git add -f``) and take
+    every other tracked file under data/ out of the index (it stays on disk); prints what it did.  Returns git's
+    exit status."""
     data_dir = store.cache_dir().parent
-    rc = subprocess.run(["git", "add", "-u", "--", str(data_dir)], cwd=REPO_ROOT).returncode
-    for i in range(0, len(files), 200):
-        rc = rc or subprocess.run(["git", "add", "-f", "--", *files[i:i + 200]], cwd=REPO_ROOT).returncode
-    size = sum(Path(f).stat().st_size for f in files)
-    print(f"staged {len(files)} cache files ({size / 2**20:.1f} MiB) under {store.repo_relative(data_dir)}/")
+    files = pinned_files(scale)
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        print(f"error: {len(missing)} files the run account lists are missing, e.g. {missing[0]}", file=sys.stderr)
+        return 1
+    keep = {str(f.resolve()) for f in files} | {str((data_dir / "README.md").resolve())}
+    tracked = subprocess.run(["git", "ls-files", "-z", "--", str(data_dir)], cwd=REPO_ROOT, capture_output=True,
+                             text=True).stdout.split("\0")
+    drop = [t for t in tracked if t and str((REPO_ROOT / t).resolve()) not in keep]
+    rc = 0
+    for i in range(0, len(drop), 200):
+        rc = rc or subprocess.run(["git", "rm", "-q", "--cached", "--", *drop[i:i + 200]], cwd=REPO_ROOT).returncode
+    names = [str(f) for f in files]
+    for i in range(0, len(names), 200):
+        rc = rc or subprocess.run(["git", "add", "-f", "--", *names[i:i + 200]], cwd=REPO_ROOT).returncode
+    size = sum(f.stat().st_size for f in files)
+    print(f"staged {len(files)} cache files of the {scale} scale ({size / 2**20:.1f} MiB) under "
+          f"{store.repo_relative(data_dir)}/; took {len(drop)} other files out of the index")
     return rc
 
 
@@ -289,17 +338,20 @@ def run_account(scale: str, walls: dict[str, float], total_s: float, cold: bool,
             continue
         per_notebook.setdefault(prov.get("notebook") or "?", {}).update(prov.get("records") or {})
     union: dict[str, float] = {}
+    records: dict[str, dict[str, Any]] = {}
     rows = []
     for nb in sorted(set(per_notebook) | set(walls)):
         recs = per_notebook.get(nb, {})
         for h, r in recs.items():
             union[h] = float(r.get("compute_s") or 0.0)
+            records[h] = r
         rows.append({"notebook": nb, "wall_s": round(walls[nb], 1) if nb in walls else None,
                      "computed": sum(1 for r in recs.values() if r.get("computed")),
                      "cached": sum(1 for r in recs.values() if not r.get("computed")),
                      "compute_s": round(sum(float(r.get("compute_s") or 0.0) for r in recs.values()), 1)})
     return {"commit": store.git_state().get("commit"), "scale": scale, "cold": cold, "total_s": round(total_s, 1),
-            "compute_s": round(sum(union.values()), 1), "records": len(union), "notebooks": rows}
+            "compute_s": round(sum(union.values()), 1), "records": len(union), "notebooks": rows,
+            "cache": cache_files(records)}
 
 
 def write_run_account(scale: str, walls: dict[str, float], total_s: float, cold: bool) -> Path:
@@ -324,13 +376,18 @@ def main(argv: list[str] | None = None) -> int:
                     "with provenance and refresh the README's plan section")
     ap.add_argument("--check-data", action="store_true", help="only check that every dataset the scale reads is "
                     "in place (python -m spvr_lib.data check for each); exit 1 when one is missing")
-    ap.add_argument("--pin", action="store_true", help="only stage the run cache for a commit (git add -f): records, "
-                    "resume checkpoints and the weights later runs read, so a fresh clone goes on from them")
+    ap.add_argument("--pin", action="store_true", help="only stage the scale's run cache for a commit: exactly the "
+                    "records and weights figures/<scale>/reproduce_run.json lists (git add -f), every other file "
+                    "under data/ out of the index")
     ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
                     "provenance no longer matches the current code; exit 1 when any is stale")
     args = ap.parse_args(argv)
     if args.pin:
-        return pin_cache()
+        try:
+            return pin_cache(check_scale(args.scale))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.plan or args.check_data or args.check:
         try:
             scale = check_scale(args.scale)
@@ -354,7 +411,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stale  {item['artifact']}: {'; '.join(item['reasons'])}")
         print(f"{len(stale)} of {total} artifacts under figures/{scale}/ are stale" if stale else
               f"all {total} artifacts under figures/{scale}/ match the current code")
-        return 1 if stale else 0
+        records = stale_records(scale)
+        for name, changed in records:
+            print(f"stale record  {name}: changed {', '.join(changed)}")
+        n = len((_run_account(scale).get("cache") or {}).get("records", []))
+        print(f"{len(records)} of the {n} records the run account lists were computed by other code" if records else
+              f"all {n} records the run account lists match the current code")
+        return 1 if stale or records else 0
     if args.readme:
         changed = update_readme(check_scale(args.scale))
         print("README results section " + ("updated" if changed else "already up to date"))

@@ -94,7 +94,8 @@ def train_segnet(spec: dict, settings: dict[str, Any], seed: int, tag: str = "",
     test scores), history, params, size_mb, wall_s, weights, spec."""
     lr, _ = segnet_lr(settings, progress=progress)
     return train.train_run(spec, settings["dataset"], segnet_recipe(settings, lr), int(seed), tag=tag,
-                           progress=progress, weights_needed=tag == "base", train_options=split_options(settings, "train"),
+                           progress=progress, weights_needed=tag == "base" and int(seed) == 0,   # seed 0's is pruned
+                           train_options=split_options(settings, "train"),
                            test_options=split_options(settings, "test"))
 
 

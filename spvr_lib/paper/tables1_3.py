@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +193,39 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
     info.update(hash=rec["hash"], rate=rate)     # a rate with the same budget shares the record
     if rec["status"] != "ok":
         return None, info
-    model = built.get("model") or models.load_network(weights).eval()
-    return model, info
+    return _pruned_weights_or_architecture(weights, compute, built.get("model")), info
+
+
+def _pruned_weights_or_architecture(weights: Path, compute: Any, built: nn.Module | None = None) -> nn.Module:
+    """A pruned baseline's network: loaded from its weights file, or, where only its description is kept (the
+    committed cache holds ``<weights>.json``, not the weights), its architecture with
+    :class:`~spvr_lib.train.WeightsOnDemand` as ``pruned_weights``: the digest that names it in a training's
+    key, and the weights themselves pruned again (``compute``, checked against that digest) only when a
+    computation reads them."""
+    described = weights.with_name(weights.name + ".json")
+    desc = json.loads(described.read_text()) if described.exists() else {}
+    if built is not None or weights.exists():
+        model = built if built is not None else models.load_network(weights).eval()
+        if "state_sha256" not in desc:           # the description names the weights by their digest from now on
+            store.atomic_write_json(described, {**desc, "state_sha256": train.state_dict_digest(model.state_dict())})
+        return model
+    if "state_sha256" not in desc:
+        compute()                                # no digest to stand in for the weights: prune again
+        return models.load_network(weights).eval()
+    model = models.build_network(desc["spec"], desc.get("shapes")).eval()
+
+    def regenerate() -> dict[str, torch.Tensor]:
+        compute()
+        return models.load_network(weights).state_dict()
+
+    model.pruned_weights = train.WeightsOnDemand(desc["state_sha256"], regenerate, str(weights.name))
+    return model
+
+
+def pruned_state(model: nn.Module) -> Mapping[str, torch.Tensor]:
+    """The weights a network of :func:`pruned_network` was pruned to (what fine-tuning starts from): its state
+    dict, or the :class:`~spvr_lib.train.WeightsOnDemand` standing in for it."""
+    return getattr(model, "pruned_weights", None) or {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- learning rates
@@ -213,9 +245,9 @@ def finetune_lr(cfg: Any, key: str, progress: bool = True) -> tuple[float, dict[
     if model is None:
         raise RuntimeError(f"the fine-tuning lr of {key} is searched on {FINETUNE_LR_METHOD}'s network, which "
                            f"failed: {info['error']}")
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return base_models.searched_lr(setup, _base(cfg, key, progress)["spec"], "finetune", init_state=state,
-                                   progress=progress, shapes=models.network_shapes(model))
+    return base_models.searched_lr(setup, _base(cfg, key, progress)["spec"], "finetune",
+                                   init_state=pruned_state(model), progress=progress,
+                                   shapes=models.network_shapes(model))
 
 
 def model_lr(cfg: Any, key: str, mode: str, progress: bool = True) -> float:
@@ -237,8 +269,8 @@ def _prune_job(cfg: Any, key: str, method: str, rate: float) -> None:
 def _finetune_trial_job(cfg: Any, key: str, lr: float) -> None:
     setup = cfg.model(key)
     model, _ = pruned_network(cfg, key, FINETUNE_LR_METHOD, setup.table3_rate, progress=False)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    base_models.lr_trial(setup, _base(cfg, key, False)["spec"], lr, "finetune", init_state=state, progress=False,
+    base_models.lr_trial(setup, _base(cfg, key, False)["spec"], lr, "finetune", init_state=pruned_state(model),
+                         progress=False,
                          shapes=models.network_shapes(model))
 
 
@@ -321,7 +353,7 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     # the base spec and its layer shapes (fine-tuning starts from its weights, scratch re-initialises)
     spec = getattr(model, "spec", None) or base_rec["spec"]
     shapes = None if hasattr(model, "spec") else models.network_shapes(model)
-    init_state = model.state_dict() if mode == "finetune" else None
+    init_state = pruned_state(model) if mode == "finetune" else None
     rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
                           init_state=init_state, tag=training_tag(method, mode), progress=progress, shapes=shapes,
                           weights_needed=False)

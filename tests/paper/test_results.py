@@ -175,58 +175,80 @@ def test_machine_seconds_counts_the_share_of_the_cores_a_record_was_given():
     assert store.machine_seconds({}) is None
 
 
-def test_pinned_files_are_the_cache_a_fresh_clone_needs_to_go_on(tmp_path, monkeypatch):
+def test_cache_files_are_the_records_used_and_the_weights_a_later_computation_reads(tmp_path, monkeypatch):
     runs = tmp_path / "data" / "runs"
     ckpt, pruned = tmp_path / "data" / "checkpoints", tmp_path / "data" / "pruned"
-    for d in (runs / "attempts", ckpt, pruned):
+    for d in (runs, ckpt, pruned):
         d.mkdir(parents=True)
-    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(store, "REPO_ROOT", tmp_path)
     monkeypatch.setenv("SPVR_CACHE", str(runs))
+    base, seed1, prune, scratch = "a" * 16, "b" * 16, "c" * 16, "d" * 16
 
-    def record(name, **rec):
-        store.atomic_write_json(runs / name, rec)
-        return runs / name
+    def record(kind, h, **rec):
+        store.write_record(runs / f"{kind}-{h}.json", {"hash": h, **rec})
 
-    base = record("train-aaa.json", key={"tag": "base"}, weights="data/checkpoints/train-aaa.final.pt")
-    other = record("train-bbb.json", key={"tag": "scratch"}, weights="data/checkpoints/train-bbb.final.pt")
-    gone = record("train-ccc.json", key={"tag": "base"}, weights="data/checkpoints/train-ccc.final.pt")
-    own = record("own_model-ddd.json", key={}, weights=str(ckpt / "own_model-ddd.final.pt"))   # absolute path
-    lr = record("lrtrial-eee.json", key={}, lr=0.1)
-    for name in ("train-aaa.final.pt", "train-bbb.final.pt", "own_model-ddd.final.pt", "train-fff.pt"):
-        (ckpt / name).write_bytes(b"w")
-    (pruned / "baseline-ggg.pt").write_bytes(b"p")
-    (pruned / "baseline-ggg.pt.json").write_text("{}")
-    (ckpt / "train-aaa.final.pt.json").write_text("{}")
-    (ckpt / "train-bbb.final.pt.json").write_text("{}")
-    ledger = runs / "attempts" / "train-fff.json"
-    ledger.write_text("{}")
-    got = set(reproduce.pinned_files(runs))
-    assert got == {base, other, gone, own, lr, ledger, ckpt / "train-fff.pt", pruned / "baseline-ggg.pt",
-                   pruned / "baseline-ggg.pt.json", ckpt / "train-aaa.final.pt", ckpt / "train-aaa.final.pt.json",
-                   ckpt / "own_model-ddd.final.pt"}
-    # not the weights of a record read only for its scores, nor a base's weights that are not there
-    assert ckpt / "train-bbb.final.pt" not in got and ckpt / "train-ccc.final.pt" not in got
+    record("train", base, key={"tag": "base", "seed": 0}, weights=f"data/checkpoints/train-{base}.final.pt")
+    record("train", seed1, key={"tag": "base", "seed": 1}, weights=f"data/checkpoints/train-{seed1}.final.pt")
+    record("baseline", prune, key={"base": base, "method": "l1"}, status="ok", weights=f"baseline-{prune}.pt")
+    record("train", scratch, key={"tag": "scratch"}, weights=f"data/checkpoints/train-{scratch}.final.pt")
+    for h in (base, seed1, scratch):
+        (ckpt / f"train-{h}.final.pt").write_bytes(b"w")
+        (ckpt / f"train-{h}.final.pt.json").write_text("{}")
+    (pruned / f"baseline-{prune}.pt").write_bytes(b"p")
+    (pruned / f"baseline-{prune}.pt.json").write_text("{}")
+    used = {h: {"kind": k} for h, k in ((base, "train"), (seed1, "train"), (prune, "baseline"), (scratch, "train"))}
+    got = reproduce.cache_files(used, runs)
+    assert got["records"] == sorted([f"runs/train-{base}.json", f"runs/train-{seed1}.json",
+                                     f"runs/baseline-{prune}.json", f"runs/train-{scratch}.json"])
+    # the base the pruning read, with its description, and the pruned network's description: not its weights,
+    # not the weights of trainings read only for their scores (seed 1's base, a scratch training)
+    assert got["weights"] == [f"checkpoints/train-{base}.final.pt", f"checkpoints/train-{base}.final.pt.json",
+                              f"pruned/baseline-{prune}.pt.json"]
+    # a record the artifacts do not use is not in the cache files, nor is what only it reads
+    del used[prune]
+    assert reproduce.cache_files(used, runs)["weights"] == []
 
 
-def test_pin_cache_stages_the_pinned_files_and_the_removal_of_finished_checkpoints(tmp_path, monkeypatch):
+def test_pin_stages_exactly_the_run_account_and_takes_the_rest_of_data_out_of_the_index(tmp_path, monkeypatch):
     import subprocess
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
 
     git("init", "-q")
-    (tmp_path / ".gitignore").write_text("data/*\n")
+    (tmp_path / ".gitignore").write_text("data/*\n!data/README.md\n")
     runs, ckpt = tmp_path / "data" / "runs", tmp_path / "data" / "checkpoints"
     runs.mkdir(parents=True)
     ckpt.mkdir()
-    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
-    monkeypatch.setattr(store, "REPO_ROOT", tmp_path)
+    (tmp_path / "data" / "README.md").write_text("cache\n")
+    for mod in (reproduce, store, provenance):
+        monkeypatch.setattr(mod, "REPO_ROOT", tmp_path)
     monkeypatch.setenv("SPVR_CACHE", str(runs))
-    store.atomic_write_json(runs / "lrtrial-a.json", {"lr": 0.1})
-    (ckpt / "train-b.pt").write_bytes(b"resume")
-    assert reproduce.pin_cache() == 0
-    assert git("diff", "--cached", "--name-only").split() == ["data/checkpoints/train-b.pt", "data/runs/lrtrial-a.json"]
+    store.write_record(runs / "lrtrial-a.json", {"lr": 0.1})
+    store.write_record(runs / "lrtrial-s.json", {"lr": 0.2})              # a smoke record: another scale's
+    (ckpt / "train-b.pt").write_bytes(b"resume")                           # a resume checkpoint
+    git("add", "-f", "data/README.md", "data/checkpoints/train-b.pt")      # committed by an earlier pin
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "cache")
-    (ckpt / "train-b.pt").unlink()                             # the training finished: its checkpoint is gone
-    assert reproduce.pin_cache() == 0
-    assert git("diff", "--cached", "--name-status").split() == ["D", "data/checkpoints/train-b.pt"]
+    with pytest.raises(FileNotFoundError, match="reproduce_run.json"):
+        reproduce.pinned_files("cpu")
+    store.atomic_write_json(tmp_path / "figures" / "cpu" / "reproduce_run.json",
+                            {"cache": {"records": ["runs/lrtrial-a.json"], "weights": []}})
+    assert reproduce.pin_cache("cpu") == 0
+    assert git("diff", "--cached", "--name-status").split() == ["D", "data/checkpoints/train-b.pt",
+                                                                "A", "data/runs/lrtrial-a.json"]
+    assert (ckpt / "train-b.pt").exists()                                  # out of the index, not deleted
+
+
+def test_the_committed_cache_is_exactly_what_the_cpu_run_account_lists():
+    """Every tracked file under data/ (but its README) is one the cpu run account lists, and each listed one is
+    tracked: the repository carries the records and the weights later computations read, nothing else."""
+    import subprocess
+
+    root = reproduce.REPO_ROOT
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = set(subprocess.run(["git", "ls-files", "data"], cwd=root, capture_output=True, text=True,
+                                 check=True).stdout.split()) - {"data/README.md"}
+    listed = {str(p.relative_to(root)) for p in reproduce.pinned_files("cpu", root / "data" / "runs")}
+    assert tracked - listed == set(), f"tracked under data/ but not in the cpu run account: {sorted(tracked - listed)[:5]}"
+    assert listed - tracked == set(), f"in the cpu run account but not tracked: {sorted(listed - tracked)[:5]}"
