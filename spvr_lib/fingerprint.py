@@ -19,6 +19,7 @@ when one does (:func:`changed_functions`).
 from __future__ import annotations
 
 import ast
+import atexit
 import dataclasses
 import enum
 import functools
@@ -97,8 +98,6 @@ def _stop_tracing_at_exit() -> None:
         sys.settrace(None)
 
 
-import atexit  # noqa: E402  (registered right after the function it calls)
-
 atexit.register(_stop_tracing_at_exit)
 
 
@@ -150,6 +149,7 @@ class CodeTrace:
     @staticmethod
     def add(functions: Iterable[str] | Mapping[str, str]) -> None:
         """Count ``functions`` (ids; or a fingerprint, whose digests are kept) as run by every open trace."""
+        functions = dict(functions) if isinstance(functions, Mapping) else set(functions)
         for trace in _open_traces:
             if isinstance(functions, Mapping):
                 trace.known.update(functions)
@@ -437,7 +437,23 @@ def function_digest(fid: str, module: str | None = None) -> str | None:
     """The digest of function ``fid`` (``"module:qualname"``) as the code roots define it now, read in
     ``module`` (default: the module the id names); None where that module does not define it.
     ``"module:<values>"`` stands for every top-level value the module assigns (what a notebook reads
-    from it directly, without running a function of it)."""
+    from it directly, without running a function of it).  Memoised per source file version (module values are
+    taken as constant while a process runs; :func:`forget` drops the memo)."""
+    mod = module or fid.partition(":")[0]
+    src = _module_source(mod)
+    key = (fid, mod, None if src is None else src.path)
+    if src is not None and key in _DIGESTS and _DIGESTS[key][0] is src:
+        return _DIGESTS[key][1]
+    digest = _function_digest(fid, module)
+    if src is not None:
+        _DIGESTS[key] = (src, digest)
+    return digest
+
+
+_DIGESTS: dict[tuple, tuple[_Module, str | None]] = {}
+
+
+def _function_digest(fid: str, module: str | None = None) -> str | None:
     mod, _, qual = fid.partition(":")
     mod = module or mod
     src = _module_source(mod)
@@ -519,3 +535,4 @@ def forget() -> None:
     """Drop the parsed sources and re-import edited modules on the next lookup (a process that edits its
     own code roots, as the tests do)."""
     _parsed.cache_clear()
+    _DIGESTS.clear()
