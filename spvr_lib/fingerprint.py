@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -30,7 +31,7 @@ import re
 import sys
 import threading
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,20 @@ def _tracer(frame: Any, event: str, arg: Any, _traces: list = _traces, _roots: l
             for seen in _traces:
                 seen.add(code)
     return None
+
+
+@contextlib.contextmanager
+def _untraced() -> Iterator[None]:
+    """No tracer in this thread while the block runs (the one it had is put back)."""
+    previous = sys.gettrace()
+    if previous is None:
+        yield
+        return
+    sys.settrace(None)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)
 
 
 def _stop_tracing_at_exit() -> None:
@@ -303,20 +318,30 @@ class _Normalise(ast.NodeTransformer):
         return node
 
 
-def _normalised_dump(node: ast.AST) -> str:
+_DUMPS: dict[tuple[int, bool], tuple[ast.AST, str]] = {}     # (id(node), shape) -> (node, text): a parsed node
+
+
+def _normalised_dump(node: ast.AST, shape: bool = False) -> str:
+    """The normalised text of a definition (:class:`_Normalise`); ``shape``: a class without its methods.
+    Memoised per node of a parsed source (the nodes live as long as their parsed module)."""
+    key = (id(node), shape)
+    hit = _DUMPS.get(key)
+    if hit is not None and hit[0] is node:
+        return hit[1]
     import copy
 
-    return ast.dump(_Normalise().visit(copy.deepcopy(node)), include_attributes=False)
+    copied = copy.deepcopy(node)
+    if shape:
+        copied.body = [s for s in copied.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    text = ast.dump(_Normalise().visit(copied), include_attributes=False)
+    _DUMPS[key] = (node, text)
+    return text
 
 
 def _class_shape(node: ast.ClassDef) -> str:
     """A class by its bases, decorators, fields and class attributes, without its methods (each method
     counts on its own when it runs)."""
-    import copy
-
-    shaped = copy.deepcopy(node)
-    shaped.body = [s for s in shaped.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    return _normalised_dump(shaped)
+    return _normalised_dump(node, shape=True)
 
 
 def _names_read(node: ast.AST) -> set[str]:
@@ -444,7 +469,8 @@ def function_digest(fid: str, module: str | None = None) -> str | None:
     key = (fid, mod, None if src is None else src.path)
     if src is not None and key in _DIGESTS and _DIGESTS[key][0] is src:
         return _DIGESTS[key][1]
-    digest = _function_digest(fid, module)
+    with _untraced():              # bookkeeping: not part of any fingerprint, and no tracer cost on every call
+        digest = _function_digest(fid, module)
     if src is not None:
         _DIGESTS[key] = (src, digest)
     return digest
@@ -536,3 +562,4 @@ def forget() -> None:
     own code roots, as the tests do)."""
     _parsed.cache_clear()
     _DIGESTS.clear()
+    _DUMPS.clear()

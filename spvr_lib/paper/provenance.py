@@ -124,11 +124,12 @@ class NotebookRun:
         a warm run that reproduces an artifact leaves both the artifact and its provenance as they were."""
         path = self.dir / f"{name}.provenance.json"
         new = self._provenance(files, **extra)
+        lasting = _lasting(new)             # always run: the functions a notebook runs are part of its fingerprint
         try:
-            old = read_record(path)
+            old = _lasting(read_record(path))
         except (CacheError, FileNotFoundError):
             old = None
-        if old is None or _lasting(old) != _lasting(new):
+        if old != lasting:
             atomic_write_json(path, new)
 
 

@@ -61,6 +61,36 @@ def test_notebook_run_writes_artifacts_with_provenance(tmp_path, monkeypatch):
         provenance.NotebookRun("99_test", "huge")
 
 
+def test_a_warm_rerun_rewrites_no_artifact_whose_numbers_did_not_move(tmp_path, monkeypatch):
+    """The same table and figure written by a second run: the same bytes (no date in the PDF), files and provenance
+    left untouched; a changed number rewrites the table and its provenance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    out = tmp_path / "figures" / "smoke"
+
+    def run_once(values):
+        run = provenance.NotebookRun("99_test", "smoke", params={"d": 2})
+        run.table(pd.DataFrame({"a": values}), "t")
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        run.figure(fig, "f")
+        plt.close(fig)
+        run.close()
+        names = ["t.csv", "t.md", "t.provenance.json", "f.png", "f.pdf", "f.provenance.json"]
+        return {n: ((out / n).read_bytes(), (out / n).stat().st_mtime_ns) for n in names}
+
+    first = run_once([1, 2])
+    assert b"CreationDate" not in first["f.pdf"][0]
+    second = run_once([1, 2])
+    assert second == first                                         # same bytes, and not even rewritten
+    third = run_once([1, 3])
+    assert third["t.csv"][0] != first["t.csv"][0] and third["t.provenance.json"] != first["t.provenance.json"]
+    assert third["f.pdf"] == first["f.pdf"] and third["f.provenance.json"][1] == first["f.provenance.json"][1]
+
+
 def test_check_lists_artifacts_whose_code_or_files_changed(tmp_path, monkeypatch, capsys):
     """``reproduce --check``: an artifact is stale once a source file that ran for it changes."""
     root = tmp_path / "mycode"
