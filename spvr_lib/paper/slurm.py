@@ -183,20 +183,30 @@ def wait(submitted: Sequence[Any], names: Sequence[str], desc: str = "jobs", pro
          poll_s: float = 2.0) -> list[str]:
     """Wait for every job of ``submitted`` (submitit jobs; ``names[i]`` says what job i computes); returns one
     failure per job that did not compute its record: "Slurm job <id> (<what>) failed: <why>" with its log's path
-    (and the traceback), also printed as it happens.  A job is over when its result is written, or when Slurm no
-    longer holds it (``squeue``) twice in a row: cancelled, timed out or killed with its node, it leaves no
-    result (nor a record)."""
+    (and the traceback), also printed as it happens.  A job is over when its result is written (looked for every
+    ``poll_s``), or when Slurm no longer holds it in two ``squeue`` answers in a row (asked every ``poll_s`` at
+    first, then less often, at most every minute, to spare the controller): cancelled, timed out or killed with its
+    node, it leaves no result (nor a record)."""
     pending = dict(zip([j.job_id for j in submitted], zip(submitted, names)))
     absent: dict[str, int] = {}
     failures: list[str] = []
+    t0, asked, live = time.monotonic(), float("-inf"), None
     with tqdm(total=len(pending), desc=f"{desc} (Slurm)", disable=not progress) as bar:
         while pending:
-            live = queued()
+            now = time.monotonic()
+            fresh = now - asked >= min(60.0, max(poll_s, (now - t0) / 10))
+            if fresh:
+                live, asked = queued(), now
             for jid, (job, what) in list(pending.items()):
                 failed: tuple[str, str] | None
                 if job.paths.result_pickle.exists():
                     failed = _outcome(job)
-                elif (live is not None and jid not in live) or (live is None and job.done()):
+                elif not fresh:
+                    continue
+                elif live is not None and jid in live:
+                    absent.pop(jid, None)            # still (or again, requeued) held by Slurm
+                    continue
+                elif live is not None or job.done():  # no squeue answer: submitit's own check (sacct)
                     absent[jid] = absent.get(jid, 0) + 1
                     if absent[jid] < 2 and live is not None:
                         continue                     # a result may still be on its way (a slow shared disk)
