@@ -1,6 +1,12 @@
 # spvr_lib: `make reproduce` regenerates every table and figure; `make test` runs the test suite.
 SCALE ?= cpu
 ONLY ?=
+# where reproduce's independent trainings run: local (one single-thread process per core) or slurm (job arrays,
+# sized by SLURM_PARTITION, SLURM_TIME (minutes), SLURM_CPUS, SLURM_GPUS, SLURM_MEM, SLURM_LOGS: README, "Slurm")
+EXECUTOR ?=
+SLURM_OPTS := $(if $(SLURM_PARTITION),--slurm-partition $(SLURM_PARTITION)) $(if $(SLURM_TIME),--slurm-time $(SLURM_TIME)) \
+	$(if $(SLURM_CPUS),--slurm-cpus $(SLURM_CPUS)) $(if $(SLURM_GPUS),--slurm-gpus $(SLURM_GPUS)) \
+	$(if $(SLURM_MEM),--slurm-mem $(SLURM_MEM)) $(if $(SLURM_LOGS),--slurm-logs $(SLURM_LOGS))
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +16,9 @@ STAMP := $(VENV)/.installed
 .PHONY: help venv lock data test reproduce pin lab bench gpu-check clean
 
 help: ## show this help (each target and what it does)
-	@echo "usage: make <target> [SCALE=smoke|cpu|cpu-full|paper] [ONLY='01 03']"
+	@echo "usage: make <target> [SCALE=smoke|cpu|cpu-full|paper] [ONLY='01 03'] [EXECUTOR=local|slurm]"
+	@echo "       EXECUTOR=slurm submits reproduce's trainings as Slurm job arrays (SLURM_PARTITION, SLURM_TIME in minutes,"
+	@echo "       SLURM_CPUS, SLURM_GPUS, SLURM_MEM, SLURM_LOGS size them); EXECUTOR=local (default) uses this machine's cores"
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 14
 
 # the exact versions come from requirements.lock; spvr_lib itself goes in editable, without re-resolving
@@ -47,8 +55,8 @@ test: $(STAMP) data ## run unit tests and every notebook at smoke scale (nbmake)
 # the smoke and cpu scales read Fashion-MNIST; the paper scale reads only the paper's datasets (checked by the runner)
 NEEDS_FMNIST := $(if $(filter paper,$(SCALE)),,data)
 
-reproduce: $(STAMP) $(NEEDS_FMNIST) ## run the numbered notebooks at SCALE (default cpu), outputs in figures/$(SCALE)/
-	$(PY) -m spvr_lib.reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY))
+reproduce: $(STAMP) $(NEEDS_FMNIST) ## run the numbered notebooks at SCALE (default cpu) on EXECUTOR, outputs in figures/$(SCALE)/
+	$(PY) -m spvr_lib.reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(SLURM_OPTS)
 
 # a regeneration spread over sessions that each start from a fresh clone keeps its progress in git: stage the run
 # cache (records, resume checkpoints, the weights later runs read; data/ is otherwise ignored) before committing

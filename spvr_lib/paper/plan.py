@@ -15,6 +15,7 @@ Image counts per epoch are the paper's dataset sizes (Section 4.1) and CityScape
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -149,4 +150,87 @@ def plan_markdown(cfg: Any) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ASSUMED_MAC_PER_S", "IMAGES", "plan", "plan_markdown"]
+def _job_counts(cfg: Any) -> dict[tuple[str, str], int]:
+    """{(notebook, plan row's model): the independent computations the notebook fans out for it on a cold run}:
+    lr trials, pruned networks, trainings and on-budget readings, one job each (``jobs.fill_cache``'s batches);
+    what a notebook computes in its own process (rankings, latency, a model whose baselines are quoted) is not a
+    job."""
+    from spvr_lib.paper import convergence
+
+    out: dict[tuple[str, str], int] = {}
+    trainable = [m for m in tables1_3.TABLE1_METHODS if m != "otov2"]
+    seeds = len(cfg.seeds)
+
+    def grid(values: Any) -> int:                       # a grid of one value is not searched
+        return len(values) if len(values) > 1 else 0
+
+    for key, setup in cfg.models.items():
+        rates = setup.compare_rates
+        methods = ["spvr"] if setup.quote_baselines else trainable
+        if setup.pretrained:
+            out["03", key], trials = 0, 0
+        else:
+            budget = {(e, s) for _, _, e, s in convergence.budget_jobs(cfg, [key]) if not (s == 0 and e % setup.epochs == 0)}
+            out["03", key] = grid(setup.lr_grid) + 1 + bool(cfg.convergence_factor) + bool(setup.amp) + len(budget)
+            trials = grid(base_models.lr_grid(setup, "finetune"))
+        l1 = set() if setup.quote_baselines else {("l1", float(setup.table3_rate))}   # the fine-tuning lr's network
+        prunes = len({(m, float(r)) for m in methods for r in rates} | l1)
+        shared = "spvr" in methods and setup.table3_rate in rates
+        out["04", key] = prunes + trials + len(methods) * len(rates) * seeds
+        out["05", key] = 2 * seeds
+        out["06", key] = (len(methods) - shared) * seeds
+        out["09", key] = len(FIGURE2_D.get(key, (setup.group_size,))) * seeds
+    if "resnet50" in cfg.models:      # 2 MobileNets' lr searches, 3 networks per seed and their shorter budget
+        out["10", "resnet50 + MobileNetV3 x 2"] = 2 * grid(base_models.lr_grid(cfg.model("resnet50"), "scratch")) \
+            + 2 * 3 * seeds
+    seg = cfg.segmentation
+    if seg:                           # lr search, base and SPvR's SegNet per seed, the base's shorter budget
+        short = int(convergence.short_epochs(int(seg["epochs"])) != int(seg["epochs"]))
+        out["11", "segnet"] = grid(seg["lr_grid"]) + (2 + short) * len(seg["seeds"])
+    return out
+
+
+def slurm_jobs(cfg: Any) -> pd.DataFrame:
+    """The Slurm jobs a cold run of the scale submits (``reproduce --executor slurm``), per notebook and model of
+    :func:`plan`: ``jobs`` (array tasks, :func:`_job_counts`) and ``GPU-hours per training``, the estimated time of
+    the longest of its trainings (the longest kind of job) at :data:`ASSUMED_MAC_PER_S`."""
+    df = plan(cfg)
+    df["per"] = (df["MACs"] / ASSUMED_MAC_PER_S / 3600 / df["trainings"].where(df["trainings"] > 0)).fillna(0.0)
+    out = df.groupby(["notebook", "model"], sort=False, as_index=False).agg(per=("per", "max"))
+    counts = _job_counts(cfg)
+    out.insert(2, "jobs", [counts.get((nb, m), 0) for nb, m in zip(out["notebook"], out["model"])])
+    return out.rename(columns={"per": "GPU-hours per training"}).sort_values(["notebook"], kind="stable")
+
+
+def slurm_markdown(cfg: Any, settings: Any) -> str:
+    """What ``reproduce --scale <cfg> --executor slurm`` submits, as Markdown: the jobs per notebook, each sized by
+    ``settings`` (``slurm.SlurmSettings``), and the longest training's estimated time against the time limit."""
+    df = slurm_jobs(cfg)
+    per_nb = df.groupby("notebook").agg(jobs=("jobs", "sum"), longest=("GPU-hours per training", "max"))
+    rows = pd.DataFrame({"notebook": per_nb.index, "jobs": per_nb["jobs"].values,
+                         "longest training (est. GPU-hours)": per_nb["longest"].round(3).values})
+    total, longest = int(per_nb["jobs"].sum()), float(per_nb["longest"].max())
+    limit_h = settings.time_min / 60
+    lines = [f"Slurm jobs of scale {cfg.name!r} (--executor slurm): about {total} jobs on a cold run, each sized "
+             f"{settings.describe()}; partition {settings.partition or '(the cluster default)'}; submitit's files "
+             f"in {settings.logs}.  Each batch of a notebook (lr trials, pruned networks, trainings, on-budget "
+             "readings) is one job array, one task per computation; only the computations missing from the run "
+             "cache are submitted, so a resumed run submits fewer.  The notebooks, the rankings and the latency "
+             "timings run in the process that submits.", "",
+             rows.to_markdown(index=False, floatfmt=".3g"), "",
+             f"Total: {total} jobs; the longest training is estimated at {longest:.3g} GPU-hours (throughput ASSUMED "
+             f"as above), against a time limit of {limit_h:.3g} h per job."]
+    account = store.REPO_ROOT / "figures" / cfg.name / "reproduce_run.json"
+    if account.exists():
+        acc = json.loads(account.read_text())
+        lines.append(f"Measured: the {acc['records']} records of the scale's last run cost {acc['compute_s'] / 3600:.1f} "
+                     f"machine-hours (compute_s of figures/{cfg.name}/reproduce_run.json, on the machine that ran them).")
+    if settings.gpus == 0 and cfg.name == "paper":
+        lines.append("Warning: the paper scale trains on GPUs; give each job one with --slurm-gpus 1.")
+    if longest > limit_h:
+        lines.append(f"Warning: the longest training may exceed --slurm-time {settings.time_min} minutes; a job that "
+                     "times out leaves no record, and rerunning resumes it from its checkpoint.")
+    return "\n".join(lines)
+
+
+__all__ = ["ASSUMED_MAC_PER_S", "IMAGES", "plan", "plan_markdown", "slurm_jobs", "slurm_markdown"]

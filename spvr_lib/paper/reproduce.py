@@ -8,6 +8,7 @@ and names the failing cell.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -23,7 +24,8 @@ import pandas as pd
 
 from spvr_lib.paper.provenance import NotebookRun, check_scale, output_dir, stale_artifacts
 from spvr_lib import baselines, data, store
-from spvr_lib.paper import plan
+from spvr_lib.paper import plan, slurm
+from spvr_lib.paper.jobs import EXECUTORS
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.store import REPO_ROOT, atomic_write_text
 
@@ -75,8 +77,10 @@ def failing_cell(executed: Path) -> str:
     return "(no cell error recorded; see the log above)"
 
 
-def run_notebook(nb: Path, scale: str, out_dir: Path, timeout_s: float, parameters: dict | None = None) -> float:
-    """Execute one notebook with papermill in a child process; returns the wall time in seconds."""
+def run_notebook(nb: Path, scale: str, out_dir: Path, timeout_s: float, parameters: dict | None = None,
+                 env_extra: Mapping[str, str] | None = None) -> float:
+    """Execute one notebook with papermill in a child process (``env_extra`` added to its environment: the
+    executor of its trainings, ``paper.jobs``); returns the wall time in seconds."""
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / nb.name
     params = {"SCALE": scale, **(parameters or {})}
@@ -84,7 +88,7 @@ def run_notebook(nb: Path, scale: str, out_dir: Path, timeout_s: float, paramete
            "--log-output", "--no-progress-bar"]
     for k, v in params.items():
         cmd += ["-p", k, str(v)]
-    env = dict(os.environ)
+    env = {**os.environ, **(env_extra or {})}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     # the kernel imports THIS checkout's spvr_lib, even where the venv's editable install points at another one
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -360,6 +364,25 @@ def write_run_account(scale: str, walls: dict[str, float], total_s: float, cold:
                                    run_account(scale, walls, total_s, cold))
 
 
+_SLURM_DEFAULTS = {"partition": "the cluster's default", "mem": "the cluster's default", "logs": "build/slurm"}
+
+
+def executor_choice(args: argparse.Namespace) -> tuple[str, slurm.SlurmSettings]:
+    """The executor (``--executor``, else ``$SPVR_EXECUTOR``, else local) and the Slurm jobs' size (the
+    ``--slurm-*`` options over ``$SPVR_SLURM_*``); ValueError naming the option when a value is not what is
+    expected, or when a ``--slurm-*`` option is given without ``--executor slurm``."""
+    executor = args.executor or os.environ.get("SPVR_EXECUTOR") or "local"
+    if executor not in EXECUTORS:
+        raise ValueError(f"SPVR_EXECUTOR={executor!r}: expected one of {list(EXECUTORS)} (or pass --executor)")
+    given = {name: getattr(args, option[2:].replace("-", "_")) for name, option, _ in slurm.ENV.values()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and executor != "slurm":
+        options = [o for n, o, _ in slurm.ENV.values() if n in given]
+        raise ValueError(f"{', '.join(options)} given with --executor {executor}: the --slurm-* options size the jobs "
+                         "of --executor slurm")
+    return executor, (dataclasses.replace(slurm.settings(), **given) if executor == "slurm" else slurm.SlurmSettings())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m spvr_lib.reproduce", description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="cpu", help="smoke | cpu | paper (default cpu)")
@@ -381,7 +404,20 @@ def main(argv: list[str] | None = None) -> int:
                     "under data/ out of the index")
     ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
                     "provenance no longer matches the current code; exit 1 when any is stale")
+    ap.add_argument("--executor", choices=EXECUTORS, default=None, help="where the independent trainings run: "
+                    "local (processes on this machine, one per core; the default) or slurm (submitit job arrays "
+                    "from this machine; the checkout and the run cache on a filesystem the nodes share)")
+    for env, (name, option, expected) in slurm.ENV.items():
+        ap.add_argument(option, type=int if name in ("time_min", "cpus", "gpus") else str, default=None,
+                        metavar=env.removeprefix("SPVR_SLURM_"),
+                        help=f"with --executor slurm: {expected} (default: ${env}, else "
+                        f"{_SLURM_DEFAULTS.get(name, getattr(slurm.SlurmSettings(), name))})")
     args = ap.parse_args(argv)
+    try:
+        executor, slurm_cfg = executor_choice(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.pin:
         try:
             return pin_cache(check_scale(args.scale))
@@ -396,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.plan:
         print(plan.plan_markdown(get_scale(scale)))
+        if executor == "slurm":
+            print("\n" + plan.slurm_markdown(get_scale(scale), slurm_cfg))
         if args.write:
             run = NotebookRun("reproduce --plan", scale, params={"assumed_mac_per_s": plan.ASSUMED_MAC_PER_S})
             run.table(plan.plan(get_scale(scale)), f"{scale}_plan", floatfmt=".3g")
@@ -435,14 +473,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the paper scale needs {', '.join(missing)} under data/ (README, 'Datasets')",
                   file=sys.stderr)
             return 1
+    if executor == "slurm":
+        try:
+            slurm.check_client()
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    # the notebooks' processes read the executor from the environment (paper.jobs)
+    env_extra = {"SPVR_EXECUTOR": executor, **(slurm_cfg.to_env() if executor == "slurm" else {})}
     out_dir = args.out or REPO_ROOT / "build" / "executed" / scale
     total = time.perf_counter()
     cold = not any(store.cache_dir().glob("*.json"))
     walls: dict[str, float] = {}
     for i, nb in enumerate(notebooks, 1):
-        print(f"[{i}/{len(notebooks)}] {nb.name} at scale {scale} (limit {timeout:.0f} s)", flush=True)
+        print(f"[{i}/{len(notebooks)}] {nb.name} at scale {scale} (limit {timeout:.0f} s"
+              f"{'; trainings on Slurm: ' + slurm_cfg.describe() if executor == 'slurm' else ''})", flush=True)
         try:
-            wall = run_notebook(nb, scale, out_dir, timeout)
+            wall = run_notebook(nb, scale, out_dir, timeout, env_extra=env_extra)
         except NotebookFailure as e:
             print(f"FAILED {e}\nexecuted copy: {out_dir / nb.name}", file=sys.stderr, flush=True)
             write_run_account(scale, walls, time.perf_counter() - total, cold)

@@ -298,19 +298,22 @@ def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: s
     workers = jobs.worker_count(cfg)
     if workers <= 1 or not jobs_:
         return
-    keys = sorted({k for k, *_ in jobs_ if not cfg.model(k).quote_baselines})
-    jobs_ = [j for j in jobs_ if j[0] in keys]
+    # a model whose baselines are quoted (Section 4.2: ImageNet) trains SPvR's networks alone, from its published
+    # weights' lr (no lr search, no fine-tuning lr searched on l1's network)
+    jobs_ = [j for j in jobs_ if not cfg.model(j[0]).quote_baselines or j[2] == "spvr"]
+    keys = sorted({k for k, *_ in jobs_})
+    searched = [k for k in keys if not cfg.model(k).quote_baselines]
     base_models.prepare_bases(cfg, keys, progress)
     for k in keys:        # in this process, alone on the machine: the rankings' timings are reported (Figure 2)
         if any(m == "spvr" for kk, _, m, _ in jobs_ if kk == k):
             base_models.spvr_ranking(cfg, k, progress=progress)
     prunes = {(k, m, float(r)) for k, r, m, _ in jobs_}
     if mode == "finetune":
-        prunes |= {(k, FINETUNE_LR_METHOD, float(cfg.model(k).table3_rate)) for k in keys}
+        prunes |= {(k, FINETUNE_LR_METHOD, float(cfg.model(k).table3_rate)) for k in searched}
     jobs.fill_cache(_prune_job, [(cfg, *p) for p in sorted(prunes)], workers, desc="pruned networks",
                     progress=progress)
     if mode == "finetune":
-        trials = [(cfg, k, lr) for k in keys for lr in base_models.lr_grid(cfg.model(k), "finetune")
+        trials = [(cfg, k, lr) for k in searched for lr in base_models.lr_grid(cfg.model(k), "finetune")
                   if len(base_models.lr_grid(cfg.model(k), "finetune")) > 1]
         jobs.fill_cache(_finetune_trial_job, trials, workers, desc="lr search (fine-tune)", progress=progress)
     jobs.fill_cache(trained_accuracy, [(cfg, k, m, float(r), int(s), mode) for k, r, m, s in jobs_], workers,
