@@ -58,8 +58,8 @@ NEEDS_FMNIST := $(if $(filter paper,$(SCALE)),,data)
 reproduce: $(STAMP) $(NEEDS_FMNIST) ## run the numbered notebooks at SCALE (default cpu) on EXECUTOR, outputs in figures/$(SCALE)/
 	$(PY) -m spvr_lib.reproduce --scale $(SCALE) $(if $(ONLY),--only $(ONLY)) $(if $(EXECUTOR),--executor $(EXECUTOR)) $(SLURM_OPTS)
 
-# a regeneration spread over sessions that each start from a fresh clone keeps its progress in git: stage the run
-# cache (records, resume checkpoints, the weights later runs read; data/ is otherwise ignored) before committing
+# the committed run cache of a scale is what its run account lists: the records its figures use and the weights a
+# later computation reads (data/ is otherwise ignored; data/README.md says what is and is not committed)
 pin: $(STAMP) ## stage exactly the records and weights figures/$(SCALE)/reproduce_run.json lists (the rest of data/ leaves the index)
 	$(PY) -m spvr_lib.reproduce --pin --scale $(SCALE)
 
