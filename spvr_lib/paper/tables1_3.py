@@ -185,8 +185,9 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
                 "arch": None if res.model is None else ", ".join(map(str, _conv_widths(res.model))),
                 "weights": str(weights.name)}
 
+    # weights gone and no digest to stand in for them (a description written before digests): prune again
     stale = record_path.exists() and store.read_record(record_path).get("status") == "ok" \
-        and not weights.exists()
+        and not weights.exists() and "state_sha256" not in _description(weights)
     rec = store.cached(pkey, compute, kind="baseline", refresh=stale)
     info = {k: rec.get(k) for k in ("method", "rate", "budget", "params_before", "params_after", "status", "error",
                                     "notes", "prune_s", "arch")}
@@ -203,7 +204,7 @@ def _pruned_weights_or_architecture(weights: Path, compute: Any, built: nn.Modul
     key, and the weights themselves pruned again (``compute``, checked against that digest) only when a
     computation reads them."""
     described = weights.with_name(weights.name + ".json")
-    desc = json.loads(described.read_text()) if described.exists() else {}
+    desc = _description(weights)
     if built is not None or weights.exists():
         model = built if built is not None else models.load_network(weights).eval()
         if "state_sha256" not in desc:           # the description names the weights by their digest from now on
@@ -222,10 +223,17 @@ def _pruned_weights_or_architecture(weights: Path, compute: Any, built: nn.Modul
     return model
 
 
+def _description(weights: Path) -> dict[str, Any]:
+    """``models.save_network``'s description of a pruned network (``<weights>.json``; {} when there is none)."""
+    described = weights.with_name(weights.name + ".json")
+    return json.loads(described.read_text()) if described.exists() else {}
+
+
 def pruned_state(model: nn.Module) -> Mapping[str, torch.Tensor]:
     """The weights a network of :func:`pruned_network` was pruned to (what fine-tuning starts from): its state
     dict, or the :class:`~spvr_lib.train.WeightsOnDemand` standing in for it."""
-    return getattr(model, "pruned_weights", None) or {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    lazy = getattr(model, "pruned_weights", None)      # (not `or`: the truth of a mapping is its length, made)
+    return lazy if lazy is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 # --------------------------------------------------------------------------- learning rates

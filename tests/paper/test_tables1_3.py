@@ -80,6 +80,31 @@ def test_pruned_baseline_is_cached_and_reloads_identically(cache, monkeypatch):
     assert torch.equal(first.eval()(x), again.eval()(x))
 
 
+def test_a_pruned_baseline_kept_by_description_names_its_weights_and_makes_them_only_when_read(cache, monkeypatch):
+    """The committed cache keeps a pruned baseline's description (shapes, digest of the weights), not its weights:
+    the training keys need only the digest; the weights are pruned again, checked against it, when read."""
+    model, info = tables1_3.pruned_network(TINY, "vgg16", "l2", RATE, progress=False)
+    state = tables1_3.pruned_state(model)
+    digest = train.state_dict_digest(state)
+    weights = train.checkpoint_dir().parent / "pruned" / f"baseline-{info['hash']}.pt"
+    assert weights.exists() and tables1_3._description(weights)["state_sha256"] == digest
+    weights.unlink()                                                    # as in a fresh clone
+    calls = []
+    real = baselines.prune
+    monkeypatch.setattr(baselines, "prune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("SPVR_FORBID_COMPUTE", "baseline")              # the record is reused, never recomputed
+    again, info2 = tables1_3.pruned_network(TINY, "vgg16", "l2", RATE, progress=False)
+    lazy = tables1_3.pruned_state(again)
+    assert info2 == info and isinstance(lazy, train.WeightsOnDemand) and calls == []
+    assert train.state_dict_digest(lazy) == digest and calls == []     # the key needs no weights
+    assert models.network_shapes(again) == models.network_shapes(model)
+    assert all(torch.equal(lazy[k], v) for k, v in state.items()) and calls == [1] and weights.exists()
+    # weights that come out otherwise are refused, naming the file
+    bad = train.WeightsOnDemand("0" * 64, lambda: state, "baseline-x.pt")
+    with pytest.raises(ValueError, match="baseline-x.pt: the weights made again have digest"):
+        dict(bad)
+
+
 def test_save_and_load_pruned_resnet_round_trip(tmp_path):
     spec = models.preset("resnet18", num_classes=10, in_channels=1, width=1 / 16)
     torch.manual_seed(0)
