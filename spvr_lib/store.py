@@ -4,16 +4,15 @@
   half-written result.
 * :func:`cached` keeps one JSON record per computation under ``data/runs/<kind>-<hash>.json``; the
   hash is that of the computation's inputs (its key).  Like showyourwork's figures, a record also
-  carries the fingerprint of the code that computed it: the sha256 of every spvr_lib source file
-  whose functions ran during the computation (traced, so the fingerprint is as narrow as the work
-  actually done), including the code of the records it reused.  A record whose code has changed
-  since is recomputed, never silently reused.
-* :func:`stale_code` compares a fingerprint with the files on disk; ``python -m spvr_lib.reproduce
-  --check`` uses it on the provenance of every artifact under ``figures/<scale>/``.
+  carries the fingerprint of the code that computed it: for every spvr_lib function that ran during the
+  computation (traced, so the fingerprint is as narrow as the work actually done; the records it reused add
+  theirs), a digest of what the function does (:mod:`spvr_lib.fingerprint`).  A record whose code has changed
+  since is recomputed, never silently reused; edits to anything it did not run leave it valid.
+* :func:`stale_code` names the functions of a fingerprint that changed; ``python -m spvr_lib.reproduce
+  --check`` uses it on every artifact under ``figures/<scale>/`` and every record they use.
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
 import io
 import json
@@ -21,12 +20,11 @@ import os
 import platform
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 

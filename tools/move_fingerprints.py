@@ -226,7 +226,6 @@ def phase_full(cache: Path, replayed_cache: Path) -> int:
     print(f"{len(paths)} records with a file fingerprint", flush=True)
     for path in paths:
         rec = store.read_record(path)
-        kind = path.name.split("-", 1)[0]
         other = replayed_cache / path.name
         if not other.exists():
             print(f"MISSING {path.name}: no replay (not used by any notebook at this scale?)")
