@@ -12,7 +12,11 @@ block's last conv and BN). The final classifier's outputs are never pruned. Unit
 for every method; each method scores channels as its authors do (:data:`NOTES`,
 :data:`METHOD_CARDS`, with the repository each was read from) and selects them as they do:
 
-- ``l1``, ``l2``, ``fpgm`` (raw filter norms and distances), ``hrank`` (ranks of the feature maps
+- ``tp_l1``, ``tp_l2``, ``tp_taylor``, ``tp_fpgm``: Table 1's ℓ1, ℓ2, Taylor and FPGM as the paper ran them, with
+  Torch-Pruning's importances (:data:`TP_IMPORTANCES`, scored over whole dependency groups) and its MetaPruner's
+  local selection: one channel ratio for every unit, bisected to the budget (as below).
+- the original authors' variants of those four (:data:`AUTHORS_VARIANTS`, the sensitivity table):
+  ``l1``, ``l2``, ``fpgm`` (raw filter norms and distances), ``hrank`` (ranks of the feature maps
   the network produces), ``nisp``: LOCAL selection, one channel ratio ``r`` for every unit
   (torch-pruning's rule: ``int(C * (1 - r))`` channels kept, rounded down to ``group_size``),
   ``r`` bisected to the smallest value whose pruned model has ``count_params <= budget``.
@@ -42,21 +46,47 @@ from tqdm.auto import tqdm
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
 
-__all__ = ["BASELINES", "LOCAL_METHODS", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
+__all__ = ["BASELINES", "AUTHORS_VARIANTS", "METHODS", "AUTHORS_VARIANT_OF", "TP_IMPORTANCES", "tp_importance",
+           "LOCAL_METHODS", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
-BASELINES = ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
-DISPLAY_NAMES = {"l1": "ℓ1", "l2": "ℓ2", "taylor": "Taylor", "fpgm": "FPGM", "rcp": "RCP", "hrank": "HRank",
-                 "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2"}
+# Table 1's baselines, as the paper ran them (Section 4.3: "The pruning library by Fang et al. [2023] was utilized to
+# implement the baseline methods, except for OTOv2"): l1, l2, Taylor and FPGM are Torch-Pruning's importances
+BASELINES = ("tp_l1", "tp_l2", "tp_taylor", "tp_fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
+# the original authors' formulas for the same four criteria (the sensitivity table: does the choice move a verdict?)
+AUTHORS_VARIANTS = ("l1", "l2", "taylor", "fpgm")
+METHODS = (*BASELINES, *AUTHORS_VARIANTS)
+DISPLAY_NAMES = {"tp_l1": "ℓ1", "tp_l2": "ℓ2", "tp_taylor": "Taylor", "tp_fpgm": "FPGM", "rcp": "RCP",
+                 "hrank": "HRank", "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2",
+                 "l1": "ℓ1 (Li et al.)", "l2": "ℓ2 (filter norm)", "taylor": "Taylor (NVlabs)", "fpgm": "FPGM (He et al.)"}
+# the variant of each Torch-Pruning criterion that follows its original authors
+AUTHORS_VARIANT_OF = {"tp_l1": "l1", "tp_l2": "l2", "tp_taylor": "taylor", "tp_fpgm": "fpgm"}
+
+# Torch-Pruning's importance of each criterion: (class in torch_pruning.importance, its arguments); every other
+# argument at Torch-Pruning's default (group_reduction "mean", normalizer "mean", bias False)
+TP_IMPORTANCES = {"tp_l1": ("GroupMagnitudeImportance", {"p": 1}), "tp_l2": ("GroupMagnitudeImportance", {"p": 2}),
+                  "tp_taylor": ("GroupTaylorImportance", {}), "tp_fpgm": ("FPGMImportance", {"p": 2})}
 
 # the methods that choose ONE architecture at a given budget (one ratio for every unit; only which channels differ):
 # trained from scratch, their networks are one and the same training (paper.tables1_3.training_tag)
-LOCAL_METHODS = ("l1", "l2", "fpgm", "hrank", "nisp")
+LOCAL_METHODS = ("tp_l1", "tp_l2", "tp_taylor", "tp_fpgm", "l1", "l2", "fpgm", "hrank", "nisp")
 
 _LOCAL = ("one channel ratio r for every unit (torch-pruning's local pruning rule, bisected to the parameter "
           "budget): each unit keeps int(C * (1 - r)) channels rounded down to a multiple of group_size, at least one "
           "group, the most important by the criterion.")
+_TP = ("Torch-Pruning {version}'s {cls}({args}; group_reduction 'mean', normalizer 'mean': its defaults) scores each "
+       "channel over its whole dependency group (the conv filter, its BN, the next layer's input weights, and in a "
+       "ResNet every coupled layer of the residual stream){extra}. Selection as Torch-Pruning's MetaPruner with "
+       "global_pruning=False (its default; the paper's layer-wise methods), iterative_steps=1, round_to=group_size, "
+       "the classifier ignored: " + _LOCAL + " The ratio is bisected to the parameter budget and the last step split "
+       "across units (the first units in model order keep one group more) so that the budget is met exactly.")
 NOTES = {
+    "tp_l1": _TP.format(version=tp.__version__, cls="GroupMagnitudeImportance", args="p=1", extra=""),
+    "tp_l2": _TP.format(version=tp.__version__, cls="GroupMagnitudeImportance", args="p=2", extra=""),
+    "tp_taylor": _TP.format(version=tp.__version__, cls="GroupTaylorImportance", args="",
+                            extra=" as |w * dL/dw|, the gradient of the mean cross-entropy over the whole calibration "
+                                  "set (accumulated over mini-batches, eval mode)"),
+    "tp_fpgm": _TP.format(version=tp.__version__, cls="FPGMImportance", args="p=2", extra=""),
     "l1": "Filter L1 norm (Li et al. 2016): a channel's score is sum |W| of the conv filter producing it (a residual "
           "stream unit sums the filters of its coupled convs). " + _LOCAL + " One shot, no iterative pruning.",
     "l2": "Filter L2 norm: ||W||_2 of the conv filter producing a channel (summed over a stream's coupled convs). "
@@ -96,7 +126,20 @@ _RCP_PROXY = (" Candidates ranked by a cheap proxy (short_train=None): accuracy 
 _RCP_TRAIN = " Candidates ranked by the caller's short_train (a brief training, scored on held-out validation data)."
 
 # One card per baseline: what the notebook's and the README's method table show.
+def _tp_card(cls: str, args: str, calibration: str) -> dict[str, str]:
+    return {"criterion": f"Torch-Pruning {cls}({args}), group_reduction 'mean', normalizer 'mean'",
+            "ranking": "local: MetaPruner(global_pruning=False, iterative_steps=1, round_to=group_size)",
+            "per-layer constraint": "at least one group of group_size", "calibration samples": calibration,
+            "differences from the authors' code": "one shot to the parameter budget (the ratio bisected, the last "
+            "step split across units); the scores are Torch-Pruning's, as the paper ran them (Section 4.3)",
+            "read from": f"VainF/Torch-Pruning {tp.__version__} (torch_pruning/pruner/importance.py)"}
+
+
 METHOD_CARDS: dict[str, dict[str, str]] = {
+    "tp_l1": _tp_card("GroupMagnitudeImportance", "p=1", "none (weights only)"),
+    "tp_l2": _tp_card("GroupMagnitudeImportance", "p=2", "none (weights only)"),
+    "tp_taylor": _tp_card("GroupTaylorImportance", "", "the calibration set (gradients of the mean cross-entropy)"),
+    "tp_fpgm": _tp_card("FPGMImportance", "p=2", "none (weights only)"),
     "l1": {"criterion": "filter L1 norm: sum of abs(W) over the filter", "ranking": "local (one ratio for every unit)",
            "per-layer constraint": "at least one group of group_size", "calibration samples": "none (weights only)",
            "differences from the authors' code": "one shot to the parameter budget (Li et al. prune chosen layers by "
@@ -148,9 +191,11 @@ METHOD_CARDS: dict[str, dict[str, str]] = {
 }
 
 
-def method_table() -> list[dict[str, str]]:
-    """The method table of notebook 04 and the README: one row per baseline (its :data:`METHOD_CARDS`)."""
-    return [{"method": DISPLAY_NAMES[m], **METHOD_CARDS[m]} for m in BASELINES]
+def method_table(methods: Sequence[str] = METHODS) -> list[dict[str, str]]:
+    """The method table of notebook 04 and the README: one row per method (its :data:`METHOD_CARDS`), Table 1's
+    baselines first, then the original authors' variants of the sensitivity table."""
+    return [{"method": DISPLAY_NAMES[m], "table": "Table 1" if m in BASELINES else "sensitivity (authors' variant)",
+             **METHOD_CARDS[m]} for m in methods]
 
 OTOV2_UNAVAILABLE = (
     "OTOv2 cannot run in this environment: only_train_once 3.0.1 (the last release on PyPI) imports "
@@ -160,7 +205,7 @@ OTOV2_UNAVAILABLE = (
     "only OTOv3's HESSO, which hard-codes .cuda(); and otoml 2.0.1, the OTOv2 release that has DHSPG, declares "
     "non-PEP 440 requirements ('onnx (>=1.12.*)') that pip >= 24.1 refuses to install.")
 
-_KWARGS = {"l1": set(), "l2": set(), "fpgm": set(), "taylor": {"batch_size"}, "hrank": {"batch_size"},
+_KWARGS = {"tp_l1": set(), "tp_l2": set(), "tp_fpgm": set(), "tp_taylor": {"batch_size"}, "l1": set(), "l2": set(), "fpgm": set(), "taylor": {"batch_size"}, "hrank": {"batch_size"},
            "nisp": {"batch_size"}, "curl": {"floor_fraction", "batch_size"}, "rcp": {"n_samples", "short_train", "batch_size"},
            "otov2": set()}
 _DEFAULT_KW = {"batch_size": 64, "floor_fraction": 0.3, "n_samples": 20, "short_train": None}
@@ -177,7 +222,8 @@ class BaselineResult:
     when failed); budget: the parameter budget from ``keep``.
     ratio: the per-unit channel pruning ratio found by bisection for the local methods; the fraction of
     all unit channels removed for curl and rcp; None for otov2 and failures.
-    notes: how this implementation differs from the published method; seconds: wall time of the method.
+    details: what this run adds to the method's :data:`NOTES` (a floor lowered, units left unpruned, RCP's best
+    score; "" when nothing); notes: the two together; seconds: wall time of the method.
     """
 
     method: str
@@ -186,10 +232,15 @@ class BaselineResult:
     params_after: int | None
     budget: int
     ratio: float | None
-    notes: str
+    details: str
     status: str
     error: str | None
     seconds: float
+
+    @property
+    def notes(self) -> str:
+        """:data:`NOTES` of the method and what this run adds (``details``: a floor lowered, RCP's best score)."""
+        return method_notes(self.method, self.details)
 
 
 class _MethodFailure(Exception):
@@ -404,7 +455,8 @@ def _filter_scores(work: nn.Module, kind: str) -> dict[nn.Module, Tensor]:
 
 def _taylor_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device,
                    progress: bool) -> dict[nn.Module, Tensor]:
-    """Molchanov et al. 2019's gate criterion: sum over mini-batches of (gamma * dL/dgamma)^2 for every BN channel.
+    """Molchanov et al. 2019's gate criterion (NVlabs/Taylor_pruning "method 22", a gate of weight 1 after each BN):
+    sum over mini-batches of (gate * dL/dgate)^2 = (gamma * dL/dgamma + beta * dL/dbeta)^2 for every BN channel.
 
     L is the mini-batch's mean cross-entropy (eval mode: BN running statistics).  Squared per mini-batch
     before accumulating, so gradients that cancel between batches still count.  A layer without BN is
@@ -417,7 +469,10 @@ def _taylor_scores(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, devic
         work.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(work(xb), yb).backward()
         for bn in gates:
-            c = (bn.weight.detach() * bn.weight.grad).double().pow(2).cpu()
+            gate = bn.weight.detach() * bn.weight.grad                  # # Molchanov 2019: d L / d gate ...
+            if bn.bias is not None and bn.bias.grad is not None:         # ... of a gate after BN = gamma dL/dgamma
+                gate = gate + bn.bias.detach() * bn.bias.grad            # + beta dL/dbeta (NVlabs "method 22")
+            c = gate.double().pow(2).cpu()
             out[bn] = out.get(bn, 0) + c
         if not gates:
             for m in convs:
@@ -717,14 +772,22 @@ def _adaptive_bn_accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: in
 
 def _run(method: str, model: nn.Module, x: Tensor, y: Tensor, budget: int, group_size: int, seed: int,
          progress: bool, kw: dict) -> tuple[nn.Module, float | None, str]:
-    """The pruned model, its ratio and the notes; raises _MethodFailure when the method cannot do it."""
+    """The pruned model, its ratio and what this run adds to the method's notes; raises _MethodFailure when the
+    method cannot do it.  (The static :data:`NOTES` are never read here: editing them changes no record.)"""
     if method == "otov2":
         raise _MethodFailure(OTOV2_UNAVAILABLE)
     device = next(model.parameters()).device
     work = copy.deepcopy(model).eval()
     batch_size = kw["batch_size"]
     units = _Units(work, x[:1].to(device))
-    notes = NOTES[method]
+    notes = ""
+    if method in TP_IMPORTANCES:
+        if method == "tp_taylor":
+            _accumulate_gradients(work, x, y, batch_size, device, progress)
+        scores = units.scores(tp_importance(method))
+        work.zero_grad(set_to_none=True)
+        pruned, ratio = _fit_local(units, scores, budget, group_size)
+        return pruned, ratio, notes
     if method in ("l1", "l2", "fpgm", "hrank", "nisp"):
         if method in ("l1", "l2", "fpgm"):
             channel_scores = _filter_scores(work, method)
@@ -783,11 +846,33 @@ def _run(method: str, model: nn.Module, x: Tensor, y: Tensor, budget: int, group
     return best[1], units.removed_fraction(best[2]), notes
 
 
+def method_notes(method: str, details: str = "") -> str:
+    """How ``method`` is implemented here (:data:`NOTES`), followed by ``details`` from one run."""
+    return " ".join(part for part in (NOTES[method], details.strip()) if part)
+
+
+def tp_importance(method: str) -> tp.importance.Importance:
+    """Torch-Pruning's importance object of ``method`` (a key of :data:`TP_IMPORTANCES`)."""
+    if method not in TP_IMPORTANCES:
+        raise ValueError(f"method={method!r} has no Torch-Pruning importance; expected one of {list(TP_IMPORTANCES)}")
+    cls, kwargs = TP_IMPORTANCES[method]
+    return getattr(tp.importance, cls)(**kwargs)
+
+
+def _accumulate_gradients(work: nn.Module, x: Tensor, y: Tensor, batch_size: int, device, progress: bool) -> None:
+    """``.grad`` of every parameter = d(mean cross-entropy over the whole of (x, y))/dw, accumulated over
+    mini-batches (eval mode: BN running statistics), for Torch-Pruning's GroupTaylorImportance."""
+    work.zero_grad(set_to_none=True)
+    n = x.shape[0]
+    for xb, yb in _batches(x, y, batch_size, device, "taylor (tp)", progress):
+        (nn.functional.cross_entropy(work(xb), yb, reduction="sum") / n).backward()
+
+
 def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float, *, group_size: int = 1,
           seed: int = 0, progress: bool = True, **method_kw) -> BaselineResult:
     """Prune a deep copy of ``model`` with baseline ``method`` to the parameter budget given by ``keep``.
 
-    method: one of BASELINES. calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
+    method: one of METHODS (Table 1's BASELINES, or an original authors' variant). calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
     HRank ranks, Taylor gradients, NISP/CURL outputs; x[:1] traces the graph). keep: parameters to keep
     (int) or a fraction of ``count_params(model)`` (float in (0, 1]). group_size: channels are removed in
     multiples of it (torch-pruning's round_to; CURL's group). method_kw: ``batch_size`` (taylor, hrank,
@@ -795,8 +880,8 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
     ``short_train`` (rcp: callable(model) -> validation accuracy; the model passed is a copy).
     Bad arguments raise ValueError; a method that cannot run or reach the budget returns status "failed".
     """
-    if method not in BASELINES:
-        raise ValueError(f"method must be one of {list(BASELINES)}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
         raise ValueError(f"model must be an nn.Module with parameters, got {type(model).__name__}")
     x, y = _check_calib(calib)
@@ -806,16 +891,16 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
     budget = budget_from_keep(keep, params_before)
     start = time.perf_counter()
     try:
-        pruned, ratio, notes = _run(method, model, x, y, budget, group_size, seed, progress, kw)
+        pruned, ratio, details = _run(method, model, x, y, budget, group_size, seed, progress, kw)
         params_after = models.count_params(pruned)
         if params_after > budget:
             raise _MethodFailure(f"pruned model has {params_after} parameters > budget {budget}")
     except Exception as e:                                 # a method failure is a result, not an exception
         error = str(e) if isinstance(e, _MethodFailure) else f"{type(e).__name__}: {e}"
-        return BaselineResult(method, None, params_before, None, budget, None, NOTES[method], "failed", error,
+        return BaselineResult(method, None, params_before, None, budget, None, "", "failed", error,
                               time.perf_counter() - start)
     if hasattr(pruned, "spec"):
         del pruned.spec                                    # per-layer widths no longer match any spec
     pruned.train(model.training)
-    return BaselineResult(method, pruned, params_before, params_after, budget, ratio, notes, "ok", None,
+    return BaselineResult(method, pruned, params_before, params_after, budget, ratio, details, "ok", None,
                           time.perf_counter() - start)

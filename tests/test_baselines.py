@@ -109,6 +109,62 @@ def test_local_widths_match_torch_pruning_metapruner(arch, nets, calib):
     assert M.count_params(ours) == M.count_params(theirs) < M.count_params(model) / 3
 
 
+def _metapruner_kept(model, calib, method, ratio, round_to):
+    """The (layer name -> kept output-channel weights) of Torch-Pruning's own MetaPruner with ``method``'s
+    importance, local selection at ``ratio`` (gradients, where the importance reads them, set as ours are)."""
+    theirs = copy.deepcopy(model).eval()
+    if method == "tp_taylor":
+        B._accumulate_gradients(theirs, *calib, 16, torch.device("cpu"), False)
+    classifier = theirs.classifier if hasattr(theirs, "classifier") else theirs.fc
+    tp.pruner.MetaPruner(theirs, calib[0][:1], importance=B.tp_importance(method), pruning_ratio=ratio,
+                         global_pruning=False, round_to=round_to, ignored_layers=[classifier]).step()
+    return theirs
+
+
+@pytest.mark.parametrize("method", ["tp_l1", "tp_l2", "tp_taylor", "tp_fpgm"])
+@pytest.mark.parametrize("arch", ["vgg", "resnet"])
+def test_torch_pruning_criteria_keep_the_channels_metapruner_keeps(method, arch, nets, calib):
+    """Fast path (our units, scores, local rule) = reference path (Torch-Pruning's MetaPruner), channel for
+    channel, for every Torch-Pruning criterion of Table 1 at one ratio."""
+    model = nets[arch]
+    work = copy.deepcopy(model).eval()
+    units = B._Units(work, calib[0][:1])
+    if method == "tp_taylor":
+        B._accumulate_gradients(work, *calib, 16, torch.device("cpu"), False)
+    scores = units.scores(B.tp_importance(method))
+    assert all(s is not None for s in scores.values())
+    ours = units.apply(B._local_removals(scores, units.widths, 0.4, 2))
+    theirs = _metapruner_kept(model, calib, method, 0.4, 2)
+    mine, ref = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert mine.keys() == ref.keys()
+    assert all(torch.equal(mine[k], ref[k]) for k in mine)
+    assert M.count_params(ours) < 0.5 * M.count_params(model)
+
+
+def test_torch_pruning_taylor_needs_the_calibration_gradients(nets, calib):
+    """Taylor's scores come from d(loss)/dw on the calibration data: other labels give another ranking."""
+    model = nets["vgg"]
+    res = {}
+    for name, y in (("true", calib[1]), ("shifted", (calib[1] + 3) % 10)):
+        work = copy.deepcopy(model).eval()
+        units = B._Units(work, calib[0][:1])
+        B._accumulate_gradients(work, calib[0], y, 16, torch.device("cpu"), False)
+        res[name] = units.scores(B.tp_importance("tp_taylor"))
+    assert any(not torch.equal(torch.argsort(res["true"][n]), torch.argsort(res["shifted"][n])) for n in res["true"])
+
+
+@pytest.mark.parametrize("method, arch, keep", [("tp_l1", "vgg", 0.1), ("tp_taylor", "resnet", 0.5),
+                                                ("tp_fpgm", "resnet", 0.1), ("tp_l2", "vgg", 0.5)])
+def test_torch_pruning_methods_land_on_the_budget(method, arch, keep, nets, calib):
+    model = nets[arch]
+    before = _state(model)
+    res = B.prune(method, model, calib, keep, progress=False)
+    _check_ok(res, model, calib, keep)
+    assert _same_state(model, before) and all(p.grad is None for p in model.parameters())
+    assert res.params_after > res.budget - _one_group_step(model, calib, 1)
+    assert "Torch-Pruning" in res.notes and B.TP_IMPORTANCES[method][0] in res.notes
+
+
 def test_group_size_rounds_every_pruned_unit(nets, calib):
     res = B.prune("l2", nets["vgg"], calib, 0.3, group_size=4, progress=False)
     _check_ok(res, nets["vgg"], calib, 0.3)
@@ -222,8 +278,12 @@ def test_bad_arguments_raise(nets, calib):
 
 
 def test_names():
-    assert B.BASELINES == ("l1", "l2", "taylor", "fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
-    assert set(B.DISPLAY_NAMES) == set(B.NOTES) == set(B.BASELINES) and B.DISPLAY_NAMES["l1"] == "ℓ1"
+    assert B.BASELINES == ("tp_l1", "tp_l2", "tp_taylor", "tp_fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
+    assert B.METHODS == (*B.BASELINES, "l1", "l2", "taylor", "fpgm")
+    assert set(B.DISPLAY_NAMES) == set(B.NOTES) == set(B.METHOD_CARDS) == set(B.METHODS)
+    assert B.DISPLAY_NAMES["tp_l1"] == "ℓ1" and B.DISPLAY_NAMES["l1"] == "ℓ1 (Li et al.)"
+    assert set(B.AUTHORS_VARIANT_OF) == set(B.TP_IMPORTANCES) and set(B.AUTHORS_VARIANT_OF.values()) == \
+        set(B.AUTHORS_VARIANTS)
 
 
 # --------------------------------------------------------------------------- importances on hand-made cases
@@ -447,10 +507,45 @@ def test_taylor_stays_positive_when_the_batch_gradients_cancel():
         model.zero_grad()
         nn.functional.cross_entropy(model(xx[i:i + 1]), yy[i:i + 1]).backward()
         g = bn.weight.grad.detach().double()
-        expected += (bn.weight.detach().double() * g) ** 2
-        whole = g if whole is None else whole + g
+        gate = bn.weight.detach().double() * g + bn.bias.detach().double() * bn.bias.grad.detach().double()
+        expected += gate ** 2
+        whole = gate if whole is None else whole + gate
     assert torch.allclose(whole, torch.zeros(3, dtype=torch.float64), atol=1e-7)   # the batches cancel
     assert torch.allclose(scores[bn], expected) and (scores[bn] > 0).all()
+
+
+def test_taylor_is_the_gate_criterion_beta_term_included():
+    """Independent of the gamma/beta identity: a real gate of ones after each BN (as NVlabs/Taylor_pruning's
+    GateLayer), its score (gate * dL/dgate)^2 per mini-batch summed, equals ours; and differs from the
+    gamma-only score (the beta term counts)."""
+    torch.manual_seed(3)
+    model = M.build({"arch": "vgg", "cfg": [4, "M", 3], "in_channels": 1, "num_classes": 3}).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.uniform_(-1, 1)
+                m.weight.uniform_(0.5, 1.5)
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    ours = B._taylor_scores(model, x, y, 3, torch.device("cpu"), False)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    gates = {bn: torch.ones(bn.num_features, dtype=torch.float64, requires_grad=True) for bn in bns}
+    hooks = [bn.register_forward_hook(lambda m, i, o: o * gates[m].to(o.dtype)[None, :, None, None]) for bn in bns]
+    expected = {bn: torch.zeros(bn.num_features, dtype=torch.float64) for bn in bns}
+    gamma_only = {bn: torch.zeros(bn.num_features, dtype=torch.float64) for bn in bns}
+    for i in (0, 3):
+        model.zero_grad()
+        for g in gates.values():
+            g.grad = None
+        nn.functional.cross_entropy(model(x[i:i + 3]), y[i:i + 3]).backward()
+        for bn in bns:
+            expected[bn] += (gates[bn].detach() * gates[bn].grad) ** 2
+            gamma_only[bn] += (bn.weight.detach().double() * bn.weight.grad.double()) ** 2
+    for h in hooks:
+        h.remove()
+    for bn in bns:
+        assert torch.allclose(ours[bn], expected[bn], rtol=1e-5, atol=1e-12)
+        assert not torch.allclose(ours[bn], gamma_only[bn], rtol=1e-3)
 
 
 def test_rcp_picks_the_candidate_its_selection_rule_prefers(nets, calib):
@@ -470,9 +565,14 @@ def test_rcp_picks_the_candidate_its_selection_rule_prefers(nets, calib):
 
 def test_method_table_has_every_baseline_and_the_repository_read():
     rows = B.method_table()
-    assert [r["method"] for r in rows] == [B.DISPLAY_NAMES[m] for m in B.BASELINES]
+    assert [r["method"] for r in rows] == [B.DISPLAY_NAMES[m] for m in B.METHODS]
+    assert [r["table"] for r in rows].count("Table 1") == len(B.BASELINES)
+    for m, r in zip(B.METHODS, rows):
+        if m in B.TP_IMPORTANCES:        # the method table names Torch-Pruning's class and its selection
+            assert B.TP_IMPORTANCES[m][0] in r["criterion"] and "global_pruning=False" in r["ranking"]
+            assert "Torch-Pruning" in r["read from"]
     for r in rows:
-        assert set(r) == {"method", "criterion", "ranking", "per-layer constraint", "calibration samples",
+        assert set(r) == {"method", "table", "criterion", "ranking", "per-layer constraint", "calibration samples",
                           "differences from the authors' code", "read from"} and all(r.values())
     assert "installed torch " + torch.__version__.split("+")[0] in B.OTOV2_UNAVAILABLE
 

@@ -51,13 +51,14 @@ __all__ = ["TABLE1_METHODS", "DISPLAY_NAMES", "parameter_budget", "rcp_samples",
            "highest_uncollapsed_rate", "table2", "table3", "accuracy_figure"]
 
 TABLE1_METHODS = (*baselines.BASELINES, "spvr")             # the paper's column order: l1 ... otov2, SPvR
+METHODS = (*baselines.METHODS, "spvr")                      # and the original authors' variants (sensitivity table)
 DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
 TABLE2_GRID = tuple(round(0.05 * k, 2) for k in range(19, 0, -1))   # 0.95, 0.90, ..., 0.05
 
 # --------------------------------------------------------------------------- validation / small helpers
 def _check_method(method: str) -> str:
-    if method not in TABLE1_METHODS:
-        raise ValueError(f"method={method!r}; expected one of {list(TABLE1_METHODS)}")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
     return method
 
 
@@ -180,7 +181,7 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
             models.save_network(res.model, weights, spec=base_rec["spec"])
             built["model"] = res.model.eval()
         return {"method": method, "rate": rate, "budget": res.budget, "params_before": res.params_before,
-                "params_after": res.params_after, "status": res.status, "error": res.error, "notes": res.notes,
+                "params_after": res.params_after, "status": res.status, "error": res.error, "details": res.details,
                 "prune_s": round(res.seconds, 3), "ratio": res.ratio,
                 "arch": None if res.model is None else ", ".join(map(str, _conv_widths(res.model))),
                 "weights": str(weights.name)}
@@ -190,7 +191,8 @@ def pruned_network(cfg: Any, key: str, method: str, rate: float, seed: int = 0,
         and not weights.exists() and "state_sha256" not in _description(weights)
     rec = store.cached(pkey, compute, kind="baseline", refresh=stale)
     info = {k: rec.get(k) for k in ("method", "rate", "budget", "params_before", "params_after", "status", "error",
-                                    "notes", "prune_s", "arch")}
+                                    "prune_s", "arch")}
+    info["notes"] = baselines.method_notes(method, rec.get("details") or "")
     info.update(hash=rec["hash"], rate=rate)     # a rate with the same budget shares the record
     if rec["status"] != "ok":
         return None, info
