@@ -22,9 +22,11 @@ maintained across all methods ... optimizer, scheduler, batch size, and training
 ``base_models.recipe(setup, lr=<the base model's searched lr>)``.  Table 2 alone searches the
 learning rate for each of fine-tuning and training from scratch, as the paper says.
 
-Noise rule (one rule everywhere): two methods differ beyond the noise when
-``|mean_a - mean_b| >= 2 * pooled std`` over seeds (:func:`stats.within_noise`); with fewer than two
-seeds per method the verdict is "n/a".
+Comparison rule (one rule everywhere, :data:`stats.RULE`): the difference of the two means with its 95% Welch
+interval from the per-seed values; "X better" only where the interval excludes 0.  A run that failed (at chance,
+diverged, or fine-tuned from a dead network: :func:`stats.run_status`) is named in its cell and never averaged.
+Every runs table says what each network is: its narrowest layer, the features its classifier sees and the layers
+it lost (:func:`network_facts`).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from spvr_lib import baselines, data, models, prune, store, train
+from spvr_lib import baselines, data, diagnostics, models, prune, store, train
 from spvr_lib.budget import budget_from_keep
 from spvr_lib.paper import base_models, plots, reference, stats
 
@@ -56,6 +58,14 @@ DISPLAY_NAMES = {**baselines.DISPLAY_NAMES, "spvr": "SPvR"}
 TABLE2_GRID = tuple(round(0.05 * k, 2) for k in range(19, 0, -1))   # 0.95, 0.90, ..., 0.05
 
 # --------------------------------------------------------------------------- validation / small helpers
+def paper_method(method: str) -> str | None:
+    """The paper's name of ``method`` in :mod:`reference`'s tables: Torch-Pruning's ℓ1 is the paper's ℓ1
+    (Section 4.3); an original authors' variant (ours only) has none."""
+    if method in baselines.AUTHORS_VARIANTS:
+        return None
+    return {tp_name: name for tp_name, name in baselines.AUTHORS_VARIANT_OF.items()}.get(method, method)
+
+
 def _check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"method={method!r}; expected one of {list(METHODS)}")
@@ -358,34 +368,82 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     out = {"model": key, "method": method, "rate": rate, "seed": int(seed), "mode": mode, "lr": lr,
            "epochs": recipe.epochs, "train images": train_images(setup), "test images": base_models.test_images_of(setup),
            "budget": budget, "params_before": info["params_before"], "params": info["params_after"],
-           "status": info["status"], "error": info["error"], "notes": info["notes"], "arch": info["arch"],
-           "prune_hash": info["hash"], "top1": None, "top5": None, "history": []}
+           "status": "failed: could not prune" if info["status"] != "ok" else "ok", "error": info["error"],
+           "notes": info["notes"], "arch": info["arch"], "prune_hash": info["hash"], "top1": None, "top5": None,
+           "history": []}
     if info["status"] != "ok":
         return out
+    out.update(network_facts(cfg, key, model))
     # the pruned network, described for the one cached training run: SPvR's by its spec, a baseline's by
     # the base spec and its layer shapes (fine-tuning starts from its weights, scratch re-initialises)
     spec = getattr(model, "spec", None) or base_rec["spec"]
     shapes = None if hasattr(model, "spec") else models.network_shapes(model)
     init_state = pruned_state(model) if mode == "finetune" else None
+    dead = None
+    if init_state is not None:                   # checked before training: does its output depend on its input?
+        out["output spread"] = output_spread(cfg, key, model, init_state, progress)
+        dead = out["output spread"] <= stats.DEAD_SPREAD
     rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
                           init_state=init_state, tag=training_tag(method, mode), progress=progress, shapes=shapes,
                           weights_needed=False)
     out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"],
-               **{"rise over last quarter": train.plateau_rise(rec["history"])})
+               status=stats.run_status(rec["top1"], _classes(setup.dataset), rec["history"], dead))
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _classes(dataset: str) -> int:
+    return data.dataset_info(dataset).num_classes
+
+
+def _base_architecture(cfg: Any, key: str) -> nn.Module:
+    """Model ``key``'s unpruned network, built on the meta device (its layers, no weights)."""
+    with torch.device("meta"):
+        return models.build_network(base_models.base_spec(cfg.model(key)))
+
+
+def network_facts(cfg: Any, key: str, model: nn.Module) -> dict[str, Any]:
+    """What a pruned network of model ``key`` is, for the runs tables (:func:`spvr_lib.diagnostics.layer_summary`
+    against the unpruned network): narrowest layer, classifier inputs, layers removed ("k of n")."""
+    facts = diagnostics.layer_summary(model, _base_architecture(cfg, key))
+    total = facts["layers"] + facts["layers removed"]
+    return {"narrowest layer": facts["narrowest layer"], "classifier inputs": facts["classifier inputs"],
+            "layers removed": f"{facts['layers removed']} of {total}"}
+
+
+def output_spread(cfg: Any, key: str, model: nn.Module, state: Mapping[str, torch.Tensor],
+                  progress: bool = True) -> float:
+    """:func:`spvr_lib.diagnostics.output_spread` of ``model`` with the weights ``state`` over model ``key``'s
+    calibration set (seed 0): how much its logits vary with the input before fine-tuning starts (0: a dead
+    network).  Cached (kind ``spread``), keyed by the weights' digest."""
+    setup = cfg.model(key)
+    skey = {"weights": train.state_dict_digest(state), "shapes": models.network_shapes(model),
+            "calib": {"model": key, "seed": 0, "per_class": setup.calib_per_class, "dataset": setup.dataset}}
+
+    def compute() -> dict[str, Any]:
+        net = models.build_network(getattr(model, "spec", None) or _base(cfg, key, progress)["spec"],
+                                   models.network_shapes(model))
+        net.load_state_dict(dict(state))
+        x, _ = base_models.calibration(cfg, key, 0)
+        return {"spread": diagnostics.output_spread(net, x)}
+
+    return float(store.cached(skey, compute, kind="spread")["spread"])
+
+
 _RUN_COLUMNS = ("model", "dataset", "rate", "params removed (%)", "removed (%)", "method", "name", "seed", "mode",
-                "epochs", "train images", "test images", "lr", "top1", "top5", "rise over last quarter", "params",
-                "budget", "params_before", "status", "error", "notes", "arch", "wall_s")
+                "epochs", "train images", "test images", "lr", "top1", "top5", "status", "narrowest layer",
+                "classifier inputs", "layers removed", "output spread", "params", "budget", "params_before", "error",
+                "notes", "arch", "wall_s")
 
 
 def training_row(setup: Any, model: str, method: str, record: dict[str, Any], *, rate: float | None = None,
                  budget: int | None = None, params_before: int | None = None, arch: str | None = None,
-                 name: str | None = None) -> dict[str, Any]:
+                 name: str | None = None, facts: Mapping[str, Any] | None = None,
+                 dead: bool | None = None) -> dict[str, Any]:
     """One row of a runs table (the columns of Table 1's) for a ``train.train_run`` record of ``setup``'s data:
-    its recipe (mode, epochs, lr), training and test images, scores, the rise over the last quarter, its
-    parameters against ``budget`` and the achieved removal from ``params_before``."""
+    its recipe (mode, epochs, lr), training and test images, scores, its :func:`stats.run_status` (``dead``: its
+    starting network's output did not depend on its input), what the network is (``facts``:
+    :func:`network_facts`), its parameters against ``budget`` and the achieved removal from ``params_before``."""
     rcp = record["key"]["recipe"]
     params = record.get("params")
     return {"model": model, "dataset": setup.dataset, "rate": rate,
@@ -394,8 +452,10 @@ def training_row(setup: Any, model: str, method: str, record: dict[str, Any], *,
             "method": method, "name": name or DISPLAY_NAMES.get(method, method), "seed": record["key"]["seed"],
             "mode": rcp["mode"], "epochs": rcp["epochs"], "train images": train_images(setup),
             "test images": base_models.test_images_of(setup), "lr": rcp["lr"], "top1": record.get("top1"),
-            "top5": record.get("top5"), "rise over last quarter": train.plateau_rise(record.get("history") or []),
-            "params": params, "budget": budget, "params_before": params_before, "status": "ok", "error": None,
+            "top5": record.get("top5"),
+            "status": stats.run_status(record.get("top1"), _classes(setup.dataset), record.get("history") or [], dead),
+            **{k: (facts or {}).get(k) for k in ("narrowest layer", "classifier inputs", "layers removed")},
+            "params": params, "budget": budget, "params_before": params_before, "error": None,
             "arch": arch, "wall_s": record.get("wall_s")}
 
 
@@ -437,8 +497,9 @@ def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: 
         try:
             rec = trained_accuracy(cfg, k, m, r, s, mode, progress=False)
         except Exception as e:                        # recorded, not cached: the rerun retries it
+            err = f"{type(e).__name__}: {e} (not cached; a rerun retries)"
             rec = {"model": k, "method": m, "rate": round(float(r), 6), "seed": s, "mode": mode,
-                   "status": "failed", "error": f"{type(e).__name__}: {e} (not cached; a rerun retries)"}
+                   "status": f"failed: {err}", "error": err}
         achieved = None if rec.get("params") is None or not rec.get("params_before") else \
             round(100 * (1 - rec["params"] / rec["params_before"]), 2)
         rows.append({**{c: rec.get(c) for c in _RUN_COLUMNS}, "dataset": cfg.model(k).dataset,
@@ -452,7 +513,7 @@ def quoted_run(cfg: Any, key: str, method: str, rate: float, seed: int, mode: st
     status "quoted" with the paper's top-1 / top-5 (Table 1 for fine-tuning, Table 3 for training from
     scratch), or "not reported" where the paper prints "-"."""
     table = reference.PAPER_TABLE1 if mode == "finetune" else reference.PAPER_TABLE3
-    vals = table.get((key, round(float(rate), 2), method), {})
+    vals = table.get((key, round(float(rate), 2), paper_method(method)), {})
     reported = vals.get("top1") is not None or vals.get("top5") is not None
     return {"model": key, "method": method, "rate": round(float(rate), 6), "seed": int(seed), "mode": mode,
             "top1": vals.get("top1"), "top5": vals.get("top5"), "status": "quoted" if reported else "not reported",
@@ -465,12 +526,18 @@ def _errors(sub: pd.DataFrame) -> str | None:
     return " | ".join(errs) or None
 
 
+COUNTED = ("ok", "quoted")        # the run statuses whose numbers enter a mean
+
+
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, rate, method): top1/top5 mean and std over the seeds that ran (std NaN for one seed),
-    ``n_ok`` of ``n_runs``, status ("ok", "failed" when no seed ran, "partial"), error (distinct reasons)."""
+    """Per (model, rate, method): top1/top5 mean and std over the seeds that count (status "ok", or "quoted";
+    a failed run, :func:`stats.run_status`, never enters a mean), their per-seed values ("top1 seeds"),
+    ``n_ok`` of ``n_runs``, ``failed runs`` ("2 of 3 seeds (1 diverged)", :func:`stats.seeds_note`), status ("ok",
+    "partial", "failed" when no seed counts, "quoted", "not reported"), error (distinct reasons)."""
     rows = []
     for (model, rate, method), sub in runs.groupby(["model", "rate", "method"], sort=False):
-        ok = sub[sub["status"].isin(("ok", "quoted"))]
+        ok = sub[sub["status"].isin(COUNTED)]
+        failed = [str(v).removeprefix("failed: ") for v in sub["status"] if str(v).startswith("failed")]
         row = {"model": model, "dataset": sub["dataset"].iloc[0], "rate": rate,
                "params removed (%)": round(100 * rate, 2), "method": method, "name": DISPLAY_NAMES[method],
                "mode": sub["mode"].iloc[0]}
@@ -478,58 +545,68 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             v = pd.to_numeric(ok[metric], errors="coerce").dropna()
             row[f"{metric} mean"] = float(v.mean()) if len(v) else np.nan
             row[f"{metric} std"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
+            row[f"{metric} seeds"] = " / ".join(f"{x:.2f}" for x in v) or None
         params = pd.to_numeric(ok["params"], errors="coerce").dropna()
+        quoted = sub["status"].nunique() == 1 and sub["status"].iloc[0] in ("quoted", "not reported")
         row.update({"params": int(params.iloc[0]) if len(params) else None,
                     "budget": sub["budget"].dropna().iloc[0] if sub["budget"].notna().any() else None,
-                    "n_ok": len(ok), "n_runs": len(sub),
-                    "status": (sub["status"].iloc[0] if sub["status"].nunique() == 1 and sub["status"].iloc[0] in
-                               ("quoted", "not reported") else
+                    "n_ok": len(ok), "n_runs": len(sub), "failed runs": stats.seeds_note(len(ok), failed) or None,
+                    "status": (sub["status"].iloc[0] if quoted else
                                "ok" if len(ok) == len(sub) else ("failed" if ok.empty else "partial")),
                     "error": _errors(sub)})
+        for col in ("narrowest layer", "classifier inputs", "layers removed"):
+            if col in sub:
+                known = sub[col].dropna()
+                row[col] = known.iloc[0] if len(known) else None
         rows.append(row)
     return _nullable_ints(pd.DataFrame(rows))
-
-
-# --------------------------------------------------------------------------- the noise rule
-
-
-
-def _fmt(mean: float, std: float, n_ok: int, status: str) -> str:
-    if status == "not reported":
-        return "-"
-    if status == "quoted":
-        return f"{mean:.2f} (quoted)" if np.isfinite(mean) else "-"
-    if status == "failed" or n_ok == 0 or not np.isfinite(mean):
-        return "failed"
-    text = f"{mean:.2f}" if not np.isfinite(std) else f"{mean:.2f} ± {std:.2f}"
-    return text if status == "ok" else f"{text} ({n_ok} seeds)"
 
 
 def _paper_fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _counted(runs: pd.DataFrame, method: str, metric: str) -> tuple[list[float], list[str]]:
+    """(the counted per-seed values of ``metric``, the failure causes of the other runs) of ``method`` in
+    ``runs`` (one cell), in seed order."""
+    sub = runs[runs["method"] == method].sort_values("seed")
+    vals = [float(v) for v, st in zip(sub[metric], sub["status"]) if st in COUNTED and pd.notna(v)]
+    failed = [str(st).removeprefix("failed: ") for st in sub["status"] if str(st).startswith("failed")]
+    return vals, failed
+
+
+def _cell(runs: pd.DataFrame, method: str, metric: str) -> str:
+    sub = runs[runs["method"] == method]
+    if sub.empty or (sub["status"] == "not reported").all():
+        return "-"
+    if (sub["status"] == "quoted").all():
+        v = pd.to_numeric(sub[metric], errors="coerce").dropna()
+        return f"{v.iloc[0]:.2f} (quoted)" if len(v) else "-"
+    if (sub["status"] == "failed: could not prune").all():
+        return "failed: could not prune"
+    return stats.cell_text(*_counted(runs, method, metric))
+
+
 def _comparison_row(sub: pd.DataFrame, runs: pd.DataFrame, metric: str, methods: Sequence[str]) -> dict[str, Any]:
-    """Method cells ("mean ± std"), the best baseline, SPvR's difference to it and the noise verdict."""
-    row: dict[str, Any] = {}
+    """Method cells (:func:`stats.cell_text`: mean ± std and the per-seed values of the runs that count, the
+    failed ones named), the best baseline (highest mean over its counted seeds), SPvR's difference to it with the
+    95% interval and the verdict of :data:`stats.RULE`."""
+    row: dict[str, Any] = {DISPLAY_NAMES[m]: _cell(runs, m, metric) for m in methods}
     by_method = sub.set_index("method")
-    for m in methods:
-        r = by_method.loc[m] if m in by_method.index else None
-        row[DISPLAY_NAMES[m]] = "-" if r is None else _fmt(r[f"{metric} mean"], r[f"{metric} std"], r["n_ok"],
-                                                          r["status"])
     ok = by_method[(by_method["n_ok"] > 0) & by_method[f"{metric} mean"].notna()]
     others = ok.drop(index="spvr", errors="ignore")
     if "spvr" in ok.index and len(others):
         best = others[f"{metric} mean"].idxmax()
-        vals = {m: runs.loc[(runs["method"] == m) & (runs["status"] == "ok"), metric].astype(float).tolist()
-                for m in ("spvr", best)}
-        row["best baseline"] = DISPLAY_NAMES[best]
-        row["SPvR - best"] = round(float(ok.loc["spvr", f"{metric} mean"] - others.loc[best, f"{metric} mean"]), 2)
-        row["verdict"] = stats.noise_verdict(vals["spvr"], vals[best], DISPLAY_NAMES[best])
+        cmp = stats.compare(_counted(runs, "spvr", metric)[0], _counted(runs, best, metric)[0], "SPvR",
+                            DISPLAY_NAMES[best])
+        row.update({"best baseline": DISPLAY_NAMES[best], "SPvR - best": cmp.diff,
+                    "95% interval": cmp.interval_text(), "verdict": cmp.verdict})
     else:
-        row.update({"best baseline": None, "SPvR - best": None, "verdict": "n/a (SPvR or every baseline failed)"})
+        row.update({"best baseline": None, "SPvR - best": None, "95% interval": None,
+                    "verdict": "n/a (SPvR or every baseline failed)"})
     row["failures"] = _failures({m: by_method.loc[m, "error"] for m in by_method.index
-                                 if by_method.loc[m, "status"] not in ("ok", "quoted", "not reported")})
+                                 if by_method.loc[m, "status"] not in ("ok", "quoted", "not reported")
+                                 and by_method.loc[m, "error"] is not None})
     return row
 
 
@@ -571,7 +648,8 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
     Two rows per (model, metric, rate): "ours" (this scale's dataset; cells "mean ± std" over seeds,
     "failed" with the reason in ``failures``) and "paper" (the paper's Table 1 on its dataset, "-"
     where it prints none).  Columns: model, metric, params removed (%), source, dataset, budget,
-    base, one per method, best baseline, SPvR - best, verdict (:data:`NOISE_RULE`), failures.
+    base, one per method (:func:`stats.cell_text`), best baseline, SPvR - best, 95% interval, verdict
+    (:data:`stats.RULE`), failures.
     ``runs``: the output of :func:`accuracy_runs` (mode "finetune") if already computed.
     """
     keys, methods = list(keys), [_check_method(m) for m in methods]
@@ -596,7 +674,7 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
                 paper_base = reference.PAPER_TABLE1[(key, 0.0, "base")][metric]
                 paper = {**head, "source": "paper", "dataset": paper_ds, "budget": None,
                          "base": paper_base,
-                         **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE1.get((key, rate, m), {}).get(metric))
+                         **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE1.get((key, rate, paper_method(m)), {}).get(metric))
                             for m in methods}}
                 rows += [ours, paper]
     return _tidy(pd.DataFrame(rows), ["budget"])
@@ -627,74 +705,114 @@ def _finetune_init(cfg: Any, key: str, record: dict[str, Any], progress: bool) -
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+TABLE2_SETS = ("rule", "paper's rate")     # the paper's rule (highest rate without depth reduction), its own rates
+
+
+def table2_networks(cfg: Any, key: str, grid: Sequence[float] = TABLE2_GRID,
+                    progress: bool = True) -> list[tuple[str, float | None, dict[str, Any] | None]]:
+    """Table 2's networks of model ``key``: (set, rate, SPvR's ``spvr_pruned`` record) for the paper's rule (the
+    highest rate of ``grid`` without layer collapse; (rule, None, None) where every rate collapses) and for the
+    paper's own rate (:data:`reference.PAPER_TABLE2`: 60% VGG16 and ResNet34, 90% ResNet50)."""
+    rate, rec = highest_uncollapsed_rate(cfg, key, grid, progress=progress)
+    paper_rate = _check_rate(reference.PAPER_TABLE2[key]["rate"])
+    return [("rule", rate, rec), ("paper's rate", paper_rate, base_models.spvr_pruned(cfg, key, paper_rate,
+                                                                                       progress=progress))]
+
+
+def table2_lr(cfg: Any, key: str, rec: dict[str, Any], mode: str,
+              progress: bool = True) -> tuple[float, dict[float, float]]:
+    """The learning rate of SPvR's network ``rec`` trained in ``mode`` (Table 2: "with the best learning rates
+    selected using grid-search", for each network and mode): ``base_models.searched_lr`` on the validation split,
+    fine-tuning from the base's kept weights or from scratch.  (best, {lr: validation top-1})."""
+    _check_mode(mode)
+    setup = cfg.model(key)
+    init = _finetune_init(cfg, key, rec, progress) if mode == "finetune" else None
+    return base_models.searched_lr(setup, rec["spec"], mode, init_state=init, progress=progress)
+
+
+def _table2_trial_job(cfg: Any, key: str, rate: float, mode: str, lr: float) -> None:
+    rec = base_models.spvr_pruned(cfg, key, rate, progress=False)
+    init = _finetune_init(cfg, key, rec, False) if mode == "finetune" else None
+    base_models.lr_trial(cfg.model(key), rec["spec"], lr, mode, init_state=init, progress=False)
+
+
 def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, grid: Sequence[float] = TABLE2_GRID,
            progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
-    """Table 2: SPvR's network at the highest rate of ``grid`` without layer collapse, fine-tuned from the
-    base network's weights (FT) against trained from scratch (TFS): same data and epochs as the base, the
-    learning rate searched for EACH mode (:func:`model_lr`: once per model and mode, on a validation split),
-    ``cfg.seeds`` seeds.
+    """Table 2: SPvR's network fine-tuned from the base network's weights (FT) against trained from scratch
+    (TFS), same data and epochs as the base, the learning rate grid-searched for EACH network and mode
+    (:func:`table2_lr`), ``cfg.seeds`` seeds; at two rates per model (:func:`table2_networks`): the paper's rule
+    (the highest rate of ``grid`` without layer collapse) and the paper's own rate.
 
-    One row per (model, metric): rate, architecture, params, FT and TFS ("mean ± std" and numeric mean
-    and std), their lrs, TFS - FT, the noise verdict, the paper's rate, FT and TFS, status and error.
-    """
+    One row per (model, set, metric): rate, architecture, narrowest layer, classifier inputs, params, FT and TFS
+    (:func:`stats.cell_text`, failed runs named and left out), their lrs, TFS - FT with its 95% interval and the
+    verdict of :data:`stats.RULE`, the paper's rate, FT and TFS, status and error."""
+    from spvr_lib.paper import jobs
 
     seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    keys = list(keys)
+    nets = {key: table2_networks(cfg, key, grid, progress) for key in keys}
+    trials = [(cfg, key, rate, mode, lr) for key in keys for _, rate, rec in nets[key] if rec is not None
+              for mode in ("finetune", "scratch") for lr in base_models.lr_grid(cfg.model(key), mode)]
+    jobs.fill_cache(_table2_trial_job, trials, jobs.worker_count(cfg), desc="Table 2 lr search", progress=progress)
     rows, run_rows = [], []
     for key in keys:
         setup = cfg.model(key)
         paper = reference.PAPER_TABLE2[key]
-        rate, rec = highest_uncollapsed_rate(cfg, key, grid, progress=progress)
-        per_mode: dict[str, list[dict]] = {"FT": [], "TFS": []}
-        lrs: dict[str, float | None] = {"FT": None, "TFS": None}
-        error = None if rec is not None else f"SPvR collapses a layer at every rate of {list(grid)}"
-        if rec is not None:
-            try:
-                init = _finetune_init(cfg, key, rec, progress)
-                runs = []
-                for label, mode, state in (("FT", "finetune", init), ("TFS", "scratch", None)):
-                    lrs[label] = model_lr(cfg, key, mode, progress)
-                    runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
-                                          recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
-                                          per_class_train=setup.train_subset, per_class_test=setup.test_subset,
-                                          init_state=state, tag=training_tag("spvr", mode), weights_needed=False))
-                             for s in seeds]
-                from spvr_lib.paper import jobs
-                jobs.fill_cache(train.train_run, [kw for _, kw in runs], jobs.worker_count(cfg),
-                                desc=f"Table 2 {key}", progress=progress, kwargs={"progress": False})
-                for label, kw in runs:
-                    per_mode[label].append(train.train_run(**kw, progress=progress))
-                    run_rows.append(training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,
-                                                 budget=rec["budget"], params_before=rec["params_before"],
-                                                 arch=rec["arch"]))
-            except Exception as e:                    # recorded; the other models go on
-                error = f"{type(e).__name__}: {e}"
-        for metric in _metrics(cfg, key):
-            vals = {lab: [r[metric] for r in per_mode[lab] if r.get(metric) is not None] for lab in per_mode}
-            row = {"model": key, "dataset": setup.dataset, "metric": metric,
-                   "params removed (%)": None if rate is None else round(100 * rate, 2),
-                   "architecture": None if rec is None else rec["arch"],
-                   "params": None if rec is None else rec["params_after"]}
-            for lab in ("FT", "TFS"):
-                v = np.asarray(vals[lab], dtype=float)
-                row[f"{lab} mean"] = float(v.mean()) if len(v) else np.nan
-                row[f"{lab} std"] = float(v.std(ddof=1)) if len(v) > 1 else np.nan
-                row[lab] = _fmt(row[f"{lab} mean"], row[f"{lab} std"], len(v),
-                                "ok" if len(v) == len(seeds) else ("failed" if not len(v) else "partial"))
-                row[f"{lab} lr"] = lrs[lab]
-            row["TFS - FT"] = round(row["TFS mean"] - row["FT mean"], 2) \
-                if np.isfinite(row["TFS mean"]) and np.isfinite(row["FT mean"]) else None
-            inside = stats.within_noise(vals["TFS"], vals["FT"])
-            row["verdict"] = "n/a (< 2 seeds)" if inside is None else "within noise" if inside else \
-                ("TFS better" if row["TFS - FT"] > 0 else "FT better")
-            row.update({"paper dataset": reference.PAPER_BASE[key]["paper dataset"],
-                        "paper params removed (%)": round(100 * paper["rate"]), "paper FT": paper[f"FT {metric}"],
-                        "paper TFS": paper[f"TFS {metric}"], "seeds": len(seeds),
-                        "status": "ok" if error is None else "failed", "error": error})
-            rows.append(row)
+        for label_set, rate, rec in nets[key]:
+            per_mode: dict[str, list[dict]] = {"FT": [], "TFS": []}
+            lrs: dict[str, float | None] = {"FT": None, "TFS": None}
+            error = None if rec is not None else f"SPvR collapses a layer at every rate of {list(grid)}"
+            facts: dict[str, Any] = {}
+            if rec is not None:
+                try:
+                    facts = network_facts(cfg, key, base_models.spvr_model(rec))
+                    init = _finetune_init(cfg, key, rec, progress)
+                    runs = []
+                    for label, mode, state in (("FT", "finetune", init), ("TFS", "scratch", None)):
+                        lrs[label] = table2_lr(cfg, key, rec, mode, progress)[0]
+                        runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
+                                              recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
+                                              per_class_train=setup.train_subset, per_class_test=setup.test_subset,
+                                              init_state=state, tag=training_tag("spvr", mode), weights_needed=False))
+                                 for s in seeds]
+                    jobs.fill_cache(train.train_run, [kw for _, kw in runs], jobs.worker_count(cfg),
+                                    desc=f"Table 2 {key} ({label_set})", progress=progress, kwargs={"progress": False})
+                    for label, kw in runs:
+                        per_mode[label].append(train.train_run(**kw, progress=progress))
+                        run_rows.append({**training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,
+                                                        budget=rec["budget"], params_before=rec["params_before"],
+                                                        arch=rec["arch"], facts=facts), "set": label_set})
+                except Exception as e:                    # recorded; the other models go on
+                    error = f"{type(e).__name__}: {e}"
+            for metric in _metrics(cfg, key):
+                cells = {}
+                for lab in ("FT", "TFS"):
+                    statuses = [stats.run_status(r.get("top1"), _classes(setup.dataset), r.get("history") or [])
+                                for r in per_mode[lab]]
+                    cells[lab] = stats.split_failed([r.get(metric) for r in per_mode[lab]], statuses)
+                cmp = stats.compare(cells["TFS"][0], cells["FT"][0], "TFS", "FT")
+                row = {"model": key, "dataset": setup.dataset, "set": label_set, "metric": metric,
+                       "params removed (%)": None if rate is None else round(100 * rate, 2),
+                       "architecture": None if rec is None else rec["arch"],
+                       "narrowest layer": facts.get("narrowest layer"),
+                       "classifier inputs": facts.get("classifier inputs"),
+                       "params": None if rec is None else rec["params_after"]}
+                for lab in ("FT", "TFS"):
+                    mean, std = stats.mean_std(cells[lab][0])
+                    row.update({lab: stats.cell_text(*cells[lab]), f"{lab} mean": mean, f"{lab} std": std,
+                                f"{lab} seeds counted": len(cells[lab][0]), f"{lab} lr": lrs[lab]})
+                row.update({"TFS - FT": cmp.diff, "95% interval": cmp.interval_text(), "verdict": cmp.verdict,
+                            "paper dataset": reference.PAPER_BASE[key]["paper dataset"],
+                            "paper params removed (%)": round(100 * paper["rate"]), "paper FT": paper[f"FT {metric}"],
+                            "paper TFS": paper[f"TFS {metric}"], "seeds": len(seeds),
+                            "status": "ok" if error is None else "failed", "error": error})
+                rows.append(row)
     table = _tidy(pd.DataFrame(rows), ["params"])
     if not with_runs:
         return table
-    return table, runs_frame(run_rows)
+    frame = runs_frame(run_rows)
+    frame.insert(frame.columns.get_loc("rate"), "set", [r["set"] for r in run_rows])
+    return table, frame
 
 
 # --------------------------------------------------------------------------- Table 3
@@ -736,7 +854,7 @@ def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
                                            else "-") for m in methods}
                 rows.append({**head, "rows": "scratch - fine-tune", "dataset": cfg.model(key).dataset, **diff})
             rows.append({**head, "rows": "paper (Table 3)", "dataset": reference.PAPER_BASE[key]["paper dataset"],
-                         **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE3.get((key, rate, m), {}).get(metric))
+                         **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE3.get((key, rate, paper_method(m)), {}).get(metric))
                             for m in methods}})
     runs = pd.concat([scratch] + ([finetune] if finetune is not None else []), ignore_index=True)
     return _tidy(pd.DataFrame(rows)), runs

@@ -1,4 +1,4 @@
-"""SPvR against the baselines: equal budgets, the comparison cache, failures in tables, the noise rule."""
+"""SPvR against the baselines: equal budgets, the comparison cache, failures in tables, the comparison rule."""
 import math
 
 import numpy as np
@@ -41,7 +41,7 @@ def fake_fit(calls):
         assert checkpoint.parent == train.checkpoint_dir()     # an interrupted training resumes from here
         if calls["n"] in calls.get("raise_on", ()):
             raise RuntimeError("interrupted on purpose")
-        top1 = float(models.count_params(model) % 97)          # a value that depends on the network
+        top1 = 50.0 + float(models.count_params(model) % 37)   # a value that depends on the network (not chance)
         return {"top1": top1, "top5": 100.0, "loss": 1.0, "history": [], "epochs": recipe.epochs}
     return fit
 
@@ -128,8 +128,9 @@ def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache,
     methods, seeds = ["l1", "l2", "spvr"], [0, 1]
     first = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 6 and len(first) == 6
-    failed = first[first["status"] == "failed"]
+    failed = first[first["status"] != "ok"]
     assert len(failed) == 1 and "interrupted on purpose" in failed["error"].iloc[0]
+    assert failed["status"].iloc[0].startswith("failed: RuntimeError: interrupted on purpose")
     assert (first.loc[first["status"] == "ok", "top1"].notna()).all()
 
     ok = first[first["status"] == "ok"]              # the runs table says what every network was given
@@ -166,11 +167,12 @@ def test_one_architecture_trained_from_scratch_is_one_run_whichever_method_chose
 
 def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
     monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
-    runs = tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "otov2", "spvr"], [0], "finetune", progress=False)
+    runs = tables1_3.accuracy_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], [0], "finetune", progress=False)
     assert runs.set_index("method").loc["otov2", "error"] == baselines.OTOV2_UNAVAILABLE   # full reason per run
-    t = tables1_3.table1(TINY, ["vgg16"], ["l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
+    t = tables1_3.table1(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
     ours = t[(t["source"] == "ours (smoke)") & (t["metric"] == "top1")].iloc[0]
-    assert ours["OTOv2"] == "failed" and ours["ℓ1"] != "failed"
+    assert ours["OTOv2"] == "failed: could not prune" and ours["ℓ1"] != "failed: could not prune"
+    assert runs.set_index("method").loc["otov2", "status"] == "failed: could not prune"
     assert ours["failures"].startswith("OTOv2: " + baselines.OTOV2_UNAVAILABLE[:100])   # shortened in the table
     assert ours["best baseline"] == "ℓ1" and ours["verdict"] == "n/a (< 2 seeds)"
     paper = t[(t["source"] == "paper") & (t["metric"] == "top1")].iloc[0]
@@ -180,32 +182,51 @@ def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
     assert paper5["SPvR"] == "-"
 
 
-def test_noise_rule_on_hand_made_numbers():
-    # pooled std 1 (both samples have std 1): a difference of 1 is inside 2 x 1, 4 is not
-    assert stats.within_noise([1, 2, 3], [2, 3, 4]) is True
-    assert stats.within_noise([1, 2, 3], [5, 6, 7]) is False
-    # pooled std sqrt(2): 2.5 < 2.83 is inside, 3 is not
-    assert stats.within_noise([0, 2], [2.5, 4.5]) is True
-    assert stats.within_noise([0, 2], [3, 5]) is False
-    # variances pool by degrees of freedom: sqrt((2 * 1 + 1 * 8) / 3) = 1.826, so a difference of 4 is
-    # outside 3.65 (an unweighted average of the variances, sqrt(4.5) = 2.12, would call it inside 4.24)
-    assert stats.within_noise([1, 2, 3], [4, 8]) is False
-    assert stats.within_noise([1, 2, 3], [3.5, 7.5]) is True
-    assert stats.within_noise([1.0], [2.0, 3.0]) is None
-    assert stats.noise_verdict([90, 91, 92], [80, 81, 82], "CURL") == "SPvR better"
-    assert stats.noise_verdict([80, 81, 82], [90, 91, 92], "CURL") == "CURL better"
-    assert stats.noise_verdict([90, 91, 92], [90.5, 91.5, 92.5], "CURL") == "within noise"
-    assert stats.noise_verdict([90], [80], "CURL") == "n/a (< 2 seeds)"
+def _runs(cells):
+    """A runs table of hand-made cells: {method: [(top1, status), ...]} (one row per seed)."""
+    return pd.DataFrame([{"model": "vgg16", "dataset": "d", "rate": 0.9, "method": m, "seed": s, "mode": "finetune",
+                          "top1": v, "top5": None, "params": 10, "budget": 12, "status": st,
+                          "error": None if st == "ok" else "x"}
+                         for m, runs in cells.items() for s, (v, st) in enumerate(runs)])
+
+
+def test_comparison_row_names_failed_runs_and_decides_by_welch_on_the_others():
+    runs = _runs({"spvr": [(85.0, "ok"), (86.0, "ok"), (87.0, "ok")],
+                  "tp_l1": [(10.0, "failed: dead network")] * 3,
+                  "curl": [(80.0, "ok"), (10.0, "failed: at chance"), (81.0, "ok")]})
+    sub = tables1_3.summarize(runs)
+    row = tables1_3._comparison_row(sub, runs, "top1", ["tp_l1", "curl", "spvr"])
+    assert row["ℓ1"] == "failed: dead network"                       # never averaged into a mean
+    assert row["CURL"] == "80.50 ± 0.71 (80.00 / 81.00); 2 of 3 seeds (1 at chance)"
+    assert row["SPvR"] == "86.00 ± 1.00 (85.00 / 86.00 / 87.00)"
+    expected = stats.compare([85, 86, 87], [80, 81], "SPvR", "CURL")
+    assert row["best baseline"] == "CURL" and row["SPvR - best"] == pytest.approx(5.5)
+    assert (row["95% interval"], row["verdict"]) == (expected.interval_text(), expected.verdict)
+    by = sub.set_index("method")
+    assert by.loc["curl", "failed runs"] == "2 of 3 seeds (1 at chance)" and by.loc["curl", "n_ok"] == 2
+    assert by.loc["tp_l1", "status"] == "failed" and np.isnan(by.loc["tp_l1", "top1 mean"])
+
+
+def test_output_spread_is_zero_for_a_network_whose_stem_is_dead(cache):
+    model, _ = tables1_3.pruned_network(TINY, "vgg16", "tp_l1", RATE, progress=False)
+    state = {k: v.clone() for k, v in tables1_3.pruned_state(model).items()}
+    alive = tables1_3.output_spread(TINY, "vgg16", model, state, progress=False)
+    first_bn = next(k for k in state if k.endswith(".running_var")).rsplit(".", 1)[0]
+    state[f"{first_bn}.weight"].zero_()                    # gamma 0 and beta < 0: zero after the ReLU, always
+    state[f"{first_bn}.bias"].fill_(-0.026)
+    assert alive > stats.DEAD_SPREAD and tables1_3.output_spread(TINY, "vgg16", model, state, progress=False) == 0.0
+    assert len(list(cache.glob("spread-*.json"))) >= 2        # cached by the weights' digest
 
 
 def test_summarize_mean_std_and_partial_failures():
     runs = pd.DataFrame([
         {"model": "vgg16", "dataset": "d", "rate": 0.9, "method": "l1", "seed": s, "mode": "finetune",
          "top1": v, "top5": None, "params": 10, "budget": 12, "status": st, "error": err}
-        for s, v, st, err in [(0, 90.0, "ok", None), (1, 92.0, "ok", None), (2, None, "failed", "boom")]])
+        for s, v, st, err in [(0, 90.0, "ok", None), (1, 92.0, "ok", None), (2, 11.0, "failed: diverged", "boom")]])
     s = tables1_3.summarize(runs).iloc[0]
     assert s["top1 mean"] == 91.0 and s["top1 std"] == pytest.approx(math.sqrt(2))
     assert (s["n_ok"], s["n_runs"], s["status"], s["error"]) == (2, 3, "partial", "boom")
+    assert (s["top1 seeds"], s["failed runs"]) == ("90.00 / 92.00", "2 of 3 seeds (1 diverged)")
     assert np.isnan(s["top5 mean"])
 
 
@@ -227,16 +248,27 @@ def test_table2_picks_the_highest_rate_without_collapse_and_trains_both(cache):
     rate, rec = tables1_3.highest_uncollapsed_rate(TINY, "vgg16", grid, progress=False)
     collapsed = {r: base_models.spvr_pruned(TINY, "vgg16", r, progress=False)["collapsed"] for r in grid}
     assert collapsed[0.99] and rate == max(r for r in grid if not collapsed[r]) and not rec["collapsed"]
-    t = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=grid, progress=False)
-    assert list(t["metric"]) == ["top1", "top5"]
+    t, runs = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=grid, progress=False, with_runs=True)
+    assert list(zip(t["set"], t["metric"])) == [("rule", "top1"), ("rule", "top5"), ("paper's rate", "top1"),
+                                                ("paper's rate", "top5")]
     row = t.iloc[0]
     assert row["status"] == "ok" and row["params"] == rec["params_after"]
     assert row["params removed (%)"] == round(100 * rate, 2)
-    assert 0 <= row["FT mean"] <= 100 and 0 <= row["TFS mean"] <= 100
+    for lab, mode in (("FT", "finetune"), ("TFS", "scratch")):   # a tiny network may end at chance: then named
+        run = runs[(runs["set"] == "rule") & (runs["mode"] == mode)].iloc[0]
+        counted = run["status"] == "ok"
+        assert row[f"{lab} seeds counted"] == int(counted)
+        assert row[lab] == (stats.cell_text([run["top1"]]) if counted else run["status"])
     assert (row["paper FT"], row["paper TFS"]) == (93.40, 94.25)
-    every_rate_collapses = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=(0.99,), progress=False).iloc[0]
-    assert every_rate_collapses["status"] == "failed" and "collapses a layer at every rate" in \
-        every_rate_collapses["error"]
+    assert row["narrowest layer"] and row["classifier inputs"] >= 1      # what the network is, beside its accuracy
+    paper_row = t.iloc[2]                                                # the paper's own rate: 60% for VGG16
+    assert paper_row["params removed (%)"] == 60.0
+    assert paper_row["params"] == base_models.spvr_pruned(TINY, "vgg16", 0.6, progress=False)["params_after"]
+    assert set(runs["set"]) == {"rule", "paper's rate"} and len(runs) == 4 and runs["top1"].notna().all()
+    every_rate_collapses = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=(0.99,), progress=False)
+    rule = every_rate_collapses.iloc[0]
+    assert rule["status"] == "failed" and "collapses a layer at every rate" in rule["error"]
+    assert every_rate_collapses.iloc[2]["status"] == "ok"                 # the paper's rate is trained regardless
 
 
 def test_latency_runs_time_every_network_at_its_budget(cache):
