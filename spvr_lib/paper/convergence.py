@@ -1,18 +1,12 @@
-"""Have the base networks converged?  The scale's plateau rule read on the training budget (notebook 03).
+"""Has a network converged on its training budget?  Measured, never guessed from one run's curve (notebook 03 for
+the bases; every network that decides a verdict of Tables 1-3 and Figure 2).
 
-The rule (at most 0.3 points of top-1 gained over the last quarter of training) can be read two ways:
-
-* within one run (:func:`spvr_lib.train.plateau_rise`, base_models.csv's "rise over last quarter"): top-1 at
-  the end minus top-1 at 3/4 of the epochs of the same run.  Under the paper's cosine annealing the last quarter
-  is where the learning rate falls from 15% of its peak to zero, and top-1 climbs there however long the run
-  is: the same networks trained twice as long rise as much (the ``rise at 2x epochs`` column measures it).
-* on the budget (this module): the same network and recipe trained with a complete schedule over 3/4 of
-  the epochs, against all of them, paired by seed (same data draw and initialisation).  Had the network not
-  converged, the last quarter of its budget would buy more than 0.3 points.
-* at twice the budget (this module): the same network trained ``convergence_factor`` times as long, against
-  the base, paired by seed.  Had the network not converged, twice the epochs would buy more than 0.3 points.
-
-Both are shown; neither replaces the other.
+The rule (at most ``base_models.PLATEAU_POINTS`` = 0.3 points of top-1 gained by the last quarter of the budget):
+the same network and recipe trained with a complete schedule over 3/4 of the epochs, against all of them,
+paired by seed (same data draw and initialisation).  Had the network not converged, the last quarter of its
+budget would buy more than 0.3 points.  The bases are also trained ``convergence_factor`` times as long.
+(The within-run rise of a cosine schedule, top-1 at the end minus at 3/4 of the same run, is not a reading of
+convergence: it rises however long the run is; it is not used.)
 """
 from __future__ import annotations
 
@@ -24,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from spvr_lib import data, train
+from spvr_lib import data, store, train
 from spvr_lib.paper import base_models
 from spvr_lib.paper.lr_search import recipe
 
@@ -101,13 +95,6 @@ def budget_gain(short_top1: Mapping[int, float], full_top1: Mapping[int, float])
             "gain se": None if sd is None else round(sd / math.sqrt(len(diffs)), 3)}
 
 
-def _mean_rise(records: Iterable[Mapping[str, Any]], metric: str = "test_top1") -> float | None:
-    """Mean over ``records`` of :func:`spvr_lib.train.plateau_rise` of their histories' ``metric`` (points, 2
-    decimals)."""
-    rises = [v for v in (train.plateau_rise(r["history"], metric) for r in records) if v is not None]
-    return round(statistics.fmean(rises), 2) if rises else None
-
-
 def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> pd.DataFrame:
     """Notebook 03's convergence table, one row per trained base model, every top-1 a mean over the scale's seeds
     and every gain paired by seed (with its standard error):
@@ -115,8 +102,7 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
     * ``gain of last quarter``: top-1 after the base's epochs minus after 3/4 of them (complete schedules both);
       ``plateau on the budget``: at most 0.3 points (``base_models.PLATEAU_POINTS``);
     * ``gain of Nx epochs``: top-1 after ``convergence_factor`` times the epochs minus after the base's;
-      ``plateau at Nx``: at most 0.3 points (the columns are left out when the scale has no factor);
-    * ``rise within run``: :func:`spvr_lib.train.plateau_rise` of the base's runs, and its plateau reading."""
+      ``plateau at Nx``: at most 0.3 points (the columns are left out when the scale has no factor)."""
     rows = []
     factors = budget_factors(cfg)[1:]
     for key in keys:
@@ -127,7 +113,6 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
         full = {s: base_with_epochs(cfg, key, full_e, s, progress) for s in cfg.seeds}
         short = {s: base_with_epochs(cfg, key, short_e, s, progress) for s in cfg.seeds}
         g = budget_gain({s: r["top1"] for s, r in short.items()}, {s: r["top1"] for s, r in full.items()})
-        rise = _mean_rise(full.values())
         row = {"model": key, "lr": full[cfg.seeds[0]]["key"]["recipe"]["lr"], "epochs": full_e,
                "shorter epochs": short_e, "seeds": len(g["seeds"]),
                "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
@@ -142,82 +127,9 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
                         f"gain of {factor}x epochs": gl["gain"], f"gain of {factor}x se": gl["gain se"],
                         f"plateau at {factor}x": bool(gl["gain"] <= base_models.PLATEAU_POINTS)})
             runs += longer.values()
-        row.update({"rise within run": rise,
-                    "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
-                    "train s (these runs)": round(sum(r["wall_s"] for r in runs), 1)})
+        row["train s (these runs)"] = round(sum(r["wall_s"] for r in runs), 1)
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-# --------------------------------------------------------------------------- the compared rows against their base
-CHANCE_MARGIN = 1.0     # a seed whose top-1 is within this many points of chance (100 / classes) learned nothing
-
-
-def base_rise(cfg: Any, key: str, progress: bool = True) -> float | None:
-    """The base network's rise over the last quarter of its own runs (points, mean over the scale's seeds; the
-    convergence table's ``rise within run``), or None for a setup that loads published weights."""
-    setup = cfg.model(key)
-    if setup.pretrained:
-        return None
-    return _mean_rise(base_with_epochs(cfg, key, setup.epochs, s, progress) for s in cfg.seeds)
-
-
-def plateau_against_base(runs: pd.DataFrame, base_rises: Mapping[str, float | None],
-                         classes: Mapping[str, int], by: Sequence[str] = ()) -> pd.DataFrame:
-    """Have the networks of a runs table plateaued as well as their base did?  One row per (model, params removed,
-    method name, mode, ``*by``) of ``runs`` (a runs table: ``tables1_3.runs_frame`` / ``accuracy_runs``; ``by``:
-    further columns that tell cells apart, e.g. ``("d",)`` for Figure 2's group sizes; a missing value, such as
-    the removal of a network that was not pruned, is a key of its own; rows with status other than "ok" are left
-    out).
-
-    Every network of a table gets its base's epochs; the base is shown converged on that budget (notebook 03's
-    ``plateau on the budget``), yet under cosine annealing top-1 still rises over the last quarter of a run
-    (``base_rises``: {model: the base's rise, points}).  A cell is read as plateaued like its base when its mean
-    rise over the last quarter exceeds the base's by at most ``base_models.PLATEAU_POINTS`` and no seed ended at
-    chance (top-1 <= 100 / ``classes[dataset]`` + :data:`CHANCE_MARGIN`).  A cell that fails this is not a
-    converged number: more training would likely raise it, so a comparison that uses it is not a result.
-
-    Columns: model, params removed (%), name, mode, ``*by``, seeds, top1 mean, rise mean, rise max, base rise,
-    rise - base, seeds at chance, plateau like its base (None where the base's rise is unknown)."""
-    by = list(by)
-    missing = {"model", "dataset", "params removed (%)", "name", "mode", "top1", "rise over last quarter",
-               "status", *by} - set(runs.columns)
-    if missing:
-        raise ValueError(f"runs: missing columns {sorted(missing)}; expected a runs table (tables1_3.runs_frame)")
-    ok = runs[runs["status"] == "ok"]
-    rows = []
-    keys = ["model", "params removed (%)", "name", "mode", *by]
-    for values, sub in ok.groupby(keys, sort=False, dropna=False):
-        model, rate, name, mode = values[:4]
-        dataset = str(sub["dataset"].iloc[0])
-        if dataset not in classes:
-            raise ValueError(f"classes: no entry for dataset {dataset!r}; expected {{dataset: number of classes}}")
-        chance = 100.0 / int(classes[dataset]) + CHANCE_MARGIN
-        rises = [float(r) for r in sub["rise over last quarter"] if pd.notna(r)]
-        rise = round(statistics.fmean(rises), 2) if rises else None
-        base = base_rises.get(model)
-        at_chance = int((sub["top1"].astype(float) <= chance).sum())
-        excess = None if rise is None or base is None else round(rise - float(base), 2)
-        rows.append({"model": model, "params removed (%)": rate, "name": name, "mode": mode,
-                     **dict(zip(by, values[4:])), "seeds": len(sub),
-                     "top1 mean": round(float(sub["top1"].astype(float).mean()), 2), "rise mean": rise,
-                     "rise max": round(max(rises), 2) if rises else None, "base rise": base, "rise - base": excess,
-                     "seeds at chance": at_chance,
-                     "plateau like its base": None if excess is None else
-                     bool(excess <= base_models.PLATEAU_POINTS and at_chance == 0)})
-    return pd.DataFrame(rows, columns=["model", "params removed (%)", "name", "mode", *by, "seeds", "top1 mean",
-                                       "rise mean", "rise max", "base rise", "rise - base", "seeds at chance",
-                                       "plateau like its base"])
-
-
-def plateau_table(cfg: Any, runs: pd.DataFrame, by: Sequence[str] = (), progress: bool = True) -> pd.DataFrame:
-    """:func:`plateau_against_base` of ``runs`` (cells told apart by ``by`` too) with each model's
-    :func:`base_rise` and its dataset's classes (notebooks 04-06, 09, 10: which compared cells are converged
-    numbers)."""
-    keys = [k for k in dict.fromkeys(runs["model"]) if k in cfg.models]
-    rises = {k: base_rise(cfg, k, progress) for k in keys}
-    classes = {str(d): data.dataset_info(str(d)).num_classes for d in dict.fromkeys(runs["dataset"].dropna())}
-    return plateau_against_base(runs, rises, classes, by)
 
 
 def _on_budget_columns(short: Mapping[int, Mapping[str, Any]], full: Mapping[int, Mapping[str, Any]], short_e: int,
@@ -225,18 +137,14 @@ def _on_budget_columns(short: Mapping[int, Mapping[str, Any]], full: Mapping[int
     """The on-budget reading's columns from ``{seed: record}`` at ``short_e`` and ``full_e`` epochs: the epochs,
     the seeds paired, the mean ``score`` (``label`` at shorter, ``label``), ``gain of last quarter`` (paired by seed)
     with its standard error, ``plateau on the budget`` (at most ``base_models.PLATEAU_POINTS``; both None when
-    ``short_e`` is not shorter), the full runs' ``rise within run`` of their histories' ``metric`` and its plateau
-    reading, and the runs' training seconds."""
+    ``short_e`` is not shorter), and the runs' training seconds."""
     g = budget_gain({s: r[score] for s, r in short.items()}, {s: r[score] for s, r in full.items()})
-    rise = _mean_rise(full.values(), metric)
     shorter = short_e < full_e
     return {"epochs": full_e, "shorter epochs": short_e, "seeds": len(g["seeds"]),
             f"{label} at shorter": round(statistics.fmean(r[score] for r in short.values()), 2),
             label: round(statistics.fmean(r[score] for r in full.values()), 2),
             "gain of last quarter": g["gain"] if shorter else None, "gain se": g["gain se"],
             "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if shorter else None,
-            "rise within run": rise,
-            "plateau within run": None if rise is None else bool(rise <= base_models.PLATEAU_POINTS),
             "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)}
 
 
@@ -275,9 +183,7 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
     notebook 03 reads the classification bases (:func:`convergence_table`), test mean IoU (%) for top-1: every
     value a mean over the settings' seeds, every gain paired by seed.  ``gain of last quarter``: mIoU after the
     settings' epochs minus after :func:`short_epochs` of them (complete schedules both); ``plateau on the
-    budget``: at most ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget); ``rise within
-    run``: the rise of the full runs over their last quarter (:func:`spvr_lib.train.plateau_rise` of
-    ``test_miou``)."""
+    budget``: at most ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget)."""
     seeds = list(settings["seeds"])
     full_e = int(settings["epochs"])
     short_e = short_epochs(full_e)
@@ -323,9 +229,7 @@ def scratch_budget_table(cfg: Any, key: str, nets: Mapping[str, tuple[dict, floa
     the bases (:func:`convergence_table`): one row per net of ``nets`` ({name: (spec, lr)}), every top-1 a mean
     over the scale's seeds.  ``gain of last quarter``: top-1 after the setup's epochs minus after
     :func:`short_epochs` of them (complete schedules both, paired by seed); ``plateau on the budget``: at most
-    ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget); ``rise within run``: the
-    full runs' rise over their last quarter (:func:`spvr_lib.train.plateau_rise`), a reading that high-lr
-    instability inflates, shown beside it."""
+    ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget)."""
     full_e = cfg.model(key).epochs
     short_e = short_epochs(full_e)
     rows = []
@@ -335,3 +239,48 @@ def scratch_budget_table(cfg: Any, key: str, nets: Mapping[str, tuple[dict, floa
         rows.append({"model": key, "name": name, "params": full[cfg.seeds[0]]["params"], "lr": float(lr),
                      **_on_budget_columns(short, full, short_e, full_e, "top1", "top1", "test_top1")})
     return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- any training, read on its budget
+def shorter_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of a ``train.train_run`` call with the same network, data, seed and recipe but
+    :func:`short_epochs` of its epochs (a complete cosine schedule over them)."""
+    rcp = call["recipe"]
+    return {**call, "recipe": dataclasses.replace(rcp, epochs=short_epochs(rcp.epochs))}
+
+
+def on_budget_jobs(calls: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The shorter trainings :func:`on_budget_gain` reads for ``calls`` (``train.train_run`` keyword arguments),
+    each once."""
+    out: dict[str, dict[str, Any]] = {}
+    for call in calls:
+        short = shorter_call(call)
+        init = short.get("init_state")
+        ident = store.canonical_json({**{k: v for k, v in short.items() if k != "init_state"},
+                                      "recipe": short["recipe"].to_dict(),
+                                      "init": None if init is None else train.state_dict_digest(init)})
+        out.setdefault(ident, short)
+    return list(out.values())
+
+
+def prepare_on_budget(cfg: Any, calls: Iterable[Mapping[str, Any]], progress: bool = True) -> None:
+    """Fill the run cache with :func:`on_budget_jobs`, side by side (a no-op with one worker)."""
+    from spvr_lib.paper import jobs
+
+    jobs.fill_cache(train.train_run, on_budget_jobs(calls), jobs.worker_count(cfg), desc="on-budget readings",
+                    progress=progress, kwargs={"progress": False})
+
+
+def on_budget_gain(calls: Mapping[int, Mapping[str, Any]], metric: str = "top1", counted: Iterable[int] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Has the network of ``calls`` ({seed: ``train.train_run`` keyword arguments}) converged on its budget?
+    :func:`budget_gain` of ``metric`` after all its epochs against after :func:`short_epochs` of them, paired by
+    seed over ``counted`` (default: every seed; the seeds whose full run counts); ``converged`` is the gain
+    at most ``base_models.PLATEAU_POINTS`` (None without a seed to read or with one epoch)."""
+    seeds = sorted(calls if counted is None else set(counted) & set(calls))
+    if not seeds or calls[seeds[0]]["recipe"].epochs <= 1:
+        return {"seeds": seeds, "gain": None, "gain sd": None, "gain se": None, "converged": None}
+    full = {s: train.train_run(**calls[s], progress=progress)[metric] for s in seeds}
+    short = {s: train.train_run(**shorter_call(calls[s]), progress=progress)[metric] for s in seeds}
+    g = budget_gain(short, full)
+    return {**g, "converged": bool(g["gain"] <= base_models.PLATEAU_POINTS)}

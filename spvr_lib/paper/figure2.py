@@ -1,7 +1,9 @@
 """Section 6.2 / Figure 2: how the group size d changes accuracy and pruning time (notebook 09).
 
 At the highest pruning rate of each model (``max(setup.rates)``: 98% for VGG16 and ResNet34, 95%
-for ResNet50 as set up here), SPvR prunes the scale's trained base network once per group size
+for ResNet50 as set up here), SPvR prunes the scale's trained base network once per group size (the paper's
+d, :data:`reference.PAPER_GROUP_SIZES`, scaled with the width as the main tables' d: :func:`group_sizes`; a d
+whose network misses the rate by more than :data:`RATE_TOLERANCE` points is shown, not compared)
 with each ranking method (``base_models.spvr_pruned(..., method="fast" | "naive")``; both are
 cached, and ``prune_s`` is the wall time of grouping + ranking + budget loop).  The two methods
 compute the same importances, so they must return the same pruned network: the table says
@@ -24,10 +26,28 @@ from spvr_lib.paper import base_models, reference, stats
 from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.train import train_run
 
-__all__ = ["RANKING_METHODS", "ablation_rate", "base_lr", "train_pruned", "group_size_rows",
+__all__ = ["RANKING_METHODS", "RATE_TOLERANCE", "group_sizes", "ablation_rate", "base_lr", "train_pruned", "group_size_rows",
            "group_size_table", "figure2"]
 
 RANKING_METHODS = ("fast", "naive")
+RATE_TOLERANCE = 1.0     # points: a d whose network's removal is further than this from the rate is not compared
+
+
+def group_sizes(cfg: Any, keys: Sequence[str] | None = None) -> dict[str, dict[int, list[int]]]:
+    """Figure 2's grid at ``cfg``'s widths: {model: {d: [the paper's d it stands for]}}, each of the paper's
+    group sizes (:data:`reference.PAPER_GROUP_SIZES`) scaled like the main tables' d
+    (``scales.scaled_group_size``: the same fraction of a layer; at 1/8 width the paper's d = 8 is d = 1), equal
+    scaled values merged."""
+    from spvr_lib.paper.scales import scaled_group_size
+
+    out: dict[str, dict[int, list[int]]] = {}
+    for key in (keys or reference.PAPER_GROUP_SIZES):
+        width = cfg.model(key).width
+        grid: dict[int, list[int]] = {}
+        for paper_d in reference.PAPER_GROUP_SIZES[key]:
+            grid.setdefault(scaled_group_size(paper_d, width), []).append(paper_d)
+        out[key] = grid
+    return out
 
 
 def ablation_rate(cfg: Any, key: str) -> float:
@@ -94,7 +114,7 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
     _prepare(cfg, key, rate, group_sizes, naive_at, seeds, progress)
     rows = []
     for d in tqdm(list(group_sizes), desc=f"{key}: group sizes", disable=not progress, leave=False):
-        row: dict[str, Any] = {"model": key, "rate": rate, "d": int(d), "status": "ok", "error": ""}
+        row: dict[str, Any] = {"model": key, "rate": rate, "d": int(d), "paper d": None, "status": "ok", "error": ""}
         try:
             methods = [m for m in RANKING_METHODS if m == "fast" or int(d) in naive_at]
             recs = {m: base_models.spvr_pruned(cfg, key, rate, group_size=int(d), method=m, progress=progress)
@@ -106,44 +126,67 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
                         "prune s (naive)": naive["prune_s"] if naive else float("nan"),
                         "naive / fast": naive["prune_s"] / max(fast["prune_s"], 1e-9) if naive else float("nan"),
                         "same spec": fast["spec"] == naive["spec"] if naive else None, "architecture": fast["arch"]})
+            removed = 100.0 * fast["removed_fraction"]
+            row["meets the rate"] = bool(abs(removed - 100.0 * rate) <= RATE_TOLERANCE)
+            if not row["meets the rate"]:
+                row["status"] = (f"not compared: removes {removed:.2f}% (the rate {100 * rate:.0f}% "
+                                 f"± {RATE_TOLERANCE:g} point)")
             lr = base_lr(cfg, key, progress=progress)
+            from spvr_lib.paper import tables1_3
+
+            facts = tables1_3.network_facts(cfg, key, base_models.spvr_model(fast))
+            row.update({k: facts[k] for k in ("narrowest layer", "classifier inputs", "layers removed")})
+            classes = tables1_3._classes(cfg.model(key).dataset)
             for m in methods:           # identical specs share one cached training run per seed
                 runs = [train_pruned(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress) for s in seeds]
+                statuses = [stats.run_status(r.get("top1"), classes, r.get("history") or []) for r in runs]
                 if runs_out is not None:
-                    from spvr_lib.paper import tables1_3
-
                     runs_out += [{**tables1_3.training_row(cfg.model(key), key, "spvr", r, rate=rate,
                                                            budget=recs[m]["budget"],
                                                            params_before=recs[m]["params_before"],
-                                                           arch=recs[m]["arch"]), "d": int(d), "ranking": m}
-                                 for r in runs]
+                                                           arch=recs[m]["arch"], facts=facts), "d": int(d),
+                                  "ranking": m} for r in runs]
                 for metric in ("top1", "top5"):
-                    mean, std = stats._mean_std([r[metric] for r in runs])
+                    counted, failed = stats.split_failed([r[metric] for r in runs], statuses)
+                    mean, std = stats.mean_std(counted)
                     row[f"{metric} ({m})"], row[f"{metric} std ({m})"] = mean, std
-            row["n seeds"] = len(seeds)
+                    row[f"{metric} seeds ({m})"] = " / ".join(f"{v:.2f}" for v in counted) or None
+                    row[f"{metric} failed runs ({m})"] = stats.seeds_note(len(counted), failed) or None
+                row[f"n seeds ({m})"] = sum(st == "ok" for st in statuses)
         except Exception as err:  # a failed run is a row, never dropped
             row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
-        row["paper prune s bound (d=32)"] = reference.PAPER_PRUNE_S_AT_D32.get(key) if int(d) == 32 else None
+        row["paper prune s bound (d=32)"] = None
         rows.append(row)
     return rows
 
 
-def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int]], seeds: Sequence[int] | None = None,
+def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping[int, Sequence[int]]],
+                     seeds: Sequence[int] | None = None,
                      naive_group_sizes: Mapping[str, Sequence[int]] | None = None,
                      progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
-    """Figure 2's data: :func:`group_size_rows` for every model in ``group_sizes`` ({model key: [d, ...]});
+    """Figure 2's data: :func:`group_size_rows` for every model in ``group_sizes`` ({model key: [d, ...]}, or
+    :func:`group_sizes`' {model key: {d: [the paper's d]}}, whose paper d's fill the "paper d" column);
     ``naive_group_sizes`` ({model key: [d, ...]}, default: all of ``group_sizes``) limits the naive ranking."""
     if not group_sizes:
         raise ValueError("group_sizes is empty; expected {model key: [d, ...]}")
     runs: list[dict[str, Any]] = []
-    rows = [r for key, ds in group_sizes.items()
-            for r in group_size_rows(cfg, key, ds, seeds,
-                                     None if naive_group_sizes is None else naive_group_sizes.get(key, ds), progress,
-                                     runs_out=runs)]
-    order = ["model", "rate", "d", "params before", "budget", "params after", "removed (%)", "collapsed",
+    rows = []
+    for key, ds in group_sizes.items():
+        paper_ds = ds if isinstance(ds, Mapping) else {}
+        for r in group_size_rows(cfg, key, list(ds), seeds,
+                                 None if naive_group_sizes is None else naive_group_sizes.get(key, list(ds)), progress,
+                                 runs_out=runs):
+            if r["d"] in paper_ds:
+                r["paper d"] = ", ".join(map(str, paper_ds[r["d"]]))
+                if 32 in paper_ds[r["d"]]:
+                    r["paper prune s bound (d=32)"] = reference.PAPER_PRUNE_S_AT_D32.get(key)
+            rows.append(r)
+    order = ["model", "rate", "d", "paper d", "params before", "budget", "params after", "removed (%)",
+             "meets the rate", "collapsed", "narrowest layer", "classifier inputs", "layers removed",
              "prune s (fast)", "prune s (naive)", "naive / fast", "same spec",
-             "top1 (fast)", "top1 std (fast)", "top5 (fast)", "top5 std (fast)",
-             "top1 (naive)", "top1 std (naive)", "top5 (naive)", "top5 std (naive)", "n seeds",
+             "top1 (fast)", "top1 std (fast)", "top1 seeds (fast)", "top1 failed runs (fast)",
+             "top5 (fast)", "top5 std (fast)", "top5 seeds (fast)", "top5 failed runs (fast)", "n seeds (fast)",
+             "top1 (naive)", "top1 std (naive)", "top5 (naive)", "top5 std (naive)", "n seeds (naive)",
              "paper prune s bound (d=32)", "status", "error", "architecture"]
     df = pd.DataFrame(rows)
     df = df[[c for c in order if c in df.columns]]
@@ -169,7 +212,7 @@ def figure2(table: pd.DataFrame, top5_for: Sequence[str] = ("resnet34", "resnet5
     with plt.rc_context(PLOT_STYLE):
         fig, axes = plt.subplots(1, len(keys), figsize=(4.0 * len(keys), 3.2), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            sub = table[(table["model"] == key) & (table["status"] == "ok")].sort_values("d")
+            sub = table[(table["model"] == key) & (table["status"] == "ok")].sort_values("d")   # compared d's only
             handles = []
             for metric, style in (("top1", "-"), ("top5", "--")):
                 col = f"{metric} (fast)"

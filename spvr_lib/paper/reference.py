@@ -147,3 +147,6 @@ SEGMENTATION_PAPER_MIOU = {"base": 51.2, "pruned": 46.5}   # Section 5.5, CitySc
 # Section 6.2: "for d = 32, SPvR can prune VGG16, ResNet34 and ResNet50 under 6 seconds, 8 minutes and
 # 30 minutes" (upper bounds, on the paper's GPU and full-size networks).
 PAPER_PRUNE_S_AT_D32 = {"vgg16": 6.0, "resnet34": 8 * 60.0, "resnet50": 30 * 60.0}
+
+# Section 6.2 / Figure 2: the group sizes d the paper ablates at full width, per model
+PAPER_GROUP_SIZES = {"vgg16": (2, 4, 8, 16, 32), "resnet34": (4, 8, 16, 32), "resnet50": (8, 16, 32)}

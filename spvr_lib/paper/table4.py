@@ -26,9 +26,9 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from spvr_lib import data, latency, models
-from spvr_lib.paper import base_models, reference, tables1_3
+from spvr_lib.paper import base_models, reference, stats, tables1_3
 from spvr_lib.paper.figure2 import train_pruned
-from spvr_lib.paper.stats import _mean_std
+from spvr_lib.paper.stats import mean_std
 
 __all__ = ["BUDGET_FRACTION", "MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
            "pruned_resnet50", "table4"]
@@ -191,7 +191,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
                                                 rate=None if name in MOBILENET_VARIANTS else
                                                 round(1 - budget / base_rec["params"], 6),
                                                 arch=models.spec_to_str(spec)) for r in trained]
-            row.update(_accuracy_columns(trained))
+            row.update(_accuracy_columns(trained, tables1_3._classes(setup.dataset)))
             row.update({"params": models.spec_params(spec), "lr": lr, "architecture": models.spec_to_str(spec)})
             row.update(_latency_and_macs(spec, setup.dataset, runs))
         except Exception as err:  # a failed network is a row, never dropped
@@ -200,7 +200,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
         rows.append(row)
     base_spec = base_rec["spec"]
     rows.append({"model": "ResNet50 (unpruned base)", "width": setup.width, "status": "ok", "error": "",
-                 **_accuracy_columns([base_rec]), "params": base_rec["params"],
+                 **_accuracy_columns([base_rec], tables1_3._classes(setup.dataset)), "params": base_rec["params"],
                  "lr": base_lr, "architecture": models.spec_to_str(base_spec),
                  **_latency_and_macs(base_spec, setup.dataset, runs), "paper params (M)": 25.6, "paper top1": None})
     df = pd.DataFrame(rows)
@@ -208,17 +208,24 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     if len(minimal) and pd.notna(minimal.iloc[0]):
         df["params / minimal"] = df["params"] / minimal.iloc[0]
     order = ["model", "width", "params", "params / minimal", "budget", "removed from ResNet50 (%)", "top1", "top1 std",
-             "top5", "top5 std", "n seeds", "lr", "MMACs", "latency median (ms)", "latency p10 (ms)",
+             "top1 seeds", "top5", "top5 std", "top5 seeds", "n seeds", "failed runs", "lr", "MMACs", "latency median (ms)", "latency p10 (ms)",
              "latency p90 (ms)", "latency device", "threads", "prune s", "collapsed", "paper params (M)",
              "paper top1", "status", "error", "architecture"]
     df = df[[c for c in order if c in df.columns]]
     return (df, tables1_3.runs_frame(run_rows)) if with_runs else df
 
 
-def _accuracy_columns(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n seeds": len(records)}
+def _accuracy_columns(records: Sequence[dict[str, Any]], classes: int) -> dict[str, Any]:
+    """Mean and std over the runs that count (:func:`stats.run_status`), their per-seed values, how many count
+    ("n seeds") and the failed ones named."""
+    statuses = [stats.run_status(r.get("top1"), classes, r.get("history") or []) for r in records]
+    out: dict[str, Any] = {}
     for metric in ("top1", "top5"):
-        out[metric], out[f"{metric} std"] = _mean_std([r[metric] for r in records])
+        counted, failed = stats.split_failed([r[metric] for r in records], statuses)
+        out[metric], out[f"{metric} std"] = mean_std(counted)
+        out[f"{metric} seeds"] = " / ".join(f"{v:.2f}" for v in counted) or None
+    out["n seeds"] = len(counted)
+    out["failed runs"] = stats.seeds_note(len(counted), failed) or None
     return out
 
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from spvr_lib import baselines, data, diagnostics, models, prune, store, train
 from spvr_lib.budget import budget_from_keep
-from spvr_lib.paper import base_models, plots, reference, stats
+from spvr_lib.paper import base_models, convergence, plots, reference, stats
 
 __all__ = ["TABLE1_METHODS", "DISPLAY_NAMES", "parameter_budget", "rcp_samples", "pruned_network",
            "trained_accuracy", "accuracy_runs", "summarize", "table1",
@@ -374,21 +374,73 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     if info["status"] != "ok":
         return out
     out.update(network_facts(cfg, key, model))
-    # the pruned network, described for the one cached training run: SPvR's by its spec, a baseline's by
-    # the base spec and its layer shapes (fine-tuning starts from its weights, scratch re-initialises)
-    spec = getattr(model, "spec", None) or base_rec["spec"]
-    shapes = None if hasattr(model, "spec") else models.network_shapes(model)
-    init_state = pruned_state(model) if mode == "finetune" else None
+    call = _training_call(cfg, key, method, mode, seed, model, recipe)
     dead = None
-    if init_state is not None:                   # checked before training: does its output depend on its input?
-        out["output spread"] = output_spread(cfg, key, model, init_state, progress)
+    if call["init_state"] is not None:           # checked before training: does its output depend on its input?
+        out["output spread"] = output_spread(cfg, key, model, call["init_state"], progress)
         dead = out["output spread"] <= stats.DEAD_SPREAD
-    rec = train.train_run(spec, setup.dataset, recipe, int(seed), setup.train_subset, setup.test_subset,
-                          init_state=init_state, tag=training_tag(method, mode), progress=progress, shapes=shapes,
-                          weights_needed=False)
+    rec = train.train_run(**call, progress=progress)
     out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"],
                status=stats.run_status(rec["top1"], _classes(setup.dataset), rec["history"], dead))
     return out
+
+
+def _training_call(cfg: Any, key: str, method: str, mode: str, seed: int, model: nn.Module,
+                   recipe: train.Recipe) -> dict[str, Any]:
+    """The keyword arguments of the one cached ``train.train_run`` of a pruned network: SPvR's described by its
+    spec, a baseline's by the base spec and its layer shapes (fine-tuning starts from its weights, scratch
+    re-initialises)."""
+    setup = cfg.model(key)
+    spec = getattr(model, "spec", None) or _base(cfg, key, False)["spec"]
+    return dict(spec=spec, dataset=setup.dataset, recipe=recipe, seed=int(seed), per_class_train=setup.train_subset,
+                per_class_test=setup.test_subset, init_state=pruned_state(model) if mode == "finetune" else None,
+                tag=training_tag(method, mode), shapes=None if hasattr(model, "spec") else models.network_shapes(model),
+                weights_needed=False)
+
+
+def training_call(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str,
+                  progress: bool = True) -> dict[str, Any] | None:
+    """The ``train.train_run`` keyword arguments of :func:`trained_accuracy`'s training (None where the method
+    could not prune): what the on-budget reading trains again with 3/4 of the epochs."""
+    _check_mode(mode)
+    mode = "scratch" if method == "spvr" else mode
+    model, info = pruned_network(cfg, key, method, _check_rate(rate), seed=0, progress=progress)
+    if info["status"] != "ok":
+        return None
+    recipe = base_models.recipe(cfg.model(key), lr=model_lr(cfg, key, mode, progress), mode=mode)
+    return _training_call(cfg, key, method, mode, seed, model, recipe)
+
+
+def on_budget_columns(cfg: Any, key: str, rate: float, mode: str, roles: Mapping[str, str], runs: pd.DataFrame,
+                      metric: str, progress: bool = True) -> dict[str, Any]:
+    """The on-budget reading of the networks that decide a cell (``roles``: {label: method}, e.g. {"SPvR": "spvr",
+    "best": "curl"}), each trained again with 3/4 of its epochs on the seeds that count in ``runs`` (the cell's
+    runs): "<label> gain on budget" (points of ``metric``, paired by seed) and "converged": "yes", or
+    "not converged: <name> gains +x.xx" where a deciding network gains more than ``base_models.PLATEAU_POINTS``
+    (the verdict is qualified, never deleted)."""
+    out: dict[str, Any] = {}
+    unconverged = []
+    for label, method in roles.items():
+        sub = runs[runs["method"] == method]
+        counted = [int(s) for s, st in zip(sub["seed"], sub["status"]) if st == "ok"]
+        calls = {s: training_call(cfg, key, method, rate, s, mode, progress) for s in counted}
+        calls = {s: c for s, c in calls.items() if c is not None}
+        g = convergence.on_budget_gain(calls, metric, progress=progress) if calls else {"gain": None,
+                                                                                        "converged": None}
+        out[f"{label} gain on budget"] = g["gain"]
+        if g["converged"] is False:
+            unconverged.append(f"{DISPLAY_NAMES[method]} gains {g['gain']:+.2f}")
+    out["converged"] = "not converged: " + "; ".join(unconverged) if unconverged else \
+        ("yes" if all(out[f"{label} gain on budget"] is not None for label in roles) else "not read")
+    return out
+
+
+def deciding_calls(cfg: Any, key: str, rate: float, mode: str, methods: Iterable[str], seeds: Iterable[int],
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Every ``train.train_run`` call of ``methods`` at (``key``, ``rate``) over ``seeds``, for
+    ``convergence.prepare_on_budget`` to train their shorter budgets side by side."""
+    calls = [training_call(cfg, key, m, rate, s, mode, progress) for m in methods for s in seeds]
+    return [c for c in calls if c is not None]
 
 
 @functools.lru_cache(maxsize=8)
@@ -642,7 +694,7 @@ def _metrics(cfg: Any, key: str) -> list[str]:
 
 # --------------------------------------------------------------------------- Table 1
 def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
-           runs: pd.DataFrame | None = None, progress: bool = True) -> pd.DataFrame:
+           runs: pd.DataFrame | None = None, progress: bool = True, on_budget: bool = True) -> pd.DataFrame:
     """Table 1: every method fine-tuned (SPvR from scratch) at each setup's ``compare_rates``.
 
     Two rows per (model, metric, rate): "ours" (this scale's dataset; cells "mean ± std" over seeds,
@@ -650,7 +702,9 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
     where it prints none).  Columns: model, metric, params removed (%), source, dataset, budget,
     base, one per method (:func:`stats.cell_text`), best baseline, SPvR - best, 95% interval, verdict
     (:data:`stats.RULE`), failures.
-    ``runs``: the output of :func:`accuracy_runs` (mode "finetune") if already computed.
+    ``runs``: the output of :func:`accuracy_runs` (mode "finetune") if already computed.  ``on_budget``: SPvR
+    and the best baseline of each compared row are also read on their budget (:func:`on_budget_columns`: trained
+    again with 3/4 of the epochs; "converged" qualifies the verdict).
     """
     keys, methods = list(keys), [_check_method(m) for m in methods]
     seeds = list(cfg.seeds if seeds is None else seeds)
@@ -677,7 +731,32 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
                          **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE1.get((key, rate, paper_method(m)), {}).get(metric))
                             for m in methods}}
                 rows += [ours, paper]
+    if on_budget:
+        _add_on_budget(cfg, rows, runs, "finetune", progress)
     return _tidy(pd.DataFrame(rows), ["budget"])
+
+
+_METHOD_OF = {name: m for m, name in DISPLAY_NAMES.items()}
+
+
+def _add_on_budget(cfg: Any, rows: list[dict[str, Any]], runs: pd.DataFrame, mode: str, progress: bool) -> None:
+    """:func:`on_budget_columns` for every compared row of ``rows`` (those with a best baseline): SPvR and the best
+    baseline of the cell, whose shorter budgets are first trained side by side."""
+    cells = [(r, _METHOD_OF[r["best baseline"]]) for r in rows if r.get("best baseline")]
+    calls = []
+    for r, best in cells:
+        rate = round(float(r["params removed (%)"]) / 100, 6)
+        rsub = runs[(runs["model"] == r["model"]) & (runs["rate"] == rate)]
+        for m in ("spvr", best):
+            seeds = [int(x) for x, st in zip(rsub.loc[rsub["method"] == m, "seed"],
+                                             rsub.loc[rsub["method"] == m, "status"]) if st == "ok"]
+            calls += deciding_calls(cfg, r["model"], rate, mode, [m], seeds, progress)
+    convergence.prepare_on_budget(cfg, calls, progress)
+    for r, best in cells:
+        rate = round(float(r["params removed (%)"]) / 100, 6)
+        rsub = runs[(runs["model"] == r["model"]) & (runs["rate"] == rate)]
+        r.update(on_budget_columns(cfg, r["model"], rate, mode, {"SPvR": "spvr", "best": best}, rsub, r["metric"],
+                                   progress))
 
 
 # --------------------------------------------------------------------------- Table 2
@@ -817,7 +896,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
 
 # --------------------------------------------------------------------------- Table 3
 def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
-           with_finetune: bool = True, progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+           with_finetune: bool = True, progress: bool = True,
+           on_budget: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Table 3: every method's network re-initialised and trained from scratch at ``setup.table3_rate``
     (OTOv2 excluded: it retrains the original network).  Returns (wide table, per-seed runs).
 
@@ -856,6 +936,8 @@ def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
             rows.append({**head, "rows": "paper (Table 3)", "dataset": reference.PAPER_BASE[key]["paper dataset"],
                          **{DISPLAY_NAMES[m]: _paper_fmt(reference.PAPER_TABLE3.get((key, rate, paper_method(m)), {}).get(metric))
                             for m in methods}})
+    if on_budget:          # SPvR and the best baseline of each scratch cell, read on their budget
+        _add_on_budget(cfg, [r for r in rows if r.get("rows") == "scratch (Table 3)"], scratch, "scratch", progress)
     runs = pd.concat([scratch] + ([finetune] if finetune is not None else []), ignore_index=True)
     return _tidy(pd.DataFrame(rows)), runs
 

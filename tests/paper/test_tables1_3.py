@@ -303,3 +303,29 @@ def test_spvr_ranks_once_per_base_network_and_prunes_each_rate_from_it(cache, mo
     assert len(calls) == 1 and calls[0] in ("cpu", "cuda")               # one ranking, on the scale's device
     assert [r["params_after"] <= r["budget"] for r in recs] == [True] * 3
     assert recs[0]["params_after"] > recs[1]["params_after"] > recs[2]["params_after"]
+
+
+def test_the_networks_that_decide_a_cell_are_read_on_their_budget(cache, monkeypatch):
+    """SPvR and the best baseline are trained again with 3/4 of their epochs, paired by seed; a gain above 0.3
+    points qualifies the verdict ("not converged: ...") instead of deleting it."""
+    def fit(model, train_set, test_set, recipe, seed=0, checkpoint=None, **kwargs):
+        top1 = 60.0 + recipe.epochs * (1.0 if recipe.mode == "scratch" else 0.1) + seed
+        return {"top1": top1, "top5": 99.0, "loss": 1.0, "history": [], "epochs": recipe.epochs}
+    monkeypatch.setattr(train, "fit", fit)
+    import dataclasses
+    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), epochs=4)})
+    runs = tables1_3.accuracy_runs(cfg, ["vgg16"], ["tp_l1", "spvr"], [0, 1], "finetune", progress=False)
+    t = tables1_3.table1(cfg, ["vgg16"], ["tp_l1", "spvr"], seeds=[0, 1], runs=runs, progress=False)
+    ours = t[(t["source"] == "ours (smoke)") & (t["metric"] == "top1")].iloc[0]
+    # SPvR (from scratch): 64 + seed after 4 epochs, 63 + seed after 3: gains 1.00; ℓ1 (fine-tuned) 0.10
+    assert ours["SPvR gain on budget"] == pytest.approx(1.0) and ours["best gain on budget"] == pytest.approx(0.1)
+    assert ours["converged"] == "not converged: SPvR gains +1.00"
+    assert ours["verdict"] in ("SPvR better", "within noise", "ℓ1 better")      # kept, not deleted
+    trained = {(r["key"]["recipe"]["epochs"], r["key"]["tag"]) for r in
+               (store_read(p) for p in cache.glob("train-*.json"))}
+    assert {(3, "scratch"), (3, "tp_l1")} <= trained
+
+
+def store_read(path):
+    from spvr_lib import store
+    return store.read_record(path)
