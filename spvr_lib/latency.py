@@ -18,7 +18,7 @@ from torch import nn
 
 from spvr_lib.devices import resolve_device
 
-__all__ = ["measure_latency", "count_macs"]
+__all__ = ["measure_latency", "measure_interleaved", "median_interval", "cpu_model", "count_macs"]
 
 
 def _check_input_shape(input_shape) -> tuple[int, int, int]:
@@ -93,6 +93,92 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch_s
             "std_ms": float(times_ms.std(ddof=1)) if runs > 1 else 0.0,
             "p10_ms": float(np.percentile(times_ms, 10)), "p90_ms": float(np.percentile(times_ms, 90)),
             "runs": runs, "batch_size": batch_size, "device": str(dev), "threads": used_threads}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` where there is none): a latency is a
+    property of the machine that measured it."""
+    import platform
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        for line in info.read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def median_interval(values, level: float = 0.95) -> tuple[float, float, float]:
+    """(median, low, high) of ``values`` with a distribution-free ``level`` confidence interval of the median:
+    the order statistics x_(j) and x_(n+1-j), j the largest with P(Binomial(n, 1/2) < j) <= (1 - level) / 2.
+    With too few values for the level (n < 6 at 95%) the interval is (min, max)."""
+    from scipy.stats import binom
+
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        raise ValueError("values is empty; expected at least one timing")
+    j = 0
+    while j + 1 <= n // 2 and binom.cdf(j, n, 0.5) <= (1 - level) / 2:
+        j += 1
+    # P(X <= j - 1) <= alpha/2: x_(j) .. x_(n+1-j) (1-based) covers the median with probability >= level
+    low, high = (x[j - 1], x[n - j]) if j >= 1 else (x[0], x[-1])
+    return float(np.median(x)), float(low), float(high)
+
+
+def measure_interleaved(models: dict[str, nn.Module], input_shape: tuple[int, int, int], batch_size: int = 1,
+                        rounds: int = 30, runs_per_round: int = 10, warmup: int = 30,
+                        threads: int | None = None) -> dict[str, dict]:
+    """Time several networks on the CPU so that drift (other load, frequency, cache) hits all alike: ``rounds``
+    rounds, each timing every network for ``runs_per_round`` forwards of a batch of ``batch_size`` random inputs
+    (eval mode, ``torch.inference_mode``, ``time.perf_counter``), the order of the networks rotated from round to
+    round; ``warmup`` untimed forwards of each first.  A round's median is one sample; each network's latency is
+    the median over rounds with its 95% interval (:func:`median_interval`).
+
+    Returns {name: {"median_ms", "low_ms", "high_ms" (the interval), "mean_ms", "p10_ms", "p90_ms" (over every
+    timed forward), "rounds", "runs", "batch_size", "threads"}}: milliseconds per forward of one batch."""
+    if not models or not all(isinstance(m, nn.Module) for m in models.values()):
+        raise ValueError(f"models must be a non-empty {{name: nn.Module}}, got {type(models).__name__}")
+    shape = _check_input_shape(input_shape)
+    for value, what, minimum in ((batch_size, "batch_size", 1), (rounds, "rounds", 1),
+                                 (runs_per_round, "runs_per_round", 1), (warmup, "warmup", 0)):
+        _check_int(value, what, minimum)
+    if threads is not None:
+        _check_int(threads, "threads", 1)
+    names = list(models)
+    nets = {n: copy.deepcopy(m).cpu().eval() for n, m in models.items()}
+    x = torch.randn((batch_size, *shape), generator=torch.Generator().manual_seed(0))
+    old_threads = torch.get_num_threads()
+    per_round = {n: [] for n in names}
+    every = {n: [] for n in names}
+    try:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        used_threads = torch.get_num_threads()
+        with torch.inference_mode():
+            for n in names:
+                for _ in range(warmup):
+                    nets[n](x)
+            for r in range(rounds):
+                for n in names[r % len(names):] + names[:r % len(names)]:
+                    times = np.empty(runs_per_round)
+                    for i in range(runs_per_round):
+                        t0 = time.perf_counter()
+                        nets[n](x)
+                        times[i] = (time.perf_counter() - t0) * 1e3
+                    per_round[n].append(float(np.median(times)))
+                    every[n].extend(times.tolist())
+    finally:
+        torch.set_num_threads(old_threads)
+    out = {}
+    for n in names:
+        med, low, high = median_interval(per_round[n])
+        out[n] = {"median_ms": med, "low_ms": low, "high_ms": high, "mean_ms": float(np.mean(every[n])),
+                  "p10_ms": float(np.percentile(every[n], 10)), "p90_ms": float(np.percentile(every[n], 90)),
+                  "rounds": rounds, "runs": rounds * runs_per_round, "batch_size": batch_size,
+                  "threads": used_threads}
+    return out
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:

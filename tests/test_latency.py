@@ -95,3 +95,36 @@ def test_count_macs_vgg_spec_matches_hand_count():
     assert count_macs(model, (1, 8, 8)) == expected
     with pytest.raises(ValueError, match="input_shape"):
         count_macs(model, (1, 8))
+
+
+def test_median_interval_is_the_order_statistics_of_the_binomial():
+    from spvr_lib.latency import median_interval
+    # n = 30: the 95% interval of the median is x_(10) .. x_(21) (the textbook table)
+    assert median_interval(list(range(30, 0, -1))) == (15.5, 10.0, 21.0)
+    # n = 5: too few for 95% (P(all on one side) = 1/16 > 2.5%): the whole range
+    assert median_interval([5, 1, 3, 2, 4]) == (3.0, 1.0, 5.0)
+    with pytest.raises(ValueError, match="empty"):
+        median_interval([])
+
+
+def test_interleaved_timing_tells_a_slower_network_apart():
+    import time as _time
+    from torch import nn
+    from spvr_lib.latency import measure_interleaved
+
+    class Slow(nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds, self.lin = seconds, nn.Linear(4, 2)
+
+        def forward(self, x):
+            _time.sleep(self.seconds)
+            return self.lin(x.flatten(1)[:, :4])
+
+    out = measure_interleaved({"fast": Slow(0.0), "slow": Slow(0.002)}, (1, 2, 2), rounds=8, runs_per_round=3,
+                              warmup=1, threads=1)
+    assert set(out) == {"fast", "slow"} and out["fast"]["runs"] == 24 and out["slow"]["threads"] == 1
+    assert out["fast"]["low_ms"] <= out["fast"]["median_ms"] <= out["fast"]["high_ms"]
+    assert out["fast"]["high_ms"] < out["slow"]["low_ms"] and out["slow"]["median_ms"] >= 2.0
+    with pytest.raises(ValueError, match="rounds"):
+        measure_interleaved({"fast": Slow(0.0)}, (1, 2, 2), rounds=0)

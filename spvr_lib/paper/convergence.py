@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from spvr_lib import data, store, train
+from spvr_lib import store, train
 from spvr_lib.paper import base_models
 from spvr_lib.paper.lr_search import recipe
 

@@ -10,7 +10,7 @@ Per scale (:func:`setup`):
   base network: :func:`spvr_lib.paper.base_models.pretrained_weights`), calibrated on ImageNet.
 
 Everything else is the library: ``spvr_prune`` with ``source=`` (so ``models.load_network`` rebuilds the
-pruned network), ``models.save_network``, ``latency.measure_latency`` and ``latency.count_macs``.
+pruned network), ``models.save_network``, ``latency.measure_interleaved`` (through ``figure1.timed_together``) and ``latency.count_macs``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from spvr_lib import data, models, store, train
-from spvr_lib.latency import count_macs, measure_latency
+from spvr_lib.latency import count_macs
 from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.prune import spvr_prune
@@ -174,17 +174,21 @@ def conv_table(model: nn.Module, result: Any) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def latency(model: nn.Module, pruned: nn.Module, input_shape: tuple[int, int, int], runs: int, warmup: int,
-            batch_sizes: tuple[int, ...], device: str) -> pd.DataFrame:
-    """Latency of the network before and after pruning (``measure_latency``; one thread on a CPU)."""
-    threads = None if device.startswith("cuda") else 1
+def latency(model: nn.Module, pruned: nn.Module, input_shape: tuple[int, int, int], rounds: int,
+            runs_per_round: int, warmup: int, batch_sizes: tuple[int, ...]) -> pd.DataFrame:
+    """Latency of the network before and after pruning, timed together on one CPU thread
+    (``figure1.timed_together``: interleaved rounds, median with its 95% interval; a record, so a rerun on
+    the same kind of machine re-times nothing)."""
+    from spvr_lib.paper import figure1
+
     rows = []
-    for name, net in (("original", model), ("SPvR-pruned", pruned)):
-        for bs in batch_sizes:
-            lat = measure_latency(net, input_shape, batch_size=bs, runs=runs, warmup=warmup, device=device,
-                                  threads=threads)
-            rows.append({"network": name, "batch_size": bs, "median_ms": lat["median_ms"], "p10_ms": lat["p10_ms"],
-                         "p90_ms": lat["p90_ms"], "runs": lat["runs"], "device": lat["device"],
+    for bs in batch_sizes:
+        rec = figure1.timed_together({"notebook": "12_prune_your_own_model"},
+                                     {"original": model, "SPvR-pruned": pruned}, input_shape, bs, rounds,
+                                     runs_per_round, warmup, threads=1)
+        for name, lat in rec["latency"].items():
+            rows.append({"network": name, "batch_size": bs, "median_ms": lat["median_ms"], "low_ms": lat["low_ms"],
+                         "high_ms": lat["high_ms"], "runs": lat["runs"], "cpu": rec["key"]["cpu"],
                          "threads": lat["threads"]})
     return pd.DataFrame(rows)
 

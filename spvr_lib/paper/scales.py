@@ -67,7 +67,8 @@ class Scale:
     notebook_timeout_s: int = 3600
     device: str | None = None    # where ranking runs (None: CUDA when present, else the CPU)
     rcp_samples: int = 20        # sub-architectures RCP samples (the paper: 20, Appendix D)
-    latency_runs: int = 1500     # timed forward passes per network (the paper: 1500, Figure 1)
+    latency_rounds: int = 50     # Figure 1: rounds of interleaved timing (every network of a cell in each round)
+    latency_runs_per_round: int = 30  # timed forward passes per network and round (50 x 30 = the paper's 1500)
     latency_warmup: int = 50
     segmentation: dict[str, Any] = field(default_factory=dict)  # notebook 11 (Section 5.5), see below
     workers: int = 1             # processes that train independent networks side by side (paper.jobs)
@@ -143,7 +144,7 @@ SMOKE = Scale(
     },
     guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=2, variations={"reference": ["labels"]}),
     notebook_timeout_s=900,
-    rcp_samples=4, latency_runs=20, latency_warmup=5, segmentation=_SEGMENTATION["smoke"],
+    rcp_samples=4, latency_rounds=4, latency_runs_per_round=3, latency_warmup=2, segmentation=_SEGMENTATION["smoke"],
 )
 
 def scaled_group_size(paper_d: int, width: float) -> int:
@@ -188,7 +189,8 @@ CPU = Scale(
     },
     guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
     notebook_timeout_s=12 * 3600,
-    rcp_samples=20, latency_runs=300, latency_warmup=30, segmentation=_SEGMENTATION["cpu"], workers=2,
+    rcp_samples=20, latency_rounds=30, latency_runs_per_round=10, latency_warmup=30, segmentation=_SEGMENTATION["cpu"],
+    workers=2,
 )
 
 PAPER = Scale(
@@ -209,7 +211,8 @@ PAPER = Scale(
     },
     guyon=dict(reference.GUYON_SETUP, epochs=5, batch_size=32, n_seeds=10, variations=_GUYON_VARIATIONS),
     notebook_timeout_s=7 * 24 * 3600, convergence_factor=None,
-    rcp_samples=20, latency_runs=1500, latency_warmup=50, segmentation=_SEGMENTATION["paper"],
+    rcp_samples=20, latency_rounds=50, latency_runs_per_round=30, latency_warmup=50,
+    segmentation=_SEGMENTATION["paper"],
 )
 
 # cpu-full: the cpu scale with what it leaves out to stay near 150 minutes: Tables 1 and 3 at EVERY rate of the

@@ -112,15 +112,24 @@ def pruned_resnet50(cfg: Any, budget: int | None = None, progress: bool = True) 
     return rec
 
 
-def _latency_and_macs(spec: dict, dataset: str, runs: int) -> dict[str, Any]:
-    """Batch-1 latency on ``runs`` forwards (weights do not matter: a fresh network) and MACs of one sample."""
+def _macs(spec: dict, dataset: str) -> float:
+    """MACs of one sample (millions) of ``spec``'s network."""
+    info = data.dataset_info(dataset)
+    return latency.count_macs(models.build(spec), (info.in_channels, info.image_size, info.image_size)) / 1e6
+
+
+def _latencies(cfg: Any, specs: dict[str, dict], dataset: str) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency of Table 4's networks, timed together (``figure1.timed_together``; weights do not matter:
+    fresh networks), {name: columns}."""
+    from spvr_lib.paper import figure1
 
     info = data.dataset_info(dataset)
     shape = (info.in_channels, info.image_size, info.image_size)
-    net = models.build(spec)
-    t = latency.measure_latency(net, shape, batch_size=1, runs=runs, warmup=min(50, runs))
-    return {"latency median (ms)": t["median_ms"], "latency p10 (ms)": t["p10_ms"], "latency p90 (ms)": t["p90_ms"],
-            "latency device": t["device"], "threads": t["threads"], "MMACs": latency.count_macs(net, shape) / 1e6}
+    nets = {name: models.build(spec) for name, spec in specs.items()}
+    rec = figure1.timed_together({"table": "table4"}, nets, shape, 1, **figure1.protocol(cfg))
+    return {name: {"latency median (ms)": t["median_ms"], "latency low (ms)": t["low_ms"],
+                   "latency high (ms)": t["high_ms"], "threads": t["threads"], "cpu": rec["key"]["cpu"]}
+            for name, t in rec["latency"].items()}
 
 
 def _trial_job(cfg: Any, spec: dict, lr: float) -> None:
@@ -152,17 +161,18 @@ def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Seque
                     kwargs={"progress": False})
 
 
-def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | None = None,
+def table4(cfg: Any, seeds: Sequence[int] | None = None,
            progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Table 4 at the scale: MobileNetV3-small, -minimal and SPvR's ResNet50 at 80% of -minimal's
     parameters, each trained from scratch with the ResNet50 setup's data and recipe at the base
     ResNet50's searched learning rate, over ``seeds`` (default the scale's); the unpruned base ResNet50
     (seed 0, as every notebook prunes it) as a reference row.  Accuracies in % (mean, sample std),
-    latency batch 1 (median over ``latency_runs``, default the scale's ``latency_runs``), MACs per image.
+    latency batch 1 (the networks timed together by the scale's protocol, ``figure1.timed_together``: median
+    over rounds with its 95% interval), MACs per image.
     A network whose pruning or training raises is a row with status "failed" and its reason."""
     setup = _resnet50_setup(cfg)
     seeds = list(cfg.seeds if seeds is None else seeds)
-    runs = cfg.latency_runs if latency_runs is None else int(latency_runs)
+    specs: dict[str, dict] = {}
     width = mobilenet_width(cfg)
     budget = mobilenet_budget(cfg, width)
     base_rec = base_models.train_base(cfg, "resnet50", progress=progress)
@@ -193,7 +203,8 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
                                                 arch=models.spec_to_str(spec)) for r in trained]
             row.update(_accuracy_columns(trained, tables1_3._classes(setup.dataset)))
             row.update({"params": models.spec_params(spec), "lr": lr, "architecture": models.spec_to_str(spec)})
-            row.update(_latency_and_macs(spec, setup.dataset, runs))
+            row["MMACs"] = _macs(spec, setup.dataset)
+            specs[name] = spec
         except Exception as err:  # a failed network is a row, never dropped
             row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
         row.update(reference.TABLE4_PAPER[name])
@@ -202,15 +213,19 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None, latency_runs: int | Non
     rows.append({"model": "ResNet50 (unpruned base)", "width": setup.width, "status": "ok", "error": "",
                  **_accuracy_columns([base_rec], tables1_3._classes(setup.dataset)), "params": base_rec["params"],
                  "lr": base_lr, "architecture": models.spec_to_str(base_spec),
-                 **_latency_and_macs(base_spec, setup.dataset, runs), "paper params (M)": 25.6, "paper top1": None})
+                 "MMACs": _macs(base_spec, setup.dataset), "paper params (M)": 25.6, "paper top1": None})
+    specs["ResNet50 (unpruned base)"] = base_spec
+    timed = _latencies(cfg, specs, setup.dataset)
+    for row in rows:
+        row.update(timed.get(row["model"], {}))
     df = pd.DataFrame(rows)
     minimal = df.loc[df["model"] == "MobileNetV3-minimal", "params"]
     if len(minimal) and pd.notna(minimal.iloc[0]):
         df["params / minimal"] = df["params"] / minimal.iloc[0]
     order = ["model", "width", "params", "params / minimal", "budget", "removed from ResNet50 (%)", "top1", "top1 std",
-             "top1 seeds", "top5", "top5 std", "top5 seeds", "n seeds", "failed runs", "lr", "MMACs", "latency median (ms)", "latency p10 (ms)",
-             "latency p90 (ms)", "latency device", "threads", "prune s", "collapsed", "paper params (M)",
-             "paper top1", "status", "error", "architecture"]
+             "top1 seeds", "top5", "top5 std", "top5 seeds", "n seeds", "failed runs", "lr", "MMACs",
+             "latency median (ms)", "latency low (ms)", "latency high (ms)", "cpu", "threads", "prune s", "collapsed",
+             "paper params (M)", "paper top1", "status", "error", "architecture"]
     df = df[[c for c in order if c in df.columns]]
     return (df, tables1_3.runs_frame(run_rows)) if with_runs else df
 

@@ -48,7 +48,8 @@ def paper_fixture(tmp_path_factory):
     data._fingerprint.cache_clear()
     shrink = dict(width=1 / 16, epochs=1, batch_size=4, lr_grid=(0.05,), calib_per_class=1, train_rates=(0.8,),
                   rates=(0.8,))
-    cfg = dataclasses.replace(scales.PAPER, name="paper-fixture", rcp_samples=1, latency_runs=2, latency_warmup=1,
+    cfg = dataclasses.replace(scales.PAPER, name="paper-fixture", rcp_samples=1, latency_rounds=2, latency_runs_per_round=1,
+                              latency_warmup=1,
                               models={k: dataclasses.replace(s, **shrink, num_workers=1 if k == "vgg16" else 0)
                                       for k, s in scales.PAPER.models.items()})
     threads = torch.get_num_threads()
@@ -75,21 +76,24 @@ def test_paper_scale_paths_end_to_end(paper_fixture):
     base = base_models.train_base(cfg, "resnet50", progress=False)
     assert base["pretrained"] == "torchvision-resnet50-imagenet1k-v1" and base["epochs"] == 0
     assert base_models.base_spec(cfg.model("resnet50"))["stem"] == "imagenet"
-    runs = tables1_3.accuracy_runs(cfg, ["resnet50"], ["l1", "taylor", "spvr"], [0], "finetune", progress=False)
+    runs = tables1_3.accuracy_runs(cfg, ["resnet50"], ["tp_l1", "tp_taylor", "spvr"], [0], "finetune", progress=False)
     by = runs.set_index("method")
-    assert by.loc["l1", "status"] == "quoted" and by.loc["l1", "top1"] == 68.11          # Table 1, ResNet50 at 80%
-    assert by.loc["taylor", "status"] == "not reported"                                  # "-" in the paper
+    assert by.loc["tp_l1", "status"] == "quoted" and by.loc["tp_l1", "top1"] == 68.11          # Table 1, ResNet50 at 80%
+    assert by.loc["tp_taylor", "status"] == "not reported"                                  # "-" in the paper
     assert by.loc["spvr", "status"] == "ok" and by.loc["spvr", "params"] <= by.loc["spvr", "budget"]
-    table = tables1_3.table1(cfg, ["resnet50"], ["l1", "taylor", "spvr"], seeds=[0], runs=runs, progress=False)
+    table = tables1_3.table1(cfg, ["resnet50"], ["tp_l1", "tp_taylor", "spvr"], seeds=[0], runs=runs, progress=False)
     ours = table[(table["source"].str.startswith("ours")) & (table["metric"] == "top1")].iloc[0]
     assert ours["ℓ1"] == "68.11 (quoted)" and ours["Taylor"] == "-"
     # a baseline pruned and fine-tuned on CIFAR-10, RCP's brief training included
-    for method in ("l1", "rcp"):
+    for method in ("tp_l1", "rcp"):
         rec = tables1_3.trained_accuracy(cfg, "vgg16", method, 0.8, 0, "finetune", progress=False)
-        assert rec["status"] == "ok" and rec["params"] <= rec["budget"], rec["error"]
+        # trained (a 1-epoch network on a few images may end at chance: then its status says so)
+        assert rec["top1"] is not None and rec["params"] <= rec["budget"], rec["error"]
+        assert rec["status"] in ("ok", "failed: at chance")
     # latency of the unpruned and pruned networks at the paper's input size
-    lat = figure1.latency_runs(cfg, ["resnet34"], ["spvr"], runs=2, warmup=1, batch_sizes=(1,), progress=False)
-    assert (lat["status"] == "ok").all() and (lat["mean_ms"] > 0).all()
+    lat = figure1.latency_runs(cfg, ["resnet34"], ["spvr"], rounds=2, runs_per_round=1, warmup=1, batch_sizes=(1,),
+                               progress=False)
+    assert (lat["status"] == "ok").all() and (lat["median_ms"] > 0).all()
     assert latency.count_macs(models.build(base_models.base_spec(cfg.model("resnet34"))), (3, 64, 64)) > 0
 
 
