@@ -163,10 +163,13 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
 def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping[int, Sequence[int]]],
                      seeds: Sequence[int] | None = None,
                      naive_group_sizes: Mapping[str, Sequence[int]] | None = None,
-                     progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+                     progress: bool = True, with_runs: bool = False,
+                     on_budget: bool = True) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Figure 2's data: :func:`group_size_rows` for every model in ``group_sizes`` ({model key: [d, ...]}, or
     :func:`group_sizes`' {model key: {d: [the paper's d]}}, whose paper d's fill the "paper d" column);
-    ``naive_group_sizes`` ({model key: [d, ...]}, default: all of ``group_sizes``) limits the naive ranking."""
+    ``naive_group_sizes`` ({model key: [d, ...]}, default: all of ``group_sizes``) limits the naive ranking.
+    ``on_budget``: the best and the worst compared d of each model ("decides") are read on their budget
+    (``convergence.on_budget_gain``: trained again with 3/4 of the epochs, "gain on budget (fast)")."""
     if not group_sizes:
         raise ValueError("group_sizes is empty; expected {model key: [d, ...]}")
     runs: list[dict[str, Any]] = []
@@ -187,7 +190,9 @@ def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping
              "top1 (fast)", "top1 std (fast)", "top1 seeds (fast)", "top1 failed runs (fast)",
              "top5 (fast)", "top5 std (fast)", "top5 seeds (fast)", "top5 failed runs (fast)", "n seeds (fast)",
              "top1 (naive)", "top1 std (naive)", "top5 (naive)", "top5 std (naive)", "n seeds (naive)",
-             "paper prune s bound (d=32)", "status", "error", "architecture"]
+             "decides", "gain on budget (fast)", "paper prune s bound (d=32)", "status", "error", "architecture"]
+    if on_budget:
+        _read_on_budget(cfg, rows, seeds, progress)
     df = pd.DataFrame(rows)
     df = df[[c for c in order if c in df.columns]]
     if not with_runs:
@@ -199,6 +204,48 @@ def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping
         frame.insert(2, "d", [r["d"] for r in runs])
         frame.insert(3, "ranking", [r["ranking"] for r in runs])
     return df, frame
+
+
+def _train_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[str, Any]:
+    """:func:`train_pruned`'s ``train_run`` keyword arguments."""
+    setup = cfg.model(key)
+    return dict(spec=spec, dataset=setup.dataset, recipe=base_models.recipe(setup, lr=lr), seed=int(seed),
+                per_class_train=setup.train_subset, per_class_test=setup.test_subset, tag="scratch",
+                weights_needed=False)
+
+
+def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] | None, progress: bool) -> None:
+    """Mark the best and the worst compared d of each model ("decides") and read their networks (fast ranking)
+    on their budget, on the seeds that count."""
+    from spvr_lib.paper import convergence
+
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    picked = []
+    for key in dict.fromkeys(r["model"] for r in rows):
+        compared = [r for r in rows if r["model"] == key and r["status"] == "ok" and pd.notna(r.get("top1 (fast)"))]
+        if len(compared) < 2:
+            continue
+        best = max(compared, key=lambda r: r["top1 (fast)"])
+        worst = min(compared, key=lambda r: r["top1 (fast)"])
+        for r, role in ((best, "best d"), (worst, "worst d")):
+            r["decides"] = role
+            picked.append(r)
+    lrs = {key: base_lr(cfg, key, progress=progress) for key in dict.fromkeys(r["model"] for r in picked)}
+    calls = {id(r): {s: _train_call(cfg, r["model"], base_models.spvr_pruned(
+        cfg, r["model"], r["rate"], group_size=r["d"], progress=False)["spec"], s, lrs[r["model"]]) for s in seeds}
+        for r in picked}
+    convergence.prepare_on_budget(cfg, [c for per in calls.values() for c in per.values()], progress)
+    for r in picked:
+        counted = [s for s, v in zip(seeds, _counted_seeds(cfg, r, calls[id(r)], progress)) if v]
+        r["gain on budget (fast)"] = convergence.on_budget_gain(calls[id(r)], "top1", counted, progress)["gain"]
+
+
+def _counted_seeds(cfg: Any, row: dict[str, Any], calls: dict[int, dict], progress: bool) -> list[bool]:
+    from spvr_lib.paper import tables1_3
+
+    classes = tables1_3._classes(cfg.model(row["model"]).dataset)
+    recs = [train_run(**calls[s], progress=progress) for s in calls]
+    return [stats.run_status(r.get("top1"), classes, r.get("history") or []) == "ok" for r in recs]
 
 
 _TITLES = {"vgg16": "VGG16", "resnet34": "ResNet34", "resnet50": "ResNet50"}

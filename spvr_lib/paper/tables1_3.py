@@ -816,7 +816,8 @@ def _table2_trial_job(cfg: Any, key: str, rate: float, mode: str, lr: float) -> 
 
 
 def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, grid: Sequence[float] = TABLE2_GRID,
-           progress: bool = True, with_runs: bool = False) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
+           progress: bool = True, with_runs: bool = False,
+           on_budget: bool = True) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
     """Table 2: SPvR's network fine-tuned from the base network's weights (FT) against trained from scratch
     (TFS), same data and epochs as the base, the learning rate grid-searched for EACH network and mode
     (:func:`table2_lr`), ``cfg.seeds`` seeds; at two rates per model (:func:`table2_networks`): the paper's rule
@@ -824,7 +825,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
 
     One row per (model, set, metric): rate, architecture, narrowest layer, classifier inputs, params, FT and TFS
     (:func:`stats.cell_text`, failed runs named and left out), their lrs, TFS - FT with its 95% interval and the
-    verdict of :data:`stats.RULE`, the paper's rate, FT and TFS, status and error."""
+    verdict of :data:`stats.RULE`, the paper's rate, FT and TFS, status and error; with ``on_budget`` both networks
+    are read on their budget too (trained again with 3/4 of the epochs: "FT / TFS gain on budget", "converged")."""
     from spvr_lib.paper import jobs
 
     seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
@@ -861,6 +863,12 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                         run_rows.append({**training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,
                                                         budget=rec["budget"], params_before=rec["params_before"],
                                                         arch=rec["arch"], facts=facts), "set": label_set})
+                    calls = {lab: {kw["seed"]: kw for label, kw in runs if label == lab} for lab in ("FT", "TFS")}
+                    counted = {lab: [r["key"]["seed"] for r in per_mode[lab] if stats.run_status(
+                        r.get("top1"), _classes(setup.dataset), r.get("history") or []) == "ok"] for lab in calls}
+                    if on_budget:        # both networks decide the cell: read on their budget
+                        convergence.prepare_on_budget(cfg, [calls[lab][s] for lab in calls for s in counted[lab]],
+                                                      progress)
                 except Exception as e:                    # recorded; the other models go on
                     error = f"{type(e).__name__}: {e}"
             for metric in _metrics(cfg, key):
@@ -880,6 +888,13 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                     mean, std = stats.mean_std(cells[lab][0])
                     row.update({lab: stats.cell_text(*cells[lab]), f"{lab} mean": mean, f"{lab} std": std,
                                 f"{lab} seeds counted": len(cells[lab][0]), f"{lab} lr": lrs[lab]})
+                if on_budget and rec is not None and error is None:
+                    gains = {lab: convergence.on_budget_gain(calls[lab], metric, counted[lab], progress)
+                             for lab in ("FT", "TFS")}
+                    row.update({f"{lab} gain on budget": gains[lab]["gain"] for lab in gains})
+                    late = [f"{lab} gains {g['gain']:+.2f}" for lab, g in gains.items() if g["converged"] is False]
+                    row["converged"] = "not converged: " + "; ".join(late) if late else \
+                        ("yes" if all(g["converged"] is not None for g in gains.values()) else "not read")
                 row.update({"TFS - FT": cmp.diff, "95% interval": cmp.interval_text(), "verdict": cmp.verdict,
                             "paper dataset": reference.PAPER_BASE[key]["paper dataset"],
                             "paper params removed (%)": round(100 * paper["rate"]), "paper FT": paper[f"FT {metric}"],
