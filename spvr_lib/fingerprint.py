@@ -345,14 +345,23 @@ def _class_shape(node: ast.ClassDef) -> str:
 
 
 def _names_read(node: ast.AST) -> set[str]:
-    """Every name and attribute name a definition mentions (a superset of the globals it reads)."""
+    """What a definition reads from outside itself: every bare name it mentions ("x") and, for an attribute of a
+    bare name, the pair ("alias.attr": ``scales.CPU``, ``baselines.prune``), annotations and docstrings left out
+    (never evaluated).  A superset of the globals it reads, but no wider: a module another module imports does
+    not count for every name some other module happens to define."""
     names = set()
-    for sub in ast.walk(node):
+    for sub in ast.walk(_Normalise().visit(_copied(node))):
         if isinstance(sub, ast.Name):
             names.add(sub.id)
-        elif isinstance(sub, ast.Attribute):
-            names.add(sub.attr)
+        elif isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name):
+            names.add(f"{sub.value.id}.{sub.attr}")
     return names
+
+
+def _copied(node: ast.AST) -> ast.AST:
+    import copy
+
+    return copy.deepcopy(node)
 
 
 # --------------------------------------------------------------------------- values
@@ -418,19 +427,25 @@ def _module_globals(mod: str) -> dict[str, Any]:
 
 
 def _global_tokens(mod: str, names: set[str], own_only: bool = False) -> list[str]:
-    """The module-level values among ``names`` (in ``mod``, or an attribute of a code-root module it holds)."""
+    """The module-level values among ``names`` (:func:`_names_read`): a bare name of ``mod``'s, or "alias.attr",
+    an attribute of a code-root module ``mod`` holds as ``alias``."""
     g = _module_globals(mod)
     out = []
     if own_only:
         return [f"{name}={_read_value(g[name])}" for name in sorted(names) if name in g]
-    modules = {k: v for k, v in g.items() if isinstance(v, types.ModuleType) and getattr(v, "__file__", None)
-               and _in_roots(str(Path(v.__file__).resolve())) and str(Path(v.__file__).resolve()) not in UNTRACED}
     for name in sorted(names):
-        if name in g and not isinstance(g[name], types.ModuleType):
-            out.append(f"{name}={_read_value(g[name])}")
-        for alias, module in sorted(modules.items()):
-            if name in vars(module) and not isinstance(vars(module)[name], types.ModuleType):
-                out.append(f"{alias}.{name}={_read_value(vars(module)[name])}")
+        alias, dot, attr = name.partition(".")
+        if not dot:
+            if name in g and not isinstance(g[name], types.ModuleType):
+                out.append(f"{name}={_read_value(g[name])}")
+            continue
+        module = g.get(alias)
+        if not isinstance(module, types.ModuleType) or not getattr(module, "__file__", None):
+            continue
+        path = str(Path(module.__file__).resolve())
+        if _in_roots(path) and path not in UNTRACED and attr in vars(module) \
+                and not isinstance(vars(module)[attr], types.ModuleType):
+            out.append(f"{name}={_read_value(vars(module)[attr])}")
     return out
 
 

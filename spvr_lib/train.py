@@ -65,7 +65,7 @@ class Recipe:
     channels_last aborts the process for some batch sizes (e.g. 3 images of 4x64x64), so it is only
     for shapes known to work.
     ``eval_every``: the test set is scored after every ``eval_every``-th epoch, after the three epochs around the
-    start of the last quarter of training and after the last three (where :func:`plateau_rise` reads the curve).
+    start of the last quarter of training and after the last three (where a convergence reading compares it).
     """
 
     epochs: int
@@ -121,7 +121,7 @@ class Recipe:
 
     def evaluates_after(self, epoch: int) -> bool:
         """Whether the test set is scored after ``epoch`` (1-based): every ``eval_every``-th epoch, the three
-        epochs around the start of the last quarter and the last three (where :func:`plateau_rise` reads)."""
+        epochs around the start of the last quarter and the last three (the budget's last quarter)."""
         start = last_quarter_start(self.epochs)
         return epoch % self.eval_every == 0 or abs(epoch - start) <= 1 or epoch > self.epochs - 3
 
@@ -522,23 +522,6 @@ def fit(model: nn.Module, train_set: Dataset, test_set: Dataset, recipe: Recipe,
 def last_quarter_start(epochs: int) -> int:
     """The epoch (1-based, counted as done) at which the last quarter of ``epochs`` begins: floor(3/4 * epochs)."""
     return (3 * int(epochs)) // 4
-
-
-def plateau_rise(history: Sequence[Mapping[str, Any]], metric: str = "test_top1") -> float | None:
-    """How much ``metric`` rose over the last quarter of training (points): its mean over the last three epochs
-    minus its mean over the three epochs around ``last_quarter_start(epochs)`` (each end averaged over three
-    epochs, so one noisy epoch does not decide); None when an end has no scored epoch.  The cpu scale's rule: a
-    network has plateaued when this is at most 0.3 points."""
-    if not history:
-        return None
-    by_epoch = {int(h["epoch"]): h.get(metric) for h in history if h.get(metric) is not None}
-    last = max(int(h["epoch"]) for h in history)
-    start = last_quarter_start(last)
-    head = [by_epoch[e] for e in (start - 1, start, start + 1) if e in by_epoch and e <= last - 3]
-    tail = [by_epoch[e] for e in (last - 2, last - 1, last) if e in by_epoch]
-    if not head or not tail:
-        return None
-    return round(sum(tail) / len(tail) - sum(head) / len(head), 4)
 
 
 # --------------------------------------------------------------------------- learning-rate search

@@ -174,3 +174,15 @@ def test_the_check_names_the_changed_functions_of_a_stale_record(codebase):
     with pytest.warns(UserWarning, match=r"changed: mycode.alpha:helper\)"):
         rec = store.cached({"r": 1}, importlib.import_module("mycode.alpha").compute, kind="t")
     assert rec["v"] == 4
+
+
+def test_an_import_that_brings_a_common_name_into_scope_stales_nothing(tmp_path, monkeypatch):
+    """A digest counts bare names and ``alias.attr`` pairs, annotations left out: importing a code-root module
+    that happens to define ``Any`` (or any name a function mentions as an attribute of something else) into a
+    module changes no digest there; reading ``alias.attr`` still counts."""
+    from spvr_lib import fingerprint as fp
+
+    fid = "spvr_lib.paper.tables1_3:pruned_network.<locals>.compute"
+    names = fp._names_read(fp._module_source("spvr_lib.paper.tables1_3").defs[fid.partition(":")[2]][0])
+    assert "baselines.prune" in names and "Any" not in names and "prune" not in names
+    assert "res" in names and "details" not in names         # an attribute of a local is no global

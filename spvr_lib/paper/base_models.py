@@ -195,7 +195,7 @@ def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.
     return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
 
 
-PLATEAU_POINTS = 0.3    # a network has converged when top-1 rose by at most this much over its last quarter
+PLATEAU_POINTS = 0.3    # a network has converged when the last quarter of its budget buys at most this much top-1
 
 
 def train_images_of(setup: Any) -> int:
@@ -216,7 +216,6 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
         setup = cfg.model(key)
         per_class = rec["key"]["per_class_train"]
         n_classes = data.num_classes(setup.dataset)
-        rise = train.plateau_rise(rec["history"])
         factor = cfg.convergence_factor
         longer = None if rec.get("pretrained") or not factor else \
             train_base(cfg, key, epochs_factor=factor, progress=False)
@@ -226,8 +225,7 @@ def base_table(cfg: Any, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
                      "test images": test_images_of(setup),
                      "epochs": "published weights" if rec.get("pretrained") else rec["key"]["recipe"]["epochs"],
                      "lr": rec["key"]["recipe"]["lr"], "params": rec["params"], "size (MB)": rec["size_mb"],
-                     "top1": rec["top1"], "top5": rec["top5"], "rise over last quarter": rise,
-                     "plateau": None if rise is None else bool(rise <= PLATEAU_POINTS),
+                     "top1": rec["top1"], "top5": rec["top5"],
                      "top1 with more epochs": None if longer is None else longer["top1"],
                      "epochs factor": factor if longer is not None else None,
                      "gain with more epochs": None if longer is None else round(longer["top1"] - rec["top1"], 2),

@@ -759,6 +759,56 @@ def _add_on_budget(cfg: Any, rows: list[dict[str, Any]], runs: pd.DataFrame, mod
                                    progress))
 
 
+# --------------------------------------------------------------------------- the baselines' sensitivity table
+def baselines_sensitivity(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None,
+                          progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Does the choice of implementation move a verdict?  At each model's highest trained rate, ℓ1, ℓ2, Taylor
+    and FPGM as the paper ran them (Torch-Pruning's criteria, Table 1's columns) beside the original authors'
+    variants (``baselines.AUTHORS_VARIANTS``), each fine-tuned over ``seeds``; and Table 1's verdict (SPvR
+    against the best baseline) with the Torch-Pruning four, then with the authors' four in their place.
+
+    Returns (table, runs).  Table rows per (model, criterion): the two cells (:func:`stats.cell_text`), authors -
+    Torch-Pruning with its 95% interval and verdict; and one row per model, criterion "Table 1 verdict", with
+    the verdict under each implementation and whether it moved."""
+    keys = list(keys)
+    seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    rates = {k: [max(cfg.model(k).compare_rates)] for k in keys}
+    others = [m for m in TABLE1_METHODS if m not in baselines.AUTHORS_VARIANT_OF]
+    methods = [*baselines.AUTHORS_VARIANT_OF, *baselines.AUTHORS_VARIANTS, *others]
+    runs = accuracy_runs(cfg, keys, methods, seeds, "finetune", rates=rates, progress=progress)
+    rows = []
+    for key in keys:
+        rate = round(float(rates[key][0]), 6)
+        rsub = runs[(runs["model"] == key) & (runs["rate"] == rate)]
+        head = {"model": key, "params removed (%)": round(100 * rate, 2)}
+        for tp_m, authors_m in baselines.AUTHORS_VARIANT_OF.items():
+            cmp = stats.compare(_counted(rsub, authors_m, "top1")[0], _counted(rsub, tp_m, "top1")[0],
+                                DISPLAY_NAMES[authors_m], DISPLAY_NAMES[tp_m])
+            rows.append({**head, "criterion": DISPLAY_NAMES[tp_m], "Torch-Pruning (Table 1)": _cell(rsub, tp_m, "top1"),
+                         "authors' variant": _cell(rsub, authors_m, "top1"), "variant": DISPLAY_NAMES[authors_m],
+                         "authors - Torch-Pruning": cmp.diff, "95% interval": cmp.interval_text(),
+                         "verdict": cmp.verdict})
+        summary = summarize(rsub)
+        with_tp = _comparison_row(summary, rsub, "top1", [*baselines.AUTHORS_VARIANT_OF, *others])
+        swapped = [*baselines.AUTHORS_VARIANTS, *others]
+        with_authors = _comparison_row(summary, rsub, "top1", swapped)
+        rows.append({**head, "criterion": "Table 1 verdict",
+                     "Torch-Pruning (Table 1)": f"{with_tp['verdict']} (best: {with_tp['best baseline']}, "
+                                                f"{with_tp['95% interval']})",
+                     "authors' variant": f"{with_authors['verdict']} (best: {with_authors['best baseline']}, "
+                                         f"{with_authors['95% interval']})",
+                     "verdict": "moved" if _kind(with_tp["verdict"]) != _kind(with_authors["verdict"]) else
+                     "unchanged"})
+    return _tidy(pd.DataFrame(rows)), runs
+
+
+def _kind(verdict: str) -> str:
+    """"SPvR better", "within noise", "a baseline better" or "n/a": a verdict without the baseline's name."""
+    if verdict in ("SPvR better", "within noise") or verdict.startswith("n/a"):
+        return verdict
+    return "a baseline better"
+
+
 # --------------------------------------------------------------------------- Table 2
 def highest_uncollapsed_rate(cfg: Any, key: str, grid: Sequence[float] = TABLE2_GRID,
                              progress: bool = True) -> tuple[float | None, dict[str, Any] | None]:
@@ -953,7 +1003,9 @@ def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
                             for m in methods}})
     if on_budget:          # SPvR and the best baseline of each scratch cell, read on their budget
         _add_on_budget(cfg, [r for r in rows if r.get("rows") == "scratch (Table 3)"], scratch, "scratch", progress)
-    runs = pd.concat([scratch] + ([finetune] if finetune is not None else []), ignore_index=True)
+    # SPvR trains from scratch in both parts: its runs are listed once
+    parts = [scratch] + ([finetune[finetune["method"] != "spvr"]] if finetune is not None else [])
+    runs = pd.concat(parts, ignore_index=True)
     return _tidy(pd.DataFrame(rows)), runs
 
 

@@ -33,26 +33,21 @@ def fake_fit(log):
     def fit(model, train_set, test_set, recipe, seed=0, **kwargs):
         log.append((recipe.mode, recipe.lr, len(train_set), recipe.epochs))
         top1 = 100.0 - 1000 * abs(recipe.lr - BEST[recipe.mode])
-        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0, "test_top1": top1}
+        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0 / e, "test_top1": top1}
                    for e in range(1, recipe.epochs + 1)]
         return {"top1": top1, "top5": 100.0, "loss": 1.0, "history": history, "epochs": recipe.epochs}
     return fit
 
 
 # --------------------------------------------------------------------------- convergence
-def test_plateau_rise_reads_the_last_quarter_of_the_curve():
-    curve = lambda vals: [{"epoch": i + 1, "test_top1": v} for i, v in enumerate(vals)]  # noqa: E731
+def test_the_within_run_rise_is_gone():
+    """The rise of a cosine schedule within one run is no reading of convergence (it rises however long the run
+    is): no function computes it and no table carries it."""
+    assert not hasattr(train, "plateau_rise")
+    from spvr_lib.paper import convergence, tables1_3
+    assert not hasattr(convergence, "plateau_against_base") and not hasattr(convergence, "plateau_table")
+    assert "rise over last quarter" not in tables1_3._RUN_COLUMNS
     assert train.last_quarter_start(40) == 30 and train.last_quarter_start(8) == 6 and train.last_quarter_start(2) == 1
-    # 12 epochs: the last quarter starts after epoch 9; mean of epochs 10-12 minus mean of epochs 8-9 (10 is a tail)
-    vals = [50, 60, 70, 80, 81, 82, 83, 84.0, 85.0, 85.2, 85.3, 85.4]
-    assert train.plateau_rise(curve(vals)) == pytest.approx(85.3 - 84.5)
-    dip = list(vals)
-    dip[8] = 80.0                                  # one bad epoch at the start moves the rise by a third of it
-    assert train.plateau_rise(curve(dip)) == pytest.approx(85.3 - 82.0)
-    unscored = curve(vals)
-    for h in unscored[:9]:
-        del h["test_top1"]
-    assert train.plateau_rise(unscored) is None and train.plateau_rise([]) is None
 
 
 def test_eval_every_scores_every_nth_epoch_and_the_ends_of_the_last_quarter():
@@ -69,7 +64,6 @@ def test_eval_every_scores_every_nth_epoch_and_the_ends_of_the_last_quarter():
                     progress=False)
     assert [h["epoch"] for h in out["history"] if "test_top1" in h] == [5, 8, 9, 10, 11, 12]
     assert out["top1"] == out["history"][-1]["test_top1"]
-    assert train.plateau_rise(out["history"]) is not None
 
 
 # --------------------------------------------------------------------------- equal budgets, lr per mode
@@ -86,7 +80,7 @@ def test_every_network_gets_the_base_images_and_epochs_and_the_lr_of_its_mode(ca
     searches = [entry for entry in log if entry[2] < n_train]
     assert searches and all(n == n_train - 10 for _, _, n, _ in searches)      # 10%: one image per class
 
-    runs = pd.concat([tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "spvr"], [0, 1], mode, progress=False)
+    runs = pd.concat([tables1_3.accuracy_runs(TINY, ["vgg16"], ["tp_l1", "spvr"], [0, 1], mode, progress=False)
                       for mode in ("finetune", "scratch")])
     assert (runs["status"] == "ok").all()
     assert (runs["epochs"] == base["key"]["recipe"]["epochs"]).all()
@@ -293,7 +287,7 @@ def test_convergence_table_trains_each_seed_at_three_quarters_all_and_twice_the_
     assert bool(row["plateau on the budget"]) and not bool(row["plateau at 2x"])   # 0.1 <= 0.3 < 0.4
     # within the run (4 epochs): mean of the last three (0.2, 0.3, 0.4) minus the epochs around epoch 3 that
     # end before them (none), so no reading
-    assert row["rise within run"] is None or pd.isna(row["rise within run"])
+    assert "rise within run" not in row
     no_factor = convergence.convergence_table(dataclasses.replace(cfg, convergence_factor=None), ["vgg16"],
                                               progress=False)
     assert not [c for c in no_factor.columns if "2x" in c]
@@ -328,73 +322,3 @@ def test_training_cost_orders_the_cpu_trainings_by_epochs_and_kept_parameters():
     assert tables1_3.training_cost(cfg, keys[0], 0.9) == (cfg.model(keys[0]).epochs, pytest.approx(0.1))
 
 
-# --------------------------------------------------------------------------- compared cells against their base
-def _run(model, rate, name, mode, seed, top1, rise, status="ok"):
-    return {"model": model, "dataset": "fashion-mnist", "params removed (%)": rate, "name": name, "mode": mode,
-            "seed": seed, "top1": top1, "rise over last quarter": rise, "status": status}
-
-
-def test_a_cell_plateaus_like_its_base_when_its_rise_exceeds_the_bases_by_at_most_the_threshold():
-    from spvr_lib.paper.convergence import plateau_against_base
-
-    runs = pd.DataFrame([
-        _run("vgg16", 90.0, "SPvR", "scratch", 0, 85.0, 1.0), _run("vgg16", 90.0, "SPvR", "scratch", 1, 86.0, 1.2),
-        _run("vgg16", 90.0, "ℓ1", "finetune", 0, 80.0, 2.0), _run("vgg16", 90.0, "ℓ1", "finetune", 1, 81.0, 0.4),
-        _run("vgg16", 98.0, "ℓ1", "finetune", 0, 10.5, 0.0), _run("vgg16", 98.0, "ℓ1", "finetune", 1, 70.0, 0.5),
-        _run("vgg16", 98.0, "Taylor", "finetune", 0, None, None, status="failed"),
-        _run("resnet34", 90.0, "SPvR", "scratch", 0, 84.0, 3.0)])
-    got = plateau_against_base(runs, {"vgg16": 0.8}, {"fashion-mnist": 10}).set_index(["model", "params removed (%)",
-                                                                                          "name"])
-    assert len(got) == 4                                    # the failed Taylor run has no cell
-    spvr = got.loc[("vgg16", 90.0, "SPvR")]                # rise 1.1 - base 0.8 = 0.3 <= 0.3: plateaued
-    assert (spvr["seeds"], spvr["top1 mean"], spvr["rise mean"], spvr["rise max"]) == (2, 85.5, 1.1, 1.2)
-    assert spvr["rise - base"] == pytest.approx(0.3) and bool(spvr["plateau like its base"])
-    l1 = got.loc[("vgg16", 90.0, "ℓ1")]                     # rise 1.2 - 0.8 = 0.4 > 0.3
-    assert l1["rise - base"] == pytest.approx(0.4) and not bool(l1["plateau like its base"])
-    chance = got.loc[("vgg16", 98.0, "ℓ1")]                 # 10.5 <= 10 + 1: a seed learned nothing
-    assert chance["seeds at chance"] == 1 and chance["rise - base"] == pytest.approx(-0.55)
-    assert not bool(chance["plateau like its base"])
-    unknown = got.loc[("resnet34", 90.0, "SPvR")]           # no base rise: no reading
-    assert pd.isna(unknown["base rise"]) and pd.isna(unknown["plateau like its base"])
-    with pytest.raises(ValueError, match="missing columns"):
-        plateau_against_base(runs.drop(columns=["mode"]), {}, {"fashion-mnist": 10})
-    with pytest.raises(ValueError, match="no entry for dataset 'fashion-mnist'"):
-        plateau_against_base(runs, {"vgg16": 0.8}, {})
-
-
-def test_cells_can_be_told_apart_by_further_columns_and_an_unpruned_network_is_a_cell_of_its_own():
-    from spvr_lib.paper.convergence import plateau_against_base
-
-    runs = pd.DataFrame([
-        {**_run("vgg16", 98.0, "SPvR", "scratch", 0, 86.0, 1.0), "d": 2},
-        {**_run("vgg16", 98.0, "SPvR", "scratch", 1, 85.0, 1.2), "d": 2},
-        {**_run("vgg16", 98.0, "SPvR", "scratch", 0, 66.0, 3.0), "d": 32},
-        {**_run("vgg16", None, "MobileNet", "scratch", 0, 80.0, 0.5), "d": None}])
-    got = plateau_against_base(runs, {"vgg16": 0.8}, {"fashion-mnist": 10}, by=["d"])
-    assert list(got.columns[:5]) == ["model", "params removed (%)", "name", "mode", "d"]
-    assert got["seeds"].tolist() == [2, 1, 1]                       # d = 2 and d = 32 are separate cells
-    assert got["rise mean"].tolist() == [pytest.approx(1.1), 3.0, 0.5]
-    assert got["plateau like its base"].tolist() == [True, False, True]   # 0.3, 2.2 and -0.3 above the base's 0.8
-    assert pd.isna(got["params removed (%)"].iloc[2])              # the NaN removal is kept, not dropped
-    with pytest.raises(ValueError, match=r"missing columns \['d'\]"):
-        plateau_against_base(runs.drop(columns=["d"]), {"vgg16": 0.8}, {"fashion-mnist": 10}, by=["d"])
-
-
-def test_plateau_table_reads_the_bases_rise_from_the_base_runs(cache, monkeypatch):
-    import dataclasses
-
-    from spvr_lib.paper import convergence
-
-    def fit(model, train_set, test_set, recipe, seed=0, **kwargs):      # rises 0.5 (seed 0) and 1.5 (seed 1)
-        history = [{"epoch": e, "lr": recipe.lr, "train_loss": 1.0,
-                    "test_top1": 80.0 + (seed + 0.5) * (e >= 14)} for e in range(1, recipe.epochs + 1)]
-        return {"top1": history[-1]["test_top1"], "top5": 100.0, "loss": 1.0, "history": history,
-                "epochs": recipe.epochs}
-
-    monkeypatch.setattr(train, "fit", fit)
-    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(SETUP, epochs=16)})
-    assert convergence.base_rise(cfg, "vgg16", progress=False) == pytest.approx(1.0)
-    runs = pd.DataFrame([_run("vgg16", 70.0, "SPvR", "scratch", 0, 85.0, 1.3)])
-    row = convergence.plateau_table(cfg, runs, progress=False).iloc[0]
-    assert row["base rise"] == pytest.approx(1.0) and row["rise - base"] == pytest.approx(0.3)
-    assert bool(row["plateau like its base"])

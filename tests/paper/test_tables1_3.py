@@ -345,3 +345,25 @@ def test_the_networks_that_decide_a_cell_are_read_on_their_budget(cache, monkeyp
 def store_read(path):
     from spvr_lib import store
     return store.read_record(path)
+
+
+def test_the_sensitivity_table_sets_the_authors_variants_beside_torch_pruning(cache, monkeypatch):
+    monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
+    table, runs = tables1_3.baselines_sensitivity(TINY, ["vgg16"], seeds=[0, 1], progress=False)
+    assert set(runs["method"]) >= {"tp_l1", "l1", "tp_taylor", "taylor", "spvr", "curl"}
+    crit = table.set_index("criterion")
+    assert list(crit.index) == ["ℓ1", "ℓ2", "Taylor", "FPGM", "Table 1 verdict"]
+    assert crit.loc["ℓ1", "variant"] == "ℓ1 (Li et al.)" and crit.loc["Taylor", "variant"] == "Taylor (NVlabs)"
+    assert crit.loc["Table 1 verdict", "verdict"] in ("moved", "unchanged")
+    assert tables1_3._kind("ℓ1 (Li et al.) better") == tables1_3._kind("CURL better") == "a baseline better"
+
+
+def test_table3_lists_each_run_once_and_reads_scratch_cells_on_their_budget(cache, monkeypatch):
+    monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
+    table, runs = tables1_3.table3(TINY, ["vgg16"], ["tp_l1", "spvr"], seeds=[0, 1], progress=False)
+    spvr = runs[runs["method"] == "spvr"]
+    assert len(spvr) == 2 and len(runs) == 2 + 2 + 2          # SPvR once; ℓ1 from scratch and fine-tuned
+    assert set(table["rows"]) == {"scratch (Table 3)", "Table 1 (baselines fine-tuned)", "scratch - fine-tune",
+                                  "paper (Table 3)"}
+    scratch = table[(table["rows"] == "scratch (Table 3)") & (table["metric"] == "top1")].iloc[0]
+    assert scratch["converged"] == "not read"                 # one epoch: no shorter budget to read
