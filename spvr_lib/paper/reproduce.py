@@ -112,25 +112,20 @@ README_RESULTS = [
     ("01", "table5_sensitivity", "Table 5: sensitivity to the choices the paper leaves unstated", None),
     ("02", "grouping_passes", "Section 3.2: forward passes needed per group size", "grouping_heatmap"),
     ("03", "base_models", "Table 1 base rows: the pre-trained networks", None),
-    ("03", "base_models_convergence", "Table 1 base rows: have they converged? (the plateau rule within one run and "
-     "on the training budget)", None),
+    ("03", "base_models_convergence", "Table 1 base rows: have they converged on their budget?", None),
     ("08", "architectures", "Tables 6-8: the architectures SPvR recommends", None),
     ("08", "ranking_speed", "Ranking speed: naive (one pass per group) against fast", None),
     ("04", "table1_accuracy", "Table 1: SPvR against nine baselines at equal parameter budgets",
      "table1_accuracy_vs_removed"),
-    ("04", "table1_plateau", "Table 1: did each compared network plateau like its base?", None),
+    ("04", "table1_baselines_sensitivity", "Table 1's baselines: Torch-Pruning's criteria against the original "
+     "authors' variants (does the choice move a verdict?)", None),
     ("05", "table2_finetune_vs_scratch", "Table 2: fine-tuning against training from scratch", None),
-    ("05", "table2_plateau", "Table 2: did each compared network plateau like its base?", None),
     ("06", "table3_architecture", "Table 3: every method's architecture trained from scratch", None),
-    ("06", "table3_plateau", "Table 3: did each compared network plateau like its base?", None),
     ("07", "figure1_latency_claims", "Figure 1: inference latency (the claims; all timings in figure1_latency.csv)",
      "figure1_latency"),
     ("09", "figure2_group_size", "Figure 2: group-size ablation", "figure2_group_size"),
-    ("09", "figure2_plateau", "Figure 2: did each network plateau like its base?", None),
     ("10", "table4_mobilenet", "Table 4: pruned ResNet50 against MobileNetV3", None),
-    ("10", "table4_plateau", "Table 4: did each network plateau like the base ResNet50?", None),
-    ("10", "table4_convergence", "Table 4: has each network converged on its budget? (the reading notebook 13 "
-     "judges Table 4 by)", None),
+    ("10", "table4_convergence", "Table 4: has each network converged on its budget?", None),
     ("11", "segmentation", "Section 5.5: segmentation", None),
     ("11", "segmentation_convergence", "Section 5.5: has the unpruned SegNet converged on its budget?", None),
     ("12", "own_model_summary", "Prune your own model: a torchvision network, parameters against the budget and "
@@ -146,6 +141,7 @@ def results_markdown(scale: str) -> str:
              "each table's provenance (commit, parameters, seeds, versions, device, wall time) is the "
              "`.provenance.json` beside it.\n"]
     parts.append(run_cost_markdown(scale))
+    parts.append(claims_at_a_glance(scale))
     for nb, stem, title, figure in README_RESULTS:
         md = out_dir / f"{stem}.md"
         prov = out_dir / f"{stem}.provenance.json"
@@ -163,6 +159,18 @@ def results_markdown(scale: str) -> str:
         if figure and (out_dir / f"{figure}.png").exists():
             parts.append(f"![{title}](figures/{scale}/{figure}.png)\n")
     return "\n".join(parts)
+
+
+def claims_at_a_glance(scale: str) -> str:
+    """The results at a glance: one line per claim of notebook 13's ``claims.csv`` (its verdict and what the paper
+    says), the only sentences about the claims the README holds."""
+    path = REPO_ROOT / "figures" / scale / "claims.csv"
+    if not path.exists():
+        return "**At a glance.** *Notebook 13's claims table is not yet produced at this scale.*\n"
+    df = pd.read_csv(path)
+    lines = [f"- **{r['verdict']}**: {r['claim']}, {r['paper says']}." for _, r in df.iterrows()]
+    return ("**At a glance** (notebook 13's verdicts, one line per claim; the numbers behind each are in the "
+            "claims table below):\n\n" + "\n".join(lines) + "\n")
 
 
 def run_cost_markdown(scale: str) -> str:
@@ -404,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                     "under data/ out of the index")
     ap.add_argument("--check", action="store_true", help="only list the artifacts under figures/<scale>/ whose "
                     "provenance no longer matches the current code; exit 1 when any is stale")
+    ap.add_argument("--retime", action="store_true", help="time the networks afresh (notebooks 07, 10, 12) instead "
+                    "of reading the latency records of this kind of machine")
     ap.add_argument("--executor", choices=EXECUTORS, default=None, help="where the independent trainings run: "
                     "local (processes on this machine, one per core; the default) or slurm (submitit job arrays "
                     "from this machine; the checkout and the run cache on a filesystem the nodes share)")
@@ -480,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     # the notebooks' processes read the executor from the environment (paper.jobs)
-    env_extra = {"SPVR_EXECUTOR": executor, **(slurm_cfg.to_env() if executor == "slurm" else {})}
+    env_extra = {"SPVR_EXECUTOR": executor, **(slurm_cfg.to_env() if executor == "slurm" else {}),
+                 **({"SPVR_RETIME": "1"} if args.retime else {})}
     out_dir = args.out or REPO_ROOT / "build" / "executed" / scale
     total = time.perf_counter()
     cold = not any(store.cache_dir().glob("*.json"))
