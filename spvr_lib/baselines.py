@@ -36,7 +36,7 @@ import math
 import time
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
 
-__all__ = ["BASELINES", "AUTHORS_VARIANTS", "METHODS", "AUTHORS_VARIANT_OF", "TP_IMPORTANCES", "tp_importance",
+__all__ = ["TaylorGates", "BASELINES", "AUTHORS_VARIANTS", "METHODS", "AUTHORS_VARIANT_OF", "TP_IMPORTANCES", "tp_importance",
            "LOCAL_METHODS", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
@@ -94,10 +94,12 @@ NOTES = {
     "fpgm": "FPGM (He et al. 2019): a channel's score is the sum of Euclidean distances between its raw conv filter and "
             "every other filter of the layer; the filters nearest the geometric median (smallest sum) go first. "
             + _LOCAL,
-    "taylor": "Taylor (Molchanov et al. 2019, gate after BN): per mini-batch of the calibration set, (gamma * dL/dgamma)^2 "
-              "of every BN channel, accumulated over the mini-batches (eval mode: BN running statistics); a stream unit "
-              "sums its coupled BNs. All channels of all units ranked together (global), the lowest removed until the "
-              "parameter budget, at least one channel per unit. One shot instead of prune-100-neurons-then-finetune.",
+    "taylor": "Taylor as NVlabs/Taylor_pruning runs it (Molchanov et al. 2019, method 22: a gate of weight 1 after "
+              "each BN): the criterion (gate * dL/dgate)^2 = (gamma * dL/dgamma + beta * dL/dbeta)^2 per mini-batch, "
+              "accumulated; a stream unit sums its coupled BNs; all channels ranked together (global), at least one "
+              "channel per unit.  In the paper harness it prunes while fine-tuning (TaylorGates: NVlabs's iterative "
+              "schedule, scaled: paper.tables1_3.TAYLOR_SCHEDULE); prune() alone scores once on the calibration set "
+              "(eval mode) and removes the lowest until the parameter budget. ",
     "hrank": "HRank (Lin et al. 2020): a channel's score is the average matrix rank of the feature map the network "
              "produces for it: ReLU(BN) inside a block or a VGG layer, and for a residual-stream channel the output of "
              "every block of the stage (after the ReLU that follows the addition), summed over the blocks. "
@@ -154,12 +156,14 @@ METHOD_CARDS: dict[str, dict[str, str]] = {
              "calibration samples": "none (weights only)",
              "differences from the authors' code": "one shot (the authors prune softly every epoch while training)",
              "read from": "he-y/filter-pruning-geometric-median"},
-    "taylor": {"criterion": "(gamma * dL/dgamma)^2 at the BN gate, per mini-batch, accumulated",
+    "taylor": {"criterion": "(gamma * dL/dgamma + beta * dL/dbeta)^2 at the BN gate, per mini-batch, accumulated",
                "ranking": "global (all units together)", "per-layer constraint": "at least one channel",
-               "calibration samples": "the calibration set, in mini-batches of batch_size",
-               "differences from the authors' code": "one shot to the budget instead of removing 100 neurons every "
-               "few mini-batches with fine-tuning in between; BN in eval mode",
-               "read from": "NVlabs/Taylor_pruning (pruning_engine.py, gate after BN)"},
+               "calibration samples": "the training mini-batches while fine-tuning (prune() alone: the calibration "
+               "set)",
+               "differences from the authors' code": "the schedule scaled to the cpu budgets: ten pruning steps over "
+               "the first quarter of the fine-tuning epochs (NVlabs: 100 neurons every 30 mini-batches); a stream "
+               "unit sums its coupled BNs' gates (NVlabs: one shared gate per stage, divided by its blocks)",
+               "read from": "NVlabs/Taylor_pruning (pruning_engine.py, layers/gate_layer.py, configs/)"},
     "hrank": {"criterion": "average matrix rank of the feature map the network outputs (after the ReLU that follows "
               "the residual addition)", "ranking": "local (one ratio for every unit)",
               "per-layer constraint": "at least one group of group_size", "calibration samples": "the calibration set",
@@ -844,6 +848,114 @@ def _run(method: str, model: nn.Module, x: Tensor, y: Tensor, budget: int, group
     notes += (_RCP_TRAIN if short_train is not None else _RCP_PROXY) + \
         f" {n_samples} samples; best score {best[0]:.4f}."
     return best[1], units.removed_fraction(best[2]), notes
+
+
+class TaylorGates:
+    """NVlabs's Taylor pruning while training (Molchanov et al. 2019, NVlabs/Taylor_pruning "method 22"): a gate of
+    weight 1 after every BN of every unit (its output multiplied by the gate, 0 once pruned); each training
+    mini-batch adds (gate * dL/dgate)^2 per channel, i.e. (sum over the batch and positions of dL/dout * out)^2;
+    :meth:`step` masks the least important kept channels, ranked across units (a unit sums its coupled BNs, keeps
+    at least one channel), until the network's parameter count meets a target, and starts the criterion afresh.
+
+    Gates and scores are buffers of the BNs (``spvr_gate``, ``spvr_gate_score``), so a training checkpoint carries
+    them.  ``model`` is trained in place with the gates on; :meth:`pruned` returns the network with the masked
+    channels removed (the same function: a masked channel contributes 0).  ``example``: one input [1, ...]."""
+
+    def __init__(self, model: nn.Module, example: Tensor):
+        self.model = model
+        training = model.training
+        model.eval()                                 # (tracing must not move the BN statistics)
+        self.units = _Units(model, example)          # the dependency graph, built before any hook
+        model.train(training)
+        self.points: dict[str, list[tuple[nn.Module, Tensor, Tensor]]] = {}
+        for name, group in self.units.groups.items():
+            pts = [(dep.target.module, torch.as_tensor(idxs), torch.as_tensor(group[i].root_idxs))
+                   for i, (dep, idxs) in enumerate(group)
+                   if isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm)
+                   and dep.handler in _OUT_CHANNEL_FNS]
+            if pts:
+                self.points[name] = pts
+        self._hooks = []
+        for bn in {bn for pts in self.points.values() for bn, _, _ in pts}:
+            if not hasattr(bn, "spvr_gate"):
+                bn.register_buffer("spvr_gate", torch.ones(bn.num_features, device=bn.weight.device))
+                bn.register_buffer("spvr_gate_score", torch.zeros(bn.num_features, dtype=torch.float64,
+                                                                  device=bn.weight.device))
+            self._hooks.append(bn.register_forward_hook(self._gate))
+
+    @staticmethod
+    def _gate(bn: nn.Module, inputs: Any, out: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (out.ndim - 2)
+        gated = out * bn.spvr_gate.to(out.dtype).view(shape)
+        if bn.training and gated.requires_grad:
+            dims = [d for d in range(out.ndim) if d != 1]
+            kept = out.detach()
+
+            def accumulate(grad: Tensor) -> None:    # # gate * dL/dgate per mini-batch, squared, accumulated
+                bn.spvr_gate_score.add_((grad.float() * kept.float()).sum(dims).double().pow(2))
+            gated.register_hook(accumulate)
+        return gated
+
+    def scores(self) -> dict[str, Tensor]:
+        """The criterion accumulated since the last step, per unit channel [width]; masked channels -inf."""
+        out = {}
+        for name, pts in self.points.items():
+            total = torch.zeros(self.units.widths[name], dtype=torch.float64)
+            for bn, idxs, root in pts:
+                total.index_add_(0, root, bn.spvr_gate_score.detach().cpu()[idxs])
+            total[self.removed_mask(name)] = -math.inf
+            out[name] = total
+        return out
+
+    def removed_mask(self, name: str) -> Tensor:
+        bn, idxs, root = self.points[name][0]
+        mask = torch.zeros(self.units.widths[name], dtype=torch.bool)
+        mask[root] = bn.spvr_gate.detach().cpu()[idxs] == 0
+        return mask
+
+    def removals(self) -> dict[str, list[int]]:
+        """{unit: the channels masked so far}."""
+        return {n: torch.nonzero(self.removed_mask(n)).flatten().tolist() for n in self.points}
+
+    def count(self) -> int:
+        """Parameters of the network with the masked channels removed."""
+        with torch.enable_grad():
+            return self.units.count(self.removals())
+
+    def step(self, target: int) -> int:
+        """Mask the least important kept channels (the criterion since the last step, across units) until the
+        network with them removed has at most ``target`` parameters (as close to it as one channel allows); the
+        criterion then starts afresh.  Returns the parameter count.  Raises ValueError when even one channel per
+        unit exceeds ``target``."""
+        order = _global_order(self.scores(), self.units.widths)
+        with torch.enable_grad():                    # (the parameter count traces the dependency graph)
+            try:
+                frac, count = bisect_budget(lambda f: self.units.count(_first(order, f)), int(target))
+            except _MethodFailure as e:
+                raise ValueError(f"target={target}: {e}") from None
+        removals = _first(order, frac)
+        with torch.no_grad():
+            for name, pts in self.points.items():
+                gone = torch.zeros(self.units.widths[name], dtype=torch.bool)
+                gone[removals.get(name, [])] = True
+                for bn, idxs, root in pts:
+                    bn.spvr_gate[idxs.to(bn.spvr_gate.device)] = (~gone[root]).to(bn.spvr_gate)
+            for bn, _, _ in (p for pts in self.points.values() for p in pts):
+                bn.spvr_gate_score.zero_()
+        return count
+
+    def pruned(self) -> nn.Module:
+        """The trained network with the masked channels removed (gates and their buffers gone): a deep copy."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        removals = self.removals()
+        for bn in {bn for pts in self.points.values() for bn, _, _ in pts}:
+            for buf in ("spvr_gate", "spvr_gate_score"):
+                if hasattr(bn, buf):
+                    delattr(bn, buf)
+        with torch.enable_grad():
+            return self.units.apply(removals)
 
 
 def method_notes(method: str, details: str = "") -> str:

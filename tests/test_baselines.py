@@ -588,3 +588,46 @@ def test_local_selection_is_exact_where_whole_stages_share_a_width():
     res = B.prune("l1", model, calib, 0.6, group_size=1, progress=False)
     removed = 1 - res.params_after / res.params_before
     assert res.params_after <= res.budget and abs(removed - 0.4) < 0.01
+
+
+def test_taylor_gates_accumulate_the_gate_criterion_and_mask_to_a_target():
+    """NVlabs's schedule, its pieces: while training, each mini-batch adds (sum dL/dout * out)^2 per BN channel
+    (the gate's criterion, checked against a real gate); a step masks the least important channels until the
+    parameter count meets the target; the pruned network computes what the gated one does."""
+    torch.manual_seed(5)
+    model = M.build({"arch": "vgg", "cfg": [6, "M", 5], "in_channels": 1, "num_classes": 3})
+    x = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    reference = copy.deepcopy(model).train()
+    gates = B.TaylorGates(model, x[:1])
+    model.train()
+    expected = {}
+    for i in (0, 4):                                 # two mini-batches, by hand with real gates on the copy
+        real = {bn: torch.ones(bn.num_features, requires_grad=True) for bn in reference.modules()
+                if isinstance(bn, nn.BatchNorm2d)}
+        hooks = [bn.register_forward_hook(lambda m, _, o: o * real[m][None, :, None, None]) for bn in real]
+        nn.functional.cross_entropy(reference(x[i:i + 4]), y[i:i + 4]).backward()
+        for h in hooks:
+            h.remove()
+        for j, bn in enumerate(real):
+            expected[j] = expected.get(j, 0) + real[bn].grad.double() ** 2
+        nn.functional.cross_entropy(model(x[i:i + 4]), y[i:i + 4]).backward()
+    got = [bn.spvr_gate_score for bn in model.modules() if isinstance(bn, nn.BatchNorm2d)]
+    assert all(torch.allclose(got[j], expected[j], rtol=1e-4, atol=1e-10) for j in expected)
+
+    before = gates.count()
+    target = before - 40
+    count = gates.step(target)
+    assert count <= target and gates.count() == count
+    removed = gates.removals()
+    assert sum(map(len, removed.values())) >= 1 and all(len(v) < gates.units.widths[n] for n, v in removed.items())
+    assert all(float(bn.spvr_gate_score.abs().sum()) == 0 for bn in model.modules() if isinstance(bn, nn.BatchNorm2d))
+    model.eval()
+    with torch.no_grad():
+        gated = model(x)
+        pruned = gates.pruned().eval()
+        assert M.count_params(pruned) == count
+        assert torch.allclose(pruned(x), gated, atol=1e-5)
+        assert not hasattr(pruned.features[1], "spvr_gate")
+    with pytest.raises(ValueError, match="target=10"):
+        B.TaylorGates(copy.deepcopy(reference), x[:1]).step(10)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import time
 
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -100,6 +101,73 @@ def rcp_samples(cfg: Any) -> int:
 # candidates per architecture, a whole epoch of the cpu scale's training set each would cost as much as
 # training ten networks in full)
 RCP_BRIEF_TRAINING = {"epochs": 1, "val_fraction": 0.1, "max_per_class": 500}
+
+
+# NVlabs's iterative Taylor schedule (configs/imagenet_resnet50_prune72.json: 100 neurons every 30 mini-batches while
+# training, then fine-tuning), scaled to the cpu scale's budgets: the pruning runs over the first quarter of the
+# fine-tuning epochs in ten equal steps (one every few epochs; an epoch here is about 20 mini-batches, NVlabs's 30),
+# each masking the least important channels until the parameter count has fallen by a tenth of the way to the budget;
+# the remaining three quarters fine-tune the pruned network.  The whole run keeps the common epoch budget.
+TAYLOR_SCHEDULE = {"prune_fraction": 0.25, "steps": 10}
+
+
+def taylor_steps(epochs: int) -> list[int]:
+    """The epochs after which NVlabs's schedule prunes (:data:`TAYLOR_SCHEDULE`), the last one at the end of its
+    phase; as many distinct epochs as the phase allows."""
+    phase = max(1, round(TAYLOR_SCHEDULE["prune_fraction"] * int(epochs)))
+    steps = TAYLOR_SCHEDULE["steps"]
+    return sorted({max(1, round(phase * k / steps)) for k in range(1, steps + 1)})
+
+
+def taylor_iterative(cfg: Any, key: str, rate: float, seed: int, progress: bool = True) -> dict[str, Any]:
+    """The original authors' Taylor (NVlabs, :class:`spvr_lib.baselines.TaylorGates`): the base network fine-tuned
+    with the common recipe (fine-tuning lr, the base's images and epochs) while its channels are pruned on
+    :func:`taylor_steps` down to the common budget, then fine-tuned to the end of the budget; the record (kind
+    ``taylor``) holds the pruned network's scores (its test top-1 / top-5 after removing the masked channels),
+    history, parameters and widths."""
+    rate = _check_rate(rate)
+    setup = cfg.model(key)
+    base_rec = _base(cfg, key, progress)
+    budget = parameter_budget(base_rec["params"], rate)
+    recipe = base_models.recipe(setup, lr=model_lr(cfg, key, "finetune", progress), mode="finetune")
+    tkey = {"base": base_rec["hash"], "budget": budget, "recipe": recipe.to_dict(), "seed": int(seed),
+            "schedule": TAYLOR_SCHEDULE, "calib_seed": 0, "dataset": setup.dataset,
+            "per_class_train": setup.train_subset, "per_class_test": setup.test_subset,
+            "data_files": data.fingerprint(setup.dataset)}
+    checkpoint = train.checkpoint_dir() / f"{store.cache_path(tkey, kind='taylor').stem}.pt"
+
+    def compute() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        torch.manual_seed(int(seed))
+        model = train.load_weights(base_rec)
+        x, _ = base_models.calibration(cfg, key, 0)
+        gates = baselines.TaylorGates(model, x[:1])
+        params_before = gates.count()
+        steps = taylor_steps(recipe.epochs)
+        targets = {e: round(params_before - (params_before - budget) * (i + 1) / len(steps))
+                   for i, e in enumerate(steps)}
+        targets[steps[-1]] = budget
+
+        def on_epoch_end(entry: dict[str, Any]) -> None:
+            if int(entry["epoch"]) in targets:
+                gates.step(targets[int(entry["epoch"])])
+
+        train_set = data.load_dataset(setup.dataset, "train", augment=recipe.augment, per_class=setup.train_subset,
+                                      seed=int(seed))
+        test_set = data.load_dataset(setup.dataset, "test", augment=False, per_class=setup.test_subset,
+                                     seed=int(seed))
+        out = train.fit(model, train_set, test_set, recipe, seed=int(seed), checkpoint=checkpoint,
+                        progress=progress, on_epoch_end=on_epoch_end)
+        pruned = gates.pruned()
+        scores = train.evaluate(pruned, test_set)
+        return {**network_facts(cfg, key, pruned),"top1": scores["top1"], "top5": scores.get("top5"), "gated top1": out["top1"],
+                "history": out["history"], "params": int(models.count_params(pruned)), "budget": budget,
+                "params_before": params_before, "arch": ", ".join(map(str, _conv_widths(pruned))),
+                "pruning epochs": steps, "wall_s": round(time.perf_counter() - t0, 3)}
+
+    rec = store.cached(tkey, compute, kind="taylor")
+    checkpoint.unlink(missing_ok=True)
+    return rec
 
 
 def rcp_short_train(cfg: Any, key: str, lr: float, seed: int = 0) -> Any:
@@ -361,6 +429,8 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     mode = "scratch" if method == "spvr" else mode         # SPvR trains from scratch (Section 5.2)
     setup = cfg.model(key)
     base_rec = _base(cfg, key, progress)
+    if method == "taylor" and mode == "finetune":           # NVlabs prunes while fine-tuning
+        return _taylor_row(cfg, key, rate, seed, progress)
     lr = model_lr(cfg, key, mode, progress)
     recipe = base_models.recipe(setup, lr=lr, mode=mode)
     budget = parameter_budget(base_rec["params"], rate)
@@ -383,6 +453,23 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     out.update(top1=rec["top1"], top5=rec["top5"], history=rec["history"], wall_s=rec["wall_s"], hash=rec["hash"],
                status=stats.run_status(rec["top1"], _classes(setup.dataset), rec["history"], dead))
     return out
+
+
+def _taylor_row(cfg: Any, key: str, rate: float, seed: int, progress: bool) -> dict[str, Any]:
+    """:func:`trained_accuracy`'s record for NVlabs's Taylor (pruned while fine-tuning: :func:`taylor_iterative`)."""
+    setup = cfg.model(key)
+    rec = taylor_iterative(cfg, key, rate, seed, progress)
+    facts = {k: rec[k] for k in ("narrowest layer", "classifier inputs", "layers removed")}
+    return {"model": key, "method": "taylor", "rate": rate, "seed": int(seed), "mode": "finetune",
+            "lr": rec["key"]["recipe"]["lr"], "epochs": rec["key"]["recipe"]["epochs"],
+            "train images": train_images(setup), "test images": base_models.test_images_of(setup),
+            "budget": rec["budget"], "params_before": rec["params_before"], "params": rec["params"],
+            "status": "failed: over budget" if rec["params"] > rec["budget"] else
+            stats.run_status(rec["top1"], _classes(setup.dataset), rec["history"]), "error": None,
+            "notes": baselines.method_notes("taylor", f"Pruned while fine-tuning after epochs {rec['pruning epochs']} "
+                                                      "(NVlabs's schedule, scaled: TAYLOR_SCHEDULE)."),
+            "arch": rec["arch"], "prune_hash": rec["hash"], "top1": rec["top1"], "top5": rec["top5"],
+            "history": rec["history"], "wall_s": rec["wall_s"], "hash": rec["hash"], **facts}
 
 
 def _training_call(cfg: Any, key: str, method: str, mode: str, seed: int, model: nn.Module,

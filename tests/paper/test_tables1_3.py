@@ -367,3 +367,19 @@ def test_table3_lists_each_run_once_and_reads_scratch_cells_on_their_budget(cach
                                   "paper (Table 3)"}
     scratch = table[(table["rows"] == "scratch (Table 3)") & (table["metric"] == "top1")].iloc[0]
     assert scratch["converged"] == "not read"                 # one epoch: no shorter budget to read
+
+
+def test_nvlabs_taylor_prunes_while_fine_tuning_within_the_epoch_budget(cache):
+    """The authors' Taylor: the base network fine-tuned for the model's epochs with gates on, pruned after the
+    epochs of NVlabs's scaled schedule down to the common budget; the record is the pruned network's."""
+    import dataclasses
+    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), epochs=8)})
+    assert tables1_3.taylor_steps(8) == [1, 2] and tables1_3.taylor_steps(160)[-1] == 40
+    assert len(tables1_3.taylor_steps(160)) == 10 and tables1_3.taylor_steps(1) == [1]
+    rec = tables1_3.trained_accuracy(cfg, "vgg16", "taylor", RATE, 0, "finetune", progress=False)
+    assert rec["params"] <= rec["budget"] and rec["epochs"] == 8 and len(rec["history"]) == 8
+    assert rec["status"] in ("ok", "failed: at chance") and rec["narrowest layer"]
+    raw = tables1_3.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)
+    assert raw["pruning epochs"] == [1, 2] and raw["params"] == rec["params"]
+    assert raw["top1"] == pytest.approx(raw["gated top1"], abs=1e-6)   # removing masked channels changes nothing
+    assert not list(train.checkpoint_dir().glob(f"{raw['hash']}*"))
