@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from spvr_lib import models
 from spvr_lib.budget import budget_from_keep
 
-__all__ = ["TaylorGates", "BASELINES", "AUTHORS_VARIANTS", "METHODS", "AUTHORS_VARIANT_OF", "TP_IMPORTANCES", "tp_importance",
+__all__ = ["TaylorGates", "BASELINES", "AUTHORS_VARIANTS", "PRUNE_METHODS", "AUTHORS_VARIANT_OF", "TP_IMPORTANCES", "tp_importance",
            "LOCAL_METHODS", "DISPLAY_NAMES", "NOTES", "METHOD_CARDS", "method_table", "BaselineResult", "prune",
            "budget_from_keep", "bisect_budget", "ChannelScoreImportance", "inf_fs"]
 
@@ -55,7 +55,7 @@ __all__ = ["TaylorGates", "BASELINES", "AUTHORS_VARIANTS", "METHODS", "AUTHORS_V
 BASELINES = ("tp_l1", "tp_l2", "tp_taylor", "tp_fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
 # the original authors' formulas for the same four criteria (the sensitivity table: does the choice move a verdict?)
 AUTHORS_VARIANTS = ("l1", "l2", "taylor", "fpgm")
-METHODS = (*BASELINES, *AUTHORS_VARIANTS)
+PRUNE_METHODS = (*BASELINES, *AUTHORS_VARIANTS)
 DISPLAY_NAMES = {"tp_l1": "ℓ1", "tp_l2": "ℓ2", "tp_taylor": "Taylor", "tp_fpgm": "FPGM", "rcp": "RCP",
                  "hrank": "HRank", "curl": "CURL", "nisp": "NISP", "otov2": "OTOv2",
                  "l1": "ℓ1 (Li et al.)", "l2": "ℓ2 (filter norm)", "taylor": "Taylor (NVlabs)", "fpgm": "FPGM (He et al.)"}
@@ -195,7 +195,7 @@ METHOD_CARDS: dict[str, dict[str, str]] = {
 }
 
 
-def method_table(methods: Sequence[str] = METHODS) -> list[dict[str, str]]:
+def method_table(methods: Sequence[str] = PRUNE_METHODS) -> list[dict[str, str]]:
     """The method table of notebook 04 and the README: one row per method (its :data:`METHOD_CARDS`), Table 1's
     baselines first, then the original authors' variants of the sensitivity table."""
     return [{"method": DISPLAY_NAMES[m], "table": "Table 1" if m in BASELINES else "sensitivity (authors' variant)",
@@ -984,7 +984,7 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
           seed: int = 0, progress: bool = True, **method_kw) -> BaselineResult:
     """Prune a deep copy of ``model`` with baseline ``method`` to the parameter budget given by ``keep``.
 
-    method: one of METHODS (Table 1's BASELINES, or an original authors' variant). calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
+    method: one of PRUNE_METHODS (Table 1's BASELINES, or an original authors' variant). calib: (x [n, C, H, W], y [n] int64) calibration data (importance scores,
     HRank ranks, Taylor gradients, NISP/CURL outputs; x[:1] traces the graph). keep: parameters to keep
     (int) or a fraction of ``count_params(model)`` (float in (0, 1]). group_size: channels are removed in
     multiples of it (torch-pruning's round_to; CURL's group). method_kw: ``batch_size`` (taylor, hrank,
@@ -992,8 +992,8 @@ def prune(method: str, model: nn.Module, calib: tuple[Tensor, Tensor], keep: int
     ``short_train`` (rcp: callable(model) -> validation accuracy; the model passed is a copy).
     Bad arguments raise ValueError; a method that cannot run or reach the budget returns status "failed".
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"method must be one of {list(PRUNE_METHODS)}, got {method!r}")
     if not isinstance(model, nn.Module) or not any(True for _ in model.parameters()):
         raise ValueError(f"model must be an nn.Module with parameters, got {type(model).__name__}")
     x, y = _check_calib(calib)

@@ -279,8 +279,8 @@ def test_bad_arguments_raise(nets, calib):
 
 def test_names():
     assert B.BASELINES == ("tp_l1", "tp_l2", "tp_taylor", "tp_fpgm", "rcp", "hrank", "curl", "nisp", "otov2")
-    assert B.METHODS == (*B.BASELINES, "l1", "l2", "taylor", "fpgm")
-    assert set(B.DISPLAY_NAMES) == set(B.NOTES) == set(B.METHOD_CARDS) == set(B.METHODS)
+    assert B.PRUNE_METHODS == (*B.BASELINES, "l1", "l2", "taylor", "fpgm")
+    assert set(B.DISPLAY_NAMES) == set(B.NOTES) == set(B.METHOD_CARDS) == set(B.PRUNE_METHODS)
     assert B.DISPLAY_NAMES["tp_l1"] == "ℓ1" and B.DISPLAY_NAMES["l1"] == "ℓ1 (Li et al.)"
     assert set(B.AUTHORS_VARIANT_OF) == set(B.TP_IMPORTANCES) and set(B.AUTHORS_VARIANT_OF.values()) == \
         set(B.AUTHORS_VARIANTS)
@@ -565,9 +565,9 @@ def test_rcp_picks_the_candidate_its_selection_rule_prefers(nets, calib):
 
 def test_method_table_has_every_baseline_and_the_repository_read():
     rows = B.method_table()
-    assert [r["method"] for r in rows] == [B.DISPLAY_NAMES[m] for m in B.METHODS]
+    assert [r["method"] for r in rows] == [B.DISPLAY_NAMES[m] for m in B.PRUNE_METHODS]
     assert [r["table"] for r in rows].count("Table 1") == len(B.BASELINES)
-    for m, r in zip(B.METHODS, rows):
+    for m, r in zip(B.PRUNE_METHODS, rows):
         if m in B.TP_IMPORTANCES:        # the method table names Torch-Pruning's class and its selection
             assert B.TP_IMPORTANCES[m][0] in r["criterion"] and "global_pruning=False" in r["ranking"]
             assert "Torch-Pruning" in r["read from"]

@@ -206,7 +206,7 @@ def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping
     return df, frame
 
 
-def _train_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[str, Any]:
+def _scratch_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[str, Any]:
     """:func:`train_pruned`'s ``train_run`` keyword arguments."""
     setup = cfg.model(key)
     return dict(spec=spec, dataset=setup.dataset, recipe=base_models.recipe(setup, lr=lr), seed=int(seed),
@@ -231,7 +231,7 @@ def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] |
             r["decides"] = role
             picked.append(r)
     lrs = {key: base_lr(cfg, key, progress=progress) for key in dict.fromkeys(r["model"] for r in picked)}
-    calls = {id(r): {s: _train_call(cfg, r["model"], base_models.spvr_pruned(
+    calls = {id(r): {s: _scratch_call(cfg, r["model"], base_models.spvr_pruned(
         cfg, r["model"], r["rate"], group_size=r["d"], progress=False)["spec"], s, lrs[r["model"]]) for s in seeds}
         for r in picked}
     convergence.prepare_on_budget(cfg, [c for per in calls.values() for c in per.values()], progress)
