@@ -23,14 +23,22 @@ import pandas as pd
 import torch
 
 from spvr_lib import baselines, data, latency, models, store
-from spvr_lib.paper import base_models, tables1_3
+from spvr_lib.paper import base_models, reference, tables1_3
 
 ASSUMED_MAC_PER_S = 60e12          # ~120 TFLOP/s sustained (bfloat16, ~40% of an A100's 312 TFLOP/s peak)
 TRAIN_COST = 3.0                   # a training step: forward + backward, in forward passes
 # Training / test images per dataset: Section 4.1 of the paper (CityScapes: the fine annotations' train / val).
 IMAGES = {"cifar10": (50_000, 10_000), "tiny-imagenet": (100_000, 10_000), "imagenet": (1_200_000, 50_000),
           "cityscapes": (2_975, 500)}
-FIGURE2_D = {"vgg16": (2, 4, 8, 16, 32), "resnet34": (4, 8, 16, 32), "resnet50": (8, 16, 32)}   # Section 6.2
+ON_BUDGET = 0.75     # an on-budget reading trains a deciding network again for 3/4 of its epochs (convergence)
+
+
+def _figure2_d(cfg: Any, key: str) -> list[int]:
+    """Figure 2's group sizes of model ``key`` at ``cfg``'s width (``figure2.group_sizes``)."""
+    from spvr_lib.paper import figure2
+
+    return list(figure2.group_sizes(cfg, [key])[key]) if key in reference.PAPER_GROUP_SIZES else \
+        [cfg.model(key).group_size]
 
 
 def _input_shape(setup: Any) -> tuple[int, int, int]:
@@ -98,8 +106,15 @@ def plan(cfg: Any) -> pd.DataFrame:
         mean_keep = sum(1 - r for r in rates) / len(rates)
         add("04", f"{len(methods)} methods x {len(rates)} rates x {seeds} seeds, fine-tuned / from scratch",
             len(methods) * len(rates) * seeds, setup.epochs, mean_keep, 1)
-        add("05", "fine-tune vs scratch: 2 x seeds trainings at one rate (the model's lr per mode)",
-            2 * seeds, setup.epochs, 1 - 0.6, 0)
+        add("04", "on-budget readings: SPvR and the best baseline of each cell, 3/4 of the epochs",
+            2 * len(rates) * seeds, ON_BUDGET * setup.epochs, mean_keep, 0)
+        if not setup.quote_baselines:
+            add("04", f"the authors' {len(baselines.AUTHORS_VARIANTS)} variants at {max(rates):.0%} (sensitivity)",
+                len(baselines.AUTHORS_VARIANTS) * seeds, setup.epochs, 1 - max(rates), 0)
+        grids = len(base_models.lr_grid(setup, "finetune")) + len(base_models.lr_grid(setup, "scratch"))
+        add("05", f"fine-tune vs scratch at 2 rates (the rule's, the paper's): an lr search per network and mode "
+            f"({grids} trials), 2 x seeds trainings and their on-budget readings",
+            2 * (grids * trial_share + 2 * seeds * (1 + ON_BUDGET)), setup.epochs, 1 - 0.6, 0)
         # from scratch, the local methods' one architecture is one training, and SPvR's is Table 1's
         shared = [m for m in methods if m in baselines.LOCAL_METHODS]
         spvr_shared = "spvr" in methods and setup.table3_rate in rates
@@ -109,9 +124,11 @@ def plan(cfg: Any) -> pd.DataFrame:
         add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}"
             + (f" ({distinct} distinct trainings: {', '.join(why)})" if why else ""), distinct * seeds,
             setup.epochs, 1 - setup.table3_rate, 0)
-        d_values = FIGURE2_D.get(key, (setup.group_size,))
-        add("09", f"d in {list(d_values)} at 98%, trained", len(d_values) * seeds, setup.epochs, 0.02,
-            len(d_values))
+        add("06", "on-budget readings: SPvR and the best baseline, 3/4 of the epochs", 2 * seeds,
+            ON_BUDGET * setup.epochs, 1 - setup.table3_rate, 0)
+        d_values = _figure2_d(cfg, key)
+        add("09", f"d in {d_values} at 98% (the paper's d scaled with the width), trained, and the best and worst d "
+            "on their budget", len(d_values) * seeds + 2 * seeds * ON_BUDGET, setup.epochs, 0.02, len(d_values))
     resnet50 = cfg.models.get("resnet50")
     if resnet50 is not None:
         add10 = [r for r in rows if r["model"] == "resnet50" and r["notebook"] == "04"][0]
@@ -176,10 +193,12 @@ def _job_counts(cfg: Any) -> dict[tuple[str, str], int]:
         l1 = set() if setup.quote_baselines else {("l1", float(setup.table3_rate))}   # the fine-tuning lr's network
         prunes = len({(m, float(r)) for m in methods for r in rates} | l1)
         shared = "spvr" in methods and setup.table3_rate in rates
-        out["04", key] = prunes + trials + len(methods) * len(rates) * seeds
-        out["05", key] = 2 * seeds
-        out["06", key] = (len(methods) - shared) * seeds
-        out["09", key] = len(FIGURE2_D.get(key, (setup.group_size,))) * seeds
+        sensitivity = 0 if setup.quote_baselines else len(baselines.AUTHORS_VARIANTS) * seeds
+        out["04", key] = prunes + trials + len(methods) * len(rates) * seeds + 2 * len(rates) * seeds + sensitivity
+        t2_trials = grid(base_models.lr_grid(setup, "finetune")) + grid(base_models.lr_grid(setup, "scratch"))
+        out["05", key] = 2 * (t2_trials + 2 * seeds * 2)
+        out["06", key] = (len(methods) - shared) * seeds + 2 * seeds
+        out["09", key] = len(_figure2_d(cfg, key)) * seeds + 2 * seeds
     if "resnet50" in cfg.models:      # 2 MobileNets' lr searches, 3 networks per seed and their shorter budget
         out["10", "resnet50 + MobileNetV3 x 2"] = 2 * grid(base_models.lr_grid(cfg.model("resnet50"), "scratch")) \
             + 2 * 3 * seeds

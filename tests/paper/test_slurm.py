@@ -281,9 +281,12 @@ def test_plan_says_how_many_jobs_of_what_size_without_submitting(monkeypatch, ca
     jobs_ = plan.slurm_jobs(scales.get_scale("cpu")).set_index(["notebook", "model"])["jobs"]
     cpu = scales.get_scale("cpu")
     setup = cpu.model("vgg16")
-    # notebook 05: fine-tuned and from scratch, every seed; 09: every d of Figure 2, every seed
-    assert jobs_["05", "vgg16"] == 2 * len(cpu.seeds)
-    assert jobs_["09", "vgg16"] == len(plan.FIGURE2_D["vgg16"]) * len(cpu.seeds)
+    # notebook 05: at 2 rates, an lr search per network and mode (5 + 6 trials), fine-tuned and from scratch at
+    # every seed and each read on its budget; 09: every scaled d of Figure 2 at every seed, the best and the worst d
+    # read on their budget
+    n = len(cpu.seeds)
+    assert jobs_["05", "vgg16"] == 2 * (len(setup.lr_grid) + len(setup.finetune_lr_grid) + 2 * n * 2)
+    assert jobs_["09", "vgg16"] == 3 * n + 2 * n                 # d = 1, 2, 4 (the paper's 2 ... 32 at 1/8 width)
     assert jobs_["04", "vgg16"] > len(setup.compare_rates) * len(cpu.seeds)
     assert reproduce.main(["--scale", "cpu", "--plan"]) == 0
     assert "Slurm jobs" not in capsys.readouterr().out        # only with --executor slurm
