@@ -160,8 +160,9 @@ def taylor_iterative(cfg: Any, key: str, rate: float, seed: int, progress: bool 
                         progress=progress, on_epoch_end=on_epoch_end)
         pruned = gates.pruned()
         scores = train.evaluate(pruned, test_set)
-        return {**network_facts(cfg, key, pruned),"top1": scores["top1"], "top5": scores.get("top5"), "gated top1": out["top1"],
-                "history": out["history"], "params": int(models.count_params(pruned)), "budget": budget,
+        return {**network_facts(cfg, key, pruned), "top1": scores["top1"], "top5": scores.get("top5"),
+                "gated top1": out["top1"], "history": out["history"], "params": int(models.count_params(pruned)),
+                "budget": budget,
                 "params_before": params_before, "arch": ", ".join(map(str, _conv_widths(pruned))),
                 "pruning epochs": steps, "wall_s": round(time.perf_counter() - t0, 3)}
 
