@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
-from spvr_lib import data, latency, models
+from spvr_lib import data, diagnostics, latency, models
 from spvr_lib.paper import base_models, reference, stats, tables1_3
 from spvr_lib.paper.figure2 import train_pruned
 from spvr_lib.paper.stats import mean_std
@@ -195,12 +196,15 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
             lr = base_lr if name not in MOBILENET_VARIANTS else \
                 base_models.searched_lr(setup, spec, "scratch", progress=progress)[0]
             trained = [train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress) for s in seeds]
+            with torch.device("meta"):              # what the network is (no weights needed)
+                summary = diagnostics.layer_summary(models.build(spec))
+            facts = {**summary, "layers removed": None}
             run_rows += [tables1_3.training_row(setup, "resnet50", "spvr" if spec is not None and name not in
                                                 MOBILENET_VARIANTS else name, r, budget=row.get("budget"),
                                                 params_before=base_rec["params"], name=name,
                                                 rate=None if name in MOBILENET_VARIANTS else
                                                 round(1 - budget / base_rec["params"], 6),
-                                                arch=models.spec_to_str(spec)) for r in trained]
+                                                arch=models.spec_to_str(spec), facts=facts) for r in trained]
             row.update(_accuracy_columns(trained, tables1_3._classes(setup.dataset)))
             row.update({"params": models.spec_params(spec), "lr": lr, "architecture": models.spec_to_str(spec)})
             row["MMACs"] = _macs(spec, setup.dataset)
