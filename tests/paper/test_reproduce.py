@@ -113,3 +113,21 @@ def test_gpu_check_skips_every_check_without_cuda_and_refuses_bad_arguments(caps
     assert [ln["check"] for ln in lines] == [name for name, _ in gpu_check.CHECKS]
     assert all(ln["status"] == "skipped" for ln in lines)
     assert gpu_check.main(["--fast"]) == 2
+
+
+def test_ranking_speed_is_a_record_retimed_only_on_request(tmp_path, monkeypatch):
+    """Notebook 08's timings are kept like the latencies: a rerun on the same kind of machine re-times nothing."""
+    from spvr_lib.paper import bench, scales
+
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "runs"))
+    calls = []
+    monkeypatch.setattr(bench, "bench_ranking", lambda key, scale, **kw: calls.append(key) or
+                        {"model": key, "naive_s": 2.0, "fast_s": 1.0, "speedup": 2.0, "same_ranking": True,
+                         "threads": 1})
+    cfg = scales.get_scale("smoke")
+    first = bench.ranking_table(cfg, ["vgg16"])
+    again = bench.ranking_table(cfg, ["vgg16"])
+    assert calls == ["vgg16"] and first.equals(again) and first["speedup"].iloc[0] == 2.0
+    monkeypatch.setenv("SPVR_RETIME", "1")
+    bench.ranking_table(cfg, ["vgg16"])
+    assert calls == ["vgg16", "vgg16"]
