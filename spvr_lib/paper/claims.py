@@ -229,6 +229,8 @@ def _table2(t: _Tables) -> dict[str, Any]:
         if str(r.get("status")) != "ok":
             outcomes.append("fails")
             ours.append(f"{label}: {r.get('error')}")
+        elif v.startswith("n/a (no fine-tuning"):        # a network that lost layers: nothing to compare
+            ours.append(f"{label}: not compared, its layers collapsed (from scratch only: {r.get('TFS')})")
         else:
             outcomes.append("undecided" if v.startswith("n/a") else "holds" if v == "TFS better" else "fails")
             unconverged, note = _converged(r.get("converged"))

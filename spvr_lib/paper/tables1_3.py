@@ -961,7 +961,9 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
     (:func:`table2_lr`), ``cfg.seeds`` seeds; at two rates per model (:func:`table2_networks`): the paper's rule
     (the highest rate of ``grid`` without layer collapse) and the paper's own rate.
 
-    One row per (model, set, metric): rate, architecture, narrowest layer, classifier inputs, params, FT and TFS
+    A network that lost layers (the paper's rate can collapse one here) is trained from scratch only: its FT cell
+    and verdict say why.  One row per (model, set, metric): rate, architecture, narrowest layer, classifier inputs,
+    params, FT and TFS
     (:func:`stats.cell_text`, failed runs named and left out), their lrs, TFS - FT with its 95% interval and the
     verdict of :data:`stats.RULE`, the paper's rate, FT and TFS, status and error; with ``on_budget`` both networks
     are read on their budget too (trained again with 3/4 of the epochs: "FT / TFS gain on budget", "converged")."""
@@ -971,7 +973,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
     keys = list(keys)
     nets = {key: table2_networks(cfg, key, grid, progress) for key in keys}
     trials = [(cfg, key, rate, mode, lr) for key in keys for _, rate, rec in nets[key] if rec is not None
-              for mode in ("finetune", "scratch") for lr in base_models.lr_grid(cfg.model(key), mode)]
+              for mode in ("scratch",) + (() if rec["collapsed"] else ("finetune",))
+              for lr in base_models.lr_grid(cfg.model(key), mode)]
     jobs.fill_cache(_table2_trial_job, trials, jobs.worker_count(cfg), desc="Table 2 lr search", progress=progress)
     rows, run_rows = [], []
     for key in keys:
@@ -985,9 +988,11 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
             if rec is not None:
                 try:
                     facts = network_facts(cfg, key, base_models.spvr_model(rec))
-                    init = _finetune_init(cfg, key, rec, progress)
+                    # a network that lost layers cannot start from the base's weights: trained from scratch only
+                    modes = [("TFS", "scratch", None)] if rec["collapsed"] else \
+                        [("FT", "finetune", _finetune_init(cfg, key, rec, progress)), ("TFS", "scratch", None)]
                     runs = []
-                    for label, mode, state in (("FT", "finetune", init), ("TFS", "scratch", None)):
+                    for label, mode, state in modes:
                         lrs[label] = table2_lr(cfg, key, rec, mode, progress)[0]
                         runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
                                               recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
@@ -1001,7 +1006,7 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                         run_rows.append({**training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,
                                                         budget=rec["budget"], params_before=rec["params_before"],
                                                         arch=rec["arch"], facts=facts), "set": label_set})
-                    calls = {lab: {kw["seed"]: kw for label, kw in runs if label == lab} for lab in ("FT", "TFS")}
+                    calls = {lab: {kw["seed"]: kw for label, kw in runs if label == lab} for lab, _, _ in modes}
                     counted = {lab: [r["key"]["seed"] for r in per_mode[lab] if stats.run_status(
                         r.get("top1"), _classes(setup.dataset), r.get("history") or []) == "ok"] for lab in calls}
                     if on_budget:        # both networks decide the cell: read on their budget
@@ -1026,9 +1031,12 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                     mean, std = stats.mean_std(cells[lab][0])
                     row.update({lab: stats.cell_text(*cells[lab]), f"{lab} mean": mean, f"{lab} std": std,
                                 f"{lab} seeds counted": len(cells[lab][0]), f"{lab} lr": lrs[lab]})
+                if rec is not None and rec["collapsed"]:
+                    row["FT"] = "n/a: layers collapsed (fine-tuning needs every layer of the base)"
+                    cmp = dataclasses.replace(cmp, verdict="n/a (no fine-tuning: layers collapsed)")
                 if on_budget and rec is not None and error is None:
                     gains = {lab: convergence.on_budget_gain(calls[lab], metric, counted[lab], progress)
-                             for lab in ("FT", "TFS")}
+                             for lab in calls}
                     row.update({f"{lab} gain on budget": gains[lab]["gain"] for lab in gains})
                     late = [f"{lab} gains {g['gain']:+.2f}" for lab, g in gains.items() if g["converged"] is False]
                     row["converged"] = "not converged: " + "; ".join(late) if late else \

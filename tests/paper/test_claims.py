@@ -205,3 +205,14 @@ def test_segmentation_says_when_ours_is_a_different_result(tmp_path):
     assert claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5", "verdict"] == "reproduced"
     write(tmp_path, "segmentation", [seg(67.0, 0.5, "-"), seg(50.0, 0.5, "-")])
     assert claims.claims_table(tmp_path)[0].set_index("claim").loc["Section 5.5", "verdict"] == "not reproduced"
+
+
+def test_table2_does_not_count_a_network_that_cannot_be_fine_tuned(tmp_path):
+    write(tmp_path, "table2_finetune_vs_scratch", [
+        {"model": "resnet50", "set": "rule", "metric": "top1", "params removed (%)": 85.0, "status": "ok",
+         "95% interval": "+1.00 [+0.20, +1.80]", "verdict": "TFS better", "converged": "yes"},
+        {"model": "resnet50", "set": "paper's rate", "metric": "top1", "params removed (%)": 90.0, "status": "ok",
+         "95% interval": "n/a", "verdict": "n/a (no fine-tuning: layers collapsed)", "TFS": "85.00 ± 0.10 (...)"}])
+    row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 2"]
+    assert row["verdict"] == "reproduced"
+    assert "ResNet50 90% (paper's rate): not compared, its layers collapsed" in row["ours"]

@@ -383,3 +383,15 @@ def test_nvlabs_taylor_prunes_while_fine_tuning_within_the_epoch_budget(cache):
     assert raw["pruning epochs"] == [1, 2] and raw["params"] == rec["params"]
     assert raw["top1"] == pytest.approx(raw["gated top1"], abs=1e-6)   # removing masked channels changes nothing
     assert not list(train.checkpoint_dir().glob(f"{raw['hash']}*"))
+
+
+def test_table2_trains_a_collapsed_network_from_scratch_only(cache, monkeypatch):
+    from spvr_lib.paper import reference
+    monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
+    monkeypatch.setitem(reference.PAPER_TABLE2, "vgg16", {**reference.PAPER_TABLE2["vgg16"], "rate": 0.99})
+    assert base_models.spvr_pruned(TINY, "vgg16", 0.99, progress=False)["collapsed"]
+    t, runs = tables1_3.table2(TINY, ["vgg16"], seeds=[0, 1], grid=(0.8,), progress=False, with_runs=True)
+    paper = t[(t["set"] == "paper's rate") & (t["metric"] == "top1")].iloc[0]
+    assert paper["status"] == "ok" and paper["FT"].startswith("n/a: layers collapsed")
+    assert paper["verdict"] == "n/a (no fine-tuning: layers collapsed)" and paper["TFS seeds counted"] == 2
+    assert set(runs.loc[runs["set"] == "paper's rate", "mode"]) == {"scratch"}
