@@ -216,3 +216,17 @@ def test_table2_does_not_count_a_network_that_cannot_be_fine_tuned(tmp_path):
     row = claims.claims_table(tmp_path)[0].set_index("claim").loc["Table 2"]
     assert row["verdict"] == "reproduced"
     assert "ResNet50 90% (paper's rate): not compared, its layers collapsed" in row["ours"]
+
+
+def test_latency_claims_count_only_separated_intervals_and_name_the_compute_bound_batch(tmp_path):
+    rows = [{"model": "resnet34", "params removed (%)": r, "batch size": b, "SPvR fastest": f,
+             "slower than unpruned": s} for r, b, f, s in [(90.0, 1, "yes", "none"), (98.0, 1, "tied with ℓ1", "CURL"),
+                                                          (90.0, 64, "no", "none"), (98.0, 64, "yes", "none")]]
+    write(tmp_path, "figure1_latency_claims", rows)
+    got = claims.claims_table(tmp_path)[0]
+    fastest, curl = got[got["claim"] == "Figure 1"].itertuples(index=False)
+    assert fastest.verdict == "partly reproduced"                 # a tie is not "fastest"
+    assert fastest.ours == ("ResNet34: fastest at 1 of 2 rates (90%), tied at 1 (batch 1, this CPU; faster only "
+                            "where the 95% intervals of the medians separate); at batch 64, where compute dominates: "
+                            "fastest in 1 of 2 cells")
+    assert curl.verdict == "partly reproduced" and curl.ours.startswith("CURL slower than unpruned in 1 of 2 cells")
