@@ -132,6 +132,7 @@ README_RESULTS = [
      "latency", "own_model_widths"),
 ]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+GLANCE_START, GLANCE_END = "<!-- glance:start -->", "<!-- glance:end -->"
 
 
 def results_markdown(scale: str) -> str:
@@ -141,7 +142,6 @@ def results_markdown(scale: str) -> str:
              "each table's provenance (commit, parameters, seeds, versions, device, wall time) is the "
              "`.provenance.json` beside it.\n"]
     parts.append(run_cost_markdown(scale))
-    parts.append(claims_at_a_glance(scale))
     for nb, stem, title, figure in README_RESULTS:
         md = out_dir / f"{stem}.md"
         prov = out_dir / f"{stem}.provenance.json"
@@ -157,7 +157,7 @@ def results_markdown(scale: str) -> str:
                      f"wall time of the notebook up to this table {meta.get('wall_s', '?')} s "
                      f"(runs found in the cache are not recomputed).\n\n{md.read_text()}")
         if figure and (out_dir / f"{figure}.png").exists():
-            parts.append(f"![{title}](figures/{scale}/{figure}.png)\n")
+            parts.append(f"![{title}](../figures/{scale}/{figure}.png)\n")
     return "\n".join(parts)
 
 
@@ -166,11 +166,9 @@ def claims_at_a_glance(scale: str) -> str:
     says), the only sentences about the claims the README holds."""
     path = REPO_ROOT / "figures" / scale / "claims.csv"
     if not path.exists():
-        return "**At a glance.** *Notebook 13's claims table is not yet produced at this scale.*\n"
+        return f"*Notebook 13's claims table is not yet produced at the {scale} scale.*\n"
     df = pd.read_csv(path)
-    lines = [f"- **{r['verdict']}**: {r['claim']}, {r['paper says']}." for _, r in df.iterrows()]
-    return ("**At a glance** (notebook 13's verdicts, one line per claim; the numbers behind each are in the "
-            "claims table below):\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(f"- **{r['verdict']}**: {r['claim']}, {r['paper says']}." for _, r in df.iterrows()) + "\n"
 
 
 def run_cost_markdown(scale: str) -> str:
@@ -223,18 +221,33 @@ def _replace_between(text: str, start: str, end: str, body: str, where: Path) ->
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def update_readme(scale: str, readme: Path = REPO_ROOT / "README.md") -> bool:
-    """Replace the text between the README's results markers (and its baselines markers, when present)
-    with what the committed artifacts and the code say; returns whether it changed."""
-    text = readme.read_text()
-    new = _replace_between(text, README_START, README_END, results_markdown(scale), readme)
-    if BASELINES_START in new:
-        new = _replace_between(new, BASELINES_START, BASELINES_END, baselines_markdown(), readme)
-    if PLAN_START in new:
-        new = _replace_between(new, PLAN_START, PLAN_END, plan_section(), readme)
-    if new != text:
-        atomic_write_text(readme, new)
-    return new != text
+DOCS = ("README.md", "docs/results.md", "docs/baselines.md", "docs/paper-scale.md")   # the files with generated parts
+
+
+def _generated(text: str, scale: str, where: Path) -> str:
+    """``text`` with every generated part it has markers for filled in: the results section, the claims at a
+    glance, the baselines' method table, the paper scale's plan."""
+    for start, end, body in ((README_START, README_END, lambda: results_markdown(scale)),
+                             (GLANCE_START, GLANCE_END, lambda: claims_at_a_glance(scale)),
+                             (BASELINES_START, BASELINES_END, baselines_markdown),
+                             (PLAN_START, PLAN_END, plan_section)):
+        if start in text:
+            text = _replace_between(text, start, end, body(), where)
+    return text
+
+
+def update_readme(scale: str, readme: Path | None = None) -> bool:
+    """Fill the generated parts of the README and of docs/ (:data:`DOCS`; ``readme``: that one file only) with
+    what the committed artifacts and the code say; returns whether anything changed."""
+    paths = [readme] if readme is not None else [REPO_ROOT / p for p in DOCS if (REPO_ROOT / p).exists()]
+    changed = False
+    for path in paths:
+        text = path.read_text()
+        new = _generated(text, scale, path)
+        if new != text:
+            atomic_write_text(path, new)
+            changed = True
+    return changed
 
 
 # --------------------------------------------------------------------------- the run cache, committed

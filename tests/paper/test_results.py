@@ -151,9 +151,27 @@ def test_readme_section_is_generated_from_artifacts(tmp_path, monkeypatch):
     assert "| 01_ranking_criterion |                  2 |                           70 |" in text
 
 
-def test_readme_baselines_table_is_what_the_code_says():
-    """The README's method table is generated from baselines.METHOD_CARDS: it cannot drift from the code."""
+def test_the_readme_is_a_front_page_and_its_claims_come_from_the_claims_table(tmp_path, monkeypatch):
+    """At most 1,500 words; its one sentence per claim is generated from claims.csv (no verdict typed by hand)."""
     text = (reproduce.REPO_ROOT / "README.md").read_text()
+    assert len(text.split()) <= 1500
+    glance = text.split(reproduce.GLANCE_START, 1)[1].split(reproduce.GLANCE_END, 1)[0]
+    assert glance.strip() == reproduce.claims_at_a_glance("cpu").strip()
+    for doc in ("use", "reproduce", "protocol", "paper-scale", "baselines", "results", "architecture"):
+        assert f"(docs/{doc}.md)" in text and (reproduce.REPO_ROOT / "docs" / f"{doc}.md").exists()
+    monkeypatch.setattr(reproduce, "REPO_ROOT", tmp_path)
+    (tmp_path / "figures" / "cpu").mkdir(parents=True)
+    pd.DataFrame([{"claim": "Table 9", "paper says": "X beats Y", "verdict": "not reproduced"}]).to_csv(
+        tmp_path / "figures" / "cpu" / "claims.csv", index=False)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{reproduce.GLANCE_START}\n{reproduce.GLANCE_END}\nb\n")
+    assert reproduce.update_readme("cpu", readme)
+    assert "- **not reproduced**: Table 9, X beats Y." in readme.read_text()
+
+
+def test_readme_baselines_table_is_what_the_code_says():
+    """docs/baselines.md's method table is generated from baselines.METHOD_CARDS: it cannot drift from the code."""
+    text = (reproduce.REPO_ROOT / "docs" / "baselines.md").read_text()
     body = text.split(reproduce.BASELINES_START, 1)[1].split(reproduce.BASELINES_END, 1)[0]
     assert body.strip() == reproduce.baselines_markdown().strip()
     assert "Roll920/CURL" in body and "NVlabs/Taylor_pruning" in body and "lmbxmu/HRank" in body
