@@ -7,7 +7,7 @@ weights are hours: they are keyed by the digest of those weights, so where the r
 CURL's masking depend on the number of torch threads; each record is recomputed with the threads its provenance
 names.  Outside spvr_lib on purpose: its functions are not part of any fingerprint.
 
-    python tools/reprune_baselines.py [--scale cpu] [--methods l1 rcp ...]
+    python tools/reprune_baselines.py [--scale cpu] [--methods l1 rcp ...] [--threads 1|2]
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu")
     parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="only the records computed with this many threads")
     args = parser.parse_args(argv)
     cfg = scales.get_scale(args.scale)
     account = json.loads((REPO / "figures" / args.scale / "reproduce_run.json").read_text())
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = tables1_3.pruned_dir() / f"{path.stem}.pt"
         old_digest = tables1_3._description(weights).get("state_sha256")
         threads = old.get("provenance", {}).get("device", {}).get("torch_threads") or 1
+        if args.threads is not None and int(threads) != args.threads:
+            continue
         torch.set_num_threads(int(threads))
         model, info = tables1_3.pruned_network(cfg, model_key, key["method"], old["rate"], seed=key["seed"],
                                                progress=False)
