@@ -523,12 +523,12 @@ def on_budget_columns(cfg: Any, key: str, rate: float, mode: str, roles: Mapping
     return out
 
 
-def deciding_calls(cfg: Any, key: str, rate: float, mode: str, methods: Iterable[str], seeds: Iterable[int],
-                   progress: bool = True) -> list[dict[str, Any]]:
-    """Every ``train.train_run`` call of ``methods`` at (``key``, ``rate``) over ``seeds``, for
-    ``convergence.prepare_on_budget`` to train their shorter budgets side by side."""
-    calls = [training_call(cfg, key, m, rate, s, mode, progress) for m in methods for s in seeds]
-    return [c for c in calls if c is not None]
+def _on_budget_job(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str) -> None:
+    """One shorter training of a deciding network (``paper.jobs``: built in the worker from picklable arguments,
+    so that weights kept only by their digest are pruned again there when needed)."""
+    call = training_call(cfg, key, method, rate, seed, mode, progress=False)
+    if call is not None:
+        train.train_run(**convergence.shorter_call(call), progress=False)
 
 
 @functools.lru_cache(maxsize=8)
@@ -830,16 +830,19 @@ _METHOD_OF = {name: m for m, name in DISPLAY_NAMES.items()}
 def _add_on_budget(cfg: Any, rows: list[dict[str, Any]], runs: pd.DataFrame, mode: str, progress: bool) -> None:
     """:func:`on_budget_columns` for every compared row of ``rows`` (those with a best baseline): SPvR and the best
     baseline of the cell, whose shorter budgets are first trained side by side."""
+    from spvr_lib.paper import jobs
+
     cells = [(r, _METHOD_OF[r["best baseline"]]) for r in rows if r.get("best baseline")]
-    calls = []
+    todo = []
     for r, best in cells:
         rate = round(float(r["params removed (%)"]) / 100, 6)
         rsub = runs[(runs["model"] == r["model"]) & (runs["rate"] == rate)]
         for m in ("spvr", best):
-            seeds = [int(x) for x, st in zip(rsub.loc[rsub["method"] == m, "seed"],
-                                             rsub.loc[rsub["method"] == m, "status"]) if st == "ok"]
-            calls += deciding_calls(cfg, r["model"], rate, mode, [m], seeds, progress)
-    convergence.prepare_on_budget(cfg, calls, progress)
+            todo += [(cfg, r["model"], m, rate, int(x), mode) for x, st in
+                     zip(rsub.loc[rsub["method"] == m, "seed"], rsub.loc[rsub["method"] == m, "status"]) if st == "ok"]
+    todo = list({job[1:]: job for job in todo}.values())         # once each (Tables 1's two metrics share them)
+    jobs.fill_cache(_on_budget_job, todo, jobs.worker_count(cfg), desc="on-budget readings", progress=progress,
+                    cost=lambda job: training_cost(cfg, job[1], job[3]))
     for r, best in cells:
         rate = round(float(r["params removed (%)"]) / 100, 6)
         rsub = runs[(runs["model"] == r["model"]) & (runs["rate"] == rate)]
