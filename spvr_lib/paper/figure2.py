@@ -65,10 +65,8 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
                  progress: bool = True) -> dict[str, Any]:
     """Train ``spec`` from scratch (fresh init) with the setup's recipe at ``lr`` (default: the
     base model's searched lr) on the setup's data subsets; the cached ``train.train_run`` record."""
-    setup = cfg.model(key)
     lr = base_lr(cfg, key, progress=progress) if lr is None else lr
-    return train_run(spec, setup.dataset, base_models.recipe(setup, lr=lr), int(seed), setup.train_subset,
-                     setup.test_subset, tag="scratch", progress=progress, weights_needed=False)
+    return train_run(**_scratch_call(cfg, key, spec, seed, lr), progress=progress)
 
 
 
