@@ -9,7 +9,6 @@ from torch import nn
 from spvr_lib import models
 from spvr_lib.ranking import group_importance, mask_output
 from spvr_lib.criteria import spvr_loss
-from spvr_lib import ranking
 
 torch.set_num_threads(1)
 
