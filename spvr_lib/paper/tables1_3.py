@@ -149,8 +149,11 @@ def taylor_iterative(cfg: Any, key: str, rate: float, seed: int, progress: bool 
         targets[steps[-1]] = budget
 
         def on_epoch_end(entry: dict[str, Any]) -> None:
-            if int(entry["epoch"]) in targets:
-                gates.step(targets[int(entry["epoch"])])
+            # the target of the latest step epoch: a step lost to an interruption (the checkpoint of its epoch is
+            # written before it) is taken at the next epoch's end, as the masks the checkpoint holds say
+            done = [e for e in steps if e <= int(entry["epoch"])]
+            if done and gates.count() > targets[done[-1]]:
+                gates.step(targets[done[-1]])
 
         train_set = data.load_dataset(setup.dataset, "train", augment=recipe.augment, per_class=setup.train_subset,
                                       seed=int(seed))
@@ -158,6 +161,8 @@ def taylor_iterative(cfg: Any, key: str, rate: float, seed: int, progress: bool 
                                      seed=int(seed))
         out = train.fit(model, train_set, test_set, recipe, seed=int(seed), checkpoint=checkpoint,
                         progress=progress, on_epoch_end=on_epoch_end)
+        if gates.count() > budget:              # (a step lost in the very last epoch: taken now, untrained after)
+            gates.step(budget)
         pruned = gates.pruned()
         scores = train.evaluate(pruned, test_set)
         return {**network_facts(cfg, key, pruned), "top1": scores["top1"], "top5": scores.get("top5"),

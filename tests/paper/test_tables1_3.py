@@ -395,3 +395,33 @@ def test_table2_trains_a_collapsed_network_from_scratch_only(cache, monkeypatch)
     assert paper["status"] == "ok" and paper["FT"].startswith("n/a: layers collapsed")
     assert paper["verdict"] == "n/a (no fine-tuning: layers collapsed)" and paper["TFS seeds counted"] == 2
     assert set(runs.loc[runs["set"] == "paper's rate", "mode"]) == {"scratch"}
+
+
+def test_nvlabs_taylor_takes_a_step_lost_to_an_interruption_at_the_next_epoch(cache, monkeypatch):
+    """The checkpoint of a pruning epoch is written before its step: a run killed in the next epoch resumes (a new
+    process: the base weights, the gates, then the checkpoint's masks, which lack that step), and the next
+    epoch's end takes the step, so that the budget holds."""
+    import dataclasses
+    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), epochs=12)})
+    assert tables1_3.taylor_steps(12) == [1, 2, 3]
+    real_fit = train.fit
+    state = {"killed": False, "counts": []}
+
+    def fit(model, train_set, test_set, recipe, seed=0, checkpoint=None, on_epoch_end=None, **kw):
+        if on_epoch_end is None:                            # (the base network's own training)
+            return real_fit(model, train_set, test_set, recipe, seed=seed, checkpoint=checkpoint, **kw)
+
+        def end(entry):
+            on_epoch_end(entry)
+            state["counts"].append((entry["epoch"], models.count_params(model)))
+            if entry["epoch"] == 3 and not state["killed"]:     # killed in epoch 4: checkpoint 3 lacks step 3
+                state["killed"] = True
+                raise KeyboardInterrupt
+        return real_fit(model, train_set, test_set, recipe, seed=seed, checkpoint=checkpoint, on_epoch_end=end, **kw)
+
+    monkeypatch.setattr(train, "fit", fit)
+    with pytest.raises(KeyboardInterrupt):
+        tables1_3.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)
+    rec = tables1_3.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)      # resumed from epoch 3's checkpoint
+    assert state["killed"] and rec["params"] <= rec["budget"]
+    assert [e for e, _ in state["counts"]][:5] == [1, 2, 3, 4, 5]                # epoch 4 ran in the second process
