@@ -127,7 +127,7 @@ _RCP_PROXY = (" Candidates ranked by a cheap proxy (short_train=None): accuracy 
               "re-estimating BN statistics on it (EagleEye-style adaptive BN), not by RCP's brief training.")
 _RCP_TRAIN = " Candidates ranked by the caller's short_train (a brief training, scored on held-out validation data)."
 
-# One card per baseline: what the notebook's and the README's method table show.
+# One card per baseline: what notebook 04's and docs/baselines.md's method table show.
 def _tp_card(cls: str, args: str, calibration: str) -> dict[str, str]:
     return {"criterion": f"Torch-Pruning {cls}({args}), group_reduction 'mean', normalizer 'mean'",
             "ranking": "local: MetaPruner(global_pruning=False, iterative_steps=1, round_to=group_size)",

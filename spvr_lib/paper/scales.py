@@ -2,7 +2,7 @@
 
 * ``smoke``: minutes on a laptop; what the tests and nbmake run.
 * ``cpu``: real results on a 2-core machine without a GPU (the default of ``make reproduce``): Fashion-MNIST,
-  networks at 1/8 width, trained until they plateau (README, "The cpu scale", gives the cost: several
+  networks at 1/8 width, trained until they plateau (docs/protocol.md gives the cost: several
   runs of a few hours each, resumed from the run cache).
 * ``cpu-full``: the cpu scale with every rate of the paper's Table 1 in the trained comparisons.
 * ``paper``: the paper's recipe (Section 4.3, Appendix D) for a GPU and the real datasets.
@@ -162,8 +162,8 @@ def scaled_group_size(paper_d: int, width: float) -> int:
 # base network; fine-tuning: on ℓ1's pruned network): a trial trains on the very images every network of the
 # model gets (250 per class) and is scored on 500 OTHER training images per class (val_per_class; never the
 # test set); every network is scored on the whole 10,000-image test set.  The
-# epochs are set so that the base networks plateau: VGG16 160, ResNet34 320, ResNet50 800 (README, "The cpu
-# scale", gives the measurements; at 80 / 160 / 200 epochs, commit 40c1659, the last quarter of training still
+# epochs are set so that the base networks plateau: VGG16 160, ResNet34 320, ResNet50 800 (docs/protocol.md, "Why these
+# sizes", gives the measurements; at 80 / 160 / 200 epochs, commit 40c1659, the last quarter of training still
 # added 0.85 / 0.56 / 0.60 points, and ResNet50 rose from 82.76 to 83.42 with 400).  The ResNets use the
 # ImageNet stem (7x7/2 + max-pool, as the paper's ResNet50).  Trained comparisons run at two rates per model
 # (the highest included) and three seeds; the architecture tables (Tables 6-8) and latency use all of the
