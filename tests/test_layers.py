@@ -36,7 +36,7 @@ def test_public_api_imports():
     from spvr_lib import PruneResult, count_params, group_importance, inherit_weights, kl_loss, spvr_loss, spvr_prune
     assert callable(spvr_prune) and callable(group_importance) and callable(inherit_weights)
     assert PruneResult.__name__ == "PruneResult" and spvr_loss.__module__ == "spvr_lib.criteria"
-    assert kl_loss.__module__ == "spvr_lib.criteria" and count_params.__module__ == "spvr_lib.models"
+    assert kl_loss.__module__ == "spvr_lib.criteria" and count_params.__module__ == "spvr_lib.models.sizes"
     assert all(hasattr(spvr_lib, name) for name in spvr_lib.__all__)
 
 
@@ -77,8 +77,8 @@ def _top_level_defs(pattern: str) -> dict[str, list[str]]:
 
 def test_each_mechanism_exists_once():
     once = {"fit": "train.py", "evaluate": "train.py", "train_run": "train.py", "resolve_device": "devices.py",
-            "reinitialize": "models.py", "save_network": "models.py", "load_network": "models.py",
-            "cached": "store.py", "count_params": "models.py", "record_activations": "grouping.py",
+            "reinitialize": "models/networks.py", "save_network": "models/files.py", "load_network": "models/files.py",
+            "cached": "store.py", "count_params": "models/sizes.py", "record_activations": "grouping.py",
             "SCALE_NAMES": "paper/scales.py", "measure_latency": "latency.py"}
     for name, where in once.items():
         assert _top_level_defs(re.escape(name)).get(name) == [where], (name, _top_level_defs(re.escape(name)))

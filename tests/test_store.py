@@ -93,7 +93,7 @@ def test_a_training_run_fingerprints_the_method_files_it_ran(tmp_path, monkeypat
         return {"top1": out["top1"]}
 
     code = store.cached({"spec": spec}, compute, kind="t")["code"]
-    assert {"spvr_lib.train:fit", "spvr_lib.models:build", "spvr_lib.models:MLP.forward",
+    assert {"spvr_lib.train:fit", "spvr_lib.models.specs:build", "spvr_lib.models.networks:MLP.forward",
             "spvr_lib.devices:resolve_device"} <= set(code)
     # nothing the run never touched: no dataset loaders, no ranking, no paper harness, no unused train.py code
     assert not [f for f in code if f.startswith(("spvr_lib.data", "spvr_lib.paper", "spvr_lib.ranking"))]
