@@ -39,7 +39,7 @@ from spvr_lib.models import (
 from spvr_lib.prune import GroupRanking, PruneResult, inherit_weights, layer_groups, rank_groups, spvr_prune
 from spvr_lib.ranking import MaskSite, group_importance, mask_output, unit_importance
 from spvr_lib.tasks import CLASSIFICATION, SEGMENTATION, Task
-from spvr_lib.train import Recipe, evaluate, fit, lr_search, train_run
+from spvr_lib.train import Recipe, evaluate, fit, train_run
 
 __version__ = "0.2.0"
 
@@ -50,7 +50,7 @@ __all__ = [
     "record_activations", "budget_from_keep", "apply_budget",
     # networks, training and measurement
     "build", "preset", "count_params", "spec_params", "spec_to_str", "reinitialize", "save_network",
-    "load_network", "Recipe", "fit", "evaluate", "lr_search", "train_run", "Task", "CLASSIFICATION",
+    "load_network", "Recipe", "fit", "evaluate", "train_run", "Task", "CLASSIFICATION",
     "SEGMENTATION", "measure_latency", "count_macs", "resolve_device",
     # the baselines of Table 1
     "prune_baseline", "BaselineResult",

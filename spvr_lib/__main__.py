@@ -10,6 +10,13 @@ one of spvr_lib's presets or spec files (``--model``/``--spec`` with ``--checkpo
     python -m spvr_lib prune --model-file mynet.py:build --weights mynet.pt --data fashion-mnist --keep 0.3 --out pruned/
     torchrun --nproc_per_node 2 -m spvr_lib prune ...     # the ranking's groups split over the processes
 
+``train``: trains a preset on a dataset with the paper's recipe (``spvr_lib.train.fit``) and writes its record and
+weights to a folder; a rerun with the same arguments resumes from the per-epoch checkpoint there::
+
+    python -m spvr_lib train --preset resnet34 --width 0.25 --dataset fashion-mnist --epochs 30 \\
+        --batch-size 128 --lr 0.05 --out runs/
+    torchrun --nproc_per_node 2 -m spvr_lib train ...     # data-parallel (--batch-size is the global batch)
+
 Bad input exits with status 2 and a message naming the argument.
 """
 from __future__ import annotations
@@ -26,12 +33,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from spvr_lib import data, models, store
+from spvr_lib import data, models, store, train
 from spvr_lib.budget import budget_from_keep
 from spvr_lib.devices import resolve_device
 from spvr_lib.prune import spvr_prune
 
-_COMMANDS = ("prune",)
+_COMMANDS = ("prune", "train")
 
 
 class _UsageError(ValueError):
@@ -92,7 +99,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="ResNet stem of a --model preset: cifar (3x3, stride 1) or imagenet (7x7/2 + max-pool, the "
                    "paper's ResNet50 and torchvision's); default: the preset's (cifar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_train_parser(commands)
     return parser
+
+
+def _add_train_parser(commands) -> None:
+    p = commands.add_parser("train", help="train a preset on a dataset (data-parallel under torchrun)",
+                            description="Train a preset on a dataset with the paper's recipe; writes "
+                                        "<out>/train-<hash>.json (the record, with the sha256 of the final state dict "
+                                        "on every rank) and <out>/train-<hash>.final.pt (models.load_network); the "
+                                        "per-epoch checkpoint <out>/train-<hash>.ckpt.pt makes a rerun with the same "
+                                        "arguments resume.  Under torchrun --batch-size is the global batch.")
+    p.add_argument("--preset", required=True, help="models preset: vgg16_bn, resnet18, resnet34, resnet50")
+    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
+    p.add_argument("--stem", choices=("cifar", "imagenet"), default=None,
+                   help="ResNet stem: cifar (3x3, stride 1; the preset's default) or imagenet (7x7/2 + max-pool)")
+    p.add_argument("--data-root", default=None, help="the folder holding the dataset (default: the usual places)")
+    p.add_argument("--dataset", required=True, help="data.load_dataset name, e.g. fashion-mnist")
+    p.add_argument("--epochs", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True, help="global batch size (all ranks)")
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--per-class-train", type=int, default=None, help="training samples per class (default all)")
+    p.add_argument("--per-class-test", type=int, default=None, help="test samples per class (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--out", required=True, type=Path, help="folder for the JSON record and weights")
+    p.add_argument("--no-progress", action="store_true")
 
 
 # --------------------------------------------------------------------------- loading the network
@@ -417,12 +453,61 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    """The ``train`` command.  Its record is keyed by the spec, data, recipe and seed (``train-<hash>``), in --out;
+    ``train.train_run`` is the cached run of the library and the notebooks, in the run cache."""
+    import torch
+    import torch.distributed as dist
+
+    t0 = time.perf_counter()
+    if args.stem is not None and not args.preset.startswith("resnet"):
+        raise _UsageError(f"--stem applies to ResNet presets, not --preset {args.preset!r}")
+    recipe = train.Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          num_workers=args.num_workers, augment=not args.no_augment, amp=args.amp)
+    dev = resolve_device(args.device)
+    rank, world = train.init_distributed(dev)
+    root = {} if args.data_root is None else {"root": args.data_root}
+    train_set = data.load_dataset(args.dataset, "train", augment=recipe.augment, per_class=args.per_class_train,
+                                  seed=args.seed, **root)
+    test_set = data.load_dataset(args.dataset, "test", augment=False, per_class=args.per_class_test,
+                                 seed=args.seed, **root)
+    in_channels = int(train_set[0][0].shape[0])
+    spec = models.preset(args.preset, num_classes=train_set.num_classes, in_channels=in_channels, width=args.width,
+                         **({} if args.stem is None else {"stem": args.stem}))
+    key = {"spec": spec, "dataset": args.dataset, "per_class_train": args.per_class_train,
+           "per_class_test": args.per_class_test, "recipe": recipe.to_dict(), "seed": args.seed}
+    stem = f"train-{store.run_hash(key)}"
+    torch.manual_seed(args.seed)
+    model = models.build(spec)
+    out = train.fit(model, train_set, test_set, recipe, seed=args.seed, checkpoint=args.out / f"{stem}.ckpt.pt",
+                    device=dev, progress=not args.no_progress)
+    digests = [train.state_dict_digest(model.state_dict())]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, digests[0])
+        digests = gathered
+    if rank == 0:
+        weights = args.out / f"{stem}.final.pt"
+        models.save_network(model, weights, spec=spec)
+        record = {**out, "key": key, "spec": spec, "params": int(models.count_params(model)),
+                  "size_mb": float(models.model_size_mb(model)), "world_size": world,
+                  "state_sha256_per_rank": digests, "weights": str(weights),
+                  "wall_s": round(time.perf_counter() - t0, 3),
+                  "provenance": {"git": store.git_state(), "versions": store.library_versions(),
+                                 "device": store.device_info()}}
+        path = store.atomic_write_json(args.out / f"{stem}.json", record)
+        print(f"top1 {out['top1']:.2f}%  record {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m spvr_lib`` and the ``spvr`` script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
         if args.command == "prune":
             return _prune(args)
+        if args.command == "train":
+            return _train(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -17,19 +17,18 @@
   epoch so all ranks hold identical weights; evaluation shards the test set across ranks and
   sums the counts (exact, no padding).  Only rank 0 writes checkpoints and shows progress.
 
-``train_run`` is the cached run every notebook uses; ``python -m spvr_lib.train`` is the CLI
-(the way to train data-parallel: ``torchrun --nproc_per_node N -m spvr_lib.train ...``).
+``train_run`` is the cached run every notebook uses; ``python -m spvr_lib train`` is the command line
+(the way to train data-parallel: ``torchrun --nproc_per_node N -m spvr_lib train ...``).  A state dict's
+digest (``state_dict_digest``, ``WeightsOnDemand``) is :mod:`spvr_lib.models.files`'s.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import hashlib
 import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from tqdm.auto import tqdm
 from spvr_lib import data, models, store
 from spvr_lib.data import LabeledSubset
 from spvr_lib.devices import resolve_device
+from spvr_lib.models.files import WeightsOnDemand, state_dict_digest  # noqa: F401 (read as train.WeightsOnDemand)
 from spvr_lib.tasks import CLASSIFICATION, Task, task_named
 
 MODES = ("scratch", "finetune")
@@ -152,50 +152,6 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return _world()
-
-
-def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 (hex) of a state dict: names, dtypes, shapes and raw bytes, in sorted-name order (a
-    :class:`WeightsOnDemand` says its own, without making its weights)."""
-    if isinstance(state, WeightsOnDemand):
-        return state.digest
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class WeightsOnDemand(Mapping):
-    """A state dict known by its :func:`state_dict_digest` and made only when read: the weights of a network the
-    run cache keeps by description (a pruned baseline, whose weights are pruned again from the committed base in
-    seconds), passed as ``init_state`` where a training's cache key needs only their digest.  ``make()``
-    returns the state dict; it must have ``digest``, or reading it raises ValueError naming ``name``."""
-
-    def __init__(self, digest: str, make: Callable[[], Mapping[str, torch.Tensor]], name: str = "weights") -> None:
-        self.digest, self._make, self.name = digest, make, name
-        self._state: dict[str, torch.Tensor] | None = None
-
-    def _weights(self) -> dict[str, torch.Tensor]:
-        if self._state is None:
-            state = {k: v.detach().cpu() for k, v in self._make().items()}
-            got = state_dict_digest(state)
-            if got != self.digest:
-                raise ValueError(f"{self.name}: the weights made again have digest {got[:16]}, not the "
-                                 f"{self.digest[:16]} the records were computed from; delete the description and "
-                                 "the records that read it to compute them afresh")
-            self._state = state
-        return self._state
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._weights()[name]
-
-    def __iter__(self) -> Any:
-        return iter(self._weights())
-
-    def __len__(self) -> int:
-        return len(self._weights())
 
 
 def _augmentation_generator(dataset: Any) -> torch.Generator | None:
@@ -524,7 +480,7 @@ def last_quarter_start(epochs: int) -> int:
     return (3 * int(epochs)) // 4
 
 
-# --------------------------------------------------------------------------- learning-rate search
+# --------------------------------------------------------------------------- validation split
 def validation_split(dataset: Dataset, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """(train indices, validation indices) of ``dataset``, stratified by ``dataset.targets`` if present.
 
@@ -550,36 +506,6 @@ def validation_split(dataset: Dataset, val_fraction: float, seed: int = 0) -> tu
             val.extend(idx[: min(len(idx) - 1, max(1, round(val_fraction * len(idx))))].tolist())
     val_set = set(val)
     return [i for i in range(n) if i not in val_set], sorted(val)
-
-
-def lr_search(make_model: Callable[[], nn.Module], train_set: Dataset, grid: Sequence[float], recipe: Recipe,
-              seed: int = 0, val_fraction: float = 0.1, eval_set: Dataset | None = None,
-              device: str | torch.device | None = None, progress: bool = True) -> tuple[float, dict[float, float]]:
-    """Grid search of the learning rate on a validation part split off ``train_set`` (never the test set).
-
-    One ``fit`` per lr in ``grid`` (``recipe`` with that lr) on a fresh ``make_model()``, trained on
-    the rest of ``train_set`` and scored by validation top-1.  ``eval_set``: the same samples as
-    ``train_set`` without augmentation, to validate on (default: ``train_set`` itself).  A run whose
-    last training loss is not finite (diverged) scores 0.  Returns (best lr, {lr: validation top-1});
-    ties go to the smaller lr.
-    """
-    grid = [float(lr) for lr in grid]
-    if not grid:
-        raise ValueError("grid is empty: expected at least one learning rate")
-    if eval_set is not None and len(eval_set) != len(train_set):
-        raise ValueError(f"eval_set has {len(eval_set)} samples, train_set {len(train_set)}: "
-                         "expected the same samples")
-    train_idx, val_idx = validation_split(train_set, val_fraction, seed)
-    train_part = Subset(train_set, train_idx)
-    val_part = Subset(eval_set if eval_set is not None else train_set, val_idx)
-    scores: dict[float, float] = {}
-    for lr in tqdm(grid, desc="lr search", disable=not progress):
-        result = fit(make_model(), train_part, val_part, dataclasses.replace(recipe, lr=lr), seed=seed,
-                     device=device, progress=progress)
-        diverged = not math.isfinite(result["history"][-1]["train_loss"])
-        scores[lr] = 0.0 if diverged else float(result["top1"])
-    best = max(sorted(scores), key=lambda lr: scores[lr])  # max keeps the first (smallest) of ties
-    return best, scores
 
 
 # --------------------------------------------------------------------------- the cached run
@@ -662,82 +588,3 @@ def load_weights(record: Mapping[str, Any]) -> nn.Module:
         raise FileNotFoundError(f"weights file {str(path)!r} of run {record.get('hash')} is missing; call "
                                 "train_run again with the same arguments: it retrains when the weights are gone")
     return models.load_network(path)
-
-
-# --------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m spvr_lib.train`` (or ``torchrun --nproc_per_node N -m spvr_lib.train``).
-
-    Trains a preset on a dataset and writes ``<out>/train-<hash>.json`` (the record, including the
-    sha256 of the final state dict on every rank) and ``<out>/train-<hash>.final.pt``; the per-epoch
-    checkpoint ``<out>/train-<hash>.ckpt.pt`` makes a rerun with the same arguments resume.
-    """
-    p = argparse.ArgumentParser(prog="python -m spvr_lib.train", description=main.__doc__.splitlines()[0])
-    p.add_argument("--preset", required=True, help="models preset: vgg16_bn, resnet34, resnet50")
-    p.add_argument("--width", type=float, default=1.0, help="width multiplier")
-    p.add_argument("--stem", choices=("cifar", "imagenet"), default=None,
-                   help="ResNet stem: cifar (3x3, stride 1; the preset's default) or imagenet (7x7/2 + max-pool)")
-    p.add_argument("--data-root", default=None, help="the folder holding the dataset (default: the usual places)")
-    p.add_argument("--dataset", required=True, help="data.load_dataset name, e.g. fashion-mnist")
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True, help="global batch size (all ranks)")
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--per-class-train", type=int, default=None, help="training samples per class (default all)")
-    p.add_argument("--per-class-test", type=int, default=None, help="test samples per class (default all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--amp", action="store_true", help="bfloat16 autocast on CUDA")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda:LOCAL_RANK if available)")
-    p.add_argument("--out", required=True, type=Path, help="folder for the JSON record and weights")
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-
-
-    t0 = time.perf_counter()
-    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                    num_workers=args.num_workers, augment=not args.no_augment, amp=args.amp)
-    dev = resolve_device(args.device)
-    started_here = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized())
-    rank, world = init_distributed(dev)
-    root = {} if args.data_root is None else {"root": args.data_root}
-    train_set = data.load_dataset(args.dataset, "train", augment=recipe.augment, per_class=args.per_class_train,
-                                  seed=args.seed, **root)
-    test_set = data.load_dataset(args.dataset, "test", augment=False, per_class=args.per_class_test,
-                                 seed=args.seed, **root)
-    in_channels = int(train_set[0][0].shape[0])
-    if args.stem is not None and not args.preset.startswith("resnet"):
-        p.error(f"--stem applies to ResNet presets, not --preset {args.preset!r}")
-    spec = models.preset(args.preset, num_classes=train_set.num_classes, in_channels=in_channels, width=args.width,
-                         **({} if args.stem is None else {"stem": args.stem}))
-    key = {"spec": spec, "dataset": args.dataset, "per_class_train": args.per_class_train,
-           "per_class_test": args.per_class_test, "recipe": recipe.to_dict(), "seed": args.seed}
-    stem = f"train-{store.run_hash(key)}"
-    torch.manual_seed(args.seed)
-    model = models.build(spec)
-    out = fit(model, train_set, test_set, recipe, seed=args.seed, checkpoint=args.out / f"{stem}.ckpt.pt",
-              device=dev, progress=not args.no_progress, )
-    digest = state_dict_digest(model.state_dict())
-    digests = [digest]
-    if world > 1:
-        digests = [None] * world
-        dist.all_gather_object(digests, digest)
-    if rank == 0:
-        weights = args.out / f"{stem}.final.pt"
-        models.save_network(model, weights, spec=spec)
-        record = {**out, "key": key, "spec": spec, "params": int(models.count_params(model)),
-                  "size_mb": float(models.model_size_mb(model)), "world_size": world,
-                  "state_sha256_per_rank": digests, "weights": str(weights),
-                  "wall_s": round(time.perf_counter() - t0, 3),
-                  "provenance": {"git": store.git_state(), "versions": store.library_versions(),
-                                 "device": store.device_info()}}
-        path = store.atomic_write_json(args.out / f"{stem}.json", record)
-        print(f"top1 {out['top1']:.2f}%  record {path}")
-    if started_here:
-        dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

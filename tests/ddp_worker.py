@@ -1,7 +1,7 @@
 """Tiny stand-ins for ``spvr_lib.models`` / ``spvr_lib.data`` and a CLI launcher for the torchrun test.
 
-``python tests/ddp_worker.py <spvr_lib.train CLI args>`` installs the stand-ins and runs
-``spvr_lib.train.main``; the tests launch it with ``torch.distributed.run --nproc_per_node 2``.
+``python tests/ddp_worker.py <args of python -m spvr_lib train>`` installs the stand-ins and runs the ``train``
+command of ``spvr_lib.__main__``; the tests launch it with ``torch.distributed.run --nproc_per_node 2``.
 The stand-ins follow the real APIs (``models.build/preset/count_params/model_size_mb/reinitialize``,
 ``data.load_dataset``) with a 2-layer MLP (with BatchNorm) on Gaussian blobs of shape [1, 2, 2].
 """
@@ -18,6 +18,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import spvr_lib  # noqa: E402
+from spvr_lib import __main__ as cli  # noqa: E402
 from spvr_lib import models as real_models  # noqa: E402
 from spvr_lib import train  # noqa: E402
 
@@ -96,13 +97,15 @@ def install(monkeypatch=None) -> None:
             sys.modules[f"spvr_lib.{name}"] = mod
             setattr(spvr_lib, name, mod)
             setattr(train, name, mod)
+            setattr(cli, name, mod)
         else:
             monkeypatch.setitem(sys.modules, f"spvr_lib.{name}", mod)
             monkeypatch.setattr(spvr_lib, name, mod, raising=False)
             monkeypatch.setattr(train, name, mod)
+            monkeypatch.setattr(cli, name, mod)
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     install()
-    raise SystemExit(train.main(sys.argv[1:]))
+    raise SystemExit(cli.main(["train", *sys.argv[1:]]))

@@ -104,6 +104,6 @@ def test_command_lines_run_as_modules():
                                  ("spvr_lib.reproduce", ["--help"], "--check"),
                                  ("spvr_lib.bench", ["--help"], "ranking"),
                                  ("spvr_lib", ["prune", "--help"], "--keep"),
-                                 ("spvr_lib.train", ["--help"], "--preset")):
+                                 ("spvr_lib", ["train", "--help"], "--preset")):
         out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True)
         assert out.returncode == 0 and expect in out.stdout, (module, out.stderr[-500:])

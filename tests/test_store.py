@@ -97,7 +97,7 @@ def test_a_training_run_fingerprints_the_method_files_it_ran(tmp_path, monkeypat
             "spvr_lib.devices:resolve_device"} <= set(code)
     # nothing the run never touched: no dataset loaders, no ranking, no paper harness, no unused train.py code
     assert not [f for f in code if f.startswith(("spvr_lib.data", "spvr_lib.paper", "spvr_lib.ranking"))]
-    assert "spvr_lib.train:lr_search" not in code and "spvr_lib.train:main" not in code
+    assert "spvr_lib.train:validation_split" not in code and not [f for f in code if f.startswith("spvr_lib.__main__")]
 
 
 def test_save_and_load_network_round_trip(tmp_path):

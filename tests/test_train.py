@@ -1,4 +1,4 @@
-"""Tests of spvr_lib.train: exact metrics, learning, bit-exact resume, determinism, lr search, DDP, cache."""
+"""Tests of spvr_lib.train: exact metrics, learning, bit-exact resume, determinism, the train command, DDP, cache."""
 from __future__ import annotations
 
 import json
@@ -12,15 +12,16 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ddp_worker  # noqa: E402
 from ddp_worker import BlobDataset  # noqa: E402
 from spvr_lib import models as real_models
+from spvr_lib import __main__ as cli  # noqa: E402
 from spvr_lib import train  # noqa: E402
-from spvr_lib.train import Recipe, evaluate, fit, lr_search, state_dict_digest  # noqa: E402
+from spvr_lib.train import Recipe, evaluate, fit, state_dict_digest  # noqa: E402
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def test_state_dict_digest():
     assert state_dict_digest(a) != state_dict_digest({"w": a["w"].reshape(3, 2), "n": a["n"]})
 
 
-# --------------------------------------------------------------------------- learning-rate search
+# --------------------------------------------------------------------------- validation split
 def test_validation_split_is_stratified_and_disjoint():
     data = BlobDataset(10, seed=0, augment=False)
     tr, va = train.validation_split(data, 0.2, seed=0)
@@ -205,52 +206,6 @@ def test_validation_split_is_stratified_and_disjoint():
     assert np.bincount(data.targets[va].numpy()).tolist() == [2, 2, 2]
     assert train.validation_split(data, 0.2, seed=0) == (tr, va)
     assert train.validation_split(data, 0.2, seed=1) != (tr, va)
-
-
-def test_lr_search_picks_best_smaller_on_ties_and_validates_on_train_only(monkeypatch):
-    data = BlobDataset(10, seed=0, augment=True)
-    score = {0.01: 50.0, 0.1: 90.0, 0.5: 90.0, 1.0: 10.0}
-    calls = []
-
-    def fake_fit(model, train_part, val_part, recipe, seed=0, **kwargs):
-        assert isinstance(train_part, Subset) and isinstance(val_part, Subset)
-        assert train_part.dataset is data and val_part.dataset is data
-        assert not set(train_part.indices) & set(val_part.indices)
-        calls.append(recipe.lr)
-        return {"top1": score[recipe.lr], "history": [{"train_loss": 1.0}]}
-
-    monkeypatch.setattr(train, "fit", fake_fit)
-    best, scores = lr_search(SmallNet, data, [1.0, 0.5, 0.1, 0.01], RECIPE, progress=False, device="cpu")
-    assert best == 0.1 and scores == score and sorted(calls) == sorted(score)
-
-
-class WrongLinear(nn.Module):
-    """A linear classifier initialised to be confidently wrong on BlobDataset-like 2-class data."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(2, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.tensor([[5.0, 0.0], [-5.0, 0.0]]))
-            self.fc.bias.zero_()
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-def test_lr_search_finds_the_learning_rate_that_works():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.arange(2).repeat(30)
-    x = torch.stack([torch.where(labels == 1, 1.0, -1.0) * (1 + torch.rand(60, generator=g)),
-                     0.1 * torch.randn(60, generator=g)], dim=1)
-    data = TensorDataset(x, labels)
-    data.targets = labels
-    # class 1 lies at x0 > 0 but WrongLinear predicts class 0 there: 0% before training.
-    assert evaluate(WrongLinear(), data, device="cpu")["top1"] == 0.0
-    recipe = Recipe(epochs=4, batch_size=8, lr=1.0, weight_decay=0.0, mode="finetune")
-    best, scores = lr_search(WrongLinear, data, [1e-5, 0.5], recipe, val_fraction=0.2, device="cpu",
-                             progress=False)
-    assert best == 0.5 and scores == {1e-5: 0.0, 0.5: 100.0}
 
 
 # --------------------------------------------------------------------------- data-parallel
@@ -283,14 +238,14 @@ def test_cli_single_process_writes_record_and_resumes(tmp_path, monkeypatch):
     argv = ["--preset", "tiny", "--dataset", "blobs", "--epochs", "2", "--batch-size", "8", "--lr", "0.1",
             "--per-class-train", "6", "--per-class-test", "3", "--device", "cpu", "--out", str(tmp_path),
             "--no-progress"]
-    assert train.main(argv) == 0
+    assert cli.main(["train", *argv]) == 0
     (record_path,) = [p for p in tmp_path.glob("train-*.json") if not p.name.endswith(".pt.json")]
     first = json.loads(record_path.read_text())
     assert first["world_size"] == 1 and first["params"] == 4 * 16 + 16 + 2 * 16 + 16 * 3 + 3
     assert state_dict_digest(torch.load(first["weights"], weights_only=True)) == first["state_sha256_per_rank"][0]
     calls = []
     monkeypatch.setattr(train.DataLoader, "__iter__", lambda self: calls.append(1) or iter(()), raising=True)
-    assert train.main(argv) == 0  # the finished checkpoint is resumed: nothing is trained again
+    assert cli.main(["train", *argv]) == 0  # the finished checkpoint is resumed: nothing is trained again
     second = json.loads(record_path.read_text())
     assert second["state_sha256_per_rank"] == first["state_sha256_per_rank"] and not calls
 

@@ -14,7 +14,8 @@ initialised.  Five architectures: ``"vgg"``, ``"resnet"``, ``"mlp"``, ``"mobilen
 - :mod:`spvr_lib.models.widths`: the spec pruning interface: ``PrunableLayer``, ``prunable_layers``,
   ``with_widths`` (a width of 0 removes the layer or stage: "layer collapse").
 - :mod:`spvr_lib.models.files`: networks on disk: ``save_network``, ``load_network``, ``network_shapes``,
-  ``build_network``, ``build_source``, ``build_pruned``.
+  ``build_network``, ``build_source``, ``build_pruned``; a state dict known by its digest: ``state_dict_digest``,
+  ``WeightsOnDemand`` (also read as ``train.state_dict_digest``, ``train.WeightsOnDemand``).
 
 Each module imports only those above it in this list but ``files``, which imports ``networks`` and ``specs``.
 """
@@ -45,12 +46,14 @@ from spvr_lib.models.specs import (
 from spvr_lib.models.sizes import count_params, model_size_mb, spec_params
 from spvr_lib.models.widths import PrunableLayer, prunable_layers, with_widths
 from spvr_lib.models.files import (
+                                   WeightsOnDemand,
                                    build_network,
                                    build_pruned,
                                    build_source,
                                    load_network,
                                    network_shapes,
                                    save_network,
+                                   state_dict_digest,
 )
 
 __all__ = [
@@ -60,5 +63,6 @@ __all__ = [
     "count_params", "spec_params", "model_size_mb",
     "PrunableLayer", "prunable_layers", "with_widths",
     "save_network", "load_network", "network_shapes", "build_network", "build_source", "build_pruned",
+    "state_dict_digest", "WeightsOnDemand",
     "_CLASSES",     # private, but read as models._CLASSES (the class of each arch)
 ]

@@ -7,13 +7,18 @@
 - the rebuilding: ``build_network(spec, shapes)`` (a spec's network with layers resized), ``build_source``
   (the original a pruned network came from: a spec, a torchvision name or a function in a file) and
   ``build_pruned(source, plan)``.
+- a state dict known by its digest: ``state_dict_digest`` (sha256 of names, dtypes, shapes and bytes; the
+  cache key of initial weights) and ``WeightsOnDemand`` (weights made again from a description only when
+  read).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,3 +168,48 @@ def build_pruned(source: Mapping, plan: Mapping) -> nn.Module:
     reinitialize(net, strict=False)
     net.spvr_description = {"source": dict(source), "plan": dict(plan)}
     return net
+
+
+# --------------------------------------------------------------------------- a state dict known by its digest
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of a state dict: names, dtypes, shapes and raw bytes, in sorted-name order (a
+    :class:`WeightsOnDemand` says its own, without making its weights)."""
+    if isinstance(state, WeightsOnDemand):
+        return state.digest
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class WeightsOnDemand(Mapping):
+    """A state dict known by its :func:`state_dict_digest` and made only when read: the weights of a network the
+    run cache keeps by description (a pruned baseline, whose weights are pruned again from the committed base in
+    seconds), passed as ``init_state`` where a training's cache key needs only their digest.  ``make()``
+    returns the state dict; it must have ``digest``, or reading it raises ValueError naming ``name``."""
+
+    def __init__(self, digest: str, make: Callable[[], Mapping[str, torch.Tensor]], name: str = "weights") -> None:
+        self.digest, self._make, self.name = digest, make, name
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            state = {k: v.detach().cpu() for k, v in self._make().items()}
+            got = state_dict_digest(state)
+            if got != self.digest:
+                raise ValueError(f"{self.name}: the weights made again have digest {got[:16]}, not the "
+                                 f"{self.digest[:16]} the records were computed from; delete the description and "
+                                 "the records that read it to compute them afresh")
+            self._state = state
+        return self._state
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._weights()[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._weights())
+
+    def __len__(self) -> int:
+        return len(self._weights())
