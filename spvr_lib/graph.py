@@ -17,10 +17,20 @@ fits the budget.  Layer collapse, where a unit loses every channel (torch.fx gra
   it is dropped from them, with everything that only fed it.
 
 Any other unit keeps at least one group, and the result says why.
+
+Grouped convolutions (not depthwise): a unit that feeds or leaves one loses the same within-group position
+of every conv group at once (one unit channel = that slot, ``groups`` positions), so the conv keeps its
+groups with equal widths.  Transformers (``spvr_lib.attention``): an ``nn.MultiheadAttention``'s heads are
+one unit (masked at the heads' concatenated output before ``out_proj``; the attention is made maskable in
+place), MLP hidden neurons are ordinary units, the embedding width is not pruned; an attention or MLP that
+loses everything is a "branch" collapse (its block becomes its shortcut); the rebuilt attentions are
+``PrunedMultiheadAttention``.  Networks whose channels Torch-Pruning cannot follow (a channel shuffle, layers
+called functionally as in Swin) are refused with a ValueError naming the module.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 import warnings
 from collections.abc import Mapping, Sequence
@@ -31,6 +41,9 @@ import torch
 import torch.fx as fx
 import torch_pruning as tp
 from torch import Tensor, nn
+
+from spvr_lib.attention import (MaskableMultiheadAttention, PrunedMultiheadAttention, encoder_forward,
+                                encoder_layer_forward, head_positions, make_maskable, plain_attention)
 
 
 __all__ = ["MaskSite", "Unit", "NetworkGraph", "trace_units", "trace_graph"]
@@ -85,6 +98,7 @@ class Unit:
     dead: tuple[str, ...] = ()
     chain_input: str | None = None     # "layer" collapse: the producer whose INPUT the consumers then read
     out_sites: dict[str, MaskSite] = field(default_factory=dict)   # producer name -> its output site
+    heads: bool = False                # an attention's heads (channel j: head j; producers: the attention)
 
 
 # --------------------------------------------------------------------------- parameter bookkeeping
@@ -131,8 +145,8 @@ class NetworkGraph:
                     chain[i] = u.chain_input
         total = 0
         for p in self.params:
-            if p.module in dead_modules:
-                continue
+            if p.module in dead_modules or any(p.module.startswith(d + ".") for d in dead_modules):
+                continue                    # (a dead attention takes its out_proj and in_proj_weight along)
             n = 1
             for d in range(len(p.dims)):
                 n *= self._dim_size(p, d, removed, chain)
@@ -189,10 +203,11 @@ class NetworkGraph:
         survivors = dict(net.named_modules())
         # a concatenation member is pruned to zero channels first (its readers shrink with it), then dropped
         todo = [(i, u) for i, u in enumerate(self.units)
-                if removed[i].any() and (not empty[i] or u.collapse == "concat")]
+                if removed[i].any() and (not empty[i] or u.collapse == "concat") and not u.heads]
         if todo:
             example = self.example.to(next(net.parameters()).device)
-            DG = _dependency_graph(net, example)
+            with plain_attention(net):
+                DG = _dependency_graph(net, example)
             for i, u in todo:
                 root = next((p for p in u.producers if p in survivors and isinstance(survivors[p], _LAYERS)), None)
                 if root is None:
@@ -202,6 +217,7 @@ class NetworkGraph:
                 idxs = sorted({j for c in np.flatnonzero(removed[i]) for j in site.index[c]})
                 fn = tp.prune_linear_out_channels if isinstance(module, nn.Linear) else tp.prune_conv_out_channels
                 DG.get_pruning_group(module, fn, idxs=idxs).prune()
+        _rebuild_attention(net, self.units, removed)
         if concat:
             for u in concat:
                 layer = next(p for p in u.producers if isinstance(self._modules[p], _LAYERS))
@@ -218,14 +234,34 @@ class _LeafTracer(fx.Tracer):
     children (e.g. torchvision's LayerNorm2d), so that pruning its parameters keeps the graph valid."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)):
+            return True                 # one call: its heads are masked inside (spvr_lib.attention)
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            return False                # traced through (call_module), so its branches can collapse
         if not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        if isinstance(m, nn.TransformerEncoder):
+            forward = functools.partial(encoder_forward, m)        # torch's fast-path checks do not trace
+        elif isinstance(m, nn.TransformerEncoderLayer):
+            forward = functools.partial(encoder_layer_forward, m)
+        return super().call_module(m, forward, args, kwargs)
+
 
 def trace_graph(model: nn.Module) -> fx.GraphModule:
-    """THE torch.fx trace of a network for pruning (leaf modules: torch.nn's and any parameter holder)."""
-    return fx.GraphModule(model, _LeafTracer().trace(model))
+    """THE torch.fx trace of a network for pruning (leaf modules: torch.nn's, any parameter holder and
+    multi-head attentions; nn.TransformerEncoder traced through).  An attention's unused outputs (``x, _ =
+    attn(...)``) are dropped, so that its residual branch has no reader outside it."""
+    graph = _LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    for n in list(graph.nodes):
+        if (n.op == "call_function" and n.target is operator.getitem and not n.users
+                and isinstance(n.args[0], fx.Node) and n.args[0].op == "call_module"
+                and isinstance(modules.get(n.args[0].target), (nn.MultiheadAttention, PrunedMultiheadAttention))):
+            graph.erase_node(n)
+    return fx.GraphModule(model, graph)
 
 
 def _dependency_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
@@ -233,7 +269,10 @@ def _dependency_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
     scale [C, 1, 1]) is pruned along its first non-singleton dim, without tp's warning about it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        # Torch-Pruning first tries model(*example) (an unbatched sample, fine for a CNN); an attention
+        # model gets the batch itself, so that no traced shape check fails (and prints) on the way
+        attention = any(isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)) for m in model.modules())
+        return tp.DependencyGraph().build_dependency(model, example_inputs=(example,) if attention else example)
 
 
 def _output_layers(model: nn.Module, example: Tensor) -> list[str]:
@@ -424,8 +463,15 @@ def _chain_of(graph: fx.Graph, unit: Unit, modules: Mapping[str, nn.Module],
 def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str] = ()) -> NetworkGraph:
     """The units of ``model`` (eval mode) for one example input ``example`` [1, ...] (Section 3.2's layers,
     generalised to coupled channel sets).  ``ignored_layers``: module names never pruned (the classifier,
-    found automatically as the layer whose output is the network's output, always is)."""
+    found automatically as the layer whose output is the network's output, always is).
+
+    Transformers: every ``nn.MultiheadAttention`` is made head-maskable IN PLACE
+    (:func:`spvr_lib.attention.make_maskable`: same parameters, state dict and outputs) and its heads are
+    one unit (channel j: head j, masked at its ``heads`` child); MLP hidden neurons are units like any
+    linear layer's outputs; the embedding width (every Torch-Pruning group that reaches an attention) is
+    not pruned.  Name an attention in ``ignored_layers`` to keep all its heads."""
     model = model.eval()
+    attentions = make_maskable(model)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     pnames = {p: n for n, p in model.named_parameters()}
@@ -434,7 +480,12 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             raise ValueError(f"ignored_layers names {n!r}, which is not a module of the model")
     ignored = tuple(dict.fromkeys([*_output_layers(model, example), *ignored_layers]))
     shapes = _shapes(model, example)
-    DG = _dependency_graph(model, example)
+    _check_module_calls(model, example)
+    try:
+        with plain_attention(model):
+            DG = _dependency_graph(model, example)
+    except Exception as err:  # noqa: BLE001 - Torch-Pruning fails in many ways; say where and why
+        raise _untraceable(model, err) from err
     groups = DG.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear], ignored_layers=[modules[n] for n in ignored])
     try:
         gm = trace_graph(model)
@@ -449,7 +500,12 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
         root = names.get(root_mod)
         if root is None or root in ignored:
             continue
+        if any(isinstance(item.dep.target.module, nn.MultiheadAttention) for item in group):
+            continue                        # the embedding width (an attention's input/output): not pruned
         width = len(root_item.idxs)
+        # a grouped conv (not depthwise) among the unit's layers: its channels go in slots, the same
+        # position of every conv group at once (unit channel = one slot class, see _grouped_classes)
+        cls_of, width = _grouped_classes(group, width)
         ui = len(units)
         sites, producers, consumers, out_sites = [], [], [], {}
         record = None
@@ -461,7 +517,7 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             ridx = [int(i) for i in item.root_idxs]
             per: list[list[int]] = [[] for _ in range(width)]
             for i, r in zip(idx, ridx):
-                per[r].append(i)
+                per[cls_of[r]].append(i)
             mult = np.array([len(p) for p in per], dtype=np.int64)
             if isinstance(target, nn.Parameter):
                 pname = pnames.get(target)
@@ -496,7 +552,12 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
                 sites.append(MaskSite(name, "input", dim, tuple(tuple(p) for p in per)))
                 consumers.append(name)
                 if isinstance(target, nn.Conv2d) and target.groups > 1:
-                    continue                # depthwise/grouped: its out item carries the change
+                    if _is_depthwise(target):
+                        continue            # depthwise: its out item carries the change
+                    # grouped: weight [out, in / groups, k, k]; a slot class holds the same number of
+                    # channels in every group, so dim 1 loses that number over groups
+                    param_terms.setdefault((f"{name}.weight", 1), []).append((ui, mult // target.groups))
+                    continue
                 param_terms.setdefault((f"{name}.weight", 1), []).append((ui, mult))
         if not producers:
             continue
@@ -504,6 +565,10 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             record = out_sites.get(root) or out_sites[producers[0]]
         units.append(Unit(name=root, width=width, sites=tuple(sites), record=record, producers=tuple(producers),
                           consumers=tuple(dict.fromkeys(consumers)), out_sites=out_sites))
+    for name in attentions:                                # one unit per attention: its heads
+        if name in ignored:
+            continue
+        _head_unit(name, modules[name], units, param_terms)
     position = {n: i for i, n in enumerate(modules)}      # forward (module) order, as Section 3.2 lists layers
     order = sorted(range(len(units)), key=lambda i: position[units[i].name])
     renumber = {old: new for new, old in enumerate(order)}
@@ -527,6 +592,9 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
                 u.collapse = "branch"
                 u.dead = tuple(sorted({x.target for x in branch if x.op in ("call_module", "get_attr")}))
                 continue
+            if u.heads:
+                u.why_not = f"attention {u.name} is not a residual branch (no sum with a shortcut around it)"
+                continue
             dead = _concat_member(gm.graph, u, modules)
             if dead is not None:
                 u.collapse, u.dead = "concat", dead
@@ -537,6 +605,191 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             else:
                 u.why_not = why
     return NetworkGraph(model, example, units, params, gm, why_no_fx, ignored)
+
+
+_RESHAPES = {"view", "reshape", "flatten", "unflatten", "permute", "transpose"}
+
+
+def _untraceable(model: nn.Module, err: Exception) -> ValueError:
+    """The ValueError for a model Torch-Pruning's DependencyGraph failed on: the operation where it stopped
+    (the Torch-Pruning node being processed, found in the traceback), the module that runs it (torch.fx's
+    module stack) and what the user can do."""
+    import traceback
+
+    names = {m: n for n, m in model.named_modules()}
+    node = None
+    for frame, _ in traceback.walk_tb(err.__traceback__):
+        for value in frame.f_locals.values():
+            if isinstance(value, tp.dependency.Node) and getattr(value, "grad_fn", None) is not None:
+                node = value
+    op, after = "an operation", None
+    if node is not None:
+        op = f"the operation {type(node.grad_fn).__name__}"
+        stack, seen = [node], set()
+        while stack and after is None:              # the nearest module before it
+            n = stack.pop(0)
+            for i in n.inputs:
+                if id(i) in seen:
+                    continue
+                seen.add(id(i))
+                if isinstance(i.module, nn.Module) and i.module in names:
+                    after = names[i.module]
+                    break
+                stack.append(i)
+    where, shuffle = None, False
+    if after is not None:
+        try:
+            gm = trace_graph(model)
+        except Exception:  # noqa: BLE001 - the location is a nicety
+            gm = None
+        if gm is not None:
+            start = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == after), None)
+            todo, seen_fx = ([start] if start is not None else []), set()
+            while todo and where is None:
+                n = todo.pop(0)
+                for u in n.users:
+                    if u in seen_fx:
+                        continue
+                    seen_fx.add(u)
+                    target = u.target if u.op == "call_method" else getattr(u.target, "__name__", "")
+                    if u.op in ("call_method", "call_function") and target in _RESHAPES:
+                        stack_ = list(u.meta.get("nn_module_stack", {}))
+                        where = stack_[-1] if stack_ else None
+                        shuffle = any(getattr(v.target, "__name__", v.target) == "transpose" for v in u.users)
+                        op = f"{target!r} ({u.name} in the traced graph)"
+                        break
+                    todo.append(u)
+    what = ", a channel shuffle (a view that splits the channels, a transpose, a view back)," if shuffle else ""
+    inside = f" in module {where!r} ({type(dict(model.named_modules())[where]).__name__})" if where else ""
+    before = f" after module {after!r}" if after else ""
+    first = str(err).splitlines()[0][:160] if str(err) else ""
+    return ValueError(
+        f"model ({type(model).__name__}) could not be traced by Torch-Pruning's DependencyGraph: it stopped at {op}"
+        f"{what}{inside}{before}, whose channel mapping it cannot follow ({type(err).__name__}: {first}).  "
+        "SPvR's graph engine needs every channel traced from layer to layer, so this network cannot be pruned as "
+        "it is (ignored_layers does not help: the whole network is traced first); replace the operation by one "
+        "that keeps channels in place (e.g. remove the channel shuffle), or prune a network without it")
+
+
+def _check_module_calls(model: nn.Module, example: Tensor) -> None:
+    """ValueError when a module uses a conv or linear layer's weight in a functional call instead of calling
+    the layer (torchvision's Swin passes ``qkv.weight`` to ``F.linear``): Torch-Pruning cannot follow such
+    channels (on Swin its shape inference does not finish).  A layer counts when its weight reaches the
+    output in autograd's graph but the layer never runs; attentions' ``out_proj`` are exempt
+    (spvr_lib.attention handles them); a layer the forward pass does not use at all is harmless."""
+    ran: set[str] = set()
+    handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: ran.add(n)) for n, m in model.named_modules()]
+    try:
+        with torch.enable_grad(), plain_attention(model):
+            y = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [y] if isinstance(y, Tensor) else [t for t in (y.values() if isinstance(y, dict) else
+                                                         y if isinstance(y, (list, tuple)) else ()) if isinstance(t, Tensor)]
+    used: set[int] = set()
+    stack, seen = [t.grad_fn for t in outs if t.grad_fn is not None], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            used.add(id(fn.variable))
+        stack.extend(f for f, _ in fn.next_functions)
+    modules = dict(model.named_modules())
+    odd = [name for name, m in modules.items()
+           if isinstance(m, _LAYERS) and name not in ran and id(m.weight) in used
+           and not isinstance(modules.get(name.rpartition(".")[0]), (nn.MultiheadAttention, PrunedMultiheadAttention))]
+    if odd:
+        parent = odd[0].rpartition(".")[0]
+        raise ValueError(
+            f"model ({type(model).__name__}) cannot be pruned by SPvR's graph engine: module {parent!r} "
+            f"({type(modules[parent]).__name__}) uses the weights of its layer(s) {odd[:3]} without calling them "
+            f"({len(odd)} such layers in the model), in functional calls (e.g. F.linear) whose channels Torch-Pruning's "
+            "DependencyGraph cannot follow.  ignored_layers does not help (the whole network is traced); call the "
+            "layers as modules (layer(x)) in that module's forward, or prune a network without it")
+
+
+def _head_unit(name: str, m: nn.MultiheadAttention, units: list[Unit],
+               param_terms: dict[tuple[str, int], list[tuple[int, np.ndarray]]]) -> None:
+    """Append the unit of attention ``name``'s heads (channel j = head j: its q, k, v rows and out_proj
+    columns, masked and recorded at the output of its ``heads`` child, [n, L, E] along dim -1) and its
+    parameter terms: per head 3 * head_dim rows of in_proj, head_dim of q/k/v_proj and of bias_k/bias_v's
+    last dim, head_dim columns of out_proj."""
+    ui, h, hd = len(units), m.num_heads, m.head_dim
+    site = MaskSite(f"{name}.heads", "output", -1, head_positions(m))
+    units.append(Unit(name=name, width=h, sites=(site,), record=site, producers=(name,), consumers=(),
+                      heads=True))
+    for pn, p in m.named_parameters(recurse=False):
+        if p is None:
+            continue
+        if pn in ("in_proj_weight", "in_proj_bias"):
+            dim, per = 0, 3 * hd
+        elif pn in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            dim, per = 0, hd
+        elif pn in ("bias_k", "bias_v"):
+            dim, per = p.ndim - 1, hd
+        else:
+            continue
+        param_terms.setdefault((f"{name}.{pn}", dim), []).append((ui, np.full(h, per, dtype=np.int64)))
+    param_terms.setdefault((f"{name}.out_proj.weight", 1), []).append((ui, np.full(h, hd, dtype=np.int64)))
+
+
+def _rebuild_attention(net: nn.Module, units: Sequence[Unit], removed: Sequence[np.ndarray]) -> None:
+    """Every head-maskable attention left in ``net`` becomes a :class:`PrunedMultiheadAttention` holding the
+    heads its unit keeps (all of them when it has no unit or lost none), with their weights."""
+    gone = {u.name: r for u, r in zip(units, removed) if u.heads}
+    for name, m in list(net.named_modules()):
+        if type(m) is MaskableMultiheadAttention:
+            r = gone.get(name, np.zeros(m.num_heads, dtype=bool))
+            net.set_submodule(name, PrunedMultiheadAttention.from_attention(m, np.flatnonzero(~r).tolist()))
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    """Torch-Pruning's depthwise rule: input and output channels of the conv are one coupled set."""
+    return isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def _grouped_classes(group, width: int) -> tuple[list[int], int]:
+    """Root channel -> unit channel for a Torch-Pruning group that feeds or leaves a grouped convolution.
+
+    A conv with ``groups`` G > 1 that is not depthwise holds its weight as [out, in / G, k, k]: its input
+    can only lose the same within-group position j from every group at once (channels j, j + in/G, ...),
+    and its output the same number of channels per group (we take the same position too, which keeps
+    the out-channel order of each group).  Root channels tied that way (by every grouped conv the unit
+    meets, union-find) form one unit channel, whose positions are a multiple of G at that conv.  Returns
+    ([width] class of each root channel, number of classes); the identity when no grouped conv is in it."""
+    parent = list(range(width))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    tied = False
+    for item in group:
+        m = item.dep.target.module
+        if not isinstance(m, nn.Conv2d) or m.groups == 1 or _is_depthwise(m):
+            continue
+        out = "out_channels" in getattr(item.dep.handler, "__name__", "")
+        per_group = (m.out_channels if out else m.in_channels) // m.groups
+        first: dict[int, int] = {}
+        for i, r in zip(item.idxs, item.root_idxs):
+            slot = int(i) % per_group
+            if slot in first:
+                a, b = find(first[slot]), find(int(r))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first[slot] = int(r)
+            tied = True
+    if not tied:
+        return list(range(width)), width
+    roots = sorted({find(r) for r in range(width)})
+    number = {r: k for k, r in enumerate(roots)}
+    return [number[find(r)] for r in range(width)], len(roots)
 
 
 def _out_size(m: nn.Module) -> int | None:

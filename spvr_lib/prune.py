@@ -278,6 +278,11 @@ def unit_groups(model: nn.Module, g: NetworkGraph, x: Tensor, group_size: int,
 
     def to_channels(out: Tensor, site) -> Tensor:
         out = out.detach().movedim(site.dim, 1)
+        if any(len(p) > 1 for p in site.index):
+            # a unit channel at several positions (a slot of a grouped conv, an attention head): Eq. 4's
+            # reduction of each position, summed over the channel's positions -> [n, width]
+            per = reduce_feature_maps(out).double()
+            return torch.stack([per[:, list(p)].sum(dim=1) for p in site.index], dim=1)
         idx = torch.as_tensor([p[0] for p in site.index], device=out.device)
         return reduce_feature_maps(out.index_select(1, idx)).double()
 

@@ -1,0 +1,152 @@
+"""Grouped (not depthwise) convolutions in the graph engine: a unit that feeds or leaves a grouped conv loses
+the same within-group position of every conv group at once (a slot), so ResNeXt and RegNet prune to exact
+budgets and rebuild with the predicted parameter count; ShuffleNet's channel shuffle is refused by name."""
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from spvr_lib import models
+from spvr_lib.prune import GroupRanking, _structure, spvr_prune, unit_groups
+
+torch.set_num_threads(1)
+
+D = 2
+SIZE = 32
+_CACHE: dict = {}
+
+
+def _calib(n: int = 16, size: int = SIZE):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, size, size, generator=g), torch.arange(n) % 10
+
+
+def _model(name: str):
+    """A randomly initialised torchvision network (10 classes), its units, and a seeded random ranking of
+    Algorithm 1's groups (the masking scores are tested in test_ranking_paths.py)."""
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, num_classes=10).eval()
+        x, y = _calib()
+        _, g = _structure(model, x, None, None)
+        groups = unit_groups(model, g, x, D)
+        gen = torch.Generator().manual_seed(1)
+        scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}
+        _CACHE[name] = (model, (x, y), g, GroupRanking(groups, scores, D, "spvr", "fast", len(x)))
+    return _CACHE[name]
+
+
+def _grouped(model: nn.Module) -> dict[str, nn.Conv2d]:
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups != m.out_channels}
+
+
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf"])
+def test_a_unit_at_a_grouped_conv_is_made_of_slots(name):
+    """Each channel of a unit read or written by a grouped conv is one within-group position of every conv
+    group: ``groups`` positions j, j + per_group, ..., at that conv."""
+    model, _, g, _ = _model(name)
+    grouped = _grouped(model)
+    assert grouped
+    seen = 0
+    for u in g.units:
+        for s in u.sites:
+            conv = grouped.get(s.module)
+            if conv is None:
+                continue
+            per_group = (conv.in_channels if s.where == "input" else conv.out_channels) // conv.groups
+            assert u.width == per_group
+            for j, pos in enumerate(s.index):
+                assert sorted(pos) == [j + k * per_group for k in range(conv.groups)]
+            seen += 1
+    assert seen >= 2 * len(grouped)          # every grouped conv: its input unit and its output unit
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1])
+@pytest.mark.parametrize("name", ["resnext50_32x4d", "regnet_y_400mf"])
+def test_grouped_networks_prune_to_an_exact_budget(name, keep, tmp_path):
+    model, calib, g, ranking = _model(name)
+    before = models.count_params(model)
+    res = spvr_prune(model, calib, keep, group_size=D, ranking=ranking, progress=False,
+                     source={"torchvision": name, "kwargs": {"num_classes": 10}})
+    assert res.params_before == before
+    assert res.params_after == models.count_params(res.model) <= res.budget == int(np.floor(keep * before))
+    assert res.budget - res.params_after <= 0.01 * before           # within 1% of the original count
+    # every surviving grouped conv keeps its groups, with the same number of channels in each
+    original = _grouped(model)
+    pruned = _grouped(res.model)
+    assert pruned and set(pruned) <= set(original)
+    for n, conv in pruned.items():
+        assert conv.groups == original[n].groups
+        assert conv.in_channels % conv.groups == 0 and conv.out_channels % conv.groups == 0
+        assert conv.weight.shape[1] == conv.in_channels // conv.groups
+    assert any(c.out_channels < original[n].out_channels for n, c in pruned.items())
+    # what collapsed is a residual branch (a whole block) and is gone from the network
+    mods = dict(res.model.named_modules())
+    for c in res.collapsed:
+        assert c["kind"] in ("branch", "layer") and c["unit"] not in mods
+        assert len(res.kept[c["unit"]]) == 0
+    if keep == 0.1:
+        assert any(c["kind"] == "branch" for c in res.collapsed)
+    with torch.no_grad():
+        out = res.model.eval()(torch.randn(2, 3, SIZE, SIZE))
+    assert out.shape == (2, 10)
+    path = models.save_network(res.model, tmp_path / "pruned.pt")
+    again = models.load_network(path).eval()
+    assert models.count_params(again) == res.params_after
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(again(x), res.model(x), atol=1e-5)
+
+
+def test_inherited_grouped_conv_holds_the_kept_slots_of_every_group():
+    """With inherit=True a pruned grouped conv's weight is the original's rows of its kept output slots (in
+    every group) and columns of its kept input slots: Torch-Pruning's grouped in-channel pruning is right
+    because every group loses the same positions."""
+    model, calib, g, ranking = _model("resnext50_32x4d")
+    res = spvr_prune(model, calib, 0.5, group_size=D, ranking=ranking, progress=False, inherit=True)
+    original, pruned = _grouped(model), _grouped(res.model)
+    checked = 0
+    for n, conv in pruned.items():
+        src = original[n]
+        u_in = next(u for u in g.units if n in u.consumers)
+        u_out = next(u for u in g.units if n in u.producers)
+        per_out = src.out_channels // src.groups
+        site = u_out.out_sites[n]
+        rows = sorted(i for c in res.kept[u_out.name] for i in site.index[c])
+        assert len(rows) == conv.out_channels and len(rows) % src.groups == 0
+        cols = sorted(res.kept[u_in.name])                      # slot j of the input = column j
+        assert torch.equal(conv.weight, src.weight[rows][:, cols])
+        assert all(sum(r // per_out == k for r in rows) == len(rows) // src.groups for k in range(src.groups))
+        checked += conv.weight.shape[1] < src.weight.shape[1]
+    assert checked >= 1                                         # some grouped conv lost input slots
+
+
+def test_exact_count_equals_the_rebuilt_network_for_random_removals():
+    rng = np.random.default_rng(0)
+    _, _, g, _ = _model("regnet_y_400mf")
+    for _ in range(3):
+        removed = []
+        for u in g.units:
+            r = rng.random(u.width) < 0.5
+            if u.collapse and rng.random() < 0.3:
+                r[:] = True
+            if r.all() and not u.collapse:
+                r[0] = False
+            removed.append(r)
+        assert g.count(removed) == models.count_params(g.build(removed))
+
+
+def test_channel_shuffle_is_refused_by_name():
+    """ShuffleNet's channel shuffle (view, transpose, view) is a channel permutation Torch-Pruning cannot map:
+    a ValueError that names the operation, its module and what to do, never an internal error."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+    x, y = _calib()
+    with pytest.raises(ValueError) as err:
+        spvr_prune(model, (x, y), 0.5, progress=False)
+    msg = str(err.value)
+    assert "channel shuffle" in msg and "'view'" in msg
+    assert "(InvertedResidual)" in msg and "in module 'stage" in msg
+    assert "ignored_layers does not help" in msg and "ZeroDivisionError" in msg
