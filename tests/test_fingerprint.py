@@ -182,7 +182,7 @@ def test_an_import_that_brings_a_common_name_into_scope_stales_nothing(tmp_path,
     module changes no digest there; reading ``alias.attr`` still counts."""
     from spvr_lib import fingerprint as fp
 
-    fid = "spvr_lib.paper.tables1_3:pruned_network.<locals>.compute"
-    names = fp._names_read(fp._module_source("spvr_lib.paper.tables1_3").defs[fid.partition(":")[2]][0])
+    fid = "spvr_lib.paper.pruned_networks:pruned_network.<locals>.compute"
+    names = fp._names_read(fp._module_source("spvr_lib.paper.pruned_networks").defs[fid.partition(":")[2]][0])
     assert "baselines.prune" in names and "Any" not in names and "prune" not in names
     assert "res" in names and "details" not in names         # an attribute of a local is no global

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from spvr_lib import store, train  # noqa: E402
-from spvr_lib.paper import base_models, scales, tables1_3  # noqa: E402
+from spvr_lib.paper import base_models, pruned_networks, scales# noqa: E402
 
 COMPARED = ("status", "error", "params_before", "params_after", "budget", "arch")
 
@@ -47,16 +47,16 @@ def main(argv: list[str] | None = None) -> int:
         if not changed:
             continue
         model_key = bases[key["base"]]
-        weights = tables1_3.pruned_dir() / f"{path.stem}.pt"
-        old_digest = tables1_3._description(weights).get("state_sha256")
+        weights = pruned_networks.pruned_dir() / f"{path.stem}.pt"
+        old_digest = pruned_networks._description(weights).get("state_sha256")
         threads = old.get("provenance", {}).get("device", {}).get("torch_threads") or 1
         if args.threads is not None and int(threads) != args.threads:
             continue
         torch.set_num_threads(int(threads))
-        model, info = tables1_3.pruned_network(cfg, model_key, key["method"], old["rate"], seed=key["seed"],
+        model, info = pruned_networks.pruned_network(cfg, model_key, key["method"], old["rate"], seed=key["seed"],
                                                progress=False)
         new = store.read_record(path)
-        digest = None if model is None else train.state_dict_digest(tables1_3.pruned_state(model))
+        digest = None if model is None else train.state_dict_digest(pruned_networks.pruned_state(model))
         diff = [f for f in COMPARED if json.dumps(old.get(f)) != json.dumps(new.get(f))]
         if digest != old_digest:
             diff.append("weights")

@@ -8,7 +8,7 @@
   configs/: "method 22", a gate of weight 1 after each BN): (gate * dL/dgate)^2 = (gamma * dL/dgamma + beta *
   dL/dbeta)^2 per mini-batch, accumulated.  ``_taylor_scores`` scores once on the calibration set (what
   ``prune("taylor", ...)`` does); :class:`TaylorGates` prunes while training, as NVlabs does (the harness's
-  schedule: paper.tables1_3).
+  schedule: paper.pruned_networks).
 - the global selection (``_global_order``, ``_first``, ``_fit_global``): every single channel across units in
   increasing importance, removed until the parameter budget, at least one channel per unit, and CURL's floor
   (Roll920/CURL generate_index.py: a unit keeps at least ``floor_fraction`` of its channels); used by ``taylor``,

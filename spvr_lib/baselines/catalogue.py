@@ -41,7 +41,7 @@ DISPLAY_NAMES = {"tp_l1": "ℓ1", "tp_l2": "ℓ2", "tp_taylor": "Taylor", "tp_fp
 AUTHORS_VARIANT_OF = {"tp_l1": "l1", "tp_l2": "l2", "tp_taylor": "taylor", "tp_fpgm": "fpgm"}
 
 # the methods that choose ONE architecture at a given budget (one ratio for every unit; only which channels differ):
-# trained from scratch, their networks are one and the same training (paper.tables1_3.training_tag)
+# trained from scratch, their networks are one and the same training (paper.trained_runs.training_tag)
 LOCAL_METHODS = ("tp_l1", "tp_l2", "tp_taylor", "tp_fpgm", "l1", "l2", "fpgm", "hrank", "nisp")
 
 _LOCAL = ("one channel ratio r for every unit (torch-pruning's local pruning rule, bisected to the parameter "
@@ -71,7 +71,7 @@ NOTES = {
               "each BN): the criterion (gate * dL/dgate)^2 = (gamma * dL/dgamma + beta * dL/dbeta)^2 per mini-batch, "
               "accumulated; a stream unit sums its coupled BNs; all channels ranked together (global), at least one "
               "channel per unit.  In the paper harness it prunes while fine-tuning (TaylorGates: NVlabs's iterative "
-              "schedule, scaled: paper.tables1_3.TAYLOR_SCHEDULE); prune() alone scores once on the calibration set "
+              "schedule, scaled: paper.pruned_networks.TAYLOR_SCHEDULE); prune() alone scores once on the calibration set "
               "(eval mode) and removes the lowest until the parameter budget. ",
     "hrank": "HRank (Lin et al. 2020): a channel's score is the average matrix rank of the feature map the network "
              "produces for it: ReLU(BN) inside a block or a VGG layer, and for a residual-stream channel the output of "

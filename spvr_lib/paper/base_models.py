@@ -16,7 +16,7 @@ import torch
 
 from spvr_lib import data, models, store, train
 from spvr_lib.models import build, spec_to_str
-from spvr_lib.paper import reference
+from spvr_lib.paper import jobs, reference
 from spvr_lib.paper.lr_search import lr_grid, lr_trial, recipe, searched_lr  # noqa: F401 (re-exported)
 from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
 from spvr_lib.train import load_weights, train_run
@@ -57,7 +57,6 @@ def _base_job(cfg: Any, key: str, epochs_factor: int = 1, amp: bool | None = Non
 def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
     """Fill the run cache with the base networks of ``keys`` and their learning-rate searches, side by side in
     ``jobs.worker_count(cfg)`` processes (nothing happens with one worker: the callers compute in order)."""
-    from spvr_lib.paper import jobs
 
     workers = jobs.worker_count(cfg)
     keys = [k for k in keys if not cfg.model(k).pretrained]

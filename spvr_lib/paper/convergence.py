@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from spvr_lib import store, train
-from spvr_lib.paper import base_models
+from spvr_lib.paper import base_models, group_size_ablation, jobs, scales, segmentation
 from spvr_lib.paper.lr_search import recipe
 
 BUDGET_FRACTION = 0.75      # the shorter budget: 3/4 of the base's epochs (its last quarter left out)
@@ -74,7 +74,6 @@ def budget_jobs(cfg: Any, keys: Sequence[str]) -> list[tuple]:
 
 def prepare_budget_runs(cfg: Any, keys: Sequence[str], progress: bool = True) -> None:
     """Fill the run cache with :func:`budget_jobs`, side by side (a no-op with one worker)."""
-    from spvr_lib.paper import jobs
 
     jobs.fill_cache(base_with_epochs, budget_jobs(cfg, keys), jobs.worker_count(cfg), desc="budget curve",
                     progress=progress, kwargs={"progress": False})
@@ -154,7 +153,6 @@ def segnet_with_epochs(settings: Mapping[str, Any], epochs: int, seed: int = 0,
     """Section 5.5's unpruned SegNet (``segmentation.segmentation_settings``) trained by its own recipe (the
     searched lr, the same scenes) for ``epochs`` with a complete cosine schedule: notebook 11's own record at the
     settings' epochs."""
-    from spvr_lib.paper import segmentation
 
     settings = dict(settings)
     spec = segmentation.segnet_spec(settings)
@@ -170,7 +168,6 @@ def segnet_with_epochs(settings: Mapping[str, Any], epochs: int, seed: int = 0,
 def prepare_segnet_budget_runs(settings: Mapping[str, Any], progress: bool = True) -> None:
     """Fill the run cache with the shorter-budget SegNets :func:`segnet_convergence_table` reads (one per seed),
     side by side in the settings' scale's ``jobs.worker_count`` processes (a no-op with one)."""
-    from spvr_lib.paper import jobs, scales
 
     short = short_epochs(int(settings["epochs"]))
     jobs.fill_cache(segnet_with_epochs, [(dict(settings), short, s) for s in settings["seeds"]],
@@ -198,13 +195,12 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
 def scratch_with_epochs(cfg: Any, key: str, spec: dict, lr: float, epochs: int, seed: int = 0,
                         progress: bool = True) -> dict[str, Any]:
     """``spec`` trained from scratch by model ``key``'s recipe (its data, batch, precision) at ``lr`` for
-    ``epochs`` with a complete cosine schedule: ``figure2.train_pruned``'s own record at the setup's epochs (the
+    ``epochs`` with a complete cosine schedule: ``group_size_ablation.train_pruned``'s own record at the setup's epochs (the
     record Table 4 reads)."""
-    from spvr_lib.paper import figure2
 
     setup = cfg.model(key)
     if int(epochs) == setup.epochs:
-        return figure2.train_pruned(cfg, key, spec, int(seed), lr=float(lr), progress=progress)
+        return group_size_ablation.train_pruned(cfg, key, spec, int(seed), lr=float(lr), progress=progress)
     rcp = dataclasses.replace(recipe(setup, lr=float(lr)), epochs=int(epochs))
     return train.train_run(spec, setup.dataset, rcp, int(seed), setup.train_subset, setup.test_subset,
                            tag=f"scratch-e{int(epochs)}", progress=progress, weights_needed=False)
@@ -214,7 +210,6 @@ def prepare_scratch_budget_runs(cfg: Any, key: str, nets: Mapping[str, tuple[dic
                                 progress: bool = True) -> None:
     """Fill the run cache with the shorter-budget trainings :func:`scratch_budget_table` reads (every net of
     ``nets``, {name: (spec, lr)}, at every seed of the scale), side by side (a no-op with one worker)."""
-    from spvr_lib.paper import jobs
 
     short = short_epochs(cfg.model(key).epochs)
     jobs.fill_cache(scratch_with_epochs, [(cfg, key, spec, lr, short, s) for spec, lr in nets.values()
@@ -265,7 +260,6 @@ def on_budget_jobs(calls: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def prepare_on_budget(cfg: Any, calls: Iterable[Mapping[str, Any]], progress: bool = True) -> None:
     """Fill the run cache with :func:`on_budget_jobs`, side by side (a no-op with one worker)."""
-    from spvr_lib.paper import jobs
 
     jobs.fill_cache(train.train_run, on_budget_jobs(calls), jobs.worker_count(cfg), desc="on-budget readings",
                     progress=progress, kwargs={"progress": False})

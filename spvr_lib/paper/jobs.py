@@ -33,6 +33,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from spvr_lib import store
+from spvr_lib.paper import slurm
 
 EXECUTORS = ("local", "slurm")
 
@@ -50,7 +51,6 @@ def worker_count(cfg: Any = None) -> int:
     (1 when the scale has none), never more than the machine's cores; with Slurm as many as the cluster runs
     (the array's parallelism), whatever the scale says."""
     if executor() == "slurm":
-        from spvr_lib.paper import slurm
 
         return slurm.settings().array_parallelism
     env = os.environ.get("SPVR_WORKERS")
@@ -126,7 +126,6 @@ def _init_worker(token: str) -> None:
 
     import torch
 
-    from spvr_lib import store
 
     torch.set_num_threads(1)
     store.work_for(token)
@@ -168,7 +167,6 @@ def fill_cache(target: Callable[..., Any], jobs: Sequence[tuple | dict], workers
     if not ordered:
         return []
     if executor() == "slurm":
-        from spvr_lib.paper import slurm
 
         return slurm.run(target, ordered, kw, desc=desc, progress=progress).failures
     if workers <= 1 or len(jobs) <= 1:

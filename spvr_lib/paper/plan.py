@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from spvr_lib import baselines, data, latency, models, store
-from spvr_lib.paper import base_models, reference, tables1_3
+from spvr_lib.paper import base_models, convergence, group_size_ablation, pruned_networks, reference
 
 ASSUMED_MAC_PER_S = 60e12          # ~120 TFLOP/s sustained (bfloat16, ~40% of an A100's 312 TFLOP/s peak)
 TRAIN_COST = 3.0                   # a training step: forward + backward, in forward passes
@@ -34,10 +34,9 @@ ON_BUDGET = 0.75     # an on-budget reading trains a deciding network again for 
 
 
 def _figure2_d(cfg: Any, key: str) -> list[int]:
-    """Figure 2's group sizes of model ``key`` at ``cfg``'s width (``figure2.group_sizes``)."""
-    from spvr_lib.paper import figure2
+    """Figure 2's group sizes of model ``key`` at ``cfg``'s width (``group_size_ablation.group_sizes``)."""
 
-    return list(figure2.group_sizes(cfg, [key])[key]) if key in reference.PAPER_GROUP_SIZES else \
+    return list(group_size_ablation.group_sizes(cfg, [key])[key]) if key in reference.PAPER_GROUP_SIZES else\
         [cfg.model(key).group_size]
 
 
@@ -64,7 +63,7 @@ def plan(cfg: Any) -> pd.DataFrame:
     """One row per (notebook, model): trainings, training image passes, rankings, MACs and GPU-hours."""
     rows = []
     speedup = _fast_speedup()
-    trainable = [m for m in tables1_3.TABLE1_METHODS if m != "otov2"]
+    trainable = [m for m in pruned_networks.TABLE1_METHODS if m != "otov2"]
     for key, setup in cfg.models.items():
         spec = base_models.base_spec(setup)
         shape = _input_shape(setup)
@@ -119,7 +118,7 @@ def plan(cfg: Any) -> pd.DataFrame:
         shared = [m for m in methods if m in baselines.LOCAL_METHODS]
         spvr_shared = "spvr" in methods and setup.table3_rate in rates
         distinct = len(methods) - max(len(shared) - 1, 0) - spvr_shared
-        why = ([f"the {len(shared)} local methods give one architecture"] if len(shared) > 1 else []) + \
+        why = ([f"the {len(shared)} local methods give one architecture"] if len(shared) > 1 else []) +\
             (["SPvR's run is Table 1's"] if spvr_shared else [])
         add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}"
             + (f" ({distinct} distinct trainings: {', '.join(why)})" if why else ""), distinct * seeds,
@@ -172,10 +171,9 @@ def _job_counts(cfg: Any) -> dict[tuple[str, str], int]:
     lr trials, pruned networks, trainings and on-budget readings, one job each (``jobs.fill_cache``'s batches);
     what a notebook computes in its own process (rankings, latency, a model whose baselines are quoted) is not a
     job."""
-    from spvr_lib.paper import convergence
 
     out: dict[tuple[str, str], int] = {}
-    trainable = [m for m in tables1_3.TABLE1_METHODS if m != "otov2"]
+    trainable = [m for m in pruned_networks.TABLE1_METHODS if m != "otov2"]
     seeds = len(cfg.seeds)
 
     def grid(values: Any) -> int:                       # a grid of one value is not searched
@@ -200,7 +198,7 @@ def _job_counts(cfg: Any) -> dict[tuple[str, str], int]:
         out["06", key] = (len(methods) - shared) * seeds + 2 * seeds
         out["09", key] = len(_figure2_d(cfg, key)) * seeds + 2 * seeds
     if "resnet50" in cfg.models:      # 2 MobileNets' lr searches, 3 networks per seed and their shorter budget
-        out["10", "resnet50 + MobileNetV3 x 2"] = 2 * grid(base_models.lr_grid(cfg.model("resnet50"), "scratch")) \
+        out["10", "resnet50 + MobileNetV3 x 2"] = 2 * grid(base_models.lr_grid(cfg.model("resnet50"), "scratch"))\
             + 2 * 3 * seeds
     seg = cfg.segmentation
     if seg:                           # lr search, base and SPvR's SegNet per seed, the base's shorter budget

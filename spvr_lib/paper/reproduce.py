@@ -264,7 +264,7 @@ def cache_files(records: Mapping[str, Mapping[str, Any]], cache: Path | None = N
     later computation reads: the weights (and ``models.save_network`` description) of every record whose hash
     another of these records' key holds (the trained bases that rankings, pruning and fine-tuning start from),
     and the description of every pruned baseline (its architecture and the digest of its weights, which are
-    pruned again only when a computation needs them: ``tables1_3.pruned_network``)."""
+    pruned again only when a computation needs them: ``pruned_networks.pruned_network``)."""
     runs = cache or store.cache_dir()
     root = runs.parent
     names = {h: f"{r['kind']}-{h}.json" for h, r in records.items()}

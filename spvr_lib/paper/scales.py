@@ -18,6 +18,12 @@ from typing import Any
 from spvr_lib.paper import reference
 
 SCALE_NAMES = ("smoke", "cpu", "cpu-full", "paper")
+# Figure 1 (notebook 07): the batch sizes timed and the torch threads of every timing (the paper's latency table:
+# batch 1 and a large batch, on one CPU thread here)
+LATENCY_BATCH_SIZES = (1, 64)
+LATENCY_THREADS = 1
+# Notebook 02: the group sizes d whose ranking cost (forward passes, one per group) is shown
+GROUPING_COST_D = (1, 2, 4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class ModelSetup:
     batch_size: int = 128
     lr: float = 0.05            # SGD learning rate (momentum 0.9, cosine annealing)
     lr_grid: tuple[float, ...] = (0.01, 0.05, 0.1)  # searched for training from scratch (base_models.scratch_lr)
-    finetune_lr_grid: tuple[float, ...] | None = None  # searched for fine-tuning (tables1_3.finetune_lr); None: lr_grid
+    finetune_lr_grid: tuple[float, ...] | None = None  # searched for fine-tuning (pruned_networks.finetune_lr); None: lr_grid
     val_fraction: float = 0.1   # the validation split held out of the training set for the lr searches
     val_per_class: int | None = None  # instead: lr trials train on ALL the training images every network gets and
                                       # score this many OTHER training images per class (never the test set)

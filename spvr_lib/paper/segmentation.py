@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spvr_lib import data, models, store, tasks, train
-from spvr_lib.paper import base_models, reference, scales
+from spvr_lib.paper import base_models, jobs, reference, scales
 from spvr_lib.paper.stats import mean_std
 from spvr_lib.prune import spvr_prune
 
@@ -140,7 +140,6 @@ def segnet_pruned(settings: dict[str, Any], progress: bool = True) -> dict[str, 
 def prepare_segmentation(settings: dict[str, Any], progress: bool = True) -> None:
     """Fill the run cache with the settings' learning-rate trials and every seed's unpruned SegNet, then SPvR's
     SegNet from scratch, side by side in the scale's ``jobs.worker_count`` processes (nothing with one worker)."""
-    from spvr_lib.paper import jobs
 
     workers = jobs.worker_count(scales.get_scale(settings["name"]) if "name" in settings else None)
     if len(settings["lr_grid"]) > 1:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spvr_lib import data, models, store, train
-from spvr_lib.paper import base_models, jobs, reference, scales, tables1_3
+from spvr_lib.paper import base_models, jobs, pruned_networks, reference, scales, trained_runs
 
 SETUP = scales.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=2, batch_size=32, lr=0.05,
                           lr_grid=(0.01, 0.05), finetune_lr_grid=(0.002, 0.02), group_size=2, rates=(0.7,),
@@ -44,9 +44,9 @@ def test_the_within_run_rise_is_gone():
     """The rise of a cosine schedule within one run is no reading of convergence (it rises however long the run
     is): no function computes it and no table carries it."""
     assert not hasattr(train, "plateau_rise")
-    from spvr_lib.paper import convergence, tables1_3
+    from spvr_lib.paper import convergence, trained_runs
     assert not hasattr(convergence, "plateau_against_base") and not hasattr(convergence, "plateau_table")
-    assert "rise over last quarter" not in tables1_3._RUN_COLUMNS
+    assert "rise over last quarter" not in trained_runs._RUN_COLUMNS
     assert train.last_quarter_start(40) == 30 and train.last_quarter_start(8) == 6 and train.last_quarter_start(2) == 1
 
 
@@ -73,14 +73,14 @@ def test_every_network_gets_the_base_images_and_epochs_and_the_lr_of_its_mode(ca
     base = base_models.train_base(TINY, "vgg16", progress=False)
     assert base["key"]["recipe"]["lr"] == BEST["scratch"]          # the scratch grid's best, on validation
     assert base_models.scratch_lr(TINY, "vgg16", progress=False)[1] == {0.01: 100.0, 0.05: 60.0}
-    lr_ft, scores = tables1_3.finetune_lr(TINY, "vgg16", progress=False)
+    lr_ft, scores = pruned_networks.finetune_lr(TINY, "vgg16", progress=False)
     assert lr_ft == BEST["finetune"] and set(scores) == {0.002, 0.02}
     # the searches never saw the test set: they trained on the training images minus the validation split
     n_train = len(data.load_dataset("fashion-mnist", "train", per_class=SETUP.train_subset))
     searches = [entry for entry in log if entry[2] < n_train]
     assert searches and all(n == n_train - 10 for _, _, n, _ in searches)      # 10%: one image per class
 
-    runs = pd.concat([tables1_3.accuracy_runs(TINY, ["vgg16"], ["tp_l1", "spvr"], [0, 1], mode, progress=False)
+    runs = pd.concat([trained_runs.accuracy_runs(TINY, ["vgg16"], ["tp_l1", "spvr"], [0, 1], mode, progress=False)
                       for mode in ("finetune", "scratch")])
     assert (runs["status"] == "ok").all()
     assert (runs["epochs"] == base["key"]["recipe"]["epochs"]).all()
@@ -313,12 +313,12 @@ def test_training_cost_orders_the_cpu_trainings_by_epochs_and_kept_parameters():
     cfg = scales.get_scale("cpu")
     keys = list(cfg.models)
     runs = [(k, r) for k in keys for r in cfg.model(k).compare_rates]
-    order = jobs.longest_first(runs, lambda j: tables1_3.training_cost(cfg, *j))
+    order = jobs.longest_first(runs, lambda j: trained_runs.training_cost(cfg, *j))
     epochs = [cfg.model(k).epochs for k, _ in order]
     assert epochs == sorted(epochs, reverse=True)                  # the longest recipe first
     for k in keys:                                                  # within a model: the larger network first
         rates = [r for kk, r in order if kk == k]
         assert rates == sorted(rates)
-    assert tables1_3.training_cost(cfg, keys[0], 0.9) == (cfg.model(keys[0]).epochs, pytest.approx(0.1))
+    assert trained_runs.training_cost(cfg, keys[0], 0.9) == (cfg.model(keys[0]).epochs, pytest.approx(0.1))
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spvr_lib import data, latency, models
-from spvr_lib.paper import base_models, figure1, scales, segmentation, tables1_3
+from spvr_lib.paper import accuracy_vs_baselines, base_models, latency_vs_accuracy, scales, segmentation, trained_runs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import test_data as fixtures  # noqa: E402  (the writers of the real on-disk formats)
@@ -76,22 +76,22 @@ def test_paper_scale_paths_end_to_end(paper_fixture):
     base = base_models.train_base(cfg, "resnet50", progress=False)
     assert base["pretrained"] == "torchvision-resnet50-imagenet1k-v1" and base["epochs"] == 0
     assert base_models.base_spec(cfg.model("resnet50"))["stem"] == "imagenet"
-    runs = tables1_3.accuracy_runs(cfg, ["resnet50"], ["tp_l1", "tp_taylor", "spvr"], [0], "finetune", progress=False)
+    runs = trained_runs.accuracy_runs(cfg, ["resnet50"], ["tp_l1", "tp_taylor", "spvr"], [0], "finetune", progress=False)
     by = runs.set_index("method")
     assert by.loc["tp_l1", "status"] == "quoted" and by.loc["tp_l1", "top1"] == 68.11          # Table 1, ResNet50 at 80%
     assert by.loc["tp_taylor", "status"] == "not reported"                                  # "-" in the paper
     assert by.loc["spvr", "status"] == "ok" and by.loc["spvr", "params"] <= by.loc["spvr", "budget"]
-    table = tables1_3.table1(cfg, ["resnet50"], ["tp_l1", "tp_taylor", "spvr"], seeds=[0], runs=runs, progress=False)
+    table = accuracy_vs_baselines.table1(cfg, ["resnet50"], ["tp_l1", "tp_taylor", "spvr"], seeds=[0], runs=runs, progress=False)
     ours = table[(table["source"].str.startswith("ours")) & (table["metric"] == "top1")].iloc[0]
     assert ours["ℓ1"] == "68.11 (quoted)" and ours["Taylor"] == "-"
     # a baseline pruned and fine-tuned on CIFAR-10, RCP's brief training included
     for method in ("tp_l1", "rcp"):
-        rec = tables1_3.trained_accuracy(cfg, "vgg16", method, 0.8, 0, "finetune", progress=False)
+        rec = trained_runs.trained_accuracy(cfg, "vgg16", method, 0.8, 0, "finetune", progress=False)
         # trained (a 1-epoch network on a few images may end at chance: then its status says so)
         assert rec["top1"] is not None and rec["params"] <= rec["budget"], rec["error"]
         assert rec["status"] in ("ok", "failed: at chance")
     # latency of the unpruned and pruned networks at the paper's input size
-    lat = figure1.latency_runs(cfg, ["resnet34"], ["spvr"], rounds=2, runs_per_round=1, warmup=1, batch_sizes=(1,),
+    lat = latency_vs_accuracy.latency_runs(cfg, ["resnet34"], ["spvr"], rounds=2, runs_per_round=1, warmup=1, batch_sizes=(1,),
                                progress=False)
     assert (lat["status"] == "ok").all() and (lat["median_ms"] > 0).all()
     assert latency.count_macs(models.build(base_models.base_spec(cfg.model("resnet34"))), (3, 64, 64)) > 0

@@ -327,9 +327,9 @@ def test_a_quoted_models_spvr_trainings_fan_out_too(monkeypatch):
     monkeypatch.setattr(base_models, "prepare_bases", lambda cfg, keys, progress=True: batches.setdefault("bases", keys))
     monkeypatch.setattr(base_models, "spvr_ranking", lambda cfg, key, progress=True: None)
     runs = [("r50", 0.8, "spvr", 0), ("r50", 0.8, "l1", 0), ("vgg", 0.7, "l1", 0)]
-    from spvr_lib.paper import tables1_3
+    from spvr_lib.paper import trained_runs
 
-    tables1_3.prepare_runs(cfg, runs, "finetune", progress=False)
+    trained_runs.prepare_runs(cfg, runs, "finetune", progress=False)
     assert batches["bases"] == ["r50", "vgg"]
     assert batches["pruned networks"] == [("r50", "spvr", 0.8), ("vgg", "l1", 0.7)]      # no l1 of the quoted model
     assert batches["lr search (fine-tune)"] == [("vgg", 0.01), ("vgg", 0.1)]

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from spvr_lib import data, latency, models, store
-from spvr_lib.paper import base_models, plots, tables1_3
+from spvr_lib.paper import base_models, plots, pruned_networks, trained_runs
 
 
 def _signature(net: nn.Module) -> str:
@@ -50,7 +50,7 @@ def protocol(cfg: Any) -> dict[str, int]:
     return {"rounds": cfg.latency_rounds, "runs_per_round": cfg.latency_runs_per_round, "warmup": cfg.latency_warmup}
 
 
-def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1_3.TABLE1_METHODS,
+def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = pruned_networks.TABLE1_METHODS,
                  rates: dict[str, Sequence[float]] | None = None, rounds: int = 30, runs_per_round: int = 10,
                  warmup: int = 30, batch_sizes: Sequence[int] = (1, 64), threads: int | None = 1,
                  retime: bool | None = None, progress: bool = True) -> pd.DataFrame:
@@ -61,7 +61,7 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1
     its pruned architecture).  ``retime`` (default: the environment's ``SPVR_RETIME=1``, set by ``reproduce
     --retime``) measures afresh instead of reading the records.  One row per (model, rate, method, batch size);
     a failed method is a row with status "failed" and its reason."""
-    keys, methods = list(keys), [tables1_3._check_method(m) for m in methods]
+    keys, methods = list(keys), [pruned_networks._check_method(m) for m in methods]
     rows = []
     for key in keys:
         setup = cfg.model(key)
@@ -74,7 +74,7 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1
             failed: dict[str, str] = {}
             for method in methods:
                 try:
-                    net, rec = tables1_3.pruned_network(cfg, key, method, rate, progress=False)
+                    net, rec = pruned_networks.pruned_network(cfg, key, method, rate, progress=False)
                 except Exception as e:                # recorded; the other networks go on
                     net, rec = None, {"error": f"{type(e).__name__}: {e}"}
                 if net is None:
@@ -89,7 +89,7 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1
                             "cell removed (%)": round(100 * rate, 2),
                             "params removed (%)": 0.0 if method == "unpruned" else round(100 * rate, 2),
                             "method": method, "batch_size": b,
-                            "name": "unpruned" if method == "unpruned" else tables1_3.DISPLAY_NAMES[method]}
+                            "name": "unpruned" if method == "unpruned" else pruned_networks.DISPLAY_NAMES[method]}
                     if method in failed:
                         rows.append({**head, "status": "failed", "error": failed[method]})
                         continue
@@ -97,7 +97,7 @@ def latency_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str] = tables1
                     rows.append({**head, "params": models.count_params(net), "budget": recs[method].get("budget"),
                                  "MMACs": latency.count_macs(net, shape) / 1e6, **timed["latency"][method],
                                  "cpu": timed["key"]["cpu"], "status": "ok", "error": None})
-    return tables1_3._nullable_ints(pd.DataFrame(rows))
+    return trained_runs._nullable_ints(pd.DataFrame(rows))
 
 
 def latency_figure(lat: pd.DataFrame, batch_sizes: Sequence[int] | None = None, title: str = "") -> Any:
@@ -147,7 +147,7 @@ def latency_claims(lat: pd.DataFrame, batch_size: int = 1) -> pd.DataFrame:
         pruned = by.drop(index="unpruned")
         if pruned.empty:
             continue
-        name = tables1_3.DISPLAY_NAMES
+        name = pruned_networks.DISPLAY_NAMES
         fastest = pruned["median_ms"].astype(float).idxmin()
         row = {"model": key, "params removed (%)": cell, "batch size": batch_size,
                "unpruned ms": _ms(base), "SPvR ms": _ms(by.loc["spvr"]) if "spvr" in by.index else None,

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from spvr_lib import data, diagnostics, latency, models
-from spvr_lib.paper import base_models, reference, stats, tables1_3
-from spvr_lib.paper.figure2 import train_pruned
+from spvr_lib.paper import base_models, latency_vs_accuracy, jobs, pruned_networks, reference, stats, trained_runs
+from spvr_lib.paper.group_size_ablation import train_pruned
 from spvr_lib.paper.stats import mean_std
 
 __all__ = ["BUDGET_FRACTION", "MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
@@ -120,14 +120,13 @@ def _macs(spec: dict, dataset: str) -> float:
 
 
 def _latencies(cfg: Any, specs: dict[str, dict], dataset: str) -> dict[str, dict[str, Any]]:
-    """Batch-1 latency of Table 4's networks, timed together (``figure1.timed_together``; weights do not matter:
+    """Batch-1 latency of Table 4's networks, timed together (``latency_vs_accuracy.timed_together``; weights do not matter:
     fresh networks), {name: columns}."""
-    from spvr_lib.paper import figure1
 
     info = data.dataset_info(dataset)
     shape = (info.in_channels, info.image_size, info.image_size)
     nets = {name: models.build(spec) for name, spec in specs.items()}
-    rec = figure1.timed_together({"table": "table4"}, nets, shape, 1, **figure1.protocol(cfg))
+    rec = latency_vs_accuracy.timed_together({"table": "table4"}, nets, shape, 1, **latency_vs_accuracy.protocol(cfg))
     return {name: {"latency median (ms)": t["median_ms"], "latency low (ms)": t["low_ms"],
                    "latency high (ms)": t["high_ms"], "threads": t["threads"], "cpu": rec["key"]["cpu"]}
             for name, t in rec["latency"].items()}
@@ -141,7 +140,6 @@ def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Seque
              budget: int, progress: bool) -> None:
     """Fill the run cache for Table 4 side by side (``paper.jobs``): the MobileNets' lr searches, then every
     training.  Nothing happens with one worker."""
-    from spvr_lib.paper import jobs
 
     workers = jobs.worker_count(cfg)
     if workers <= 1:
@@ -168,7 +166,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
     parameters, each trained from scratch with the ResNet50 setup's data and recipe at the base
     ResNet50's searched learning rate, over ``seeds`` (default the scale's); the unpruned base ResNet50
     (seed 0, as every notebook prunes it) as a reference row.  Accuracies in % (mean, sample std),
-    latency batch 1 (the networks timed together by the scale's protocol, ``figure1.timed_together``: median
+    latency batch 1 (the networks timed together by the scale's protocol, ``latency_vs_accuracy.timed_together``: median
     over rounds with its 95% interval), MACs per image.
     A network whose pruning or training raises is a row with status "failed" and its reason."""
     setup = _resnet50_setup(cfg)
@@ -193,19 +191,19 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
                             "prune s": rec["prune_s"], "collapsed": rec["collapsed"]})
             # each MobileNet's own learning rate, searched on a validation split; the pruned ResNet50 trains
             # from scratch as every ResNet50 network does, at the base's searched lr
-            lr = base_lr if name not in MOBILENET_VARIANTS else \
+            lr = base_lr if name not in MOBILENET_VARIANTS else\
                 base_models.searched_lr(setup, spec, "scratch", progress=progress)[0]
             trained = [train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress) for s in seeds]
             with torch.device("meta"):              # what the network is (no weights needed)
                 summary = diagnostics.layer_summary(models.build(spec))
             facts = {**summary, "layers removed": None}
-            run_rows += [tables1_3.training_row(setup, "resnet50", "spvr" if spec is not None and name not in
+            run_rows += [trained_runs.training_row(setup, "resnet50", "spvr" if spec is not None and name not in
                                                 MOBILENET_VARIANTS else name, r, budget=row.get("budget"),
                                                 params_before=base_rec["params"], name=name,
                                                 rate=None if name in MOBILENET_VARIANTS else
                                                 round(1 - budget / base_rec["params"], 6),
                                                 arch=models.spec_to_str(spec), facts=facts) for r in trained]
-            row.update(_accuracy_columns(trained, tables1_3._classes(setup.dataset)))
+            row.update(_accuracy_columns(trained, pruned_networks._classes(setup.dataset)))
             row.update({"params": models.spec_params(spec), "lr": lr, "architecture": models.spec_to_str(spec)})
             row["MMACs"] = _macs(spec, setup.dataset)
             specs[name] = spec
@@ -215,7 +213,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
         rows.append(row)
     base_spec = base_rec["spec"]
     rows.append({"model": "ResNet50 (unpruned base)", "width": setup.width, "status": "ok", "error": "",
-                 **_accuracy_columns([base_rec], tables1_3._classes(setup.dataset)), "params": base_rec["params"],
+                 **_accuracy_columns([base_rec], pruned_networks._classes(setup.dataset)), "params": base_rec["params"],
                  "lr": base_lr, "architecture": models.spec_to_str(base_spec),
                  "MMACs": _macs(base_spec, setup.dataset), "paper params (M)": 25.6, "paper top1": None})
     specs["ResNet50 (unpruned base)"] = base_spec
@@ -231,7 +229,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
              "latency median (ms)", "latency low (ms)", "latency high (ms)", "cpu", "threads", "prune s", "collapsed",
              "paper params (M)", "paper top1", "status", "error", "architecture"]
     df = df[[c for c in order if c in df.columns]]
-    return (df, tables1_3.runs_frame(run_rows)) if with_runs else df
+    return (df, trained_runs.runs_frame(run_rows)) if with_runs else df
 
 
 def _accuracy_columns(records: Sequence[dict[str, Any]], classes: int) -> dict[str, Any]:

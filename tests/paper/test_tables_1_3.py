@@ -9,9 +9,9 @@ import torch
 from spvr_lib import baselines, models, train
 from spvr_lib.paper import scales
 from spvr_lib.paper import base_models
-from spvr_lib.paper import figure1
+from spvr_lib.paper import latency_vs_accuracy
 from spvr_lib.paper import stats
-from spvr_lib.paper import tables1_3
+from spvr_lib.paper import accuracy_vs_baselines, architecture_vs_retraining, finetune_vs_scratch, pruned_networks, trained_runs
 
 TINY = scales.Scale(name="smoke", seeds=(0,), models={
     "vgg16": scales.ModelSetup("vgg16_bn", "fashion-mnist", width=1 / 16, epochs=1, batch_size=32, lr=0.05,
@@ -47,14 +47,14 @@ def fake_fit(calls):
 
 
 def test_every_method_lands_within_the_same_budget_as_spvr(cache, monkeypatch):
-    monkeypatch.setattr(tables1_3, "rcp_samples", lambda cfg: 1)     # one random architecture: fast
+    monkeypatch.setattr(pruned_networks, "rcp_samples", lambda cfg: 1)     # one random architecture: fast
     base = base_models.train_base(TINY, "vgg16", progress=False)
-    budget = tables1_3.parameter_budget(base["params"], RATE)
+    budget = pruned_networks.parameter_budget(base["params"], RATE)
     assert budget == math.floor((1 - RATE) * base["params"])
     spvr = base_models.spvr_pruned(TINY, "vgg16", RATE, progress=False)
     assert spvr["budget"] == budget and spvr["params_after"] <= budget
-    for method in tables1_3.TABLE1_METHODS:
-        model, info = tables1_3.pruned_network(TINY, "vgg16", method, RATE, progress=False)
+    for method in pruned_networks.TABLE1_METHODS:
+        model, info = pruned_networks.pruned_network(TINY, "vgg16", method, RATE, progress=False)
         assert info["budget"] == budget, method
         if method == "otov2":
             assert model is None and info["status"] == "failed" and "OTOv2" in info["error"]
@@ -67,13 +67,13 @@ def test_every_method_lands_within_the_same_budget_as_spvr(cache, monkeypatch):
 
 
 def test_pruned_baseline_is_cached_and_reloads_identically(cache, monkeypatch):
-    first, info = tables1_3.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
+    first, info = pruned_networks.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
 
     def no_pruning(*a, **k):
         raise AssertionError("baselines.prune called although the pruned network is cached")
 
     monkeypatch.setattr(baselines, "prune", no_pruning)
-    again, info2 = tables1_3.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
+    again, info2 = pruned_networks.pruned_network(TINY, "vgg16", "l1", RATE, progress=False)
     assert info2 == info
     x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     assert [tuple(p.shape) for p in again.parameters()] == [tuple(p.shape) for p in first.parameters()]
@@ -83,18 +83,18 @@ def test_pruned_baseline_is_cached_and_reloads_identically(cache, monkeypatch):
 def test_a_pruned_baseline_kept_by_description_names_its_weights_and_makes_them_only_when_read(cache, monkeypatch):
     """The committed cache keeps a pruned baseline's description (shapes, digest of the weights), not its weights:
     the training keys need only the digest; the weights are pruned again, checked against it, when read."""
-    model, info = tables1_3.pruned_network(TINY, "vgg16", "l2", RATE, progress=False)
-    state = tables1_3.pruned_state(model)
+    model, info = pruned_networks.pruned_network(TINY, "vgg16", "l2", RATE, progress=False)
+    state = pruned_networks.pruned_state(model)
     digest = train.state_dict_digest(state)
     weights = train.checkpoint_dir().parent / "pruned" / f"baseline-{info['hash']}.pt"
-    assert weights.exists() and tables1_3._description(weights)["state_sha256"] == digest
+    assert weights.exists() and pruned_networks._description(weights)["state_sha256"] == digest
     weights.unlink()                                                    # as in a fresh clone
     calls = []
     real = baselines.prune
     monkeypatch.setattr(baselines, "prune", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("SPVR_FORBID_COMPUTE", "baseline")              # the record is reused, never recomputed
-    again, info2 = tables1_3.pruned_network(TINY, "vgg16", "l2", RATE, progress=False)
-    lazy = tables1_3.pruned_state(again)
+    again, info2 = pruned_networks.pruned_network(TINY, "vgg16", "l2", RATE, progress=False)
+    lazy = pruned_networks.pruned_state(again)
     assert info2 == info and isinstance(lazy, train.WeightsOnDemand) and calls == []
     assert train.state_dict_digest(lazy) == digest and calls == []     # the key needs no weights
     assert models.network_shapes(again) == models.network_shapes(model)
@@ -126,7 +126,7 @@ def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache,
     calls = {"n": 0, "raise_on": (2,)}
     monkeypatch.setattr(train, "fit", fake_fit(calls))
     methods, seeds = ["l1", "l2", "spvr"], [0, 1]
-    first = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
+    first = trained_runs.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 6 and len(first) == 6
     failed = first[first["status"] != "ok"]
     assert len(failed) == 1 and "interrupted on purpose" in failed["error"].iloc[0]
@@ -138,38 +138,38 @@ def test_interrupted_comparison_resumes_without_recomputing_finished_runs(cache,
     assert (ok["epochs"] == setup.epochs).all() and (ok["train images"] == setup.train_subset * 10).all()
     assert (ok["lr"] > 0).all()
     calls.update(n=0, raise_on=())
-    second = tables1_3.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
+    second = trained_runs.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
     assert calls["n"] == 1                                   # only the interrupted run is trained again
     assert (second["status"] == "ok").all()
     pd.testing.assert_series_equal(first.loc[first["status"] == "ok", "top1"],
                                    second.loc[first["status"] == "ok", "top1"])
     # SPvR trains from scratch whatever the mode: one record shared by both modes
     calls["n"] = 0
-    scratch = tables1_3.accuracy_runs(TINY, ["vgg16"], ["spvr"], seeds, "scratch", progress=False)
+    scratch = trained_runs.accuracy_runs(TINY, ["vgg16"], ["spvr"], seeds, "scratch", progress=False)
     assert calls["n"] == 0 and (scratch["mode"] == "scratch").all()
 
 
 def test_one_architecture_trained_from_scratch_is_one_run_whichever_method_chose_it(cache, monkeypatch):
-    shapes = {m: models.network_shapes(tables1_3.pruned_network(TINY, "vgg16", m, RATE, progress=False)[0])
+    shapes = {m: models.network_shapes(pruned_networks.pruned_network(TINY, "vgg16", m, RATE, progress=False)[0])
               for m in ("l1", "l2", "taylor")}                   # (the base network is trained here)
     calls = {"n": 0}
     monkeypatch.setattr(train, "fit", fake_fit(calls))
     assert shapes["l1"] == shapes["l2"] != shapes["taylor"]      # ℓ1 and ℓ2 thin every layer alike; Taylor does not
-    scratch = tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "l2", "taylor"], [7], "scratch", progress=False)
+    scratch = trained_runs.accuracy_runs(TINY, ["vgg16"], ["l1", "l2", "taylor"], [7], "scratch", progress=False)
     assert calls["n"] == 2 and (scratch["status"] == "ok").all()
     by = scratch.set_index("method")
     assert by.loc["l1", "top1"] == by.loc["l2", "top1"]
-    assert tables1_3.training_tag("l1", "scratch") == tables1_3.training_tag("spvr", "scratch") == "scratch"
+    assert trained_runs.training_tag("l1", "scratch") == trained_runs.training_tag("spvr", "scratch") == "scratch"
     calls["n"] = 0                                  # fine-tuned, each starts from its own method's weights
-    tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1", "l2"], [7], "finetune", progress=False)
-    assert calls["n"] == 2 and tables1_3.training_tag("l1", "finetune") == "l1"
+    trained_runs.accuracy_runs(TINY, ["vgg16"], ["l1", "l2"], [7], "finetune", progress=False)
+    assert calls["n"] == 2 and trained_runs.training_tag("l1", "finetune") == "l1"
 
 
 def test_failed_method_appears_in_table1_with_its_reason(cache, monkeypatch):
     monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
-    runs = tables1_3.accuracy_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], [0], "finetune", progress=False)
+    runs = trained_runs.accuracy_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], [0], "finetune", progress=False)
     assert runs.set_index("method").loc["otov2", "error"] == baselines.OTOV2_UNAVAILABLE   # full reason per run
-    t = tables1_3.table1(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
+    t = accuracy_vs_baselines.table1(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], seeds=[0], runs=runs, progress=False)
     ours = t[(t["source"] == "ours (smoke)") & (t["metric"] == "top1")].iloc[0]
     assert ours["OTOv2"] == "failed: could not prune" and ours["ℓ1"] != "failed: could not prune"
     assert runs.set_index("method").loc["otov2", "status"] == "failed: could not prune"
@@ -194,8 +194,8 @@ def test_comparison_row_names_failed_runs_and_decides_by_welch_on_the_others():
     runs = _runs({"spvr": [(85.0, "ok"), (86.0, "ok"), (87.0, "ok")],
                   "tp_l1": [(10.0, "failed: dead network")] * 3,
                   "curl": [(80.0, "ok"), (10.0, "failed: at chance"), (81.0, "ok")]})
-    sub = tables1_3.summarize(runs)
-    row = tables1_3._comparison_row(sub, runs, "top1", ["tp_l1", "curl", "spvr"])
+    sub = trained_runs.summarize(runs)
+    row = trained_runs._comparison_row(sub, runs, "top1", ["tp_l1", "curl", "spvr"])
     assert row["ℓ1"] == "failed: dead network"                       # never averaged into a mean
     assert row["CURL"] == "80.50 ± 0.71 (80.00 / 81.00); 2 of 3 seeds (1 at chance)"
     assert row["SPvR"] == "86.00 ± 1.00 (85.00 / 86.00 / 87.00)"
@@ -208,13 +208,13 @@ def test_comparison_row_names_failed_runs_and_decides_by_welch_on_the_others():
 
 
 def test_output_spread_is_zero_for_a_network_whose_stem_is_dead(cache):
-    model, _ = tables1_3.pruned_network(TINY, "vgg16", "tp_l1", RATE, progress=False)
-    state = {k: v.clone() for k, v in tables1_3.pruned_state(model).items()}
-    alive = tables1_3.output_spread(TINY, "vgg16", model, state, progress=False)
+    model, _ = pruned_networks.pruned_network(TINY, "vgg16", "tp_l1", RATE, progress=False)
+    state = {k: v.clone() for k, v in pruned_networks.pruned_state(model).items()}
+    alive = pruned_networks.output_spread(TINY, "vgg16", model, state, progress=False)
     first_bn = next(k for k in state if k.endswith(".running_var")).rsplit(".", 1)[0]
     state[f"{first_bn}.weight"].zero_()                    # gamma 0 and beta < 0: zero after the ReLU, always
     state[f"{first_bn}.bias"].fill_(-0.026)
-    assert alive > stats.DEAD_SPREAD and tables1_3.output_spread(TINY, "vgg16", model, state, progress=False) == 0.0
+    assert alive > stats.DEAD_SPREAD and pruned_networks.output_spread(TINY, "vgg16", model, state, progress=False) == 0.0
     assert len(list(cache.glob("spread-*.json"))) >= 2        # cached by the weights' digest
 
 
@@ -223,7 +223,7 @@ def test_summarize_mean_std_and_partial_failures():
         {"model": "vgg16", "dataset": "d", "rate": 0.9, "method": "l1", "seed": s, "mode": "finetune",
          "top1": v, "top5": None, "params": 10, "budget": 12, "status": st, "error": err}
         for s, v, st, err in [(0, 90.0, "ok", None), (1, 92.0, "ok", None), (2, 11.0, "failed: diverged", "boom")]])
-    s = tables1_3.summarize(runs).iloc[0]
+    s = trained_runs.summarize(runs).iloc[0]
     assert s["top1 mean"] == 91.0 and s["top1 std"] == pytest.approx(math.sqrt(2))
     assert (s["n_ok"], s["n_runs"], s["status"], s["error"]) == (2, 3, "partial", "boom")
     assert (s["top1 seeds"], s["failed runs"]) == ("90.00 / 92.00", "2 of 3 seeds (1 diverged)")
@@ -232,23 +232,23 @@ def test_summarize_mean_std_and_partial_failures():
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="method='l3'"):
-        tables1_3.pruned_network(TINY, "vgg16", "l3", RATE)
+        pruned_networks.pruned_network(TINY, "vgg16", "l3", RATE)
     with pytest.raises(ValueError, match="rate=1.5"):
-        tables1_3.trained_accuracy(TINY, "vgg16", "l1", 1.5, 0, "finetune")
+        trained_runs.trained_accuracy(TINY, "vgg16", "l1", 1.5, 0, "finetune")
     with pytest.raises(ValueError, match="mode='warm'"):
-        tables1_3.accuracy_runs(TINY, ["vgg16"], ["l1"], [0], "warm")
+        trained_runs.accuracy_runs(TINY, ["vgg16"], ["l1"], [0], "warm")
     with pytest.raises(ValueError, match="mode='warm'"):
-        tables1_3.trained_accuracy(TINY, "vgg16", "spvr", RATE, 0, "warm")
+        trained_runs.trained_accuracy(TINY, "vgg16", "spvr", RATE, 0, "warm")
     with pytest.raises(ValueError, match="model='vgg19'"):
-        tables1_3.trained_accuracy(TINY, "vgg19", "l1", RATE, 0, "finetune")
+        trained_runs.trained_accuracy(TINY, "vgg19", "l1", RATE, 0, "finetune")
 
 
 def test_table2_picks_the_highest_rate_without_collapse_and_trains_both(cache):
     grid = (0.8, 0.99, 0.98, 0.97, 0.95)         # order does not matter: the highest is tried first
-    rate, rec = tables1_3.highest_uncollapsed_rate(TINY, "vgg16", grid, progress=False)
+    rate, rec = finetune_vs_scratch.highest_uncollapsed_rate(TINY, "vgg16", grid, progress=False)
     collapsed = {r: base_models.spvr_pruned(TINY, "vgg16", r, progress=False)["collapsed"] for r in grid}
     assert collapsed[0.99] and rate == max(r for r in grid if not collapsed[r]) and not rec["collapsed"]
-    t, runs = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=grid, progress=False, with_runs=True)
+    t, runs = finetune_vs_scratch.table2(TINY, ["vgg16"], seeds=[0], grid=grid, progress=False, with_runs=True)
     assert list(zip(t["set"], t["metric"])) == [("rule", "top1"), ("rule", "top5"), ("paper's rate", "top1"),
                                                 ("paper's rate", "top5")]
     row = t.iloc[0]
@@ -265,14 +265,14 @@ def test_table2_picks_the_highest_rate_without_collapse_and_trains_both(cache):
     assert paper_row["params removed (%)"] == 60.0
     assert paper_row["params"] == base_models.spvr_pruned(TINY, "vgg16", 0.6, progress=False)["params_after"]
     assert set(runs["set"]) == {"rule", "paper's rate"} and len(runs) == 4 and runs["top1"].notna().all()
-    every_rate_collapses = tables1_3.table2(TINY, ["vgg16"], seeds=[0], grid=(0.99,), progress=False)
+    every_rate_collapses = finetune_vs_scratch.table2(TINY, ["vgg16"], seeds=[0], grid=(0.99,), progress=False)
     rule = every_rate_collapses.iloc[0]
     assert rule["status"] == "failed" and "collapses a layer at every rate" in rule["error"]
     assert every_rate_collapses.iloc[2]["status"] == "ok"                 # the paper's rate is trained regardless
 
 
 def test_latency_runs_time_every_network_at_its_budget_and_keep_the_timings_as_records(cache, monkeypatch):
-    lat = figure1.latency_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], rounds=3, runs_per_round=2, warmup=0,
+    lat = latency_vs_accuracy.latency_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], rounds=3, runs_per_round=2, warmup=0,
                                batch_sizes=(1, 3), threads=1, progress=False)
     assert len(lat) == 2 * 4                       # (unpruned + 3 methods) x 2 batch sizes
     ok = lat[lat["status"] == "ok"]
@@ -284,13 +284,13 @@ def test_latency_runs_time_every_network_at_its_budget_and_keep_the_timings_as_r
     assert lat.loc[lat["method"] == "otov2", "error"].str.contains("OTOv2").all()
     # a rerun re-times nothing and gives the same numbers; retime measures afresh
     calls = []
-    real = figure1.latency.measure_interleaved
-    monkeypatch.setattr(figure1.latency, "measure_interleaved", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = figure1.latency_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], rounds=3, runs_per_round=2, warmup=0,
+    real = latency_vs_accuracy.latency.measure_interleaved
+    monkeypatch.setattr(latency_vs_accuracy.latency, "measure_interleaved", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = latency_vs_accuracy.latency_runs(TINY, ["vgg16"], ["tp_l1", "otov2", "spvr"], rounds=3, runs_per_round=2, warmup=0,
                                  batch_sizes=(1, 3), threads=1, progress=False)
     assert calls == [] and again["median_ms"].equals(lat["median_ms"])
     monkeypatch.setenv("SPVR_RETIME", "1")
-    figure1.latency_runs(TINY, ["vgg16"], ["tp_l1", "spvr"], rounds=3, runs_per_round=2, warmup=0, batch_sizes=(1,),
+    latency_vs_accuracy.latency_runs(TINY, ["vgg16"], ["tp_l1", "spvr"], rounds=3, runs_per_round=2, warmup=0, batch_sizes=(1,),
                          threads=1, progress=False)
     assert calls == [1]
 
@@ -303,7 +303,7 @@ def test_latency_claims_separate_networks_only_where_the_intervals_do():
     lat = pd.DataFrame([{"model": "vgg16", "method": m, "cell removed (%)": c, "batch_size": 1, "median_ms": ms,
                          "low_ms": lo, "high_ms": hi, "status": "failed" if ms is None else "ok"}
                         for m, c, ms, lo, hi in rows])
-    c = figure1.latency_claims(lat).set_index("params removed (%)")
+    c = latency_vs_accuracy.latency_claims(lat).set_index("params removed (%)")
     assert c.loc[90, "SPvR fastest"] == "yes" and c.loc[90, "slower than unpruned"] == "CURL"
     assert c.loc[90, "SPvR ms"] == "4.000 [3.900, 4.100]" and c.loc[90, "faster than unpruned"] == "SPvR, ℓ1"
     # at 98% SPvR has the lowest median, but its interval overlaps ℓ1's: tied, not fastest; CURL's overlaps the
@@ -330,8 +330,8 @@ def test_the_networks_that_decide_a_cell_are_read_on_their_budget(cache, monkeyp
     monkeypatch.setattr(train, "fit", fit)
     import dataclasses
     cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), epochs=4)})
-    runs = tables1_3.accuracy_runs(cfg, ["vgg16"], ["tp_l1", "spvr"], [0, 1], "finetune", progress=False)
-    t = tables1_3.table1(cfg, ["vgg16"], ["tp_l1", "spvr"], seeds=[0, 1], runs=runs, progress=False)
+    runs = trained_runs.accuracy_runs(cfg, ["vgg16"], ["tp_l1", "spvr"], [0, 1], "finetune", progress=False)
+    t = accuracy_vs_baselines.table1(cfg, ["vgg16"], ["tp_l1", "spvr"], seeds=[0, 1], runs=runs, progress=False)
     ours = t[(t["source"] == "ours (smoke)") & (t["metric"] == "top1")].iloc[0]
     # SPvR (from scratch): 64 + seed after 4 epochs, 63 + seed after 3: gains 1.00; ℓ1 (fine-tuned) 0.10
     assert ours["SPvR gain on budget"] == pytest.approx(1.0) and ours["best gain on budget"] == pytest.approx(0.1)
@@ -349,18 +349,18 @@ def store_read(path):
 
 def test_the_sensitivity_table_sets_the_authors_variants_beside_torch_pruning(cache, monkeypatch):
     monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
-    table, runs = tables1_3.baselines_sensitivity(TINY, ["vgg16"], seeds=[0, 1], progress=False)
+    table, runs = accuracy_vs_baselines.baselines_sensitivity(TINY, ["vgg16"], seeds=[0, 1], progress=False)
     assert set(runs["method"]) >= {"tp_l1", "l1", "tp_taylor", "taylor", "spvr", "curl"}
     crit = table.set_index("criterion")
     assert list(crit.index) == ["ℓ1", "ℓ2", "Taylor", "FPGM", "Table 1 verdict"]
     assert crit.loc["ℓ1", "variant"] == "ℓ1 (Li et al.)" and crit.loc["Taylor", "variant"] == "Taylor (NVlabs)"
     assert crit.loc["Table 1 verdict", "verdict"] in ("moved", "unchanged")
-    assert tables1_3._kind("ℓ1 (Li et al.) better") == tables1_3._kind("CURL better") == "a baseline better"
+    assert accuracy_vs_baselines._kind("ℓ1 (Li et al.) better") == accuracy_vs_baselines._kind("CURL better") == "a baseline better"
 
 
 def test_table3_lists_each_run_once_and_reads_scratch_cells_on_their_budget(cache, monkeypatch):
     monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
-    table, runs = tables1_3.table3(TINY, ["vgg16"], ["tp_l1", "spvr"], seeds=[0, 1], progress=False)
+    table, runs = architecture_vs_retraining.table3(TINY, ["vgg16"], ["tp_l1", "spvr"], seeds=[0, 1], progress=False)
     spvr = runs[runs["method"] == "spvr"]
     assert len(spvr) == 2 and len(runs) == 2 + 2 + 2          # SPvR once; ℓ1 from scratch and fine-tuned
     assert set(table["rows"]) == {"scratch (Table 3)", "Table 1 (baselines fine-tuned)", "scratch - fine-tune",
@@ -374,12 +374,12 @@ def test_nvlabs_taylor_prunes_while_fine_tuning_within_the_epoch_budget(cache):
     epochs of NVlabs's scaled schedule down to the common budget; the record is the pruned network's."""
     import dataclasses
     cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), epochs=8)})
-    assert tables1_3.taylor_steps(8) == [1, 2] and tables1_3.taylor_steps(160)[-1] == 40
-    assert len(tables1_3.taylor_steps(160)) == 10 and tables1_3.taylor_steps(1) == [1]
-    rec = tables1_3.trained_accuracy(cfg, "vgg16", "taylor", RATE, 0, "finetune", progress=False)
+    assert pruned_networks.taylor_steps(8) == [1, 2] and pruned_networks.taylor_steps(160)[-1] == 40
+    assert len(pruned_networks.taylor_steps(160)) == 10 and pruned_networks.taylor_steps(1) == [1]
+    rec = trained_runs.trained_accuracy(cfg, "vgg16", "taylor", RATE, 0, "finetune", progress=False)
     assert rec["params"] <= rec["budget"] and rec["epochs"] == 8 and len(rec["history"]) == 8
     assert rec["status"] in ("ok", "failed: at chance") and rec["narrowest layer"]
-    raw = tables1_3.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)
+    raw = pruned_networks.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)
     assert raw["pruning epochs"] == [1, 2] and raw["params"] == rec["params"]
     assert raw["top1"] == pytest.approx(raw["gated top1"], abs=1e-6)   # removing masked channels changes nothing
     assert not list(train.checkpoint_dir().glob(f"{raw['hash']}*"))
@@ -390,7 +390,7 @@ def test_table2_trains_a_collapsed_network_from_scratch_only(cache, monkeypatch)
     monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
     monkeypatch.setitem(reference.PAPER_TABLE2, "vgg16", {**reference.PAPER_TABLE2["vgg16"], "rate": 0.99})
     assert base_models.spvr_pruned(TINY, "vgg16", 0.99, progress=False)["collapsed"]
-    t, runs = tables1_3.table2(TINY, ["vgg16"], seeds=[0, 1], grid=(0.8,), progress=False, with_runs=True)
+    t, runs = finetune_vs_scratch.table2(TINY, ["vgg16"], seeds=[0, 1], grid=(0.8,), progress=False, with_runs=True)
     paper = t[(t["set"] == "paper's rate") & (t["metric"] == "top1")].iloc[0]
     assert paper["status"] == "ok" and paper["FT"].startswith("n/a: layers collapsed")
     assert paper["verdict"] == "n/a (no fine-tuning: layers collapsed)" and paper["TFS seeds counted"] == 2
@@ -403,7 +403,7 @@ def test_nvlabs_taylor_takes_a_step_lost_to_an_interruption_at_the_next_epoch(ca
     epoch's end takes the step, so that the budget holds."""
     import dataclasses
     cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), epochs=12)})
-    assert tables1_3.taylor_steps(12) == [1, 2, 3]
+    assert pruned_networks.taylor_steps(12) == [1, 2, 3]
     real_fit = train.fit
     state = {"killed": False, "counts": []}
 
@@ -421,7 +421,7 @@ def test_nvlabs_taylor_takes_a_step_lost_to_an_interruption_at_the_next_epoch(ca
 
     monkeypatch.setattr(train, "fit", fit)
     with pytest.raises(KeyboardInterrupt):
-        tables1_3.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)
-    rec = tables1_3.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)      # resumed from epoch 3's checkpoint
+        pruned_networks.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)
+    rec = pruned_networks.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)      # resumed from epoch 3's checkpoint
     assert state["killed"] and rec["params"] <= rec["budget"]
     assert [e for e, _ in state["counts"]][:5] == [1, 2, 3, 4, 5]                # epoch 4 ran in the second process

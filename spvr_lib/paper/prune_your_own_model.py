@@ -10,7 +10,7 @@ Per scale (:func:`setup`):
   base network: :func:`spvr_lib.paper.base_models.pretrained_weights`), calibrated on ImageNet.
 
 Everything else is the library: ``spvr_prune`` with ``source=`` (so ``models.load_network`` rebuilds the
-pruned network), ``models.save_network``, ``latency.measure_interleaved`` (through ``figure1.timed_together``) and ``latency.count_macs``.
+pruned network), ``models.save_network``, ``latency.measure_interleaved`` (through ``latency_vs_accuracy.timed_together``) and ``latency.count_macs``.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from spvr_lib.latency import count_macs
 from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.paper.scales import get_scale
 from spvr_lib.prune import spvr_prune
+from spvr_lib.paper import latency_vs_accuracy
+from spvr_lib.paper.base_models import pretrained_weights
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,6 @@ def base_network(cfg: OwnModelSetup, seed: int = 0, progress: bool = False) -> t
     torch.manual_seed(seed)
     model = _build(cfg)
     if cfg.pretrained:
-        from spvr_lib.paper.base_models import pretrained_weights
 
         state = torch.load(pretrained_weights(cfg.pretrained), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
@@ -177,13 +178,12 @@ def conv_table(model: nn.Module, result: Any) -> pd.DataFrame:
 def latency(model: nn.Module, pruned: nn.Module, input_shape: tuple[int, int, int], rounds: int,
             runs_per_round: int, warmup: int, batch_sizes: tuple[int, ...]) -> pd.DataFrame:
     """Latency of the network before and after pruning, timed together on one CPU thread
-    (``figure1.timed_together``: interleaved rounds, median with its 95% interval; a record, so a rerun on
+    (``latency_vs_accuracy.timed_together``: interleaved rounds, median with its 95% interval; a record, so a rerun on
     the same kind of machine re-times nothing)."""
-    from spvr_lib.paper import figure1
 
     rows = []
     for bs in batch_sizes:
-        rec = figure1.timed_together({"notebook": "12_prune_your_own_model"},
+        rec = latency_vs_accuracy.timed_together({"notebook": "12_prune_your_own_model"},
                                      {"original": model, "SPvR-pruned": pruned}, input_shape, bs, rounds,
                                      runs_per_round, warmup, threads=1)
         for name, lat in rec["latency"].items():

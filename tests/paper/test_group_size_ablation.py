@@ -1,4 +1,4 @@
-"""Section 6.2 / Figure 2 (spvr_lib.paper.figure2): the group-size table and its figure, on tiny networks."""
+"""Section 6.2 / Figure 2 (spvr_lib.paper.group_size_ablation): the group-size table and its figure, on tiny networks."""
 import math
 
 import matplotlib
@@ -9,7 +9,7 @@ import torch
 
 matplotlib.use("Agg")
 
-from spvr_lib.paper import figure2, scales
+from spvr_lib.paper import group_size_ablation, scales
 from spvr_lib.paper import base_models
 from spvr_lib.paper import stats
 
@@ -29,7 +29,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_one_row_per_d_with_both_methods_and_identical_specs(cache):
-    table = figure2.group_size_table(TINY, {"vgg16": {1: [8], 8: [64], 16: [128]}}, progress=False)
+    table = group_size_ablation.group_size_table(TINY, {"vgg16": {1: [8], 8: [64], 16: [128]}}, progress=False)
     assert table["d"].tolist() == [1, 8, 16] and table["paper d"].tolist() == ["8", "64", "128"]
     assert not table["status"].str.startswith("failed").any(), table["error"].tolist()
     assert table["status"].iloc[0] == "ok" and table["status"].iloc[1].startswith("not compared: removes 91.08%")
@@ -37,26 +37,26 @@ def test_one_row_per_d_with_both_methods_and_identical_specs(cache):
     assert table["same spec"].all()
     for d in (1, 8, 16):
         fast, naive = (base_models.spvr_pruned(TINY, "vgg16", 0.9, group_size=d, method=m, progress=False)
-                       for m in figure2.RANKING_METHODS)
+                       for m in group_size_ablation.RANKING_METHODS)
         assert fast["spec"] == naive["spec"]
         row = table.set_index("d").loc[d]
         assert row["prune s (fast)"] == fast["prune_s"] and row["prune s (naive)"] == naive["prune_s"]
         assert row["params after"] == fast["params_after"] <= row["budget"] == math.floor(0.1 * row["params before"])
     # identical specs share one training run per seed, so both methods report the same accuracy
-    assert table["top1 seeds (fast)"].fillna("").tolist() == table["top1 seeds (naive)"].fillna("").tolist() \
+    assert table["top1 seeds (fast)"].fillna("").tolist() == table["top1 seeds (naive)"].fillna("").tolist()\
         if "top1 seeds (naive)" in table else True
     assert (table["n seeds (fast)"] <= 2).all()
     for _, row in table.iterrows():        # a d whose removal misses the rate by more than a point: not compared
-        meets = abs(row["removed (%)"] - 90.0) <= figure2.RATE_TOLERANCE
+        meets = abs(row["removed (%)"] - 90.0) <= group_size_ablation.RATE_TOLERANCE
         assert row["meets the rate"] == meets and (row["status"] == "ok") == meets
         assert row["narrowest layer"] and row["classifier inputs"] >= 1
 
 
 def test_the_grid_is_the_papers_d_scaled_with_the_width():
-    grid = figure2.group_sizes(scales.get_scale("cpu"))
+    grid = group_size_ablation.group_sizes(scales.get_scale("cpu"))
     assert grid == {"vgg16": {1: [2, 4, 8], 2: [16], 4: [32]}, "resnet34": {1: [4, 8], 2: [16], 4: [32]},
                     "resnet50": {1: [8], 2: [16], 4: [32]}}
-    assert figure2.group_sizes(scales.get_scale("paper"))["vgg16"] == {d: [d] for d in (2, 4, 8, 16, 32)}
+    assert group_size_ablation.group_sizes(scales.get_scale("paper"))["vgg16"] == {d: [d] for d in (2, 4, 8, 16, 32)}
 
 
 def test_a_step_that_raises_is_a_failed_row(cache, monkeypatch):
@@ -68,11 +68,11 @@ def test_a_step_that_raises_is_a_failed_row(cache, monkeypatch):
         return real(cfg, key, rate, group_size=group_size, method=method, **kw)
 
     monkeypatch.setattr(base_models, "spvr_pruned", flaky)
-    rows = figure2.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], progress=False)
+    rows = group_size_ablation.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], progress=False)
     assert [r["status"] == "failed" for r in rows] == [False, True]
     assert rows[1]["error"] == "RuntimeError: out of memory" and rows[1]["d"] == 16
     # without the naive ranking at d = 16 the row is complete, its naive columns empty
-    rows = figure2.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], naive_group_sizes=[8], progress=False)
+    rows = group_size_ablation.group_size_rows(TINY, "vgg16", [8, 16], seeds=[0], naive_group_sizes=[8], progress=False)
     assert [r["status"] == "failed" for r in rows] == [False, False]
     assert rows[0]["same spec"] is True and rows[1]["same spec"] is None
     assert math.isnan(rows[1]["prune s (naive)"]) and "top1 (naive)" not in rows[1]
@@ -81,7 +81,7 @@ def test_a_step_that_raises_is_a_failed_row(cache, monkeypatch):
 @pytest.mark.parametrize("bad", [[], [0], [4, True], [2.0]])
 def test_bad_group_sizes(bad):
     with pytest.raises(ValueError, match="group_sizes"):
-        figure2.group_size_rows(TINY, "vgg16", bad, progress=False)
+        group_size_ablation.group_size_rows(TINY, "vgg16", bad, progress=False)
 
 
 def test_mean_std():
@@ -98,7 +98,7 @@ def test_figure2_draws_the_table():
         "top1 (fast)": [90.0, 89.0, 60.0, None], "top1 std (fast)": [0.5, 0.4, 1.0, None],
         "top5 (fast)": [99.0, 98.0, 80.0, None], "top5 std (fast)": [0.1, 0.1, 0.2, None],
         "prune s (fast)": [1.0, 0.5, 2.0, None], "prune s (naive)": [10.0, 5.0, 20.0, None]})
-    fig = figure2.figure2(table)
+    fig = group_size_ablation.figure2(table)
     left, right = fig.axes[0], fig.axes[2]        # VGG16's accuracy axis and its twin (time) axis
 
     def curves(ax):

@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from spvr_lib.paper import base_models, reference, stats
+from spvr_lib.paper import base_models, convergence, jobs, pruned_networks, reference, stats, trained_runs
 from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.train import train_run
+from spvr_lib.paper.scales import scaled_group_size
 
 __all__ = ["RANKING_METHODS", "RATE_TOLERANCE", "group_sizes", "ablation_rate", "base_lr", "train_pruned", "group_size_rows",
            "group_size_table", "figure2"]
@@ -38,7 +39,6 @@ def group_sizes(cfg: Any, keys: Sequence[str] | None = None) -> dict[str, dict[i
     group sizes (:data:`reference.PAPER_GROUP_SIZES`) scaled like the main tables' d
     (``scales.scaled_group_size``: the same fraction of a layer; at 1/8 width the paper's d = 8 is d = 1), equal
     scaled values merged."""
-    from spvr_lib.paper.scales import scaled_group_size
 
     out: dict[str, dict[int, list[int]]] = {}
     for key in (keys or reference.PAPER_GROUP_SIZES):
@@ -74,7 +74,6 @@ def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_
              progress: bool) -> None:
     """Prune at every d in this process (its timings are the figure's), then fill the run cache with the
     trainings side by side (``paper.jobs``; nothing happens with one worker).  Errors are left to the rows."""
-    from spvr_lib.paper import jobs
 
     workers = jobs.worker_count(cfg)
     if workers <= 1:
@@ -130,16 +129,15 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
                 row["status"] = (f"not compared: removes {removed:.2f}% (the rate {100 * rate:.0f}% "
                                  f"± {RATE_TOLERANCE:g} point)")
             lr = base_lr(cfg, key, progress=progress)
-            from spvr_lib.paper import tables1_3
 
-            facts = tables1_3.network_facts(cfg, key, base_models.spvr_model(fast))
+            facts = pruned_networks.network_facts(cfg, key, base_models.spvr_model(fast))
             row.update({k: facts[k] for k in ("narrowest layer", "classifier inputs", "layers removed")})
-            classes = tables1_3._classes(cfg.model(key).dataset)
+            classes = pruned_networks._classes(cfg.model(key).dataset)
             for m in methods:           # identical specs share one cached training run per seed
                 runs = [train_pruned(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress) for s in seeds]
                 statuses = [stats.run_status(r.get("top1"), classes, r.get("history") or []) for r in runs]
                 if runs_out is not None:
-                    runs_out += [{**tables1_3.training_row(cfg.model(key), key, "spvr", r, rate=rate,
+                    runs_out += [{**trained_runs.training_row(cfg.model(key), key, "spvr", r, rate=rate,
                                                            budget=recs[m]["budget"],
                                                            params_before=recs[m]["params_before"],
                                                            arch=recs[m]["arch"], facts=facts), "d": int(d),
@@ -195,9 +193,8 @@ def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping
     df = df[[c for c in order if c in df.columns]]
     if not with_runs:
         return df
-    from spvr_lib.paper import tables1_3
 
-    frame = tables1_3.runs_frame(runs)
+    frame = trained_runs.runs_frame(runs)
     if runs:
         frame.insert(2, "d", [r["d"] for r in runs])
         frame.insert(3, "ranking", [r["ranking"] for r in runs])
@@ -215,7 +212,6 @@ def _scratch_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[
 def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] | None, progress: bool) -> None:
     """Mark the best and the worst compared d of each model ("decides") and read their networks (fast ranking)
     on their budget, on the seeds that count."""
-    from spvr_lib.paper import convergence
 
     seeds = list(cfg.seeds if seeds is None else seeds)
     picked = []
@@ -239,9 +235,8 @@ def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] |
 
 
 def _counted_seeds(cfg: Any, row: dict[str, Any], calls: dict[int, dict], progress: bool) -> list[bool]:
-    from spvr_lib.paper import tables1_3
 
-    classes = tables1_3._classes(cfg.model(row["model"]).dataset)
+    classes = pruned_networks._classes(cfg.model(row["model"]).dataset)
     recs = [train_run(**calls[s], progress=progress) for s in calls]
     return [stats.run_status(r.get("top1"), classes, r.get("history") or []) == "ok" for r in recs]
 

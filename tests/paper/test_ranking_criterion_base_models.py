@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from spvr_lib.models import build
-from spvr_lib.paper import table5
+from spvr_lib.paper import ranking_criterion
 
 
 def test_worked_example_table_matches_paper():
-    df = table5.worked_example()
+    df = ranking_criterion.worked_example()
     assert np.floor(df["KL (ours)"].to_numpy() * 100).tolist() == [20, 32, 78]
     assert df["L (ours)"].tolist() == [1.3, 0.29, 1.5]
     assert df["rank by L"].tolist() == [2, 3, 1]          # neuron 3 most important, then 1, then 2
@@ -22,7 +22,7 @@ def test_masked_hidden_outputs_equal_zeroing_the_neuron():
     torch.manual_seed(0)
     model = build({"arch": "mlp", "in_features": 5, "hidden": [4], "num_classes": 3}).eval()
     x = torch.randn(7, 5)
-    p, pm = table5.masked_hidden_outputs(model, x)
+    p, pm = ranking_criterion.masked_hidden_outputs(model, x)
     assert pm.shape == (4, 7, 3)
     assert torch.allclose(p, torch.softmax(model(x), 1), atol=1e-6)
     for j in range(4):
@@ -36,7 +36,7 @@ def test_masked_hidden_outputs_equal_zeroing_the_neuron():
 def test_table5_summary_counts_undefined_seeds():
     per_seed = pd.DataFrame({"seed": [0, 1, 2], "tau_SPvR": [0.8, 0.6, float("nan")],
                              "tau_KL": [0.5, 0.3, float("nan")]})
-    t = table5.table5(per_seed).set_index("criterion")
+    t = ranking_criterion.table5(per_seed).set_index("criterion")
     assert t.loc["SPvR", "tau_mean"] == pytest.approx(0.7)
     assert t.loc["SPvR", "tau_std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
     assert t.loc["KL", "n_seeds"] == 2 and t.loc["KL", "n_undefined"] == 1
@@ -44,8 +44,8 @@ def test_table5_summary_counts_undefined_seeds():
 
 
 def test_guyon_run_is_deterministic_and_reference_predictions_matches_eq2_first_term():
-    setup = table5.GuyonSetup(n_samples=200, n_features=20, hidden=16, epochs=2)
-    a, b = table5.guyon_run(setup, 3), table5.guyon_run(setup, 3)
+    setup = ranking_criterion.GuyonSetup(n_samples=200, n_features=20, hidden=16, epochs=2)
+    a, b = ranking_criterion.guyon_run(setup, 3), ranking_criterion.guyon_run(setup, 3)
     assert a["tau_SPvR"] == b["tau_SPvR"] or (np.isnan(a["tau_SPvR"]) and np.isnan(b["tau_SPvR"]))
     gt, spvr = np.array(a["ground_truth"]), np.array(a["scores_SPvR"])
     # Eq. 2 = flips + |dp| with |dp| <= 1 per sample: the integer part bounds the flip count
@@ -56,4 +56,4 @@ def test_guyon_run_is_deterministic_and_reference_predictions_matches_eq2_first_
                                      ({"epochs": 0}, "epochs")])
 def test_bad_setup(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        table5.GuyonSetup(**kw)
+        ranking_criterion.GuyonSetup(**kw)
