@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from spvr_lib import criteria, models
-from spvr_lib.fast_ranking import (_MEMORY_BYTES, _FastRanker, _kept_heap, _no_inplace, _positions, _Unsupported,
-                                   to_model)
+from spvr_lib.fast_ranking import _MEMORY_BYTES, _FastRanker
+from spvr_lib.fast_ranking_ops import _kept_heap, _no_inplace, _positions, _Unsupported, to_model
 from spvr_lib.graph import MaskSite
 
 __all__ = ["MaskSite", "unit_importance", "mask_output", "group_importance", "RANKING_PATHS"]
