@@ -9,16 +9,14 @@ Per scale (:func:`setup`):
 * ``paper``: torchvision's ResNet50 with its published ImageNet weights (found locally, as the paper scale's
   base network: :func:`spvr_lib.paper.base_models.pretrained_weights`), calibrated on ImageNet.
 
-Everything else is the library: ``spvr_prune`` with ``source=`` (so ``models.load_network`` rebuilds the
+The notebook itself calls the library: ``spvr_prune`` with ``source=`` (so ``load_network`` rebuilds the
 pruned network), ``models.save_network``, ``latency.measure_interleaved`` (through ``latency_vs_accuracy.timed_together``) and ``latency.count_macs``.
 """
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
@@ -26,11 +24,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from spvr_lib import data, models, store, train
+from spvr_lib import data, store, train
 from spvr_lib.latency import count_macs
 from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.paper.scales import get_scale
-from spvr_lib.prune import spvr_prune
 from spvr_lib.paper import latency_vs_accuracy
 from spvr_lib.paper.base_models import pretrained_weights
 
@@ -135,22 +132,6 @@ def calibration(cfg: OwnModelSetup, seed: int = 0) -> tuple[torch.Tensor, torch.
     """``calib_per_class`` training images per class, as the network takes them (3 channels)."""
     x, y = data.calibration_set(data.load_dataset(cfg.dataset, "train"), cfg.calib_per_class, seed, progress=False)
     return GreyAsRGB()(x), y
-
-
-def prune(cfg: OwnModelSetup, model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor], seed: int = 0,
-          progress: bool = False) -> Any:
-    """``spvr_prune`` to ``cfg.keep`` of the parameters, with the source that rebuilds the network."""
-    torch.manual_seed(seed)
-    return spvr_prune(model, calib, cfg.keep, group_size=cfg.group_size, progress=progress, source=source(cfg))
-
-
-def reload_check(result: Any) -> dict[str, Any]:
-    """Save the pruned network with ``models.save_network`` and load it back with ``models.load_network``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = models.save_network(result.model, Path(tmp) / "pruned.pt")
-        again = models.load_network(path)
-    same = all(torch.equal(a, b) for a, b in zip(result.model.state_dict().values(), again.state_dict().values()))
-    return {"params reloaded": models.count_params(again), "weights equal": same}
 
 
 def conv_table(model: nn.Module, result: Any) -> pd.DataFrame:
