@@ -8,6 +8,8 @@ one of spvr_lib's presets or spec files (``--model``/``--spec`` with ``--checkpo
         --keep 0.1 --group-size 4 --out pruned/ [--width 0.25] [--calib-per-class 50]
     python -m spvr_lib prune --torchvision resnet18 --weights resnet18.pt --data cifar10 --keep 0.3 --out pruned/
     python -m spvr_lib prune --model-file mynet.py:build --weights mynet.pt --data fashion-mnist --keep 0.3 --out pruned/
+    python -m spvr_lib prune --torchvision vit_b_16 --model-kwargs '{"image_size": 32}' --weights vit.pt \\
+        --data fashion-mnist --keep 0.5 --group-size 512 --out pruned/     # builder options: --model-kwargs
     torchrun --nproc_per_node 2 -m spvr_lib prune ...     # the ranking's groups split over the processes
 
 ``train``: trains a preset on a dataset with the paper's recipe (``spvr_lib.train.fit``) and writes its record and
@@ -29,6 +31,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,12 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     arch.add_argument("--model", help="spvr_lib preset: vgg16_bn, resnet18, resnet34, resnet50 (with --checkpoint)")
     arch.add_argument("--spec", type=Path, help="JSON file with a spvr_lib.models spec (instead of --model/--width; "
                       "with --checkpoint)")
-    arch.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model, e.g. resnet18 or "
-                      "resnet50: torchvision.models.get_model(NAME, weights=None, num_classes=<the data's classes>); "
-                      "its trained weights with --weights")
+    arch.add_argument("--torchvision", metavar="NAME", help="a torchvision classification model, e.g. resnet18, "
+                      "resnet50 or vit_b_16: torchvision.models.get_model(NAME, weights=None, num_classes=<the data's "
+                      "classes>, **<--model-kwargs>); its trained weights with --weights")
     arch.add_argument("--model-file", metavar="FILE.py:FN", help="your own network: FN(num_classes=<the data's "
-                      "classes>) (or FN() when it takes no num_classes) from FILE.py must return a torch.nn.Module; "
-                      "its trained weights with --weights")
+                      "classes>, **<--model-kwargs>) (or FN(**<--model-kwargs>) when it takes no num_classes) from "
+                      "FILE.py must return a torch.nn.Module; its trained weights with --weights")
+    p.add_argument("--model-kwargs", metavar="JSON", default=None,
+                   help="more keyword arguments for the --torchvision builder or the --model-file function, as a JSON "
+                        "object, e.g. '{\"image_size\": 32}' (torchvision's ViTs at 32 px); num_classes comes from "
+                        "--data.  Kept in summary.json's source, so models.load_network rebuilds the same network")
     p.add_argument("--width", type=float, default=None, help="width multiplier of a --model preset (default 1)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="trained weights of a --model/--spec network: a state_dict, or a dict holding one under "
@@ -163,6 +170,25 @@ def _load_weights(model, path: Path, flag: str, what: str) -> None:
                           f"...") from None
 
 
+def _model_kwargs(text: str | None) -> dict[str, Any]:
+    """``--model-kwargs``: a JSON object of builder keyword arguments (empty without the flag)."""
+    if text is None:
+        return {}
+    expected = "expected a JSON object of keyword arguments, e.g. '{\"image_size\": 32}'"
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _UsageError(f"--model-kwargs {text!r}: not valid JSON ({err}); {expected}") from None
+    if not isinstance(kwargs, dict):
+        raise _UsageError(f"--model-kwargs {text!r}: a JSON {type(kwargs).__name__}; {expected}")
+    bad = [k for k in kwargs if not k.isidentifier()]
+    if bad:
+        raise _UsageError(f"--model-kwargs {text!r}: {bad} are not Python argument names; {expected}")
+    if "num_classes" in kwargs:
+        raise _UsageError(f"--model-kwargs {text!r}: num_classes is set from --data's classes; leave it out")
+    return kwargs
+
+
 def _spvr_network(args: argparse.Namespace, info) -> tuple[Any, str, dict]:
     """--model / --spec: a spvr_lib network with its --checkpoint; returns (model, name, spec)."""
     if args.spec is not None:
@@ -196,6 +222,9 @@ def _spvr_network(args: argparse.Namespace, info) -> tuple[Any, str, dict]:
         raise _UsageError(f"the model takes {spec[in_key]} input channels but --data {args.data!r} has "
                           f"{info.in_channels}")
     flag = "--model" if args.model is not None else "--spec"
+    if args.model_kwargs is not None:
+        raise _UsageError(f"--model-kwargs {args.model_kwargs!r} goes with --torchvision/--model-file; a {flag} "
+                          "network is set by its preset, --width, --stem or spec file")
     if args.weights is not None:
         raise _UsageError(f"--weights {str(args.weights)!r} goes with --torchvision/--model-file; the weights of a "
                           f"{flag} network are given with --checkpoint")
@@ -206,7 +235,7 @@ def _spvr_network(args: argparse.Namespace, info) -> tuple[Any, str, dict]:
     return model, name, spec
 
 
-def _torchvision_network(name: str, num_classes: int) -> tuple[Any, dict]:
+def _torchvision_network(name: str, num_classes: int, extra: dict[str, Any] | None = None) -> tuple[Any, dict]:
     import torchvision
 
     valid = torchvision.models.list_models(module=torchvision.models)    # the classification models
@@ -216,16 +245,18 @@ def _torchvision_network(name: str, num_classes: int) -> tuple[Any, dict]:
         raise _UsageError(f"--torchvision {name!r}: not a torchvision classification model; {hint}expected one of "
                           f"torchvision.models.list_models() ({len(valid)} names), e.g. resnet18, resnet50, "
                           "vgg16_bn, mobilenet_v3_small, efficientnet_b0")
-    kwargs = {"num_classes": num_classes}
+    kwargs = {"num_classes": num_classes, **(extra or {})}
     try:
         model = torchvision.models.get_model(name, weights=None, **kwargs)
     except Exception as err:
-        raise _UsageError(f"--torchvision {name!r}: torchvision.models.get_model({name!r}, weights=None, "
-                          f"num_classes={num_classes}) failed ({type(err).__name__}: {err})") from None
+        call = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        hint = " (builder options from --model-kwargs)" if extra else ""
+        raise _UsageError(f"--torchvision {name!r}: torchvision.models.get_model({name!r}, weights=None, {call}) "
+                          f"failed{hint} ({type(err).__name__}: {err})") from None
     return model, {"torchvision": name, "kwargs": kwargs}
 
 
-def _file_network(value: str, num_classes: int) -> tuple[Any, dict]:
+def _file_network(value: str, num_classes: int, extra: dict[str, Any] | None = None) -> tuple[Any, dict]:
     from torch import nn
 
     expected = "expected FILE.py:FN, a Python file and the name of a function in it that returns a torch.nn.Module"
@@ -256,11 +287,11 @@ def _file_network(value: str, num_classes: int) -> tuple[Any, dict]:
         takes = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
     except (TypeError, ValueError):
         takes = False
-    kwargs = {"num_classes": num_classes} if takes else {}
+    kwargs = {**({"num_classes": num_classes} if takes else {}), **(extra or {})}
     try:
         model = fn(**kwargs)
     except Exception as err:
-        call = f"{fn_name}(num_classes={num_classes})" if takes else f"{fn_name}()"
+        call = f"{fn_name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
         raise _UsageError(f"--model-file {value!r}: {call} raised {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise _UsageError(f"--model-file {value!r}: {fn_name} returned a {type(model).__name__}; {expected}")
@@ -276,11 +307,12 @@ def _user_network(args: argparse.Namespace, info) -> tuple[Any, str, dict]:
             why = ("give its weights with --weights" if other == "--checkpoint"
                    else "it applies to --model presets only")
             raise _UsageError(f"{other} {given}: not used with {flag} {value!r}; {why}")
+    extra = _model_kwargs(args.model_kwargs)
     if args.torchvision is not None:
-        model, source = _torchvision_network(args.torchvision, info.num_classes)
+        model, source = _torchvision_network(args.torchvision, info.num_classes, extra)
         name = args.torchvision
     else:
-        model, source = _file_network(args.model_file, info.num_classes)
+        model, source = _file_network(args.model_file, info.num_classes, extra)
         name = source["model_file"]
     if args.weights is not None:
         _load_weights(model, args.weights, "--weights", f"{flag} {value}")
@@ -297,7 +329,7 @@ def _first_conv_channels(model) -> int | None:
     return None if conv is None else int(conv.in_channels)
 
 
-def _fit_channels(model, x, flag: str, value: str, data_name: str, num_classes: int):
+def _fit_channels(model, x, flag: str, value: str, data_name: str, num_classes: int, hint: str = ""):
     """The calibration images as the model takes them: grey repeated to 3 channels when the model expects 3
     (its first Conv2d, or a trial forward pass on one sample); returns (x, repeated)."""
     import torch
@@ -330,7 +362,7 @@ def _fit_channels(model, x, flag: str, value: str, data_name: str, num_classes: 
             out = output(x[:1])
         except Exception as err:
             raise _UsageError(f"{flag} {value!r} does not accept --data {data_name!r}'s inputs "
-                              f"{tuple(x.shape[1:])}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+                              f"{tuple(x.shape[1:])}: {type(err).__name__}: {str(err).splitlines()[0]}{hint}") from None
         if not (isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[1] == num_classes):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise _UsageError(f"{flag} {value!r} returns {shape} for one sample; expected logits [1, {num_classes}] "
@@ -403,7 +435,9 @@ def _prune(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     dataset = data.load_dataset(args.data, "train", root=args.data_root)
     x, y = data.calibration_set(dataset, args.calib_per_class, seed=args.seed, progress=progress)
-    x, repeated = _fit_channels(model, x, flag, value, args.data, info.num_classes)
+    hint = ("; a builder option may set the input size, e.g. --model-kwargs '{\"image_size\": "
+            f"{x.shape[-1]}}}'" if source is not None and args.model_kwargs is None else "")
+    x, repeated = _fit_channels(model, x, flag, value, args.data, info.num_classes, hint)
     if world > 1:
         rank, device = _init_distributed(device)
         progress = progress and rank == 0
@@ -412,8 +446,14 @@ def _prune(args: argparse.Namespace) -> int:
     except (RuntimeError, AssertionError) as err:
         raise _UsageError(f"--device {args.device!r}: {err}") from None
     torch.manual_seed(args.seed)
-    result = spvr_prune(model.eval(), (x, y), args.keep, group_size=args.group_size, criterion=args.criterion,
-                        method=args.method, progress=progress, **({"source": source} if source is not None else {}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        result = spvr_prune(model.eval(), (x, y), args.keep, group_size=args.group_size, criterion=args.criterion,
+                            method=args.method, progress=progress,
+                            **({"source": source} if source is not None else {}))
+    for w in caught:                                           # issued again as usual, and the fallback kept
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    fallback = next((str(w.message) for w in caught if "fast ranking cannot run" in str(w.message)), None)
     if rank != 0:
         return 0
     out = args.out
@@ -433,6 +473,7 @@ def _prune(args: argparse.Namespace) -> int:
         "data": args.data, "calib_per_class": args.calib_per_class, "n_calib": len(x), "keep": args.keep,
         "input_channels_repeated": repeated,
         "group_size": args.group_size, "criterion": args.criterion, "method": args.method, "seed": args.seed,
+        "ranking_path": "naive" if args.method == "naive" or fallback else "fast", "ranking_fallback": fallback,
         "world_size": world,
         "params_before": result.params_before, "params_after": result.params_after, "budget": result.budget,
         "removed_fraction": 1 - result.params_after / result.params_before,

@@ -1,5 +1,6 @@
 """``python -m spvr_lib prune`` on networks that are not spvr_lib's own: --torchvision, --model-file, --weights,
-torchrun, and the README's first example.  (The --model/--spec paths are tested in test_prune.py.)"""
+--model-kwargs, torchrun, and the README's examples (its first Python example and its ViT command).  (The
+--model/--spec paths are tested in test_prune.py.)"""
 from __future__ import annotations
 
 import json
@@ -213,13 +214,24 @@ BAD = [
     (["--model-file", "{f}:build_two_channels"], "--model-file", "does not accept"),
     (["--model", "vgg16_bn", "--weights", "{w}"], "--weights", "--checkpoint"),
     (["--model", "vgg16_bn"], "--checkpoint", "--model"),
+    # --model-kwargs (braces doubled: the arguments go through str.format)
+    (["--torchvision", "resnet18", "--model-kwargs", "nope"], "--model-kwargs", "not valid JSON"),
+    (["--torchvision", "resnet18", "--model-kwargs", "[32]"], "--model-kwargs", "a JSON list"),
+    (["--torchvision", "resnet18", "--model-kwargs", '{{"num_classes": 3}}'], "--model-kwargs", "num_classes"),
+    (["--torchvision", "resnet18", "--model-kwargs", '{{"image size": 3}}'], "--model-kwargs", "argument names"),
+    (["--torchvision", "resnet18", "--model-kwargs", '{{"image_size": 32}}'], "--torchvision",
+     "image_size=32) failed (builder options from --model-kwargs)"),
+    (["--model-file", "{f}:build", "--model-kwargs", '{{"depth": 3}}'], "--model-file",
+     "build(num_classes=10, depth=3)"),
+    (["--model", "vgg16_bn", "--model-kwargs", "{{}}"], "--model-kwargs", "--torchvision/--model-file"),
+    (["--torchvision", "vit_b_16"], "--torchvision", 'e.g. --model-kwargs \'{"image_size": 32}\''),  # 224 px
 ]
 
 
 @pytest.mark.parametrize("args, flag, says", BAD, ids=[f"{a[0]}-{a[1]}-{a[-1]}" for a, _, _ in BAD])
 def test_bad_input_exits_2_naming_the_flag(tmp_path, user_model, capsys, args, flag, says):
     path, weights = user_model
-    if "build_1000" in args[1] or "two_channels" in args[1]:
+    if "build_1000" in args[1] or "two_channels" in args[1] or args[1] == "vit_b_16":
         _fashion_mnist_or_skip()          # found only by a forward pass on a calibration sample
     (tmp_path / "broken.py").write_text("def build(:\n")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
@@ -290,3 +302,65 @@ def test_readme_first_example_runs(tmp_path, monkeypatch):
     exec(compile(_readme_first_python(), "README.md", "exec"), {"__name__": "readme"})
     assert len(calls) == 1 and models.count_params(calls[0][0]) > 0
     assert list(tmp_path.glob("*.pt")) and list(tmp_path.glob("*.pt.json"))
+
+
+# --------------------------------------------------------------------------- the README's transformer command
+def _readme_command(marker: str, doc: str = "README.md") -> list[str]:
+    """The ``python -m spvr_lib prune`` command of ``doc`` that contains ``marker``, as argv after ``prune``."""
+    import shlex
+
+    text = (REPO / doc).read_text()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for command in block.replace("\\\n", " ").splitlines():
+            if marker in command:
+                argv = shlex.split(command.split("#")[0])
+                assert argv[:4] == ["python", "-m", "spvr_lib", "prune"], argv
+                return argv[4:]
+    raise AssertionError(f"{doc} has no bash command containing {marker!r}")
+
+
+def test_readme_vit_b_16_command_prunes_heads_and_mlps(tmp_path, monkeypatch, capsys):
+    """The README's (and docs/use.md's) command on torchvision's vit_b_16 (86M parameters at 32 px through
+    --model-kwargs image_size), exactly as written but for its --weights (random ones here) and one calibration
+    image per class instead of 50 (the naive ranking, which transformers fall back to, runs one forward pass per
+    group)."""
+    _fashion_mnist_or_skip()
+    import torchvision
+
+    argv = _readme_command("--torchvision vit_b_16")
+    assert _readme_command("--torchvision vit_b_16", "docs/use.md") == argv         # docs/use.md shows the same
+    assert argv[argv.index("--model-kwargs") + 1] == '{"image_size": 32}'
+    monkeypatch.setenv("SPVR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)                                   # --out is relative
+    torch.manual_seed(0)
+    original = torchvision.models.vit_b_16(num_classes=10, image_size=32)
+    nn.init.normal_(original.heads.head.weight, std=0.2)       # torchvision zero-initialises the classifier
+    weights = tmp_path / argv[argv.index("--weights") + 1]
+    torch.save(original.state_dict(), weights)
+    with pytest.warns(UserWarning, match="fast ranking cannot run this model"):        # still issued
+        assert _run([*argv, "--calib-per-class", "1"]) == 0
+    captured = capsys.readouterr()
+    out = tmp_path / argv[argv.index("--out") + 1]
+    summary = json.loads((out / "summary.json").read_text())
+    keep = float(argv[argv.index("--keep") + 1])
+    assert summary["source"] == {"torchvision": "vit_b_16", "kwargs": {"num_classes": 10, "image_size": 32}}
+    assert summary["params_before"] == models.count_params(original) == 85_658_890
+    assert summary["params_after"] <= summary["budget"] == int(keep * summary["params_before"])
+    # the ranking fell back to the naive path, and the summary says so
+    assert summary["method"] == "fast" and summary["ranking_path"] == "naive"
+    assert "fast ranking cannot run this model" in summary["ranking_fallback"]
+    # units: 12 attentions (one group of its 12 heads at d >= 12) and 12 MLPs (3072 neurons in groups of d)
+    d = int(argv[argv.index("--group-size") + 1])
+    scores = pd.read_csv(out / "scores.csv")
+    assert summary["groups"] == len(scores) == 12 * (1 + 3072 // d)
+    # what collapsed is reported (summary and stdout) and is gone from the rebuilt network
+    collapsed = [c["unit"] for c in summary["collapsed"]]
+    assert collapsed and all(re.fullmatch(r"encoder\.layers\.encoder_layer_\d+\.(self_attention|mlp\.0)", u)
+                             for u in collapsed)
+    assert "collapsed: " + ", ".join(collapsed) in captured.out
+    pruned = models.load_network(out / "model.pt")
+    assert models.count_params(pruned) == summary["params_after"]
+    names = dict(pruned.named_modules())
+    units = [f"encoder.layers.encoder_layer_{i}.{part}" for i in range(12) for part in ("self_attention", "mlp.0")]
+    assert {u for u in units if u not in names} == set(collapsed)            # collapsed branches are gone
+    assert pruned.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)

@@ -1,5 +1,8 @@
 """Benchmarks: ``python -m spvr_lib.bench ranking --model vgg16 --scale cpu --group-size 2 [--json]``.
 
+``vit`` (``python -m spvr_lib.bench vit [--torchvision vit_b_16 --image-size 224] [--json]``) times SPvR pruning a
+vision transformer end to end (:func:`bench_vit`).
+
 ``ranking`` times the naive ranking (one forward pass of the calibration set per group, the
 paper's algorithm) and the fast one on the same model, groups and calibration set in one
 process, and prints one JSON object: model, groups, naive_s, fast_s, speedup, max_rel_diff,
@@ -19,6 +22,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -196,6 +200,97 @@ def bench_ranking_torchvision(name: str = "resnet50", size: int = 224, group_siz
             "threads": torch.get_num_threads(), "weights": "random-init"}
 
 
+# the default ``vit`` setup: torchvision's VisionTransformer at 32 px, 4x4 patches, 4 layers of 4 heads, width 64
+SMALL_VIT = {"image_size": 32, "patch_size": 4, "num_layers": 4, "num_heads": 4, "hidden_dim": 64, "mlp_dim": 128}
+_FALLBACK = "fast ranking cannot run"          # the start of spvr_lib.ranking's warning when it takes the naive path
+
+
+def _vit(name: str | None, image_size: int, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The ViT to prune (random weights) and its configuration: :data:`SMALL_VIT` at ``image_size`` px, or
+    torchvision's ``name`` (e.g. vit_b_16) at ``image_size`` px.  The classifier, which torchvision
+    zero-initialises (every output equal: every importance 0), is drawn from N(0, 0.2^2)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r}; expected a positive number of pixels")
+    if name is None:
+        config = {**SMALL_VIT, "image_size": image_size}
+        if image_size % config["patch_size"]:
+            raise ValueError(f"image_size={image_size}: expected a multiple of the small ViT's patch size "
+                             f"{config['patch_size']}")
+        model = VisionTransformer(**config, num_classes=num_classes)
+    else:
+        vits = [n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith("vit_")]
+        if name not in vits:
+            raise ValueError(f"torchvision={name!r}: expected one of torchvision's ViTs {vits}")
+        try:
+            model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, image_size=image_size)
+        except (AssertionError, TypeError, ValueError) as err:
+            raise ValueError(f"torchvision={name!r} at image_size={image_size}: {type(err).__name__}: {err}") from None
+        config = {"image_size": model.image_size, "patch_size": model.patch_size,
+                  "num_layers": len(model.encoder.layers),
+                  "num_heads": model.encoder.layers[0].self_attention.num_heads,
+                  "hidden_dim": model.hidden_dim, "mlp_dim": model.mlp_dim}
+    nn.init.normal_(model.heads.head.weight, std=0.2)
+    return model, config
+
+
+def bench_vit(torchvision_name: str | None = None, image_size: int = 32, keep: float = 0.5, group_size: int = 2,
+              n_calib: int = 20, method: str = "fast", device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """SPvR on a vision transformer with random weights, timed: :data:`SMALL_VIT` (default) or torchvision's
+    ``torchvision_name`` (e.g. "vit_b_16"), at ``image_size`` px, 10 classes, ``n_calib`` Gaussian-noise
+    calibration images [n_calib, 3, image_size, image_size] (labels cycling over the classes), to ``keep``
+    (a fraction of the parameters or a count) with groups of ``group_size``.
+
+    One JSON object: model, config, params_before, params_after, budget, under_budget (budget - after), groups,
+    groups_removed, heads (per attention: before, after; 0 when collapsed), mlp (per MLP: hidden neurons before,
+    after), collapsed (the units whose whole branch went), ranking (requested and used path: "fast" or "naive",
+    and why), ranking_s (grouping + ranking), prune_s (global sort + rebuild), total_s, device, threads, loadavg.
+    """
+    from spvr_lib.attention import PrunedMultiheadAttention
+    from spvr_lib.budget import budget_from_keep
+    from spvr_lib.prune import rank_groups, spvr_prune
+
+    if isinstance(n_calib, bool) or not isinstance(n_calib, int) or n_calib < 10:
+        raise ValueError(f"n_calib={n_calib!r}; expected an integer >= 10 (one image of each of the 10 classes)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size={group_size!r}; expected an integer >= 1")
+    torch.manual_seed(seed)
+    model, config = _vit(torchvision_name, image_size, 10)
+    model.eval()
+    budget_from_keep(keep, models.count_params(model))             # a bad keep fails before the long part
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n_calib, 3, image_size, image_size, generator=gen), torch.arange(n_calib) % 10
+    attentions = {n: m.num_heads for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    mlps = {n: m.out_features for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith("mlp.0")}
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ranking = rank_groups(model, (x, y), group_size, method=method, device=device, progress=False)
+    t1 = time.perf_counter()
+    result = spvr_prune(model, (x, y), keep, group_size=group_size, ranking=ranking, progress=False, device=device)
+    t2 = time.perf_counter()
+    fallback = next((str(w.message) for w in caught if str(w.message).startswith(_FALLBACK)), None)
+    after = dict(result.model.named_modules())
+    heads_after = {n: (int(after[n].num_heads) if isinstance(after.get(n), (nn.MultiheadAttention,
+                                                                             PrunedMultiheadAttention)) else 0)
+                   for n in attentions}
+    return {"model": torchvision_name or "VisionTransformer (small)", "config": config, "weights": "random-init",
+            "keep": keep, "group_size": group_size, "n_calib": n_calib, "calibration": "gaussian noise",
+            "params_before": result.params_before, "params_after": result.params_after, "budget": result.budget,
+            "under_budget": result.budget - result.params_after,
+            "groups": int(len(result.scores)), "groups_removed": int(result.scores["removed"].sum()),
+            "heads": {n: [h, heads_after[n]] for n, h in attentions.items()},
+            "mlp": {n: [w, int(after[n].out_features) if n in after else 0] for n, w in mlps.items()},
+            "collapsed": [c["unit"] for c in result.collapsed],
+            "ranking": {"requested": method, "used": "naive" if method == "naive" or fallback else "fast",
+                        "why": fallback if fallback else ("requested" if method == "naive" else None)},
+            "ranking_s": round(t1 - t0, 3), "prune_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3),
+            "device": str(resolve_device(device)), "threads": torch.get_num_threads(),
+            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+
+
 def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool = False) -> Any:
     """Notebook 08: :func:`bench_ranking` on each scale's trained base network, one row per model, kept as a
     record (kind ``rankspeed``) so that a rerun on the same kind of machine re-times nothing."""
@@ -368,6 +463,33 @@ def bench_loader(dataset: str, workers: Sequence[int] = (0, 1, 2), n_images: int
         return out
 
 
+def _add_vit_parser(commands) -> None:
+    def keep(text: str) -> int | float:
+        try:
+            return float(text) if any(ch in text for ch in ".eE") else int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--keep {text!r}: expected a fraction like 0.5 or a parameter "
+                                             "count like 150000") from None
+
+    v = commands.add_parser("vit", help="SPvR pruning a vision transformer, timed (params, collapse, ranking path)",
+                            description="Prune a ViT with random weights on Gaussian-noise calibration images and "
+                                        "print one JSON object (bench_vit).  Default: torchvision's "
+                                        "VisionTransformer at 32 px, 4 layers of 4 heads, width 64, MLP 128.")
+    v.add_argument("--torchvision", default=None, metavar="NAME",
+                   help="a torchvision ViT instead, e.g. vit_b_16 (86M parameters; the naive ranking of it at "
+                        "224 px takes hours on a CPU: --device cuda, a large --group-size)")
+    v.add_argument("--image-size", type=int, default=32, help="input size in pixels (default 32), a multiple of "
+                   "the patch size (4 for the small ViT, 16 for vit_b_16)")
+    v.add_argument("--keep", type=keep, default=0.5, help="fraction (0.5) or parameter count to keep (default 0.5)")
+    v.add_argument("--group-size", type=int, default=2, help="d, heads or MLP neurons per group (default 2)")
+    v.add_argument("--calib", type=int, default=20, help="calibration images, >= 10 (default 20)")
+    v.add_argument("--method", choices=("fast", "naive"), default="fast",
+                   help="ranking path requested (transformers fall back to naive; the JSON says which ran)")
+    v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spvr_lib.bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -405,7 +527,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ld.add_argument("--images", type=int, default=256, help="synthetic images to write (without --root)")
     ld.add_argument("--root", default=None, help="a real copy of the dataset to read instead")
     ld.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
+    _add_vit_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "vit":
+        try:
+            record = bench_vit(args.torchvision, args.image_size, args.keep, args.group_size, args.calib,
+                               args.method, args.device, args.seed)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(json.dumps(record) if args.json else json.dumps(record, indent=2))
+        return 0
     if args.command == "train":
         try:
             record = bench_train(args.model, args.scale, args.images, args.batch_size,
