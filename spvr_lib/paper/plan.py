@@ -147,9 +147,34 @@ def plan(cfg: Any) -> pd.DataFrame:
         rows.append({"notebook": "11", "model": "segnet", "what": "base + 80% pruned, from scratch",
                      "trainings": 2 * len(seg["seeds"]), "epochs each": seg["epochs"], "rankings": 1, "MACs": macs,
                      "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600})
+    rows.append(_vit_row(cfg))
     df = pd.DataFrame(rows)
     df["GPU-hours"] = df["GPU-hours"].round(1)
     return df
+
+
+def _vit_row(cfg: Any) -> dict[str, Any]:
+    """Notebook 14's row: the lr trials, the base and its 3/4-epoch reading, the fine-tuning lr trials (at the
+    smallest keep) and every (keep, method, seed) training of :mod:`.vit_fashion_mnist`, costed as above."""
+    from spvr_lib.paper import vit_fashion_mnist
+
+    setup = vit_fashion_mnist.setup(cfg.name)
+    with torch.no_grad():
+        fwd = latency.count_macs(vit_fashion_mnist.build_vit(**vit_fashion_mnist.vit_kwargs(setup)),
+                                 _input_shape(setup))
+    n_train, n_test = IMAGES.get(setup.dataset, (None, None))
+    if n_train is None:
+        classes = data.dataset_info(setup.dataset).num_classes
+        n_train, n_test = (setup.train_subset or 0) * classes, (setup.test_subset or 0) * classes
+    grid = len(setup.lr_grid) if len(setup.lr_grid) > 1 else 0
+    ft_grid = len(setup.finetune_lr_grid) if len(setup.finetune_lr_grid) > 1 else 0
+    runs = len(vit_fashion_mnist.METHODS) * len(setup.seeds)
+    base_units = grid + 1 + (ON_BUDGET if setup.convergence else 0) + ft_grid * min(setup.keeps) + \
+        runs * sum(setup.keeps)
+    macs = base_units * setup.epochs * (TRAIN_COST * fwd * n_train + fwd * n_test)
+    return {"notebook": "14", "model": "vit", "what": f"ViT: lr searches, base, {runs} trainings per keep "
+            f"{list(setup.keeps)}", "trainings": grid + 1 + ft_grid + runs * len(setup.keeps),
+            "epochs each": setup.epochs, "rankings": 1, "MACs": macs, "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600}
 
 
 def plan_markdown(cfg: Any) -> str:

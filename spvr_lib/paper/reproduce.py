@@ -130,6 +130,8 @@ README_RESULTS = [
     ("11", "segmentation_convergence", "Section 5.5: has the unpruned SegNet converged on its budget?", None),
     ("12", "own_model_summary", "Prune your own model: a torchvision network, parameters against the budget and "
      "latency", "own_model_widths"),
+    ("14", "vit_fashion_mnist", "A small ViT on Fashion-MNIST: SPvR against Torch-Pruning's head and neuron pruning at "
+     "equal budgets", "vit_accuracy_vs_params"),
 ]
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 GLANCE_START, GLANCE_END = "<!-- glance:start -->", "<!-- glance:end -->"

@@ -237,3 +237,64 @@ def get_scale(name: str) -> Scale:
     if name not in _SCALES:
         raise ValueError(f"scale={name!r} is not one of {SCALE_NAMES}")
     return _SCALES[name]
+
+
+# Notebook 14 (a small ViT on Fashion-MNIST, SPvR against Torch-Pruning's head and neuron pruning).  Its setups
+# are a class and a function, not module-level values: every artifact's provenance fingerprints the values this
+# module assigns (paper.provenance._ALWAYS), and a new one would mark every committed figure as stale.
+@dataclass(frozen=True)
+class ViTSetup:
+    """Notebook 14 at one scale: torchvision's VisionTransformer (32x32 input, ``patch_size`` patches) and the
+    protocol of the other tables (one recipe for every network, lrs searched on held-out training images)."""
+
+    dataset: str
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+    patch_size: int = 4
+    epochs: int = 1             # every network: base, SPvR's (from scratch) and Torch-Pruning's (fine-tuned)
+    batch_size: int = 64
+    lr: float = 0.05            # used when a grid has one value
+    lr_grid: tuple[float, ...] = (0.05,)             # from scratch, searched on the base network
+    finetune_lr_grid: tuple[float, ...] = (0.01,)    # fine-tuning, searched on Torch-Pruning magnitude's network
+    val_fraction: float = 0.1
+    val_per_class: int | None = None
+    weight_decay: float = 5e-4
+    augment: bool = True
+    num_workers: int = 0
+    amp: bool = False
+    channels_last: bool = False
+    eval_every: int = 1
+    train_subset: int | None = None
+    test_subset: int | None = None
+    calib_per_class: int = 2
+    group_size: int = 1         # d: one head / one MLP neuron per group
+    keeps: tuple[float, ...] = (0.5, 0.2)            # fractions of the base's parameters kept
+    seeds: tuple[int, ...] = (0, 1)
+    convergence: bool = True    # train the base again with 3/4 of its epochs (the on-budget reading)
+
+
+def vit_setup(scale: str) -> ViTSetup:
+    """Notebook 14's setup at ``scale``.
+
+    * smoke (~1 min): a 2-layer ViT (4 heads, width 16, MLP 64), 20 training and 10 test images per class, 1 epoch,
+      keep 60% and 40% (at 20% its embedding, position and classifier alone would not fit), 2 seeds.
+    * cpu (estimated 1.6 machine-hours cold, vit_fashion_mnist's docstring): 4 layers of 4 heads, width 64, MLP 128
+      (140k parameters); 150 training images per class for 30 epochs (batch 128), 200 test images per class,
+      scored every 10th epoch and over the last quarter; lr grids of 3 (scratch) and 2 (fine-tuning) values
+      scored on 100 other training images per class; d = 1; keep 50% and 20%; 3 seeds.
+    * paper: CIFAR-10 (3 channels), 6 layers of 8 heads, width 256, MLP 512 (~3.2M parameters), all images,
+      200 epochs as the paper's CIFAR-10 recipe, batch 128, d = 1, 3 seeds."""
+    get_scale(scale)
+    if scale == "smoke":
+        return ViTSetup("fashion-mnist", num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=64, epochs=1,
+                        batch_size=64, train_subset=20, test_subset=10, calib_per_class=2, keeps=(0.6, 0.4),
+                        seeds=(0, 1))
+    if scale in ("cpu", "cpu-full"):
+        return ViTSetup("fashion-mnist", num_layers=4, num_heads=4, hidden_dim=64, mlp_dim=128, epochs=30,
+                        batch_size=128, lr_grid=(0.01, 0.03, 0.1), finetune_lr_grid=(0.003, 0.01), val_per_class=100,
+                        eval_every=10, train_subset=150, test_subset=200, calib_per_class=20, seeds=(0, 1, 2))
+    return ViTSetup("cifar10", num_layers=6, num_heads=8, hidden_dim=256, mlp_dim=512, epochs=200, batch_size=128,
+                    lr_grid=(0.01, 0.03, 0.1), finetune_lr_grid=(0.001, 0.003, 0.01), val_fraction=0.1,
+                    calib_per_class=50, seeds=(0, 1, 2), num_workers=8)
