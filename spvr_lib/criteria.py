@@ -48,3 +48,38 @@ def kl_loss(p: Tensor, p_masked: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 CRITERIA = {"spvr": spvr_loss, "kl": kl_loss}
+
+
+def _check_token_probs(p: Tensor, p_masked: Tensor) -> None:
+    if not isinstance(p, Tensor) or not isinstance(p_masked, Tensor):
+        raise ValueError(f"p and p_masked must be torch tensors, got {type(p).__name__} and {type(p_masked).__name__}")
+    if p.ndim != 3 or p.shape[2] < 2:
+        raise ValueError(f"p must be [n, seq, vocab] next-token softmax outputs (vocab >= 2), got shape "
+                         f"{tuple(p.shape)}")
+    if p_masked.ndim != 4 or tuple(p_masked.shape[1:]) != tuple(p.shape):
+        raise ValueError(f"p_masked must be [g, n, seq, vocab] = [g, {', '.join(map(str, p.shape))}] for p of "
+                         f"shape {tuple(p.shape)}, got {tuple(p_masked.shape)}")
+
+
+def spvr_next_token_loss(p: Tensor, p_masked: Tensor) -> Tensor:
+    """Eq. 2 for a language model, at every position: [g] = the MEAN over the n * seq positions of
+    ``1[argmax p'_t != q_t] + |p_{t,q} - p'_{t,q}|``, ``q_t = argmax p_t`` (the predicted next token).
+
+    ``p``: [n, seq, vocab] softmax over the vocabulary of the original network; ``p_masked``: [g, n, seq,
+    vocab] of ``g`` masked networks.  Each position is one prediction (:func:`spvr_loss` on [n * seq, vocab]),
+    divided by n * seq so that the value does not grow with the sequence length."""
+    _check_token_probs(p, p_masked)
+    n, s, v = p.shape
+    return spvr_loss(p.reshape(n * s, v), p_masked.reshape(p_masked.shape[0], n * s, v)) / (n * s)
+
+
+def kl_next_token_loss(p: Tensor, p_masked: Tensor, eps: float = 1e-12) -> Tensor:
+    """The KL criterion at every position of a language model: [g] = mean over the n * seq positions of
+    ``KL(p_t || p'_t)`` in nats; shapes as in :func:`spvr_next_token_loss`."""
+    _check_token_probs(p, p_masked)
+    n, s, v = p.shape
+    return kl_loss(p.reshape(n * s, v), p_masked.reshape(p_masked.shape[0], n * s, v), eps) / (n * s)
+
+
+TOKEN_CRITERIA = {"spvr_next_token": spvr_next_token_loss, "kl_next_token": kl_next_token_loss}
+"""Criteria for language-model logits [n, seq, vocab] (``spvr_lib.hf.rank_token_groups``)."""

@@ -226,8 +226,21 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
     (:func:`spvr_lib.attention.make_maskable`: same parameters, state dict and outputs) and its heads are
     one unit (channel j: head j, masked at its ``heads`` child); MLP hidden neurons are units like any
     linear layer's outputs; the embedding width (every Torch-Pruning group that reaches an attention) is
-    not pruned.  Name an attention in ``ignored_layers`` to keep all its heads."""
+    not pruned.  Name an attention in ``ignored_layers`` to keep all its heads.
+
+    Hugging Face models (``spvr_lib.hf``): a float ``example`` of token ids is read as int64; BERT- and
+    GPT-2-style heads, MLP neurons and the residual stream's width are the units (:func:`spvr_lib.hf.trace_token_units`)."""
+    from spvr_lib import hf                 # hf builds on this module's units: imported when needed
+
     model = model.eval()
+    example = hf.token_example(model, example)
+    parts = hf.transformer_parts(model, ignored_layers)
+    if parts is not None:
+        modules = dict(model.named_modules())
+        for n in ignored_layers:
+            if n not in modules:
+                raise ValueError(f"ignored_layers names {n!r}, which is not a module of the model")
+        return hf.trace_token_units(model, example, parts, ignored_layers)
     attentions = make_maskable(model)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}

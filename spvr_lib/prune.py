@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from spvr_lib import models
 from spvr_lib.budget import apply_budget, budget_from_keep, global_discard
 from spvr_lib.graph import NetworkGraph, trace_units
+from spvr_lib.hf import is_hf_model, logits_of
 from spvr_lib.criteria import CRITERIA
 from spvr_lib.devices import resolve_device
 from spvr_lib.grouping import (
@@ -222,7 +223,8 @@ def _is_spec_network(model: nn.Module) -> bool:
 
 
 def _num_classes(model: nn.Module, x: Tensor) -> int:
-    """Classes of a general model: the size of dim 1 of its output on one calibration sample."""
+    """Classes of a general model: the size of dim 1 of its output on one calibration sample (a Hugging Face
+    model: of its logits; 0 for a language model, whose labels need not hold any given token)."""
     param = next(model.parameters(), None)
     was = model.training
     model.eval()
@@ -231,6 +233,11 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
             out = model(x[:1].to(param.device) if param is not None else x[:1])
     finally:
         model.train(was)
+    if not isinstance(out, Tensor) and is_hf_model(model):
+        out = logits_of(out)                # a Hugging Face ModelOutput: its logits
+        if isinstance(out, Tensor) and out.ndim == 3 and not x.is_floating_point() and x.ndim == 2 \
+                and out.shape[1] == x.shape[1]:
+            return 0                        # a language model [n, seq, vocab]: no class must be in the labels
     if not isinstance(out, Tensor) or out.ndim < 2:
         raise ValueError(f"model output must be a tensor [n, classes, ...], got {type(out).__name__} "
                          f"{tuple(getattr(out, 'shape', ()))}")
@@ -273,6 +280,11 @@ def unit_groups(model: nn.Module, g: NetworkGraph, x: Tensor, group_size: int,
     """Section 3.2 for any model: {unit: groups of ``group_size`` channels} from one pass over ``x``, each
     unit's activations read where it is first normalised (``Unit.record``), reduced by Eq. 4 and grouped
     by Eq. 3 and Algorithm 1."""
+    if getattr(g, "token_inputs", False):
+        raise ValueError(f"model ({type(model).__name__}) is a Hugging Face transformer (token ids in, a ModelOutput "
+                         "out), which rank_groups cannot run; rank it with spvr_lib.hf.rank_token_groups(model, calib, "
+                         "group_size, criterion) and pass the result: spvr_prune(model, calib, keep, group_size, "
+                         "criterion=criterion, ranking=ranking)")
     modules = dict(model.named_modules())
     sites = {u.name: u.record for u in g.units}
 
