@@ -1,8 +1,6 @@
-"""Experiments behind the notebooks, kept here so notebooks stay thin.
-
-Section 3.1.1's worked example and Appendix A's Table 5 (the Guyon synthetic data, Kendall tau
-of the SPvR and KL neuron rankings against a ground truth).
-"""
+"""Notebook 03 and what every table starts from: the base networks (their learning rate searched on held-out
+data, trained on the scale's budget, cached), their calibration sets, and SPvR's ranking and pruned network of a
+base (cached, shared by every notebook)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,18 +18,6 @@ from spvr_lib.paper import jobs, reference
 from spvr_lib.paper.lr_search import lr_grid, lr_trial, recipe, searched_lr  # noqa: F401 (re-exported)
 from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
 from spvr_lib.train import load_weights, train_run
-
-# ----------------------------------------------------------------- Section 3.1.1: worked example
-
-
-# ----------------------------------------------------------------- Appendix A: Table 5
-
-
-
-
-
-
-
 
 # ----------------------------------------------------------------- the base models (notebook 03)
 
@@ -194,7 +180,6 @@ def calibration(cfg: Any, key: str, seed: int = 0) -> tuple[torch.Tensor, torch.
     return data.calibration_set(data.load_dataset(setup.dataset, "train"), setup.calib_per_class, seed, progress=False)
 
 
-PLATEAU_POINTS = 0.3    # a network has converged when the last quarter of its budget buys at most this much top-1
 
 
 def train_images_of(setup: Any) -> int:

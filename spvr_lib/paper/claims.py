@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 
-from spvr_lib.paper import base_models, reference, stats
+from spvr_lib.paper import reference, scales, stats
 from spvr_lib.store import file_sha256
 
 COLUMNS = ("claim", "paper says", "paper", "ours", "verdict", "evidence")
@@ -326,7 +326,7 @@ def _group_size_robust(t: _Tables) -> dict[str, Any]:
         outcomes.append("undecided" if cmp.diff is None else "holds" if not cmp.decided else "fails")
         gains = [(int(r["d"]), r.get("gain on budget (fast)")) for r in (hi, lo)]
         unconverged = [f"d = {d} gains {g:+.2f}" for d, g in gains
-                       if g is not None and pd.notna(g) and float(g) > base_models.PLATEAU_POINTS]
+                       if g is not None and pd.notna(g) and float(g) > scales.PLATEAU_POINTS]
         late += bool(unconverged)
         note = f" (not converged: {'; '.join(unconverged)})" if unconverged else ""
         ours.append(f"{MODEL_NAMES.get(key, key)} {metric}: best d {int(hi['d'])} - worst d {int(lo['d'])} = "

@@ -1,7 +1,7 @@
 """Has a network converged on its training budget?  Measured, never guessed from one run's curve (notebook 03 for
 the bases; every network that decides a verdict of Tables 1-3 and Figure 2).
 
-The rule (at most ``base_models.PLATEAU_POINTS`` = 0.3 points of top-1 gained by the last quarter of the budget):
+The rule (at most ``scales.PLATEAU_POINTS`` = 0.3 points of top-1 gained by the last quarter of the budget):
 the same network and recipe trained with a complete schedule over 3/4 of the epochs, against all of them,
 paired by seed (same data draw and initialisation).  Had the network not converged, the last quarter of its
 budget would buy more than 0.3 points.  The bases are also trained ``convergence_factor`` times as long.
@@ -22,17 +22,16 @@ from spvr_lib import store, train
 from spvr_lib.paper import base_models, group_size_ablation, jobs, scales, segmentation
 from spvr_lib.paper.lr_search import recipe
 
-BUDGET_FRACTION = 0.75      # the shorter budget: 3/4 of the base's epochs (its last quarter left out)
 
 
 def short_epochs(epochs: int) -> int:
-    """The shorter budget of ``epochs``: ``round(BUDGET_FRACTION * epochs)``, at least 1 and fewer than ``epochs``
+    """The shorter budget of ``epochs``: ``round(scales.ON_BUDGET_FRACTION * epochs)``, at least 1 and fewer than ``epochs``
     when ``epochs > 1``."""
     if int(epochs) < 1:
         raise ValueError(f"epochs={epochs!r}: expected an int >= 1")
     if int(epochs) == 1:
         return 1
-    return max(1, min(int(epochs) - 1, round(BUDGET_FRACTION * int(epochs))))
+    return max(1, min(int(epochs) - 1, round(scales.ON_BUDGET_FRACTION * int(epochs))))
 
 
 def base_with_epochs(cfg: Any, key: str, epochs: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
@@ -99,7 +98,7 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
     and every gain paired by seed (with its standard error):
 
     * ``gain of last quarter``: top-1 after the base's epochs minus after 3/4 of them (complete schedules both);
-      ``plateau on the budget``: at most 0.3 points (``base_models.PLATEAU_POINTS``);
+      ``plateau on the budget``: at most 0.3 points (``scales.PLATEAU_POINTS``);
     * ``gain of Nx epochs``: top-1 after ``convergence_factor`` times the epochs minus after the base's;
       ``plateau at Nx``: at most 0.3 points (the columns are left out when the scale has no factor)."""
     rows = []
@@ -117,14 +116,14 @@ def convergence_table(cfg: Any, keys: Sequence[str], progress: bool = True) -> p
                "top1 at shorter": round(statistics.fmean(r["top1"] for r in short.values()), 2),
                "top1": round(statistics.fmean(r["top1"] for r in full.values()), 2),
                "gain of last quarter": g["gain"], "gain se": g["gain se"],
-               "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS)}
+               "plateau on the budget": bool(g["gain"] <= scales.PLATEAU_POINTS)}
         runs = [*full.values(), *short.values()]
         for factor in factors:
             longer = {s: base_with_epochs(cfg, key, factor * full_e, s, progress) for s in cfg.seeds}
             gl = budget_gain({s: r["top1"] for s, r in full.items()}, {s: r["top1"] for s, r in longer.items()})
             row.update({f"top1 at {factor}x epochs": round(statistics.fmean(r["top1"] for r in longer.values()), 2),
                         f"gain of {factor}x epochs": gl["gain"], f"gain of {factor}x se": gl["gain se"],
-                        f"plateau at {factor}x": bool(gl["gain"] <= base_models.PLATEAU_POINTS)})
+                        f"plateau at {factor}x": bool(gl["gain"] <= scales.PLATEAU_POINTS)})
             runs += longer.values()
         row["train s (these runs)"] = round(sum(r["wall_s"] for r in runs), 1)
         rows.append(row)
@@ -135,7 +134,7 @@ def _on_budget_columns(short: Mapping[int, Mapping[str, Any]], full: Mapping[int
                        full_e: int, score: str, label: str, metric: str) -> dict[str, Any]:
     """The on-budget reading's columns from ``{seed: record}`` at ``short_e`` and ``full_e`` epochs: the epochs,
     the seeds paired, the mean ``score`` (``label`` at shorter, ``label``), ``gain of last quarter`` (paired by seed)
-    with its standard error, ``plateau on the budget`` (at most ``base_models.PLATEAU_POINTS``; both None when
+    with its standard error, ``plateau on the budget`` (at most ``scales.PLATEAU_POINTS``; both None when
     ``short_e`` is not shorter), and the runs' training seconds."""
     g = budget_gain({s: r[score] for s, r in short.items()}, {s: r[score] for s, r in full.items()})
     shorter = short_e < full_e
@@ -143,7 +142,7 @@ def _on_budget_columns(short: Mapping[int, Mapping[str, Any]], full: Mapping[int
             f"{label} at shorter": round(statistics.fmean(r[score] for r in short.values()), 2),
             label: round(statistics.fmean(r[score] for r in full.values()), 2),
             "gain of last quarter": g["gain"] if shorter else None, "gain se": g["gain se"],
-            "plateau on the budget": bool(g["gain"] <= base_models.PLATEAU_POINTS) if shorter else None,
+            "plateau on the budget": bool(g["gain"] <= scales.PLATEAU_POINTS) if shorter else None,
             "train s (these runs)": round(sum(r["wall_s"] for r in [*full.values(), *short.values()]), 1)}
 
 
@@ -180,7 +179,7 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
     notebook 03 reads the classification bases (:func:`convergence_table`), test mean IoU (%) for top-1: every
     value a mean over the settings' seeds, every gain paired by seed.  ``gain of last quarter``: mIoU after the
     settings' epochs minus after :func:`short_epochs` of them (complete schedules both); ``plateau on the
-    budget``: at most ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget)."""
+    budget``: at most ``scales.PLATEAU_POINTS`` (both None with one epoch: no shorter budget)."""
     seeds = list(settings["seeds"])
     full_e = int(settings["epochs"])
     short_e = short_epochs(full_e)
@@ -224,7 +223,7 @@ def scratch_budget_table(cfg: Any, key: str, nets: Mapping[str, tuple[dict, floa
     the bases (:func:`convergence_table`): one row per net of ``nets`` ({name: (spec, lr)}), every top-1 a mean
     over the scale's seeds.  ``gain of last quarter``: top-1 after the setup's epochs minus after
     :func:`short_epochs` of them (complete schedules both, paired by seed); ``plateau on the budget``: at most
-    ``base_models.PLATEAU_POINTS`` (both None with one epoch: no shorter budget)."""
+    ``scales.PLATEAU_POINTS`` (both None with one epoch: no shorter budget)."""
     full_e = cfg.model(key).epochs
     short_e = short_epochs(full_e)
     rows = []
@@ -270,11 +269,11 @@ def on_budget_gain(calls: Mapping[int, Mapping[str, Any]], metric: str = "top1",
     """Has the network of ``calls`` ({seed: ``train.train_run`` keyword arguments}) converged on its budget?
     :func:`budget_gain` of ``metric`` after all its epochs against after :func:`short_epochs` of them, paired by
     seed over ``counted`` (default: every seed; the seeds whose full run counts); ``converged`` is the gain
-    at most ``base_models.PLATEAU_POINTS`` (None without a seed to read or with one epoch)."""
+    at most ``scales.PLATEAU_POINTS`` (None without a seed to read or with one epoch)."""
     seeds = sorted(calls if counted is None else set(counted) & set(calls))
     if not seeds or calls[seeds[0]]["recipe"].epochs <= 1:
         return {"seeds": seeds, "gain": None, "gain sd": None, "gain se": None, "converged": None}
     full = {s: train.train_run(**calls[s], progress=progress)[metric] for s in seeds}
     short = {s: train.train_run(**shorter_call(calls[s]), progress=progress)[metric] for s in seeds}
     g = budget_gain(short, full)
-    return {**g, "converged": bool(g["gain"] <= base_models.PLATEAU_POINTS)}
+    return {**g, "converged": bool(g["gain"] <= scales.PLATEAU_POINTS)}

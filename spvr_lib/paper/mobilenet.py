@@ -31,13 +31,12 @@ from spvr_lib.paper import base_models, latency_vs_accuracy, jobs, pruned_networ
 from spvr_lib.paper.group_size_ablation import train_pruned
 from spvr_lib.paper.stats import mean_std
 
-__all__ = ["BUDGET_FRACTION", "MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
+__all__ = ["MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
            "pruned_resnet50", "table4"]
 
 # =============================================================================================
 # Section 5.4 / Table 4
 # =============================================================================================
-BUDGET_FRACTION = 0.8   # Section 5.4: the pruned ResNet50 has "20% fewer parameters" than -minimal (1.6M / 2.0M)
 MOBILENET_VARIANTS = {"MobileNetV3-small": "small", "MobileNetV3-minimal": "small-minimal"}
 _WIDTH_GRID = tuple(round(0.025 * k, 3) for k in range(4, 49))     # 0.1, 0.125, ..., 1.2
 # batch-1 latency runs per network: the paper's 1500 (Section 5.3); a few at smoke
@@ -91,7 +90,7 @@ def mobilenet_budget(cfg: Any, width: float | None = None) -> int:
 
     ValueError if that is not below the base ResNet50's parameters (nothing would be pruned)."""
     minimal = models.spec_params(mobilenet_specs(cfg, width)["MobileNetV3-minimal"])
-    budget = math.floor(BUDGET_FRACTION * minimal)
+    budget = math.floor(reference.PAPER_MOBILENET_BUDGET_FRACTION * minimal)
     base = models.spec_params(base_models.base_spec(_resnet50_setup(cfg)))
     if budget >= base:
         raise ValueError(f"MobileNet width={width!r}: the budget {budget} (80% of -minimal's {minimal}) is not below "

@@ -23,14 +23,13 @@ import pandas as pd
 import torch
 
 from spvr_lib import baselines, data, latency, models, store
-from spvr_lib.paper import base_models, convergence, group_size_ablation, pruned_networks, reference
+from spvr_lib.paper import base_models, convergence, group_size_ablation, pruned_networks, reference, scales
 
 ASSUMED_MAC_PER_S = 60e12          # ~120 TFLOP/s sustained (bfloat16, ~40% of an A100's 312 TFLOP/s peak)
 TRAIN_COST = 3.0                   # a training step: forward + backward, in forward passes
 # Training / test images per dataset: Section 4.1 of the paper (CityScapes: the fine annotations' train / val).
 IMAGES = {"cifar10": (50_000, 10_000), "tiny-imagenet": (100_000, 10_000), "imagenet": (1_200_000, 50_000),
           "cityscapes": (2_975, 500)}
-ON_BUDGET = 0.75     # an on-budget reading trains a deciding network again for 3/4 of its epochs (convergence)
 
 
 def _figure2_d(cfg: Any, key: str) -> list[int]:
@@ -106,14 +105,14 @@ def plan(cfg: Any) -> pd.DataFrame:
         add("04", f"{len(methods)} methods x {len(rates)} rates x {seeds} seeds, fine-tuned / from scratch",
             len(methods) * len(rates) * seeds, setup.epochs, mean_keep, 1)
         add("04", "on-budget readings: SPvR and the best baseline of each cell, 3/4 of the epochs",
-            2 * len(rates) * seeds, ON_BUDGET * setup.epochs, mean_keep, 0)
+            2 * len(rates) * seeds, scales.ON_BUDGET_FRACTION * setup.epochs, mean_keep, 0)
         if not setup.quote_baselines:
             add("04", f"the authors' {len(baselines.AUTHORS_VARIANTS)} variants at {max(rates):.0%} (sensitivity)",
                 len(baselines.AUTHORS_VARIANTS) * seeds, setup.epochs, 1 - max(rates), 0)
         grids = len(base_models.lr_grid(setup, "finetune")) + len(base_models.lr_grid(setup, "scratch"))
         add("05", f"fine-tune vs scratch at 2 rates (the rule's, the paper's): an lr search per network and mode "
             f"({grids} trials), 2 x seeds trainings and their on-budget readings",
-            2 * (grids * trial_share + 2 * seeds * (1 + ON_BUDGET)), setup.epochs, 1 - 0.6, 0)
+            2 * (grids * trial_share + 2 * seeds * (1 + scales.ON_BUDGET_FRACTION)), setup.epochs, 1 - 0.6, 0)
         # from scratch, the local methods' one architecture is one training, and SPvR's is Table 1's
         shared = [m for m in methods if m in baselines.LOCAL_METHODS]
         spvr_shared = "spvr" in methods and setup.table3_rate in rates
@@ -124,10 +123,10 @@ def plan(cfg: Any) -> pd.DataFrame:
             + (f" ({distinct} distinct trainings: {', '.join(why)})" if why else ""), distinct * seeds,
             setup.epochs, 1 - setup.table3_rate, 0)
         add("06", "on-budget readings: SPvR and the best baseline, 3/4 of the epochs", 2 * seeds,
-            ON_BUDGET * setup.epochs, 1 - setup.table3_rate, 0)
+            scales.ON_BUDGET_FRACTION * setup.epochs, 1 - setup.table3_rate, 0)
         d_values = _figure2_d(cfg, key)
         add("09", f"d in {d_values} at 98% (the paper's d scaled with the width), trained, and the best and worst d "
-            "on their budget", len(d_values) * seeds + 2 * seeds * ON_BUDGET, setup.epochs, 0.02, len(d_values))
+            "on their budget", len(d_values) * seeds + 2 * seeds * scales.ON_BUDGET_FRACTION, setup.epochs, 0.02, len(d_values))
     resnet50 = cfg.models.get("resnet50")
     if resnet50 is not None:
         add10 = [r for r in rows if r["model"] == "resnet50" and r["notebook"] == "04"][0]
@@ -169,7 +168,7 @@ def _vit_row(cfg: Any) -> dict[str, Any]:
     grid = len(setup.lr_grid) if len(setup.lr_grid) > 1 else 0
     ft_grid = len(setup.finetune_lr_grid) if len(setup.finetune_lr_grid) > 1 else 0
     runs = len(vit_fashion_mnist.METHODS) * len(setup.seeds)
-    base_units = grid + 1 + (ON_BUDGET if setup.convergence else 0) + ft_grid * min(setup.keeps) + \
+    base_units = grid + 1 + (scales.ON_BUDGET_FRACTION if setup.convergence else 0) + ft_grid * min(setup.keeps) + \
         runs * sum(setup.keeps)
     macs = base_units * setup.epochs * (TRAIN_COST * fwd * n_train + fwd * n_test)
     return {"notebook": "14", "model": "vit", "what": f"ViT: lr searches, base, {runs} trainings per keep "

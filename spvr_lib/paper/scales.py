@@ -18,6 +18,11 @@ from typing import Any
 from spvr_lib.paper import reference
 
 SCALE_NAMES = ("smoke", "cpu", "cpu-full", "paper")
+# Convergence, measured on the budget (notebook 03 and every on-budget reading): the same network trained again over
+# ON_BUDGET_FRACTION of its epochs; it has converged when the last quarter of its budget buys at most PLATEAU_POINTS
+# points of top-1 (mIoU for the segmentation network)
+ON_BUDGET_FRACTION = 0.75
+PLATEAU_POINTS = 0.3
 # Figure 1 (notebook 07): the batch sizes timed and the torch threads of every timing (the paper's latency table:
 # batch 1 and a large batch, on one CPU thread here)
 LATENCY_BATCH_SIZES = (1, 64)

@@ -178,7 +178,7 @@ def on_budget_columns(cfg: Any, key: str, rate: float, mode: str, roles: Mapping
     """The on-budget reading of the networks that decide a cell (``roles``: {label: method}, e.g. {"SPvR": "spvr",
     "best": "curl"}), each trained again with 3/4 of its epochs on the seeds that count in ``runs`` (the cell's
     runs): "<label> gain on budget" (points of ``metric``, paired by seed) and "converged": "yes", or
-    "not converged: <name> gains +x.xx" where a deciding network gains more than ``base_models.PLATEAU_POINTS``
+    "not converged: <name> gains +x.xx" where a deciding network gains more than ``scales.PLATEAU_POINTS``
     (the verdict is qualified, never deleted)."""
     out: dict[str, Any] = {}
     unconverged = []

@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,10 @@ import torch
 from torch import nn
 
 from spvr_lib import data, diagnostics, models, store, train
-from spvr_lib.paper import latency_vs_accuracy, plots, stats
+from spvr_lib.paper import latency_vs_accuracy, plots, scales, stats
 from spvr_lib.paper.lr_search import recipe, validation_images
 from spvr_lib.paper.scales import ViTSetup, get_scale, vit_setup
-from spvr_lib.paper.vit_tp import TP_METHODS, graph_of, tp_prune
+from spvr_lib.paper.vit_tp import TP_METHODS, tp_prune
 from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
 
 NOTEBOOK = "14_vit_fashion_mnist"
@@ -214,8 +214,7 @@ def base_run(cfg: ViTSetup, progress: bool = False) -> dict[str, Any]:
 def base_table(cfg: ViTSetup, progress: bool = False) -> pd.DataFrame:
     """The base network: parameters, lr (and the grid's scores), top-1, and its on-budget reading: the same network
     trained with a complete schedule over 3/4 of the epochs (seed 0 only); "converged" where the last quarter of
-    the budget bought at most ``base_models.PLATEAU_POINTS`` points."""
-    from spvr_lib.paper.base_models import PLATEAU_POINTS
+    the budget bought at most ``scales.PLATEAU_POINTS`` points."""
 
     lr, scores = searched_lr(cfg, "scratch", progress=progress)
     rec = base_run(cfg, progress)
@@ -229,7 +228,7 @@ def base_table(cfg: ViTSetup, progress: bool = False) -> pd.DataFrame:
         shorter = vit_run(cfg, None, dataclasses.replace(recipe(cfg, lr=lr), epochs=short), 0, "base", progress=progress)
         gain = round(rec["top1"] - shorter["top1"], 2)
         row.update({"top1 at 3/4 epochs": shorter["top1"], "gain on budget": gain,
-                    "converged": "yes" if gain <= PLATEAU_POINTS else f"no (+{gain:.2f} from the last quarter)"})
+                    "converged": "yes" if gain <= scales.PLATEAU_POINTS else f"no (+{gain:.2f} from the last quarter)"})
     else:
         row.update({"top1 at 3/4 epochs": None, "gain on budget": None, "converged": "not measured"})
     return pd.DataFrame([row])
