@@ -1,6 +1,9 @@
 """Grouped (not depthwise) convolutions in the graph engine: a unit that feeds or leaves a grouped conv loses
 the same within-group position of every conv group at once (a slot), so ResNeXt and RegNet prune to exact
 budgets and rebuild with the predicted parameter count; ShuffleNet's channel shuffle is refused by name."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +12,9 @@ from torch import nn
 
 from spvr_lib import models
 from spvr_lib.prune import GroupRanking, _structure, spvr_prune, unit_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -92,12 +98,7 @@ def test_grouped_networks_prune_to_an_exact_budget(name, keep, tmp_path):
     with torch.no_grad():
         out = res.model.eval()(torch.randn(2, 3, SIZE, SIZE))
     assert out.shape == (2, 10)
-    path = models.save_network(res.model, tmp_path / "pruned.pt")
-    again = models.load_network(path).eval()
-    assert models.count_params(again) == res.params_after
-    x = torch.randn(2, 3, SIZE, SIZE)
-    with torch.no_grad():
-        assert torch.allclose(again(x), res.model(x), atol=1e-5)
+    assert_saved_network_reloads(res.model, res.params_after, tmp_path, (2, 3, SIZE, SIZE))
 
 
 def test_inherited_grouped_conv_holds_the_kept_slots_of_every_group():
@@ -124,18 +125,8 @@ def test_inherited_grouped_conv_holds_the_kept_slots_of_every_group():
 
 
 def test_exact_count_equals_the_rebuilt_network_for_random_removals():
-    rng = np.random.default_rng(0)
-    _, _, g, _ = _model("regnet_y_400mf")
-    for _ in range(3):
-        removed = []
-        for u in g.units:
-            r = rng.random(u.width) < 0.5
-            if u.collapse and rng.random() < 0.3:
-                r[:] = True
-            if r.all() and not u.collapse:
-                r[0] = False
-            removed.append(r)
-        assert g.count(removed) == models.count_params(g.build(removed))
+    """NetworkGraph.count == count_params of the rebuilt network with slots of grouped convs removed."""
+    assert_exact_count_for_random_removals(_model("regnet_y_400mf")[2], np.random.default_rng(0), repeats=3)
 
 
 def test_channel_shuffle_is_refused_by_name():

@@ -3,6 +3,7 @@ columns, masked at the heads' output), MLP hidden neurons are units like any lin
 width is not pruned; an attention or MLP that loses everything collapses (its block becomes its shortcut);
 the rebuilt attentions hold the kept heads (PrunedMultiheadAttention) and the count is exact.  Swin, whose
 layers are called functionally, is refused by name."""
+import sys
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from spvr_lib.attention import MaskableMultiheadAttention, PrunedMultiheadAttent
 from spvr_lib.criteria import CRITERIA
 from spvr_lib.prune import GroupRanking, _structure, rank_groups, spvr_prune
 from spvr_lib.ranking import unit_importance
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from network_checks import assert_saved_network_reloads  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -168,12 +172,7 @@ def test_transformers_prune_to_budget_with_heads_and_collapse(key, keep, tmp_pat
         assert kinds == {"heads", "mlp"}                        # attention AND MLP branches collapsed
     with torch.no_grad():
         assert res.model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    path = models.save_network(res.model, tmp_path / "pruned.pt")
-    again = models.load_network(path).eval()
-    assert models.count_params(again) == res.params_after
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(again(x), res.model(x), atol=1e-5)
+    assert_saved_network_reloads(res.model, res.params_after, tmp_path, (2, 3, 32, 32))
 
 
 def test_inherited_heads_give_the_masked_network():
