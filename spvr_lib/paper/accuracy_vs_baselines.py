@@ -13,7 +13,7 @@ import pandas as pd
 from spvr_lib import baselines
 from spvr_lib.paper import jobs, plots, reference, stats
 from spvr_lib.paper.pruned_networks import DISPLAY_NAMES, TABLE1_METHODS, _base, _check_method, paper_method, parameter_budget
-from spvr_lib.paper.trained_runs import _cell, _comparison_row, _counted, _metrics, _on_budget_job, _paper_fmt, _tidy, accuracy_runs, on_budget_columns, summarize, training_cost
+from spvr_lib.paper.trained_runs import BEST, _cell, _comparison_row, _counted, _metrics, _paper_fmt, _tidy, accuracy_jobs, accuracy_runs, on_budget_batch, on_budget_columns, run_list, summarize
 
 
 def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
@@ -62,21 +62,44 @@ def table1(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHOD
 _METHOD_OF = {name: m for m, name in DISPLAY_NAMES.items()}
 
 
+def sensitivity_methods() -> list[str]:
+    """The methods of :func:`baselines_sensitivity`: Torch-Pruning's four, the authors' variants, the other
+    baselines and SPvR (Table 1's verdict is recomputed with each four)."""
+    others = [m for m in TABLE1_METHODS if m not in baselines.AUTHORS_VARIANT_OF]
+    return [*baselines.AUTHORS_VARIANT_OF, *baselines.AUTHORS_VARIANTS, *others]
+
+
+def declared_jobs(cfg: Any, key: str, methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
+                  best: dict[float, str] | None = None) -> list[jobs.Batch]:
+    """Notebook 04's independent computations for model ``key``, declared once (what :func:`table1` and
+    :func:`baselines_sensitivity` fan out, and what the plan counts): Table 1's runs (every method at every
+    ``compare_rates`` and seed, fine-tuned; SPvR from scratch), the on-budget readings of SPvR and the best baseline
+    of each rate (``best``: {rate: method} once the runs are read; unknown: ``trained_runs.BEST``, every seed), and
+    the sensitivity table's runs at the highest rate (those of Table 1 counted once)."""
+    setup = cfg.model(key)
+    methods, seeds = [_check_method(m) for m in methods], [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    out = accuracy_jobs(cfg, key, run_list(cfg, key, methods, seeds), "finetune")
+    compared = ["spvr"] if setup.quote_baselines else ["spvr", None]
+    out.append(on_budget_batch(cfg, key, [(r, m or (best or {}).get(round(float(r), 6), BEST), seeds)
+                                          for r in setup.compare_rates for m in compared], "finetune"))
+    return out + accuracy_jobs(cfg, key, run_list(cfg, key, sensitivity_methods(), seeds, [max(setup.compare_rates)]),
+                               "finetune")
+
+
 def _add_on_budget(cfg: Any, rows: list[dict[str, Any]], runs: pd.DataFrame, mode: str, progress: bool) -> None:
     """:func:`on_budget_columns` for every compared row of ``rows`` (those with a best baseline): SPvR and the best
     baseline of the cell, whose shorter budgets are first trained side by side."""
 
     cells = [(r, _METHOD_OF[r["best baseline"]]) for r in rows if r.get("best baseline")]
-    todo = []
+    counted: dict[str, list[tuple[float, str, list[int]]]] = {}
     for r, best in cells:
         rate = round(float(r["params removed (%)"]) / 100, 6)
         rsub = runs[(runs["model"] == r["model"]) & (runs["rate"] == rate)]
         for m in ("spvr", best):
-            todo += [(cfg, r["model"], m, rate, int(x), mode) for x, st in
-                     zip(rsub.loc[rsub["method"] == m, "seed"], rsub.loc[rsub["method"] == m, "status"]) if st == "ok"]
-    todo = list({job[1:]: job for job in todo}.values())         # once each (Tables 1's two metrics share them)
-    jobs.fill_cache(_on_budget_job, todo, jobs.worker_count(cfg), desc="on-budget readings", progress=progress,
-                    cost=lambda job: training_cost(cfg, job[1], job[3]))
+            counted.setdefault(r["model"], []).append(
+                (rate, m, [int(x) for x, st in zip(rsub.loc[rsub["method"] == m, "seed"],
+                                                   rsub.loc[rsub["method"] == m, "status"]) if st == "ok"]))
+    jobs.run([on_budget_batch(cfg, key, c, mode) for key, c in counted.items()], jobs.worker_count(cfg), progress)
     for r, best in cells:
         rate = round(float(r["params removed (%)"]) / 100, 6)
         rsub = runs[(runs["model"] == r["model"]) & (runs["rate"] == rate)]
@@ -98,8 +121,7 @@ def baselines_sensitivity(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | 
     seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
     rates = {k: [max(cfg.model(k).compare_rates)] for k in keys}
     others = [m for m in TABLE1_METHODS if m not in baselines.AUTHORS_VARIANT_OF]
-    methods = [*baselines.AUTHORS_VARIANT_OF, *baselines.AUTHORS_VARIANTS, *others]
-    runs = accuracy_runs(cfg, keys, methods, seeds, "finetune", rates=rates, progress=progress)
+    runs = accuracy_runs(cfg, keys, sensitivity_methods(), seeds, "finetune", rates=rates, progress=progress)
     rows = []
     for key in keys:
         rate = round(float(rates[key][0]), 6)

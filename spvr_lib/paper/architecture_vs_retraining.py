@@ -10,10 +10,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from spvr_lib.paper import reference
+from spvr_lib.paper import jobs, reference
 from spvr_lib.paper.pruned_networks import DISPLAY_NAMES, TABLE1_METHODS, _check_method, paper_method
-from spvr_lib.paper.trained_runs import _comparison_row, _metrics, _paper_fmt, _tidy, accuracy_runs, summarize
+from spvr_lib.paper.trained_runs import BEST, _comparison_row, _metrics, _paper_fmt, _tidy, accuracy_jobs, accuracy_runs, on_budget_batch, run_list, summarize
 from spvr_lib.paper.accuracy_vs_baselines import _add_on_budget
+
+
+def declared_jobs(cfg: Any, key: str, methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,
+                  with_finetune: bool = True, best: str | None = None) -> list[jobs.Batch]:
+    """Notebook 06's independent computations for model ``key``, declared once (what :func:`table3` fans out, and
+    what the plan counts): every method but OTOv2 from scratch at ``table3_rate`` and every seed (the local
+    methods' one architecture is one training), with ``with_finetune`` the same methods fine-tuned (Table 1's runs
+    at that rate), and the on-budget readings of SPvR and the best baseline trained from scratch (``best`` once the
+    runs are read; unknown: ``trained_runs.BEST``, every seed)."""
+    setup = cfg.model(key)
+    methods = [_check_method(m) for m in methods if m != "otov2"]
+    seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    rates = [setup.table3_rate]
+    out = accuracy_jobs(cfg, key, run_list(cfg, key, methods, seeds, rates), "scratch")
+    if with_finetune:
+        out += accuracy_jobs(cfg, key, run_list(cfg, key, methods, seeds, rates), "finetune")
+    compared = ["spvr"] if setup.quote_baselines else ["spvr", best or BEST]
+    return out + [on_budget_batch(cfg, key, [(setup.table3_rate, m, seeds) for m in compared], "scratch")]
 
 
 def table3(cfg: Any, keys: Iterable[str], methods: Iterable[str] = TABLE1_METHODS, seeds: Iterable[int] | None = None,

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -14,8 +15,8 @@ import torch
 
 from spvr_lib import data, models, store, train
 from spvr_lib.models import build, spec_to_str
-from spvr_lib.paper import jobs, reference
-from spvr_lib.paper.lr_search import lr_grid, lr_trial, recipe, searched_lr  # noqa: F401 (re-exported)
+from spvr_lib.paper import jobs, reference, scales
+from spvr_lib.paper.lr_search import lr_grid, lr_trial, recipe, searched_lr, trial_share  # noqa: F401 (re-exported)
 from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
 from spvr_lib.train import load_weights, train_run
 
@@ -40,19 +41,83 @@ def _base_job(cfg: Any, key: str, epochs_factor: int = 1, amp: bool | None = Non
     train_base(cfg, key, progress=False, epochs_factor=epochs_factor, amp=amp)
 
 
-def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
-    """Fill the run cache with the base networks of ``keys`` and their learning-rate searches, side by side in
-    ``jobs.worker_count(cfg)`` processes (nothing happens with one worker: the callers compute in order)."""
+# --------------------------------------------------------------------------- the budgets notebook 03 reads
+def short_epochs(epochs: int) -> int:
+    """The shorter budget of ``epochs``: ``round(scales.ON_BUDGET_FRACTION * epochs)``, at least 1 and fewer than ``epochs``
+    when ``epochs > 1``."""
+    if int(epochs) < 1:
+        raise ValueError(f"epochs={epochs!r}: expected an int >= 1")
+    if int(epochs) == 1:
+        return 1
+    return max(1, min(int(epochs) - 1, round(scales.ON_BUDGET_FRACTION * int(epochs))))
 
-    workers = jobs.worker_count(cfg)
-    keys = [k for k in keys if not cfg.model(k).pretrained]
-    trials = [(cfg, k, lr) for k in keys for lr in lr_grid(cfg.model(k), "scratch") if len(cfg.model(k).lr_grid) > 1]
-    jobs.fill_cache(_scratch_trial_job, trials, workers, desc="lr search (scratch)", progress=progress)
-    factors = (1,) + ((cfg.convergence_factor,) if cfg.convergence_factor else ())
-    base_jobs = [(cfg, k, f) for f in factors for k in keys]
-    base_jobs += [(cfg, k, 1, False) for k in keys if cfg.model(k).amp]      # bfloat16's cost in accuracy
-    jobs.fill_cache(_base_job, base_jobs, workers,
-                    desc="base networks", progress=progress)
+
+def base_with_epochs(cfg: Any, key: str, epochs: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Model ``key``'s base network trained by its own recipe (searched lr, data, batch, precision) for
+    ``epochs`` with a complete cosine schedule: the base's own record at the base's epochs, the longer base's
+    (``train_base(epochs_factor=...)``) at a whole multiple of them."""
+    setup = cfg.model(key)
+    if setup.pretrained:
+        raise ValueError(f"model={key!r} loads published weights at scale {cfg.name!r}; it has no training budget")
+    if int(epochs) % setup.epochs == 0:
+        return train_base(cfg, key, seed, progress=progress, epochs_factor=int(epochs) // setup.epochs)
+    lr, _ = scratch_lr(cfg, key, progress=progress)
+    rcp = dataclasses.replace(recipe(setup, lr=lr), epochs=int(epochs))
+    return train.train_run(base_spec(setup), setup.dataset, rcp, seed, setup.train_subset,
+                           setup.test_subset, tag=f"base-e{int(epochs)}", progress=progress,
+                           weights_needed=False)
+
+
+def budget_factors(cfg: Any) -> tuple[int, ...]:
+    """The budgets the table reads, as multiples of the base's epochs: the base's own, and the scale's
+    ``convergence_factor`` (twice as long at the cpu scale) when it has one."""
+    return (1,) + ((int(cfg.convergence_factor),) if cfg.convergence_factor else ())
+
+
+def budget_jobs(cfg: Any, keys: Sequence[str]) -> list[tuple]:
+    """The (cfg, key, epochs, seed) trainings :func:`convergence_table` reads, for every seed of the scale: the
+    base's epochs and :func:`short_epochs` of them (the last quarter's gain), and the scale's
+    ``convergence_factor`` times the epochs (what twice the training adds; no shorter run there)."""
+    jobs = []
+    for key in keys:
+        setup = cfg.model(key)
+        if setup.pretrained:
+            continue
+        for seed in cfg.seeds:
+            jobs += [(cfg, key, setup.epochs, seed), (cfg, key, short_epochs(setup.epochs), seed)]
+            jobs += [(cfg, key, f * setup.epochs, seed) for f in budget_factors(cfg)[1:]]
+    return jobs
+
+
+def declared_jobs(cfg: Any, key: str) -> list[jobs.Batch]:
+    """Notebook 03's independent computations for model ``key``, declared once (the runner and the plan read them):
+    the lr search from scratch (none for a one-value grid), the base network, ``convergence_factor`` times as long,
+    without bfloat16 where the setup uses it, and the convergence table's shorter and other seeds' budgets
+    (:func:`budget_jobs`, less those the base's own records are).  None for published weights."""
+    setup = cfg.model(key)
+    if setup.pretrained:
+        return []
+    grid, share = lr_grid(setup, "scratch"), trial_share(setup)
+    bases = [(cfg, key, f) for f in budget_factors(cfg)] + ([(cfg, key, 1, False)] if setup.amp else [])
+    budget = [j for j in budget_jobs(cfg, [key]) if not (j[3] == 0 and j[2] % setup.epochs == 0)]
+    return [jobs.Batch(f"lr search (scratch): {len(grid)} values, {share:.0%} of the images", _scratch_trial_job,
+                       tuple((cfg, key, lr) for lr in grid) if len(grid) > 1 else (),
+                       size=lambda job: (setup.epochs, 1.0, share)),
+            jobs.Batch("base networks: the base" + (f", {cfg.convergence_factor}x its epochs" if
+                                                    cfg.convergence_factor else "") +
+                       (", without bfloat16" if setup.amp else ""), _base_job, tuple(bases),
+                       size=lambda job: (job[2] * setup.epochs, 1.0, 1.0)),
+            jobs.Batch("budget curve: 3/4 of the epochs and the other seeds", base_with_epochs,
+                       tuple(budget), size=lambda job: (job[2], 1.0, 1.0), kwargs={"progress": False})]
+
+
+def prepare_bases(cfg: Any, keys: Any, progress: bool = True) -> None:
+    """Fill the run cache with the base networks of ``keys`` and their learning-rate searches (:func:`declared_jobs`),
+    side by side in ``jobs.worker_count(cfg)`` processes (nothing happens with one worker: the callers compute in
+    order)."""
+
+    jobs.run([b for k in keys for b in declared_jobs(cfg, k) if b.target in (_scratch_trial_job, _base_job)],
+             jobs.worker_count(cfg), progress)
 
 
 def scratch_lr(cfg: Any, key: str, progress: bool = True) -> tuple[float, dict[float, float]]:

@@ -19,63 +19,18 @@ from typing import Any
 import pandas as pd
 
 from spvr_lib import store, train
-from spvr_lib.paper import base_models, group_size_ablation, jobs, scales, segmentation
+from spvr_lib.paper import base_models, group_size_ablation, jobs, mobilenet, scales, segmentation
+from spvr_lib.paper.base_models import base_with_epochs, budget_factors, budget_jobs, short_epochs  # noqa: F401
 from spvr_lib.paper.lr_search import recipe
 
 
 
-def short_epochs(epochs: int) -> int:
-    """The shorter budget of ``epochs``: ``round(scales.ON_BUDGET_FRACTION * epochs)``, at least 1 and fewer than ``epochs``
-    when ``epochs > 1``."""
-    if int(epochs) < 1:
-        raise ValueError(f"epochs={epochs!r}: expected an int >= 1")
-    if int(epochs) == 1:
-        return 1
-    return max(1, min(int(epochs) - 1, round(scales.ON_BUDGET_FRACTION * int(epochs))))
-
-
-def base_with_epochs(cfg: Any, key: str, epochs: int, seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """Model ``key``'s base network trained by its own recipe (searched lr, data, batch, precision) for
-    ``epochs`` with a complete cosine schedule: the base's own record at the base's epochs, the longer base's
-    (``base_models.train_base(epochs_factor=...)``) at a whole multiple of them."""
-    setup = cfg.model(key)
-    if setup.pretrained:
-        raise ValueError(f"model={key!r} loads published weights at scale {cfg.name!r}; it has no training budget")
-    if int(epochs) % setup.epochs == 0:
-        return base_models.train_base(cfg, key, seed, progress=progress, epochs_factor=int(epochs) // setup.epochs)
-    lr, _ = base_models.scratch_lr(cfg, key, progress=progress)
-    rcp = dataclasses.replace(recipe(setup, lr=lr), epochs=int(epochs))
-    return train.train_run(base_models.base_spec(setup), setup.dataset, rcp, seed, setup.train_subset,
-                           setup.test_subset, tag=f"base-e{int(epochs)}", progress=progress,
-                           weights_needed=False)
-
-
-def budget_factors(cfg: Any) -> tuple[int, ...]:
-    """The budgets the table reads, as multiples of the base's epochs: the base's own, and the scale's
-    ``convergence_factor`` (twice as long at the cpu scale) when it has one."""
-    return (1,) + ((int(cfg.convergence_factor),) if cfg.convergence_factor else ())
-
-
-def budget_jobs(cfg: Any, keys: Sequence[str]) -> list[tuple]:
-    """The (cfg, key, epochs, seed) trainings :func:`convergence_table` reads, for every seed of the scale: the
-    base's epochs and :func:`short_epochs` of them (the last quarter's gain), and the scale's
-    ``convergence_factor`` times the epochs (what twice the training adds; no shorter run there)."""
-    jobs = []
-    for key in keys:
-        setup = cfg.model(key)
-        if setup.pretrained:
-            continue
-        for seed in cfg.seeds:
-            jobs += [(cfg, key, setup.epochs, seed), (cfg, key, short_epochs(setup.epochs), seed)]
-            jobs += [(cfg, key, f * setup.epochs, seed) for f in budget_factors(cfg)[1:]]
-    return jobs
-
-
 def prepare_budget_runs(cfg: Any, keys: Sequence[str], progress: bool = True) -> None:
-    """Fill the run cache with :func:`budget_jobs`, side by side (a no-op with one worker)."""
+    """Fill the run cache with notebook 03's budget curve (``base_models.declared_jobs``), side by side (a no-op with
+    one worker)."""
 
-    jobs.fill_cache(base_with_epochs, budget_jobs(cfg, keys), jobs.worker_count(cfg), desc="budget curve",
-                    progress=progress, kwargs={"progress": False})
+    jobs.run([b for k in keys for b in base_models.declared_jobs(cfg, k) if b.target is base_with_epochs],
+             jobs.worker_count(cfg), progress)
 
 
 def budget_gain(short_top1: Mapping[int, float], full_top1: Mapping[int, float]) -> dict[str, Any]:
@@ -165,13 +120,12 @@ def segnet_with_epochs(settings: Mapping[str, Any], epochs: int, seed: int = 0,
 
 
 def prepare_segnet_budget_runs(settings: Mapping[str, Any], progress: bool = True) -> None:
-    """Fill the run cache with the shorter-budget SegNets :func:`segnet_convergence_table` reads (one per seed),
-    side by side in the settings' scale's ``jobs.worker_count`` processes (a no-op with one)."""
+    """Fill the run cache with the shorter-budget SegNets :func:`segnet_convergence_table` reads (one per seed;
+    ``segmentation.declared_jobs``), side by side in the settings' scale's ``jobs.worker_count`` processes (a no-op
+    with one)."""
 
-    short = short_epochs(int(settings["epochs"]))
-    jobs.fill_cache(segnet_with_epochs, [(dict(settings), short, s) for s in settings["seeds"]],
-                    jobs.worker_count(scales.get_scale(settings["name"])), desc="SegNet budget", progress=progress,
-                    kwargs={"progress": False})
+    jobs.run([b for b in segmentation.declared_jobs(settings) if b.target is segnet_with_epochs],
+             jobs.worker_count(scales.get_scale(settings["name"])), progress)
 
 
 def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True) -> pd.DataFrame:
@@ -207,14 +161,12 @@ def scratch_with_epochs(cfg: Any, key: str, spec: dict, lr: float, epochs: int, 
 
 def prepare_scratch_budget_runs(cfg: Any, key: str, nets: Mapping[str, tuple[dict, float]],
                                 progress: bool = True) -> None:
-    """Fill the run cache with the shorter-budget trainings :func:`scratch_budget_table` reads (every net of
-    ``nets``, {name: (spec, lr)}, at every seed of the scale), side by side (a no-op with one worker)."""
+    """Fill the run cache with the shorter-budget trainings :func:`scratch_budget_table` reads for notebook 10
+    (every net of ``nets``, {name: (spec, lr)}, at every seed of the scale; ``mobilenet.declared_jobs``), side by
+    side (a no-op with one worker)."""
 
-    short = short_epochs(cfg.model(key).epochs)
-    jobs.fill_cache(scratch_with_epochs, [(cfg, key, spec, lr, short, s) for spec, lr in nets.values()
-                                          for s in cfg.seeds],
-                    jobs.worker_count(cfg), desc="budget (from scratch)", progress=progress,
-                    kwargs={"progress": False})
+    jobs.run([b for b in mobilenet.declared_jobs(cfg, key, nets=nets) if b.target is scratch_with_epochs],
+             jobs.worker_count(cfg), progress)
 
 
 def scratch_budget_table(cfg: Any, key: str, nets: Mapping[str, tuple[dict, float]],
@@ -257,11 +209,21 @@ def on_budget_jobs(calls: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return list(out.values())
 
 
-def prepare_on_budget(cfg: Any, calls: Iterable[Mapping[str, Any]], progress: bool = True) -> None:
-    """Fill the run cache with :func:`on_budget_jobs`, side by side (a no-op with one worker)."""
+def on_budget_batch(cfg: Any, calls: Iterable[Mapping[str, Any]], what: str = "on-budget readings",
+                    share: float = 1.0) -> jobs.Batch:
+    """The on-budget readings of ``calls`` (``train.train_run`` keyword arguments) as one batch: target
+    ``train.train_run``, the jobs :func:`on_budget_jobs` (each once), ``{"progress": False}``.  ``what``: the plan's
+    words (before a colon: the progress bar's); ``share``: the networks' share of the base network's
+    multiply-accumulates per image, so a job's size is (:func:`short_epochs` of its epochs, ``share``, 1.0).
+    ``cfg``, the scale, is the batch builders' first argument; nothing here reads it."""
+    return jobs.Batch(what, train.train_run, tuple(on_budget_jobs(calls)),
+                      size=lambda job: (job["recipe"].epochs, float(share), 1.0), kwargs={"progress": False})
 
-    jobs.fill_cache(train.train_run, on_budget_jobs(calls), jobs.worker_count(cfg), desc="on-budget readings",
-                    progress=progress, kwargs={"progress": False})
+
+def prepare_on_budget(cfg: Any, calls: Iterable[Mapping[str, Any]], progress: bool = True) -> None:
+    """Fill the run cache with :func:`on_budget_batch`, side by side (a no-op with one worker)."""
+
+    jobs.run([on_budget_batch(cfg, calls)], jobs.worker_count(cfg), progress)
 
 
 def on_budget_gain(calls: Mapping[int, Mapping[str, Any]], metric: str = "top1", counted: Iterable[int] | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -75,6 +75,85 @@ def _table2_trial_job(cfg: Any, key: str, rate: float, mode: str, lr: float) -> 
     base_models.lr_trial(cfg.model(key), rec["spec"], lr, mode, init_state=init, progress=False)
 
 
+MODES = (("FT", "finetune"), ("TFS", "scratch"))   # Table 2's columns and the training modes they are
+ON_BUDGET = "on-budget readings"                   # the start of the on-budget batches' words (:func:`declared_jobs`)
+
+
+def declared_jobs(cfg: Any, key: str, seeds: Iterable[int] | None = None,
+                  nets: Sequence[tuple[str, float | None, dict[str, Any] | None]] | None = None,
+                  lrs: Mapping[str, Mapping[str, float | None]] | None = None,
+                  inits: Mapping[str, Mapping[str, torch.Tensor] | None] | None = None,
+                  counted: Mapping[str, Mapping[str, Sequence[int]]] | None = None) -> list[jobs.Batch]:
+    """Notebook 05's independent computations for model ``key``, declared once (:func:`table2` fans them out, the
+    plan counts and costs them), three batches per network of ``nets`` (:func:`table2_networks`' (set, rate,
+    ``spvr_pruned`` record); a set whose record is None, every rate collapsed, has none):
+
+    * ``Table 2 lr search``: :func:`_table2_trial_job` (cfg, key, rate, mode, lr) for every value of
+      ``base_models.lr_grid(setup, mode)``, from scratch then fine-tuned (none for a one-value grid, which
+      ``searched_lr`` takes as is; a network that lost layers is not fine-tuned); size (epochs, 1 - rate,
+      ``lr_search.trial_share``);
+    * ``Table 2 <key> (<set>)``: the ``train.train_run`` keyword arguments of every seed of ``seeds`` (default the
+      scale's), fine-tuned (FT) then from scratch (TFS); a network that lost layers: TFS only; size (epochs,
+      1 - rate, 1.0);
+    * :data:`ON_BUDGET`: those trainings of the ``counted`` seeds trained again with 3/4 of the epochs
+      (``convergence.on_budget_batch``); size (``convergence.short_epochs`` of the epochs, 1 - rate, 1.0).
+
+    What is known only once earlier results are: ``lrs`` ({set: {"FT" | "TFS": searched lr}}), ``inits`` ({set:
+    the FT state dict, the base's kept weights}) and ``counted`` ({set: {"FT" | "TFS": the seeds whose run
+    counts}}).  Not given (the plan, which computes nothing), placeholders that keep a cold run's count: ``nets``
+    None gives both sets at the paper's rate (:data:`reference.PAPER_TABLE2`; the rule's rate, unknown before the
+    prunings, is costed at the paper's), each keeping every layer (so fine-tuned too), its spec the words
+    "SPvR's <key> (<set>)"; an unknown lr is the grid's first value (the searched lr itself in a one-value grid),
+    an unknown FT start None, and every seed counts."""
+    setup = cfg.model(key)
+    seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
+    if nets is None:
+        paper_rate = _check_rate(reference.PAPER_TABLE2[key]["rate"])
+        nets = [(label_set, paper_rate, None) for label_set in TABLE2_SETS]
+        placeholder = True
+    else:
+        nets, placeholder = [n for n in nets if n[2] is not None], False
+    lrs, inits, share = lrs or {}, inits or {}, base_models.trial_share(setup)
+    out = []
+    for label_set, rate, rec in nets:
+        spec = f"SPvR's {key} ({label_set})" if placeholder else rec["spec"]
+        modes = [m for m in MODES if placeholder or not rec["collapsed"] or m[1] == "scratch"]
+        # the rule's rate, unknown to the plan, is a word: its trials are not the paper's rate's
+        rate_arg = f"the rate of the {label_set}" if placeholder and label_set != TABLE2_SETS[-1] else rate
+        trials = [(cfg, key, rate_arg, mode, lr) for _, mode in reversed(modes)
+                  for grid in [base_models.lr_grid(setup, mode)] if len(grid) > 1 for lr in grid]
+        lr = {label: (lrs.get(label_set) or {}).get(label) for label, _ in modes}
+        lr = {label: base_models.lr_grid(setup, mode)[0] if lr[label] is None else lr[label] for label, mode in modes}
+        runs = {(label, s): dict(spec=spec, dataset=setup.dataset, recipe=base_models.recipe(setup, lr=lr[label],
+                                                                                            mode=mode), seed=s,
+                                 per_class_train=setup.train_subset, per_class_test=setup.test_subset,
+                                 init_state=inits.get(label_set) if mode == "finetune" else None,
+                                 tag=training_tag("spvr", mode), weights_needed=False)
+                for label, mode in modes for s in seeds}
+        read = (counted or {}).get(label_set)
+        read = {label: seeds for label, _ in modes} if read is None else read
+        out += [jobs.Batch(f"Table 2 lr search: SPvR's network ({label_set}) at {rate:.0%}, "
+                           f"{' and '.join(m for _, m in reversed(modes))}", _table2_trial_job, tuple(trials),
+                           size=lambda job, rate=rate: (setup.epochs, 1.0 - rate, share)),
+                jobs.Batch(f"Table 2 {key} ({label_set}): {' and '.join(lab for lab, _ in modes)}, "
+                           f"{len(seeds)} seeds", train.train_run, tuple(runs.values()),
+                           size=lambda job, rate=rate: (job["recipe"].epochs, 1.0 - rate, 1.0),
+                           kwargs={"progress": False}),
+                convergence.on_budget_batch(cfg, [runs[lab, s] for lab, _ in modes for s in read.get(lab, [])],
+                                            f"{ON_BUDGET}: Table 2's {key} ({label_set}), 3/4 of the epochs",
+                                            1.0 - rate)]
+    return out
+
+
+def _is_on_budget(batch: jobs.Batch) -> bool:
+    return batch.what.startswith(ON_BUDGET)
+
+
+def _label(call: Mapping[str, Any]) -> str:
+    """Table 2's column ("FT" or "TFS") of a training's ``train.train_run`` keyword arguments."""
+    return {mode: label for label, mode in MODES}[call["recipe"].mode]
+
+
 def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, grid: Sequence[float] = TABLE2_GRID,
            progress: bool = True, with_runs: bool = False,
            on_budget: bool = True) -> pd.DataFrame | tuple[pd.DataFrame, pd.DataFrame]:
@@ -93,10 +172,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
     seeds = [int(s) for s in (cfg.seeds if seeds is None else seeds)]
     keys = list(keys)
     nets = {key: table2_networks(cfg, key, grid, progress) for key in keys}
-    trials = [(cfg, key, rate, mode, lr) for key in keys for _, rate, rec in nets[key] if rec is not None
-              for mode in ("scratch",) + (() if rec["collapsed"] else ("finetune",))
-              for lr in base_models.lr_grid(cfg.model(key), mode)]
-    jobs.fill_cache(_table2_trial_job, trials, jobs.worker_count(cfg), desc="Table 2 lr search", progress=progress)
+    jobs.run([b for key in keys for b in declared_jobs(cfg, key, seeds, nets[key]) if b.target is _table2_trial_job],
+             jobs.worker_count(cfg), progress)
     rows, run_rows = [], []
     for key in keys:
         setup = cfg.model(key)
@@ -112,16 +189,14 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                     # a network that lost layers cannot start from the base's weights: trained from scratch only
                     modes = [("TFS", "scratch", None)] if rec["collapsed"] else \
                         [("FT", "finetune", _finetune_init(cfg, key, rec, progress)), ("TFS", "scratch", None)]
-                    runs = []
-                    for label, mode, state in modes:
+                    for label, mode, _ in modes:
                         lrs[label] = table2_lr(cfg, key, rec, mode, progress)[0]
-                        runs += [(label, dict(spec=rec["spec"], dataset=setup.dataset,
-                                              recipe=base_models.recipe(setup, lr=lrs[label], mode=mode), seed=s,
-                                              per_class_train=setup.train_subset, per_class_test=setup.test_subset,
-                                              init_state=state, tag=training_tag("spvr", mode), weights_needed=False))
-                                 for s in seeds]
-                    jobs.fill_cache(train.train_run, [kw for _, kw in runs], jobs.worker_count(cfg),
-                                    desc=f"Table 2 {key} ({label_set})", progress=progress, kwargs={"progress": False})
+                    known = dict(nets=[(label_set, rate, rec)], lrs={label_set: lrs},
+                                 inits={label_set: next((st for lab, _, st in modes if lab == "FT"), None)})
+                    trainings = [b for b in declared_jobs(cfg, key, seeds, **known)
+                                 if b.target is train.train_run and not _is_on_budget(b)]
+                    jobs.run(trainings, jobs.worker_count(cfg), progress)
+                    runs = [(_label(kw), kw) for b in trainings for kw in b.jobs]
                     for label, kw in runs:
                         per_mode[label].append(train.train_run(**kw, progress=progress))
                         run_rows.append({**training_row(setup, key, "spvr", per_mode[label][-1], rate=rate,
@@ -131,8 +206,8 @@ def table2(cfg: Any, keys: Iterable[str], seeds: Iterable[int] | None = None, gr
                     counted = {lab: [r["key"]["seed"] for r in per_mode[lab] if stats.run_status(
                         r.get("top1"), _classes(setup.dataset), r.get("history") or []) == "ok"] for lab in calls}
                     if on_budget:        # both networks decide the cell: read on their budget
-                        convergence.prepare_on_budget(cfg, [calls[lab][s] for lab in calls for s in counted[lab]],
-                                                      progress)
+                        jobs.run([b for b in declared_jobs(cfg, key, seeds, **known, counted={label_set: counted})
+                                  if _is_on_budget(b)], jobs.worker_count(cfg), progress)
                 except Exception as e:                    # recorded; the other models go on
                     error = f"{type(e).__name__}: {e}"
             for metric in _metrics(cfg, key):

@@ -70,10 +70,44 @@ def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = N
 
 
 
+def declared_jobs(cfg: Any, key: str, seeds: Sequence[int] | None = None, specs: Sequence[dict] | None = None,
+                  lr: float | None = None, decides: Sequence[dict] | None = None) -> list[jobs.Batch]:
+    """Notebook 09's independent computations for model ``key`` at :func:`ablation_rate`, declared once
+    (:func:`group_size_rows` and :func:`group_size_table` fan them out, the plan counts and costs them):
+
+    * ``Figure 2 <key> trainings``: :func:`train_pruned` (cfg, key, spec, seed, lr) of every network of ``specs``
+      (SPvR's at each d, the ranking paths' networks each once) at every seed of ``seeds`` (default the scale's);
+    * ``on-budget readings``: the networks of ``decides`` (the best and the worst compared d's, fast ranking), every
+      seed, trained again with 3/4 of the epochs (``convergence.on_budget_batch``).
+
+    Sizes (epochs, 1 - rate, 1.0), on budget ``convergence.short_epochs`` of the epochs.  ``lr``: the base's searched
+    lr (:func:`base_lr`).  What is not given (the plan, which computes nothing) is a placeholder that keeps a cold
+    run's count: one network per d of :func:`group_sizes` (the fast and the naive ranking give the same network),
+    its spec the words "SPvR's network at d=<d>"; the best and the worst d (none with fewer than two d's); the lr
+    the grid's first value (the searched lr itself in a one-value grid).  None for a model outside Figure 2."""
+    if key not in reference.PAPER_GROUP_SIZES:
+        return []
+    setup, rate = cfg.model(key), ablation_rate(cfg, key)
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    ds = list(group_sizes(cfg, [key])[key])
+    specs = [f"SPvR's network at d={d}" for d in ds] if specs is None else list(specs)
+    decides = ([f"SPvR's network at the {which} d" for which in ("best", "worst")] if len(ds) > 1 else []) \
+        if decides is None else list(decides)
+    lr = base_models.lr_grid(setup, "scratch")[0] if lr is None else lr
+    return [jobs.Batch(f"Figure 2 {key} trainings: {len(specs)} networks (d in {ds}) at {rate:.0%}, "
+                       f"{len(seeds)} seeds", train_pruned, tuple((cfg, key, spec, s, lr) for spec in specs
+                                                                  for s in seeds),
+                       size=lambda job: (setup.epochs, 1.0 - rate, 1.0), kwargs={"progress": False}),
+            convergence.on_budget_batch(cfg, [_scratch_call(cfg, key, spec, s, lr) for spec in decides for s in seeds],
+                                        f"on-budget readings: Figure 2's best and worst d of {key}, 3/4 of the epochs",
+                                        1.0 - rate)]
+
+
 def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_at: set[int], seeds: Sequence[int],
              progress: bool) -> None:
     """Prune at every d in this process (its timings are the figure's), then fill the run cache with the
-    trainings side by side (``paper.jobs``; nothing happens with one worker).  Errors are left to the rows."""
+    trainings of :func:`declared_jobs` side by side (``paper.jobs``; nothing happens with one worker).  Errors are
+    left to the rows."""
 
     workers = jobs.worker_count(cfg)
     if workers <= 1:
@@ -88,8 +122,7 @@ def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_
             if spec not in specs:
                 specs.append(spec)
     lr = base_lr(cfg, key, progress=progress)
-    jobs.fill_cache(train_pruned, [(cfg, key, spec, s, lr) for spec in specs for s in seeds], workers,
-                    desc=f"{key}: trainings", progress=progress, kwargs={"progress": False})
+    jobs.run([b for b in declared_jobs(cfg, key, seeds, specs, lr) if b.target is train_pruned], workers, progress)
 
 
 def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,
@@ -211,7 +244,8 @@ def _scratch_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[
 
 def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] | None, progress: bool) -> None:
     """Mark the best and the worst compared d of each model ("decides") and read their networks (fast ranking)
-    on their budget, on the seeds that count."""
+    on their budget, on the seeds that count (the shorter trainings: :func:`declared_jobs`' on-budget batch, run
+    side by side first)."""
 
     seeds = list(cfg.seeds if seeds is None else seeds)
     picked = []
@@ -225,10 +259,13 @@ def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] |
             r["decides"] = role
             picked.append(r)
     lrs = {key: base_lr(cfg, key, progress=progress) for key in dict.fromkeys(r["model"] for r in picked)}
-    calls = {id(r): {s: _scratch_call(cfg, r["model"], base_models.spvr_pruned(
-        cfg, r["model"], r["rate"], group_size=r["d"], progress=False)["spec"], s, lrs[r["model"]]) for s in seeds}
-        for r in picked}
-    convergence.prepare_on_budget(cfg, [c for per in calls.values() for c in per.values()], progress)
+    specs = {id(r): base_models.spvr_pruned(cfg, r["model"], r["rate"], group_size=r["d"], progress=False)["spec"]
+             for r in picked}
+    calls = {id(r): {s: _scratch_call(cfg, r["model"], specs[id(r)], s, lrs[r["model"]]) for s in seeds}
+             for r in picked}
+    jobs.run([b for key in lrs for b in declared_jobs(cfg, key, seeds, lr=lrs[key], decides=[
+        specs[id(r)] for r in picked if r["model"] == key]) if b.target is not train_pruned], jobs.worker_count(cfg),
+        progress)
     for r in picked:
         counted = [s for s, v in zip(seeds, _counted_seeds(cfg, r, calls[id(r)], progress)) if v]
         r["gain on budget (fast)"] = convergence.on_budget_gain(calls[id(r)], "top1", counted, progress)["gain"]

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import copy
+import hashlib
 import importlib
 import multiprocessing
 import os
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -36,6 +38,78 @@ from spvr_lib import store
 from spvr_lib.paper import slurm
 
 EXECUTORS = ("local", "slurm")
+
+
+def no_training(job: Any) -> tuple[float, float, float]:
+    """:attr:`Batch.size` of a job that trains nothing (a pruned network, a ranking's record)."""
+    return 0.0, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of a notebook's independent computations, declared once by the notebook's module: the runner fans
+    it out (:func:`run`), the plan counts and costs it (``plan.plan``, ``plan.slurm_jobs``).
+
+    ``what``: the plan's words; ``target``: the cached module-level function each job calls; ``jobs``: its argument
+    tuples (or keyword dicts); ``size(job)``: (epochs the job trains, its network's share of the base network's
+    multiply-accumulates per image, the share of the training images an epoch reads), (0, 0, 0) for a job that
+    trains nothing; ``kwargs``: passed to every job; ``cost(job)``: the submission order (longest first);
+    ``ident(job)``: what the job computes, where two different argument tuples give the same record (the local
+    methods' one architecture trained from scratch): jobs of one ident run once, and the plan counts them once
+    across notebooks (default: the arguments themselves)."""
+
+    what: str
+    target: Callable[..., Any]
+    jobs: tuple[Any, ...]
+    size: Callable[[Any], tuple[float, float, float]] = no_training
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    cost: Callable[[Any], Any] | None = None
+    ident: Callable[[Any], Any] | None = None
+
+    def key(self, job: Any) -> str:
+        """The job's identity as a string (:attr:`ident`, else its arguments), with the target's name."""
+        return f"{target_name(self.target)}:" + store.canonical_json(_ident(self.ident(job) if self.ident else job))
+
+    def trainings(self) -> int:
+        """How many of the jobs train a network."""
+        return sum(self.size(job)[0] > 0 for job in self.jobs)
+
+
+def run(batches: Sequence[Batch], workers: int, progress: bool = True) -> list[str]:
+    """:func:`fill_cache` for ``batches``, those of one target merged into one batch (several models' lr trials
+    side by side), in the order each target first appears; each job once.  The tracebacks of the jobs that
+    failed."""
+    merged: dict[Any, list[Batch]] = {}
+    for b in batches:
+        merged.setdefault(b.target, []).append(b)
+    failures: list[str] = []
+    for target, group in merged.items():
+        todo: dict[str, Any] = {}
+        for b in group:
+            for job in b.jobs:
+                todo.setdefault(b.key(job), job)
+        todo = list(todo.values())
+        failures += fill_cache(target, todo, workers, desc=group[0].what.split(":")[0], progress=progress,
+                               kwargs=dict(group[0].kwargs), cost=group[0].cost)
+    return failures
+
+
+def _ident(job: Any) -> Any:
+    """A job's arguments as JSON can say them (a scale by its name, a state dict by its digest): what tells two jobs
+    apart in :func:`run`."""
+    if isinstance(job, dict):
+        return {k: _ident(v) for k, v in job.items()}
+    if isinstance(job, (tuple, list)):
+        return [_ident(v) for v in job]
+    if hasattr(job, "name") and hasattr(job, "models"):        # a scale
+        return f"scale:{job.name}"
+    if hasattr(job, "to_dict"):
+        return job.to_dict()
+    if isinstance(job, Mapping) or hasattr(job, "items"):
+        return {str(k): _ident(v) for k, v in job.items()}
+    if hasattr(job, "shape") and hasattr(job, "dtype"):        # a tensor (an init state's): by its bytes
+        return hashlib.sha256(job.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return job
 
 
 def executor() -> str:

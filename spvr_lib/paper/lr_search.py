@@ -24,6 +24,12 @@ def recipe(setup: Any, lr: float | None = None, mode: str = "scratch") -> Recipe
                   amp=setup.amp, channels_last=setup.channels_last, eval_every=setup.eval_every)
 
 
+def trial_share(setup: Any) -> float:
+    """The share of the training images an lr trial trains on: all of them when the validation images are others
+    (``val_per_class``), else all but the validation split."""
+    return 1.0 if setup.val_per_class is not None else 1.0 - setup.val_fraction
+
+
 def validation_images(setup: Any, seed: int = 0) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset]:
     """(what an lr trial trains on, what it is scored on) for ``setup``: never the test set.
 

@@ -19,19 +19,19 @@ unpool share a width, a tie like a ResNet stage's).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from spvr_lib import data, diagnostics, latency, models
-from spvr_lib.paper import base_models, latency_vs_accuracy, jobs, pruned_networks, reference, stats, trained_runs
-from spvr_lib.paper.group_size_ablation import train_pruned
+from spvr_lib import data, diagnostics, latency, models, store
+from spvr_lib.paper import (base_models, convergence, group_size_ablation, jobs, latency_vs_accuracy, pruned_networks,
+                            reference, stats, trained_runs)
 from spvr_lib.paper.stats import mean_std
 
-__all__ = ["MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget",
+__all__ = ["MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget", "declared_jobs",
            "pruned_resnet50", "table4"]
 
 # =============================================================================================
@@ -135,28 +135,80 @@ def _trial_job(cfg: Any, spec: dict, lr: float) -> None:
     base_models.lr_trial(_resnet50_setup(cfg), spec, lr, "scratch", progress=False)
 
 
+# the plan's placeholders for what a cold run knows only once it has computed it
+SEARCHED_LR = "the MobileNet's searched lr"
+BASE_LR = "the base ResNet50's searched lr"
+PRUNED_SPEC = "SPvR's ResNet50 at the budget"
+PRUNED = "ResNet50-pruned"
+
+
+def declared_jobs(cfg: Any, key: str = "resnet50", nets: Mapping[str, tuple[Any, Any]] | None = None,
+                  seeds: Sequence[int] | None = None) -> list[jobs.Batch]:
+    """Notebook 10's independent computations, declared once (:func:`_prepare`, the convergence cell's
+    ``convergence.prepare_scratch_budget_runs`` and the plan read them); none for a ``key`` other than
+    ``"resnet50"`` or a scale without it.
+
+    * the MobileNets' lr trials from scratch (``_trial_job``; none for a one-value grid);
+    * Table 4's trainings (``group_size_ablation.train_pruned``): every net of ``nets`` ({name: (spec, lr)}) at
+      every seed of ``seeds`` (default the scale's);
+    * the convergence cell's shorter budgets (``convergence.scratch_with_epochs`` at ``convergence.short_epochs``
+      of the setup's epochs): every net of ``nets`` at every seed of the scale (none with one epoch, where the
+      shorter budget is the training itself).
+
+    ``nets`` unknown (the plan): the cold run's three, MobileNetV3-small and -minimal at :data:`SEARCHED_LR` and
+    SPvR's ResNet50 (:data:`PRUNED_SPEC`) at :data:`BASE_LR`.  Sizes: a MobileNet's share of the base ResNet50's
+    MACs per image is counted (``latency.count_macs`` at the dataset's input size, once per network and call), as
+    is a given pruned ResNet50's; :data:`PRUNED_SPEC`'s is its parameter budget's share of the base's parameters
+    (MACs fall roughly, not exactly, with parameters); an lr trial reads ``lr_search.trial_share`` of the
+    training images, a training all of them."""
+    if key != "resnet50" or key not in cfg.models:
+        return []
+    setup = cfg.model(key)
+    mobiles = mobilenet_specs(cfg)
+    if nets is None:
+        nets = {**{name: (spec, SEARCHED_LR) for name, spec in mobiles.items()}, PRUNED: (PRUNED_SPEC, BASE_LR)}
+    seeds = list(cfg.seeds if seeds is None else seeds)
+    base = base_models.base_spec(setup)
+    base_macs = _macs(base, setup.dataset)
+    shares = {store.canonical_json(spec): _macs(spec, setup.dataset) / base_macs
+              for spec in [*mobiles.values(), *(s for s, _ in nets.values() if isinstance(s, dict))]}
+    shares[store.canonical_json(PRUNED_SPEC)] = mobilenet_budget(cfg) / models.spec_params(base)
+
+    def share(spec: Any) -> float:
+        return shares[store.canonical_json(spec)]
+
+    grid, trial = base_models.lr_grid(setup, "scratch"), base_models.trial_share(setup)
+    short = convergence.short_epochs(setup.epochs)
+    return [jobs.Batch(f"lr search (MobileNets): {len(grid)} values, {trial:.0%} of the images", _trial_job,
+                       tuple((cfg, spec, lr) for spec in mobiles.values() for lr in grid) if len(grid) > 1 else (),
+                       size=lambda job: (setup.epochs, share(job[1]), trial)),
+            jobs.Batch("Table 4 trainings: the MobileNets and SPvR's ResNet50 from scratch",
+                       group_size_ablation.train_pruned,
+                       tuple((cfg, key, spec, s, lr) for spec, lr in nets.values() for s in seeds),
+                       size=lambda job: (setup.epochs, share(job[2]), 1.0), kwargs={"progress": False}),
+            jobs.Batch(f"budget (from scratch): {short} of {setup.epochs} epochs", convergence.scratch_with_epochs,
+                       tuple((cfg, key, spec, lr, short, s) for spec, lr in nets.values() for s in cfg.seeds)
+                       if short < setup.epochs else (),
+                       size=lambda job: (job[4], share(job[2]), 1.0), kwargs={"progress": False})]
+
+
 def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Sequence[int], base_lr: float,
              budget: int, progress: bool) -> None:
-    """Fill the run cache for Table 4 side by side (``paper.jobs``): the MobileNets' lr searches, then every
+    """Fill the run cache for Table 4 side by side (:func:`declared_jobs`): the MobileNets' lr searches, then every
     training.  Nothing happens with one worker."""
 
     workers = jobs.worker_count(cfg)
     if workers <= 1:
         return
-    mobiles = [spec for name, spec in nets if name in MOBILENET_VARIANTS]
-    grid = base_models.lr_grid(setup, "scratch")
-    if len(grid) > 1:
-        jobs.fill_cache(_trial_job, [(cfg, spec, lr) for spec in mobiles for lr in grid], workers,
-                        desc="lr search (MobileNets)", progress=progress)
-    train_jobs = [(cfg, "resnet50", spec, s, base_models.searched_lr(setup, spec, "scratch", progress=False)[0])
-                  for spec in mobiles for s in seeds]
+    jobs.run([b for b in declared_jobs(cfg, "resnet50") if b.target is _trial_job], workers, progress)
+    trained = {name: (spec, base_models.searched_lr(setup, spec, "scratch", progress=False)[0])
+               for name, spec in nets if name in MOBILENET_VARIANTS}
     try:
-        pruned = pruned_resnet50(cfg, budget, progress=progress)["spec"]
-        train_jobs += [(cfg, "resnet50", pruned, s, base_lr) for s in seeds]
+        trained[PRUNED] = (pruned_resnet50(cfg, budget, progress=progress)["spec"], base_lr)
     except Exception:            # reported by table4's own call
         pass
-    jobs.fill_cache(train_pruned, train_jobs, workers, desc="Table 4 trainings", progress=progress,
-                    kwargs={"progress": False})
+    jobs.run([b for b in declared_jobs(cfg, "resnet50", nets=trained, seeds=seeds)
+              if b.target is group_size_ablation.train_pruned], workers, progress)
 
 
 def table4(cfg: Any, seeds: Sequence[int] | None = None,
@@ -176,7 +228,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
     base_rec = base_models.train_base(cfg, "resnet50", progress=progress)
     base_lr = float(base_rec["key"]["recipe"]["lr"])     # the base ResNet50's searched learning rate
     nets: list[tuple[str, Any]] = [(name, spec) for name, spec in mobilenet_specs(cfg, width).items()]
-    nets.append(("ResNet50-pruned", None))
+    nets.append((PRUNED, None))
     _prepare(cfg, setup, nets, seeds, base_lr, budget, progress)
     rows, run_rows = [], []
     for name, spec in tqdm(nets, desc="Table 4", disable=not progress, leave=False):
@@ -192,7 +244,8 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
             # from scratch as every ResNet50 network does, at the base's searched lr
             lr = base_lr if name not in MOBILENET_VARIANTS else\
                 base_models.searched_lr(setup, spec, "scratch", progress=progress)[0]
-            trained = [train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress) for s in seeds]
+            trained = [group_size_ablation.train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress)
+                       for s in seeds]
             with torch.device("meta"):              # what the network is (no weights needed)
                 summary = diagnostics.layer_summary(models.build(spec))
             facts = {**summary, "layers removed": None}

@@ -2,6 +2,9 @@
 estimate of its GPU-hours.
 
 The estimate counts work exactly and converts it to time with one stated assumption:
+* jobs: what each notebook's module declares (``declared_jobs``: the lists its runner fans out), each counted once
+  across notebooks; where a list depends on results (the best baseline, the rule's rate, a searched lr) the
+  declaration's placeholder stands in for it;
 * work: multiply-accumulates (MACs) of one forward pass of each network at its input size, counted by
   ``latency.count_macs`` on the real architecture; a training step costs 3x a forward pass (forward +
   backward); a pruned network at removal rate r is costed at (1 - r) of its base (an approximation: MACs
@@ -22,8 +25,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from spvr_lib import baselines, data, latency, models, store
-from spvr_lib.paper import base_models, convergence, group_size_ablation, pruned_networks, reference, scales
+from spvr_lib import data, latency, models, store
+from spvr_lib.paper import (accuracy_vs_baselines, architecture_vs_retraining, base_models, finetune_vs_scratch,
+                            group_size_ablation, jobs, mobilenet, reference, segmentation, vit_fashion_mnist)
 
 ASSUMED_MAC_PER_S = 60e12          # ~120 TFLOP/s sustained (bfloat16, ~40% of an A100's 312 TFLOP/s peak)
 TRAIN_COST = 3.0                   # a training step: forward + backward, in forward passes
@@ -58,122 +62,122 @@ def _fast_speedup() -> float:
     return 1.0
 
 
+def declared(cfg: Any) -> list[tuple[str, str, jobs.Batch]]:
+    """Every notebook's independent computations at the scale, as each notebook's module declares them
+    (``declared_jobs``; the runner fans out the same lists): (notebook, the plan row's model, batch), in the order a
+    cold run computes them."""
+    out: list[tuple[str, str, jobs.Batch]] = []
+    for nb, module in (("03", base_models), ("04", accuracy_vs_baselines), ("05", finetune_vs_scratch),
+                       ("06", architecture_vs_retraining)):
+        out += [(nb, key, b) for key in cfg.models for b in module.declared_jobs(cfg, key)]
+    out += [("09", key, b) for key in cfg.models if key in reference.PAPER_GROUP_SIZES
+            for b in group_size_ablation.declared_jobs(cfg, key)]
+    if "resnet50" in cfg.models:
+        out += [("10", MOBILENET_ROW, b) for b in mobilenet.declared_jobs(cfg)]
+    if cfg.segmentation:
+        out += [("11", "segnet", b) for b in segmentation.declared_jobs(segmentation.segmentation_settings(cfg.name))]
+    out += [("14", "vit", b) for b in vit_fashion_mnist.declared_jobs(vit_fashion_mnist.setup(cfg.name))]
+    return out
+
+
+MOBILENET_ROW = "resnet50 + MobileNetV3 x 2"
+
+
+def _cold_jobs(cfg: Any) -> list[tuple[str, str, jobs.Batch, list[Any]]]:
+    """:func:`declared` with each batch's jobs that a cold run computes: a job whose record an earlier batch (of this
+    notebook or an earlier one) computes is left out (``jobs.Batch.key``: Table 3's fine-tuned runs are Table 1's;
+    the local methods' one architecture from scratch is one training)."""
+    seen: set[str] = set()
+    out = []
+    for nb, model, batch in declared(cfg):
+        todo = []
+        for job in batch.jobs:
+            key = batch.key(job)
+            if key not in seen:
+                seen.add(key)
+                todo.append(job)
+        out.append((nb, model, batch, todo))
+    return out
+
+
+def _row_model(cfg: Any, model: str) -> tuple[int, int, int]:
+    """(MACs of one forward pass of the row's base network, training images, test images) of a plan row's model."""
+    if model in cfg.models:
+        setup = cfg.model(model)
+        spec, shape = base_models.base_spec(setup), _input_shape(setup)
+    elif model == MOBILENET_ROW:
+        return _row_model(cfg, "resnet50")
+    elif model == "segnet":
+        seg = cfg.segmentation
+        info = data.dataset_info(seg["dataset"])
+        spec = models.segnet_vgg16(num_classes=info.num_classes, in_channels=info.in_channels, width=seg["width"])
+        h, w = seg["options"].get("size") or (seg["options"].get("canvas", 32),) * 2
+        n_train, n_test = IMAGES.get(seg["dataset"], (seg.get("n_train") or 0, seg.get("n_test") or 0))
+        return _macs(spec, (info.in_channels, h, w)), n_train, n_test
+    else:                                              # notebook 14's ViT
+        setup = vit_fashion_mnist.setup(cfg.name)
+        with torch.no_grad():
+            fwd = latency.count_macs(vit_fashion_mnist.build_vit(**vit_fashion_mnist.vit_kwargs(setup)),
+                                     _input_shape(setup))
+        return fwd, *_images(setup)
+    return _macs(spec, shape), *_images(setup)
+
+
+def _images(setup: Any) -> tuple[int, int]:
+    """Training and test images of a setup: the paper's dataset sizes, or its per-class subsets."""
+    if setup.dataset in IMAGES:
+        return IMAGES[setup.dataset]
+    classes = data.dataset_info(setup.dataset).num_classes
+    return (setup.train_subset or 0) * classes, (setup.test_subset or 0) * classes
+
+
+def _rankings(cfg: Any, nb: str, model: str) -> int:
+    """Rankings a notebook computes in its own process for a model (their time is reported, so they are not fanned
+    out): SPvR's at the setup's d (notebook 04; 05, 06 and 09 read it), one per Figure 2's other d (09)."""
+    if nb == "04" and model in cfg.models:
+        return 1
+    if nb == "09":
+        return max(len(_figure2_d(cfg, model)) - 1, 0)
+    return 1 if (nb, model) in (("11", "segnet"), ("14", "vit")) else 0
+
+
 def plan(cfg: Any) -> pd.DataFrame:
-    """One row per (notebook, model): trainings, training image passes, rankings, MACs and GPU-hours."""
+    """One row per (notebook, model, batch) of :func:`declared`: the jobs a cold run computes, the trainings among
+    them, their mean epochs, the rankings computed in the notebook's process, MACs and GPU-hours."""
     rows = []
     speedup = _fast_speedup()
-    trainable = [m for m in pruned_networks.TABLE1_METHODS if m != "otov2"]
-    for key, setup in cfg.models.items():
-        spec = base_models.base_spec(setup)
-        shape = _input_shape(setup)
-        fwd = _macs(spec, shape)
-        n_train, n_test = IMAGES.get(setup.dataset, (None, None))
-        if n_train is None:
-            n_train = (setup.train_subset or 0) * data.dataset_info(setup.dataset).num_classes
-            n_test = (setup.test_subset or 0) * data.dataset_info(setup.dataset).num_classes
-        epoch_macs = TRAIN_COST * fwd * n_train + fwd * n_test
-        with torch.device("meta"):
-            groups = sum(math.ceil(pl.width / setup.group_size)
-                         for pl in models.prunable_layers(models.build(spec), spec))
-        n_calib = setup.calib_per_class * data.dataset_info(setup.dataset).num_classes
-        ranking_macs = groups * n_calib * fwd / speedup
-        seeds = len(cfg.seeds)
-        rates = setup.compare_rates
-        methods = ["spvr"] if setup.quote_baselines else trainable
-
-        def add(notebook: str, what: str, trainings: float, epochs_each: float, rate_factor: float,
-                rankings: float) -> None:
-            macs = trainings * epochs_each * epoch_macs * rate_factor + rankings * ranking_macs
-            rows.append({"notebook": notebook, "model": key, "what": what, "trainings": trainings,
-                         "epochs each": epochs_each, "rankings": rankings, "MACs": macs,
-                         "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600})
-
-        # an lr trial trains on the training images minus the validation split, or on all of them when the
-        # validation images are others (val_per_class)
-        trial_share = 1.0 if setup.val_per_class is not None else 1 - setup.val_fraction
-        trial_data = "the training images" if setup.val_per_class is not None else f"{trial_share:.0%} of the data"
-        if setup.pretrained:
-            add("03", "published weights, evaluated once", 0, 0, 1, 0)
-        else:
-            add("03", f"lr search from scratch ({len(setup.lr_grid)} values, {trial_data}) + base training"
-                + (f" (+ {cfg.convergence_factor}x epochs)" if cfg.convergence_factor else ""),
-                len(setup.lr_grid) * trial_share + 1 + (cfg.convergence_factor or 0), setup.epochs, 1, 0)
-            ft_grid = base_models.lr_grid(setup, "finetune")
-            add("04", f"lr search for fine-tuning ({len(ft_grid)} values) on ℓ1's network at "
-                f"{setup.table3_rate:.0%}", len(ft_grid) * trial_share, setup.epochs, 1 - setup.table3_rate, 0)
-        mean_keep = sum(1 - r for r in rates) / len(rates)
-        add("04", f"{len(methods)} methods x {len(rates)} rates x {seeds} seeds, fine-tuned / from scratch",
-            len(methods) * len(rates) * seeds, setup.epochs, mean_keep, 1)
-        add("04", "on-budget readings: SPvR and the best baseline of each cell, 3/4 of the epochs",
-            2 * len(rates) * seeds, scales.ON_BUDGET_FRACTION * setup.epochs, mean_keep, 0)
-        if not setup.quote_baselines:
-            add("04", f"the authors' {len(baselines.AUTHORS_VARIANTS)} variants at {max(rates):.0%} (sensitivity)",
-                len(baselines.AUTHORS_VARIANTS) * seeds, setup.epochs, 1 - max(rates), 0)
-        grids = len(base_models.lr_grid(setup, "finetune")) + len(base_models.lr_grid(setup, "scratch"))
-        add("05", f"fine-tune vs scratch at 2 rates (the rule's, the paper's): an lr search per network and mode "
-            f"({grids} trials), 2 x seeds trainings and their on-budget readings",
-            2 * (grids * trial_share + 2 * seeds * (1 + scales.ON_BUDGET_FRACTION)), setup.epochs, 1 - 0.6, 0)
-        # from scratch, the local methods' one architecture is one training, and SPvR's is Table 1's
-        shared = [m for m in methods if m in baselines.LOCAL_METHODS]
-        spvr_shared = "spvr" in methods and setup.table3_rate in rates
-        distinct = len(methods) - max(len(shared) - 1, 0) - spvr_shared
-        why = ([f"the {len(shared)} local methods give one architecture"] if len(shared) > 1 else []) +\
-            (["SPvR's run is Table 1's"] if spvr_shared else [])
-        add("06", f"{len(methods)} methods from scratch at {setup.table3_rate:.0%}"
-            + (f" ({distinct} distinct trainings: {', '.join(why)})" if why else ""), distinct * seeds,
-            setup.epochs, 1 - setup.table3_rate, 0)
-        add("06", "on-budget readings: SPvR and the best baseline, 3/4 of the epochs", 2 * seeds,
-            scales.ON_BUDGET_FRACTION * setup.epochs, 1 - setup.table3_rate, 0)
-        d_values = _figure2_d(cfg, key)
-        add("09", f"d in {d_values} at 98% (the paper's d scaled with the width), trained, and the best and worst d "
-            "on their budget", len(d_values) * seeds + 2 * seeds * scales.ON_BUDGET_FRACTION, setup.epochs, 0.02, len(d_values))
-    resnet50 = cfg.models.get("resnet50")
-    if resnet50 is not None:
-        add10 = [r for r in rows if r["model"] == "resnet50" and r["notebook"] == "04"][0]
-        per_training = add10["MACs"] / max(add10["trainings"], 1)
-        rows.append({"notebook": "10", "model": "resnet50 + MobileNetV3 x 2", "what": "3 networks from scratch",
-                     "trainings": 3 * len(cfg.seeds), "epochs each": resnet50.epochs, "rankings": 0,
-                     "MACs": 3 * len(cfg.seeds) * per_training * 0.1,
-                     "GPU-hours": 3 * len(cfg.seeds) * per_training * 0.1 / ASSUMED_MAC_PER_S / 3600})
-    seg = cfg.segmentation
-    if seg:
-        spec = models.segnet_vgg16(num_classes=data.dataset_info(seg["dataset"]).num_classes,
-                                   in_channels=data.dataset_info(seg["dataset"]).in_channels, width=seg["width"])
-        h, w = seg["options"].get("size") or (seg["options"].get("canvas", 32),) * 2
-        fwd = _macs(spec, (3 if seg["dataset"] == "cityscapes" else 1, h, w))
-        n = IMAGES.get(seg["dataset"], (seg.get("n_train") or 0, seg.get("n_test") or 0))
-        macs = 2 * len(seg["seeds"]) * seg["epochs"] * (TRAIN_COST * fwd * n[0] + fwd * n[1])
-        rows.append({"notebook": "11", "model": "segnet", "what": "base + 80% pruned, from scratch",
-                     "trainings": 2 * len(seg["seeds"]), "epochs each": seg["epochs"], "rankings": 1, "MACs": macs,
-                     "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600})
-    rows.append(_vit_row(cfg))
+    facts: dict[str, tuple[int, int, int]] = {}
+    ranked: set[tuple[str, str]] = set()
+    for nb, model, batch, todo in _cold_jobs(cfg):
+        if model not in facts:
+            facts[model] = _row_model(cfg, model)
+        fwd, n_train, n_test = facts[model]
+        macs, epochs = 0.0, []
+        for job in todo:
+            e, share, images = batch.size(job)
+            if e > 0:
+                epochs.append(e)
+                macs += e * share * (TRAIN_COST * fwd * n_train * images + fwd * n_test)
+        rankings = 0
+        if (nb, model) not in ranked:
+            ranked.add((nb, model))
+            rankings = _rankings(cfg, nb, model)
+            if rankings and model in cfg.models:
+                setup = cfg.model(model)
+                with torch.device("meta"):
+                    spec = base_models.base_spec(setup)
+                    groups = sum(math.ceil(pl.width / setup.group_size)
+                                 for pl in models.prunable_layers(models.build(spec), spec))
+                n_calib = setup.calib_per_class * data.dataset_info(setup.dataset).num_classes
+                macs += rankings * groups * n_calib * fwd / speedup
+        if not todo and not rankings:
+            continue
+        rows.append({"notebook": nb, "model": model, "what": batch.what, "jobs": len(todo),
+                     "trainings": len(epochs), "epochs each": sum(epochs) / len(epochs) if epochs else 0.0,
+                     "rankings": rankings, "MACs": macs, "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600})
     df = pd.DataFrame(rows)
     df["GPU-hours"] = df["GPU-hours"].round(1)
     return df
-
-
-def _vit_row(cfg: Any) -> dict[str, Any]:
-    """Notebook 14's row: the lr trials, the base and its 3/4-epoch reading, the fine-tuning lr trials (at the
-    smallest keep) and every (keep, method, seed) training of :mod:`.vit_fashion_mnist`, costed as above."""
-    from spvr_lib.paper import vit_fashion_mnist
-
-    setup = vit_fashion_mnist.setup(cfg.name)
-    with torch.no_grad():
-        fwd = latency.count_macs(vit_fashion_mnist.build_vit(**vit_fashion_mnist.vit_kwargs(setup)),
-                                 _input_shape(setup))
-    n_train, n_test = IMAGES.get(setup.dataset, (None, None))
-    if n_train is None:
-        classes = data.dataset_info(setup.dataset).num_classes
-        n_train, n_test = (setup.train_subset or 0) * classes, (setup.test_subset or 0) * classes
-    grid = len(setup.lr_grid) if len(setup.lr_grid) > 1 else 0
-    ft_grid = len(setup.finetune_lr_grid) if len(setup.finetune_lr_grid) > 1 else 0
-    runs = len(vit_fashion_mnist.METHODS) * len(setup.seeds)
-    base_units = grid + 1 + (scales.ON_BUDGET_FRACTION if setup.convergence else 0) + ft_grid * min(setup.keeps) + \
-        runs * sum(setup.keeps)
-    macs = base_units * setup.epochs * (TRAIN_COST * fwd * n_train + fwd * n_test)
-    return {"notebook": "14", "model": "vit", "what": f"ViT: lr searches, base, {runs} trainings per keep "
-            f"{list(setup.keeps)}", "trainings": grid + 1 + ft_grid + runs * len(setup.keeps),
-            "epochs each": setup.epochs, "rankings": 1, "MACs": macs, "GPU-hours": macs / ASSUMED_MAC_PER_S / 3600}
 
 
 def plan_markdown(cfg: Any) -> str:
@@ -190,56 +194,13 @@ def plan_markdown(cfg: Any) -> str:
     return "\n".join(lines)
 
 
-def _job_counts(cfg: Any) -> dict[tuple[str, str], int]:
-    """{(notebook, plan row's model): the independent computations the notebook fans out for it on a cold run}:
-    lr trials, pruned networks, trainings and on-budget readings, one job each (``jobs.fill_cache``'s batches);
-    what a notebook computes in its own process (rankings, latency, a model whose baselines are quoted) is not a
-    job."""
-
-    out: dict[tuple[str, str], int] = {}
-    trainable = [m for m in pruned_networks.TABLE1_METHODS if m != "otov2"]
-    seeds = len(cfg.seeds)
-
-    def grid(values: Any) -> int:                       # a grid of one value is not searched
-        return len(values) if len(values) > 1 else 0
-
-    for key, setup in cfg.models.items():
-        rates = setup.compare_rates
-        methods = ["spvr"] if setup.quote_baselines else trainable
-        if setup.pretrained:
-            out["03", key], trials = 0, 0
-        else:
-            budget = {(e, s) for _, _, e, s in convergence.budget_jobs(cfg, [key]) if not (s == 0 and e % setup.epochs == 0)}
-            out["03", key] = grid(setup.lr_grid) + 1 + bool(cfg.convergence_factor) + bool(setup.amp) + len(budget)
-            trials = grid(base_models.lr_grid(setup, "finetune"))
-        l1 = set() if setup.quote_baselines else {("l1", float(setup.table3_rate))}   # the fine-tuning lr's network
-        prunes = len({(m, float(r)) for m in methods for r in rates} | l1)
-        shared = "spvr" in methods and setup.table3_rate in rates
-        sensitivity = 0 if setup.quote_baselines else len(baselines.AUTHORS_VARIANTS) * seeds
-        out["04", key] = prunes + trials + len(methods) * len(rates) * seeds + 2 * len(rates) * seeds + sensitivity
-        t2_trials = grid(base_models.lr_grid(setup, "finetune")) + grid(base_models.lr_grid(setup, "scratch"))
-        out["05", key] = 2 * (t2_trials + 2 * seeds * 2)
-        out["06", key] = (len(methods) - shared) * seeds + 2 * seeds
-        out["09", key] = len(_figure2_d(cfg, key)) * seeds + 2 * seeds
-    if "resnet50" in cfg.models:      # 2 MobileNets' lr searches, 3 networks per seed and their shorter budget
-        out["10", "resnet50 + MobileNetV3 x 2"] = 2 * grid(base_models.lr_grid(cfg.model("resnet50"), "scratch"))\
-            + 2 * 3 * seeds
-    seg = cfg.segmentation
-    if seg:                           # lr search, base and SPvR's SegNet per seed, the base's shorter budget
-        short = int(convergence.short_epochs(int(seg["epochs"])) != int(seg["epochs"]))
-        out["11", "segnet"] = grid(seg["lr_grid"]) + (2 + short) * len(seg["seeds"])
-    return out
-
-
 def slurm_jobs(cfg: Any) -> pd.DataFrame:
     """The Slurm jobs a cold run of the scale submits (``reproduce --executor slurm``), per notebook and model of
-    :func:`plan`: ``jobs`` (array tasks, :func:`_job_counts`) and ``GPU-hours per training``, the estimated time of
+    :func:`plan`: ``jobs`` (array tasks: the declared jobs a cold run computes, :func:`_cold_jobs`) and ``GPU-hours per training``, the estimated time of
     the longest of its trainings (the longest kind of job) at :data:`ASSUMED_MAC_PER_S`."""
     df = plan(cfg)
     df["per"] = (df["MACs"] / ASSUMED_MAC_PER_S / 3600 / df["trainings"].where(df["trainings"] > 0)).fillna(0.0)
-    out = df.groupby(["notebook", "model"], sort=False, as_index=False).agg(per=("per", "max"))
-    counts = _job_counts(cfg)
-    out.insert(2, "jobs", [counts.get((nb, m), 0) for nb, m in zip(out["notebook"], out["model"])])
+    out = df.groupby(["notebook", "model"], sort=False, as_index=False).agg(jobs=("jobs", "sum"), per=("per", "max"))
     return out.rename(columns={"per": "GPU-hours per training"}).sort_values(["notebook"], kind="stable")
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spvr_lib import data, models, store, tasks, train
-from spvr_lib.paper import base_models, jobs, reference, scales
+from spvr_lib.paper import base_models, convergence, jobs, reference, scales
 from spvr_lib.paper.stats import mean_std
 from spvr_lib.prune import spvr_prune
 
@@ -137,19 +137,47 @@ def segnet_pruned(settings: dict[str, Any], progress: bool = True) -> dict[str, 
     return store.cached(key, compute, kind="segprune")
 
 
+PRUNED_SPEC = "SPvR's SegNet at the settings' rate"     # the plan's placeholder: known once the base is pruned
+BASE_RUNS, SPVR_RUNS = "SegNet", "SPvR's SegNet"
+
+
+def declared_jobs(settings: dict[str, Any], pruned_spec: dict | None = None) -> list[jobs.Batch]:
+    """Notebook 11's independent computations, declared once (:func:`prepare_segmentation`,
+    ``convergence.prepare_segnet_budget_runs`` and the plan read them): the lr trials (:func:`segnet_lr_trial`; none
+    for a one-value grid), the unpruned SegNet at every seed (:func:`train_segnet`, tag "base"), SPvR's SegNet from
+    scratch at every seed (tag "scratch"; ``pruned_spec`` unknown, the plan: :data:`PRUNED_SPEC`), and the
+    unpruned SegNet's shorter budget at every seed (``convergence.segnet_with_epochs`` at
+    ``convergence.short_epochs`` of the epochs; none with one epoch, where the shorter budget is the base itself).
+    Sizes in the settings' epochs and scenes: SPvR's SegNet is costed at ``1 - settings["rate"]`` of the base's
+    MACs per image (its parameters' share; MACs fall roughly with them), an lr trial trains on ``1 -
+    settings["val_fraction"]`` of the training scenes."""
+    epochs, seeds = int(settings["epochs"]), list(settings["seeds"])
+    short = convergence.short_epochs(epochs)
+    keep, trial = 1.0 - float(settings["rate"]), 1.0 - float(settings["val_fraction"])
+    grid = list(settings["lr_grid"])
+    pruned = PRUNED_SPEC if pruned_spec is None else pruned_spec
+    return [jobs.Batch(f"lr search (SegNet): {len(grid)} values, {trial:.0%} of the scenes", segnet_lr_trial,
+                       tuple((settings, lr) for lr in grid) if len(grid) > 1 else (),
+                       size=lambda job: (epochs, 1.0, trial), kwargs={"progress": False}),
+            jobs.Batch(BASE_RUNS, train_segnet, tuple((segnet_spec(settings), settings, s, "base") for s in seeds),
+                       size=lambda job: (epochs, 1.0, 1.0), kwargs={"progress": False}),
+            jobs.Batch(SPVR_RUNS, train_segnet, tuple((pruned, settings, s, "scratch") for s in seeds),
+                       size=lambda job: (epochs, keep, 1.0), kwargs={"progress": False}),
+            jobs.Batch(f"SegNet budget: {short} of {epochs} epochs", convergence.segnet_with_epochs,
+                       tuple((dict(settings), short, s) for s in seeds) if short < epochs else (),
+                       size=lambda job: (job[1], 1.0, 1.0), kwargs={"progress": False})]
+
+
 def prepare_segmentation(settings: dict[str, Any], progress: bool = True) -> None:
     """Fill the run cache with the settings' learning-rate trials and every seed's unpruned SegNet, then SPvR's
-    SegNet from scratch, side by side in the scale's ``jobs.worker_count`` processes (nothing with one worker)."""
+    SegNet from scratch (:func:`declared_jobs`), side by side in the scale's ``jobs.worker_count`` processes
+    (nothing with one worker but the pruning, done here: SPvR's SegNet needs it)."""
 
     workers = jobs.worker_count(scales.get_scale(settings["name"]) if "name" in settings else None)
-    if len(settings["lr_grid"]) > 1:
-        jobs.fill_cache(segnet_lr_trial, [(settings, lr) for lr in settings["lr_grid"]], workers,
-                        desc="lr search (SegNet)", progress=progress, kwargs={"progress": False})
-    jobs.fill_cache(train_segnet, [(segnet_spec(settings), settings, s, "base") for s in settings["seeds"]],
-                    workers, desc="SegNet", progress=progress, kwargs={"progress": False})
+    jobs.run([b for b in declared_jobs(settings) if b.target is segnet_lr_trial or b.what == BASE_RUNS], workers,
+             progress)
     prec = segnet_pruned(settings, progress=progress)
-    jobs.fill_cache(train_segnet, [(prec["spec"], settings, s, "scratch") for s in settings["seeds"]],
-                    workers, desc="SPvR's SegNet", progress=progress, kwargs={"progress": False})
+    jobs.run([b for b in declared_jobs(settings, prec["spec"]) if b.what == SPVR_RUNS], workers, progress)
 
 
 def segmentation_table(settings: dict[str, Any], progress: bool = True) -> tuple[pd.DataFrame, dict[str, list]]:

@@ -54,35 +54,73 @@ def training_cost(cfg: Any, key: str, rate: float) -> tuple[int, float]:
     return cfg.model(key).epochs, 1.0 - float(rate)
 
 
+def training_ident(job: tuple) -> tuple:
+    """What a :func:`trained_accuracy` job ``(cfg, key, method, rate, seed, mode)`` trains (``jobs.Batch.ident``): SPvR
+    always from scratch; from scratch, the local methods' one architecture (``baselines.LOCAL_METHODS``: one channel
+    ratio for every unit, so the same widths) is one training (:func:`training_tag`)."""
+    cfg, key, method, rate, seed, mode = job
+    mode = "scratch" if method == "spvr" else mode
+    net = "local" if mode == "scratch" and method in baselines.LOCAL_METHODS else method
+    return cfg.name, key, net, round(float(rate), 6), int(seed), mode
+
+
+def accuracy_jobs(cfg: Any, key: str, runs: Sequence[tuple[float, str, int]], mode: str) -> list[jobs.Batch]:
+    """The independent computations of model ``key``'s ``runs`` ((rate, method, seed) of :func:`trained_accuracy`) in
+    ``mode``, in dependency order: every pruned network (and, fine-tuning, ℓ1's at ``table3_rate``, on which the
+    fine-tuning lr is searched), the fine-tuning lr trials (none for a one-value grid), the trainings.  A model whose
+    baselines are quoted (Section 4.2: ImageNet) trains SPvR's networks alone, at its published weights' lr."""
+    setup = cfg.model(key)
+    quoted = setup.quote_baselines
+    runs = [(float(r), m, int(s)) for r, m, s in runs if not quoted or m == "spvr"]
+    prunes = {(m, r) for r, m, _ in runs}
+    grid = base_models.lr_grid(setup, "finetune")
+    share = base_models.trial_share(setup)
+    searched = mode == "finetune" and not quoted and runs
+    if searched:
+        prunes |= {(FINETUNE_LR_METHOD, float(setup.table3_rate))}
+    return [jobs.Batch("pruned networks", _prune_job, tuple((cfg, key, m, r) for m, r in sorted(prunes))),
+            jobs.Batch(f"lr search (fine-tune): {len(grid)} values on {DISPLAY_NAMES[FINETUNE_LR_METHOD]}'s network "
+                       f"at {setup.table3_rate:.0%}", _finetune_trial_job,
+                       tuple((cfg, key, lr) for lr in grid) if searched and len(grid) > 1 else (),
+                       size=lambda job: (setup.epochs, 1.0 - setup.table3_rate, share)),
+            jobs.Batch(f"{mode} trainings", trained_accuracy, tuple((cfg, key, m, r, s, mode) for r, m, s in runs),
+                       size=lambda job: (setup.epochs, 1.0 - job[3], 1.0), kwargs={"progress": False},
+                       cost=lambda job: training_cost(cfg, job[1], job[3]), ident=training_ident)]
+
+
+BEST = "best baseline"      # the plan's placeholder for the method that decides a cell (known once its runs are)
+
+
+def on_budget_batch(cfg: Any, key: str, cells: Sequence[tuple[float, str, Sequence[int]]], mode: str) -> jobs.Batch:
+    """The on-budget readings of model ``key``'s deciding networks: ``cells`` lists (rate, method, the seeds that
+    count) and each is trained again with 3/4 of the epochs (:func:`_on_budget_job`), once each.  The plan passes
+    :data:`BEST` for the best baseline and every seed."""
+    setup = cfg.model(key)
+    todo = {(m, round(float(r), 6), int(s)): (cfg, key, m, round(float(r), 6), int(s), mode)
+            for r, m, seeds in cells for s in seeds}
+    return jobs.Batch("on-budget readings: SPvR and the best baseline, 3/4 of the epochs", _on_budget_job,
+                      tuple(todo.values()),
+                      size=lambda job: (convergence.short_epochs(setup.epochs), 1.0 - job[3], 1.0),
+                      cost=lambda job: training_cost(cfg, job[1], job[3]),
+                      ident=lambda job: ("on budget", *training_ident(job)))
+
+
 def prepare_runs(cfg: Any, jobs_: Sequence[tuple[str, float, str, int]], mode: str, progress: bool = True) -> None:
     """Fill the run cache for the (model, rate, method, seed) runs ``jobs_`` in ``mode`` side by side
     (``paper.jobs``; nothing happens with one worker), in dependency order: base networks and their lr
-    searches, SPvR's rankings, every pruned network, the fine-tuning lr searches, then the trainings."""
+    searches, SPvR's rankings, then :func:`accuracy_jobs` (every pruned network, the fine-tuning lr searches,
+    the trainings)."""
 
     workers = jobs.worker_count(cfg)
     if workers <= 1 or not jobs_:
         return
-    # a model whose baselines are quoted (Section 4.2: ImageNet) trains SPvR's networks alone, from its published
-    # weights' lr (no lr search, no fine-tuning lr searched on l1's network)
-    jobs_ = [j for j in jobs_ if not cfg.model(j[0]).quote_baselines or j[2] == "spvr"]
     keys = sorted({k for k, *_ in jobs_})
-    searched = [k for k in keys if not cfg.model(k).quote_baselines]
     base_models.prepare_bases(cfg, keys, progress)
     for k in keys:        # in this process, alone on the machine: the rankings' timings are reported (Figure 2)
         if any(m == "spvr" for kk, _, m, _ in jobs_ if kk == k):
             base_models.spvr_ranking(cfg, k, progress=progress)
-    prunes = {(k, m, float(r)) for k, r, m, _ in jobs_}
-    if mode == "finetune":
-        prunes |= {(k, FINETUNE_LR_METHOD, float(cfg.model(k).table3_rate)) for k in searched}
-    jobs.fill_cache(_prune_job, [(cfg, *p) for p in sorted(prunes)], workers, desc="pruned networks",
-                    progress=progress)
-    if mode == "finetune":
-        trials = [(cfg, k, lr) for k in searched for lr in base_models.lr_grid(cfg.model(k), "finetune")
-                  if len(base_models.lr_grid(cfg.model(k), "finetune")) > 1]
-        jobs.fill_cache(_finetune_trial_job, trials, workers, desc="lr search (fine-tune)", progress=progress)
-    jobs.fill_cache(trained_accuracy, [(cfg, k, m, float(r), int(s), mode) for k, r, m, s in jobs_], workers,
-                    desc=f"{mode} trainings", progress=progress, kwargs={"progress": False},
-                    cost=lambda job: training_cost(cfg, job[1], job[3]))
+    jobs.run([b for k in keys for b in accuracy_jobs(cfg, k, [(r, m, s) for kk, r, m, s in jobs_ if kk == k], mode)],
+             workers, progress)
 
 
 def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mode: str,
@@ -249,6 +287,15 @@ def train_images(setup: Any) -> int:
     return _train_images(setup.dataset, setup.train_subset)
 
 
+def run_list(cfg: Any, key: str, methods: Iterable[str], seeds: Iterable[int],
+             rates: Sequence[float] | None = None) -> list[tuple[float, str, int]]:
+    """The (rate, method, seed) runs of model ``key`` a table trains: every method at every rate (default the
+    setup's ``compare_rates``) and seed, in that order."""
+    methods, seeds = list(methods), list(seeds)
+    return [(r, m, s) for r in (cfg.model(key).compare_rates if rates is None else rates) for m in methods
+            for s in seeds]
+
+
 def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: Iterable[int], mode: str,
                   rates: dict[str, Sequence[float]] | None = None, progress: bool = True) -> pd.DataFrame:
     """Every (model, rate, method, seed) run of :func:`trained_accuracy`: one row each (long format).
@@ -259,8 +306,7 @@ def accuracy_runs(cfg: Any, keys: Iterable[str], methods: Iterable[str], seeds: 
     """
     _check_mode(mode)
     keys, methods, seeds = list(keys), [_check_method(m) for m in methods], [int(s) for s in seeds]
-    jobs = [(k, r, m, s) for k in keys for r in (rates or {}).get(k, cfg.model(k).compare_rates)
-            for m in methods for s in seeds]
+    jobs = [(k, r, m, s) for k in keys for r, m, s in run_list(cfg, k, methods, seeds, (rates or {}).get(k))]
     prepare_runs(cfg, [(k, r, m, s) for k, r, m, s in jobs], mode, progress=progress)
     rows = []
     for k, r, m, s in tqdm(jobs, desc=f"{mode} runs", disable=not progress):

@@ -18,6 +18,8 @@ same parameter budgets, each retrained with the same budget (the paper's protoco
 * The table: per budget and method, parameters against the budget, what collapsed, per-seed top-1
   (``stats.cell_text``), the difference to SPvR with its 95% interval (``stats.compare``), failed runs named and
   never averaged (``stats.run_status``), batch-1 one-thread latency (``latency_vs_accuracy.timed_together``).
+* The fan-out (:func:`declared_jobs`, :func:`prepare`): the lr trials, the base and every training run side by side
+  in the scale's ``jobs.worker_count`` processes (or as Slurm jobs); the prunings run in the notebook's process.
 
 Cost at the cpu scale, cold, ESTIMATED (not measured: the machine was busy with another regeneration, so the cpu
 scale was not run): one training step of the cpu ViT (batch 128, one thread) took 0.99 s on this 2-core machine
@@ -44,8 +46,8 @@ import torch
 from torch import nn
 
 from spvr_lib import data, diagnostics, models, store, train
-from spvr_lib.paper import latency_vs_accuracy, plots, scales, stats
-from spvr_lib.paper.lr_search import recipe, validation_images
+from spvr_lib.paper import jobs, latency_vs_accuracy, plots, scales, stats
+from spvr_lib.paper.lr_search import recipe, trial_share, validation_images
 from spvr_lib.paper.scales import ViTSetup, get_scale, vit_setup
 from spvr_lib.paper.vit_tp import TP_METHODS, tp_prune
 from spvr_lib.prune import GroupRanking, rank_groups, spvr_prune
@@ -205,10 +207,23 @@ def searched_lr(cfg: ViTSetup, mode: str, plan: Mapping[str, Any] | None = None,
 
 
 # --------------------------------------------------------------------------- base network
+def base_with_epochs(cfg: ViTSetup, epochs: int, progress: bool = False) -> dict[str, Any]:
+    """The base ViT (seed 0, the lr searched from scratch) trained for ``epochs`` with a complete cosine schedule:
+    :func:`base_run`'s record at the setup's epochs, its on-budget reading (:func:`base_table`) at fewer."""
+    lr, _ = searched_lr(cfg, "scratch", progress=progress)
+    return vit_run(cfg, None, dataclasses.replace(recipe(cfg, lr=lr), epochs=int(epochs)), 0, "base",
+                   progress=progress)
+
+
 def base_run(cfg: ViTSetup, progress: bool = False) -> dict[str, Any]:
     """The trained base ViT's record (seed 0, the lr searched from scratch)."""
-    lr, _ = searched_lr(cfg, "scratch", progress=progress)
-    return vit_run(cfg, None, recipe(cfg, lr=lr), 0, "base", progress=progress)
+    return base_with_epochs(cfg, cfg.epochs, progress)
+
+
+def _short_epochs(cfg: ViTSetup) -> int | None:
+    """The epochs of the base's on-budget reading (3/4 of them), None where the setup reads none."""
+    short = max(1, train.last_quarter_start(cfg.epochs))
+    return short if cfg.convergence and short < cfg.epochs else None
 
 
 def base_table(cfg: ViTSetup, progress: bool = False) -> pd.DataFrame:
@@ -223,9 +238,9 @@ def base_table(cfg: ViTSetup, progress: bool = False) -> pd.DataFrame:
            "test images": len(_datasets(cfg, 0, False)[1]), "lr": lr,
            "lr grid (val top1)": ", ".join(f"{k:g}: {'-' if v is None else f'{v:.2f}'}" for k, v in scores.items()),
            "top1": rec["top1"], "train s": rec["wall_s"]}
-    short = max(1, train.last_quarter_start(cfg.epochs))
-    if cfg.convergence and short < cfg.epochs:
-        shorter = vit_run(cfg, None, dataclasses.replace(recipe(cfg, lr=lr), epochs=short), 0, "base", progress=progress)
+    short = _short_epochs(cfg)
+    if short is not None:
+        shorter = base_with_epochs(cfg, short, progress)
         gain = round(rec["top1"] - shorter["top1"], 2)
         row.update({"top1 at 3/4 epochs": shorter["top1"], "gain on budget": gain,
                     "converged": "yes" if gain <= scales.PLATEAU_POINTS else f"no (+{gain:.2f} from the last quarter)"})
@@ -341,12 +356,72 @@ def trained(cfg: ViTSetup, method: str, keep: float, seed: int, progress: bool =
 
 
 def runs(cfg: ViTSetup, progress: bool = False) -> pd.DataFrame:
-    """Every (keep, method, seed) run of :func:`trained`, one row each (long format), in the setup's order."""
+    """Every (keep, method, seed) run of :func:`trained` (:func:`declared_jobs`' trainings), one row each (long
+    format), in the setup's order."""
     from tqdm.auto import tqdm
 
-    jobs = [(k, m, s) for k in cfg.keeps for m in METHODS for s in cfg.seeds]
-    return pd.DataFrame([trained(cfg, m, k, s, progress=False) for k, m, s in tqdm(jobs, disable=not progress,
-                                                                                 desc="trainings")])
+    todo = [job for b in declared_jobs(cfg) if b.target is trained for job in b.jobs]
+    return pd.DataFrame([trained(*job, progress=False) for job in tqdm(todo, disable=not progress, desc="trainings")])
+
+
+# --------------------------------------------------------------------------- the fan-out
+def _scratch_trial_job(cfg: ViTSetup, lr: float) -> None:
+    lr_trial(cfg, lr, "scratch")
+
+
+def _finetune_trial_job(cfg: ViTSetup, lr: float) -> None:
+    net, info = pruned(cfg, FINETUNE_LR_METHOD, min(cfg.keeps))
+    lr_trial(cfg, lr, "finetune", info["plan"], _state(net))
+
+
+def declared_jobs(cfg: ViTSetup) -> list[jobs.Batch]:
+    """Notebook 14's independent computations, declared once (:func:`prepare`, :func:`runs` and the plan read
+    them), in dependency order: the lr trials from scratch on the base network, the base (:func:`base_run`) and
+    its 3/4-epoch reading where the setup has ``convergence`` (:func:`base_with_epochs`, one batch, side by side),
+    the fine-tuning lr trials on :data:`FINETUNE_LR_METHOD`'s network at the smallest keep, and every (keep,
+    method, seed) training (:func:`trained`).  A grid of one value is not searched (no trials).  The rankings and
+    Torch-Pruning's selections are not jobs: :func:`prepare` computes them in its own process.  Sizes: epochs, the
+    share of the unpruned ViT's MACs per image (a pruned network's approximated by its keep, the share of the
+    parameters it keeps: its plan is known only once the base is trained), the share of the setup's training
+    images (``lr_search.trial_share`` for a trial)."""
+    share, small = trial_share(cfg), min(cfg.keeps)
+    grid = [float(v) for v in cfg.lr_grid]
+    ft_grid = [float(v) for v in cfg.finetune_lr_grid]
+    short = _short_epochs(cfg)
+    return [jobs.Batch(f"lr search (scratch): {len(grid)} values, {share:.0%} of the images", _scratch_trial_job,
+                       tuple((cfg, lr) for lr in grid) if len(grid) > 1 else (),
+                       size=lambda job: (cfg.epochs, 1.0, share)),
+            jobs.Batch("base ViT: the base" + (f" and its {short}-epoch reading" if short else ""), base_with_epochs,
+                       tuple((cfg, e) for e in (cfg.epochs, short) if e),
+                       size=lambda job: (job[1], 1.0, 1.0)),
+            jobs.Batch(f"lr search (fine-tune): {len(ft_grid)} values on {NAMES[FINETUNE_LR_METHOD]}'s network at "
+                       f"{small:.0%}", _finetune_trial_job, tuple((cfg, lr) for lr in ft_grid) if len(ft_grid) > 1
+                       else (), size=lambda job: (cfg.epochs, small, share)),
+            jobs.Batch("trainings", trained,
+                       tuple((cfg, m, k, s) for k in cfg.keeps for m in METHODS for s in cfg.seeds),
+                       size=lambda job: (cfg.epochs, job[2], 1.0), kwargs={"progress": False},
+                       cost=lambda job: job[2])]
+
+
+def prepare(cfg: ViTSetup, scale: str, progress: bool = True) -> None:
+    """Fill the run cache with :func:`declared_jobs` side by side in scale ``scale``'s ``jobs.worker_count``
+    processes (the setup is the scale's ``vit_setup``): the scratch lr trials, the base and its reading; then, in
+    this process, every method's network at every keep (SPvR's ranking, Torch-Pruning's selections: cached, and
+    every training reads them); then the fine-tuning lr trials, then every training.  Nothing happens with one
+    local worker; a pruning that raises is left to the notebook's own call."""
+
+    workers = jobs.worker_count(get_scale(scale))
+    if workers <= 1 and jobs.executor() == "local":
+        return
+    declared = declared_jobs(cfg)
+    jobs.run([b for b in declared if b.target in (_scratch_trial_job, base_with_epochs)], workers, progress)
+    for keep in cfg.keeps:
+        for method in METHODS:
+            try:
+                pruned(cfg, method, keep)
+            except Exception:            # reported by the notebook's own call
+                pass
+    jobs.run([b for b in declared if b.target in (_finetune_trial_job, trained)], workers, progress)
 
 
 # --------------------------------------------------------------------------- latency, table, figure

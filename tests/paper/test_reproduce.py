@@ -74,9 +74,10 @@ def test_plan_prints_every_notebooks_work_and_gpu_hours(capsys):
     assert "GPU-hours per notebook: 03:" in out and "Total: at least" in out and "ASSUMED" in out
     df = plan.plan(scales.get_scale("paper"))
     assert set(df["notebook"]) == {"03", "04", "05", "06", "09", "10", "11", "14"} and (df["GPU-hours"] >= 0).all()
-    r50 = df[(df["model"] == "resnet50") & (df["notebook"] == "04")].iloc[0]
-    assert r50["trainings"] == 3                        # SPvR only: the ImageNet baselines are quoted
-    assert df[(df["model"] == "resnet50") & (df["notebook"] == "03")]["trainings"].iloc[0] == 0   # published weights
+    r50 = df[(df["model"] == "resnet50") & (df["notebook"] == "04")].set_index("what")
+    assert r50.loc["finetune trainings", "trainings"] == 3      # SPvR only: the ImageNet baselines are quoted
+    assert r50.loc["pruned networks", "trainings"] == 0 and r50.loc["pruned networks", "jobs"] == 3
+    assert df[(df["model"] == "resnet50") & (df["notebook"] == "03")].empty     # published weights: nothing
 
 
 def test_bench_loader_times_the_loader_alone(capsys):

@@ -425,3 +425,59 @@ def test_nvlabs_taylor_takes_a_step_lost_to_an_interruption_at_the_next_epoch(ca
     rec = pruned_networks.taylor_iterative(cfg, "vgg16", RATE, 0, progress=False)      # resumed from epoch 3's checkpoint
     assert state["killed"] and rec["params"] <= rec["budget"]
     assert [e for e, _ in state["counts"]][:5] == [1, 2, 3, 4, 5]                # epoch 4 ran in the second process
+
+
+def _spy_fan_out(monkeypatch):
+    """Every job ``jobs.fill_cache`` is handed, as ``target:args`` strings (nothing runs there: the callers then
+    compute in order, as with one worker)."""
+    from spvr_lib import store
+    from spvr_lib.paper import jobs
+
+    submitted: list[str] = []
+
+    def fill_cache(target, jobs_, workers, desc="jobs", progress=True, kwargs=None, cost=None):
+        submitted.extend(f"{jobs.target_name(target)}:" + store.canonical_json(jobs._ident(j)) for j in jobs_)
+        return []
+    monkeypatch.setenv("SPVR_WORKERS", "2")
+    monkeypatch.setattr(jobs, "fill_cache", fill_cache)
+    return submitted
+
+
+def _declared(batches):
+    """{a declared job's ``target:args``: its identity (``jobs.Batch.key``)}."""
+    from spvr_lib import store
+    from spvr_lib.paper import jobs
+
+    return {f"{jobs.target_name(b.target)}:" + store.canonical_json(jobs._ident(j)): b.key(j)
+            for b in batches for j in b.jobs}
+
+
+def test_what_tables_1_and_3_fan_out_is_what_their_modules_declare(cache, monkeypatch):
+    """Issue 32, each table declared once: with two workers, the jobs notebooks 03, 04 and 06 hand the executor
+    are the ones their modules' ``declared_jobs`` list (the plan's lists), each computation once: the four local
+    methods' one architecture from scratch is submitted once per seed, and every declared computation is
+    submitted (a job the runner adds or drops beside its declaration fails this)."""
+    monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
+    monkeypatch.setattr(pruned_networks, "rcp_samples", lambda cfg: 1)
+    methods, seeds = ["tp_l1", "l1", "hrank", "nisp", "curl", "spvr"], [0, 1]
+    submitted = _spy_fan_out(monkeypatch)
+    base_models.prepare_bases(TINY, ["vgg16"], progress=False)
+    bases = list(submitted)
+    runs = trained_runs.accuracy_runs(TINY, ["vgg16"], methods, seeds, "finetune", progress=False)
+    t1 = accuracy_vs_baselines.table1(TINY, ["vgg16"], methods, seeds, runs=runs, progress=False)
+    _, _ = accuracy_vs_baselines.baselines_sensitivity(TINY, ["vgg16"], seeds, progress=False)
+    table1 = submitted[len(bases):]
+    best = {RATE: accuracy_vs_baselines._METHOD_OF[t1[t1["source"] == "ours (smoke)"]["best baseline"].iloc[0]]}
+    declared = _declared(base_models.declared_jobs(TINY, "vgg16")[:2])
+    assert set(bases) == set(declared) and len(bases) == len(declared)
+    declared = _declared(accuracy_vs_baselines.declared_jobs(TINY, "vgg16", methods, seeds, best=best))
+    assert set(table1) - set(bases) <= set(declared)
+    assert {declared[j] for j in table1 if j in declared} == set(declared.values())
+    del submitted[:]
+    t3, _ = architecture_vs_retraining.table3(TINY, ["vgg16"], methods, seeds, progress=False)
+    best3 = accuracy_vs_baselines._METHOD_OF[t3[t3["rows"] == "scratch (Table 3)"]["best baseline"].iloc[0]]
+    declared = _declared(architecture_vs_retraining.declared_jobs(TINY, "vgg16", methods, seeds, best=best3))
+    table3 = [j for j in submitted if j not in bases]
+    assert set(table3) <= set(declared) and {declared[j] for j in table3} == set(declared.values())
+    scratch = [j for j in table3 if j.startswith("spvr_lib.paper.trained_runs:trained_accuracy") and '"scratch"' in j]
+    assert len(scratch) == len(set(scratch)) == 3 * len(seeds)    # per seed: SPvR, the local methods' one, CURL
