@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 
 from spvr_lib import store, train
-from spvr_lib.paper import base_models, group_size_ablation, jobs, mobilenet, scales, segmentation
+from spvr_lib.paper import base_models, jobs, mobilenet, scales, segmentation, trained_runs
 from spvr_lib.paper.base_models import base_with_epochs, budget_factors, budget_jobs, short_epochs  # noqa: F401
 from spvr_lib.paper.lr_search import recipe
 
@@ -148,12 +148,12 @@ def segnet_convergence_table(settings: Mapping[str, Any], progress: bool = True)
 def scratch_with_epochs(cfg: Any, key: str, spec: dict, lr: float, epochs: int, seed: int = 0,
                         progress: bool = True) -> dict[str, Any]:
     """``spec`` trained from scratch by model ``key``'s recipe (its data, batch, precision) at ``lr`` for
-    ``epochs`` with a complete cosine schedule: ``group_size_ablation.train_pruned``'s own record at the setup's epochs (the
+    ``epochs`` with a complete cosine schedule: ``trained_runs.train_from_scratch``'s own record at the setup's epochs (the
     record Table 4 reads)."""
 
     setup = cfg.model(key)
     if int(epochs) == setup.epochs:
-        return group_size_ablation.train_pruned(cfg, key, spec, int(seed), lr=float(lr), progress=progress)
+        return trained_runs.train_from_scratch(cfg, key, spec, int(seed), lr=float(lr), progress=progress)
     rcp = dataclasses.replace(recipe(setup, lr=float(lr)), epochs=int(epochs))
     return train.train_run(spec, setup.dataset, rcp, int(seed), setup.train_subset, setup.test_subset,
                            tag=f"scratch-e{int(epochs)}", progress=progress, weights_needed=False)

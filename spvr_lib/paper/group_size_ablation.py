@@ -27,8 +27,8 @@ from spvr_lib.paper.plots import PLOT_STYLE
 from spvr_lib.train import train_run
 from spvr_lib.paper.scales import scaled_group_size
 
-__all__ = ["RANKING_METHODS", "RATE_TOLERANCE", "group_sizes", "ablation_rate", "base_lr", "train_pruned", "group_size_rows",
-           "group_size_table", "figure2"]
+__all__ = ["RANKING_METHODS", "RATE_TOLERANCE", "group_sizes", "ablation_rate", "base_lr", "declared_jobs",
+           "group_size_rows", "group_size_table", "figure2"]
 
 RANKING_METHODS = ("fast", "naive")
 RATE_TOLERANCE = 1.0     # points: a d whose network's removal is further than this from the rate is not compared
@@ -61,21 +61,13 @@ def base_lr(cfg: Any, key: str, progress: bool = True) -> float:
     return base_models.searched_lr(setup, base_models.base_spec(setup), progress=progress)[0]
 
 
-def train_pruned(cfg: Any, key: str, spec: dict, seed: int, lr: float | None = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Train ``spec`` from scratch (fresh init) with the setup's recipe at ``lr`` (default: the
-    base model's searched lr) on the setup's data subsets; the cached ``train.train_run`` record."""
-    lr = base_lr(cfg, key, progress=progress) if lr is None else lr
-    return train_run(**_scratch_call(cfg, key, spec, seed, lr), progress=progress)
-
-
 
 def declared_jobs(cfg: Any, key: str, seeds: Sequence[int] | None = None, specs: Sequence[dict] | None = None,
                   lr: float | None = None, decides: Sequence[dict] | None = None) -> list[jobs.Batch]:
     """Notebook 09's independent computations for model ``key`` at :func:`ablation_rate`, declared once
     (:func:`group_size_rows` and :func:`group_size_table` fan them out, the plan counts and costs them):
 
-    * ``Figure 2 <key> trainings``: :func:`train_pruned` (cfg, key, spec, seed, lr) of every network of ``specs``
+    * ``Figure 2 <key> trainings``: :func:`train_from_scratch` (cfg, key, spec, seed, lr) of every network of ``specs``
       (SPvR's at each d, the ranking paths' networks each once) at every seed of ``seeds`` (default the scale's);
     * ``on-budget readings``: the networks of ``decides`` (the best and the worst compared d's, fast ranking), every
       seed, trained again with 3/4 of the epochs (``convergence.on_budget_batch``).
@@ -95,10 +87,11 @@ def declared_jobs(cfg: Any, key: str, seeds: Sequence[int] | None = None, specs:
         if decides is None else list(decides)
     lr = base_models.lr_grid(setup, "scratch")[0] if lr is None else lr
     return [jobs.Batch(f"Figure 2 {key} trainings: {len(specs)} networks (d in {ds}) at {rate:.0%}, "
-                       f"{len(seeds)} seeds", train_pruned, tuple((cfg, key, spec, s, lr) for spec in specs
-                                                                  for s in seeds),
+                       f"{len(seeds)} seeds", trained_runs.train_from_scratch,
+                       tuple((cfg, key, spec, s, lr) for spec in specs for s in seeds),
                        size=lambda job: (setup.epochs, 1.0 - rate, 1.0), kwargs={"progress": False}),
-            convergence.on_budget_batch(cfg, [_scratch_call(cfg, key, spec, s, lr) for spec in decides for s in seeds],
+            convergence.on_budget_batch(cfg, [trained_runs.scratch_call(cfg, key, spec, s, lr) for spec in decides
+                                              for s in seeds],
                                         f"on-budget readings: Figure 2's best and worst d of {key}, 3/4 of the epochs",
                                         1.0 - rate)]
 
@@ -122,7 +115,8 @@ def _prepare(cfg: Any, key: str, rate: float, group_sizes: Sequence[int], naive_
             if spec not in specs:
                 specs.append(spec)
     lr = base_lr(cfg, key, progress=progress)
-    jobs.run([b for b in declared_jobs(cfg, key, seeds, specs, lr) if b.target is train_pruned], workers, progress)
+    jobs.run([b for b in declared_jobs(cfg, key, seeds, specs, lr) if b.target is trained_runs.train_from_scratch],
+             workers, progress)
 
 
 def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Sequence[int] | None = None,
@@ -167,7 +161,8 @@ def group_size_rows(cfg: Any, key: str, group_sizes: Sequence[int], seeds: Seque
             row.update({k: facts[k] for k in ("narrowest layer", "classifier inputs", "layers removed")})
             classes = pruned_networks._classes(cfg.model(key).dataset)
             for m in methods:           # identical specs share one cached training run per seed
-                runs = [train_pruned(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress) for s in seeds]
+                runs = [trained_runs.train_from_scratch(cfg, key, recs[m]["spec"], s, lr=lr, progress=progress)
+                        for s in seeds]
                 statuses = [stats.run_status(r.get("top1"), classes, r.get("history") or []) for r in runs]
                 if runs_out is not None:
                     runs_out += [{**trained_runs.training_row(cfg.model(key), key, "spvr", r, rate=rate,
@@ -234,14 +229,6 @@ def group_size_table(cfg: Any, group_sizes: Mapping[str, Sequence[int] | Mapping
     return df, frame
 
 
-def _scratch_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[str, Any]:
-    """:func:`train_pruned`'s ``train_run`` keyword arguments."""
-    setup = cfg.model(key)
-    return dict(spec=spec, dataset=setup.dataset, recipe=base_models.recipe(setup, lr=lr), seed=int(seed),
-                per_class_train=setup.train_subset, per_class_test=setup.test_subset, tag="scratch",
-                weights_needed=False)
-
-
 def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] | None, progress: bool) -> None:
     """Mark the best and the worst compared d of each model ("decides") and read their networks (fast ranking)
     on their budget, on the seeds that count (the shorter trainings: :func:`declared_jobs`' on-budget batch, run
@@ -261,11 +248,12 @@ def _read_on_budget(cfg: Any, rows: list[dict[str, Any]], seeds: Sequence[int] |
     lrs = {key: base_lr(cfg, key, progress=progress) for key in dict.fromkeys(r["model"] for r in picked)}
     specs = {id(r): base_models.spvr_pruned(cfg, r["model"], r["rate"], group_size=r["d"], progress=False)["spec"]
              for r in picked}
-    calls = {id(r): {s: _scratch_call(cfg, r["model"], specs[id(r)], s, lrs[r["model"]]) for s in seeds}
+    calls = {id(r): {s: trained_runs.scratch_call(cfg, r["model"], specs[id(r)], s, lrs[r["model"]])
+                     for s in seeds}
              for r in picked}
     jobs.run([b for key in lrs for b in declared_jobs(cfg, key, seeds, lr=lrs[key], decides=[
-        specs[id(r)] for r in picked if r["model"] == key]) if b.target is not train_pruned], jobs.worker_count(cfg),
-        progress)
+        specs[id(r)] for r in picked if r["model"] == key]) if b.target is not trained_runs.train_from_scratch],
+        jobs.worker_count(cfg), progress)
     for r in picked:
         counted = [s for s, v in zip(seeds, _counted_seeds(cfg, r, calls[id(r)], progress)) if v]
         r["gain on budget (fast)"] = convergence.on_budget_gain(calls[id(r)], "top1", counted, progress)["gain"]

@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from spvr_lib import data, diagnostics, latency, models, store
-from spvr_lib.paper import (base_models, convergence, group_size_ablation, jobs, latency_vs_accuracy, pruned_networks,
-                            reference, stats, trained_runs)
+from spvr_lib.paper import (base_models, convergence, jobs, latency_vs_accuracy, pruned_networks, reference, stats,
+                            trained_runs)
 from spvr_lib.paper.stats import mean_std
 
 __all__ = ["MOBILENET_VARIANTS", "mobilenet_width", "mobilenet_specs", "mobilenet_budget", "declared_jobs",
@@ -149,7 +149,7 @@ def declared_jobs(cfg: Any, key: str = "resnet50", nets: Mapping[str, tuple[Any,
     ``"resnet50"`` or a scale without it.
 
     * the MobileNets' lr trials from scratch (``_trial_job``; none for a one-value grid);
-    * Table 4's trainings (``group_size_ablation.train_pruned``): every net of ``nets`` ({name: (spec, lr)}) at
+    * Table 4's trainings (``trained_runs.train_from_scratch``): every net of ``nets`` ({name: (spec, lr)}) at
       every seed of ``seeds`` (default the scale's);
     * the convergence cell's shorter budgets (``convergence.scratch_with_epochs`` at ``convergence.short_epochs``
       of the setup's epochs): every net of ``nets`` at every seed of the scale (none with one epoch, where the
@@ -183,7 +183,7 @@ def declared_jobs(cfg: Any, key: str = "resnet50", nets: Mapping[str, tuple[Any,
                        tuple((cfg, spec, lr) for spec in mobiles.values() for lr in grid) if len(grid) > 1 else (),
                        size=lambda job: (setup.epochs, share(job[1]), trial)),
             jobs.Batch("Table 4 trainings: the MobileNets and SPvR's ResNet50 from scratch",
-                       group_size_ablation.train_pruned,
+                       trained_runs.train_from_scratch,
                        tuple((cfg, key, spec, s, lr) for spec, lr in nets.values() for s in seeds),
                        size=lambda job: (setup.epochs, share(job[2]), 1.0), kwargs={"progress": False}),
             jobs.Batch(f"budget (from scratch): {short} of {setup.epochs} epochs", convergence.scratch_with_epochs,
@@ -208,7 +208,7 @@ def _prepare(cfg: Any, setup: Any, nets: Sequence[tuple[str, Any]], seeds: Seque
     except Exception:            # reported by table4's own call
         pass
     jobs.run([b for b in declared_jobs(cfg, "resnet50", nets=trained, seeds=seeds)
-              if b.target is group_size_ablation.train_pruned], workers, progress)
+              if b.target is trained_runs.train_from_scratch], workers, progress)
 
 
 def table4(cfg: Any, seeds: Sequence[int] | None = None,
@@ -244,7 +244,7 @@ def table4(cfg: Any, seeds: Sequence[int] | None = None,
             # from scratch as every ResNet50 network does, at the base's searched lr
             lr = base_lr if name not in MOBILENET_VARIANTS else\
                 base_models.searched_lr(setup, spec, "scratch", progress=progress)[0]
-            trained = [group_size_ablation.train_pruned(cfg, "resnet50", spec, s, lr=lr, progress=progress)
+            trained = [trained_runs.train_from_scratch(cfg, "resnet50", spec, s, lr=lr, progress=progress)
                        for s in seeds]
             with torch.device("meta"):              # what the network is (no weights needed)
                 summary = diagnostics.layer_summary(models.build(spec))

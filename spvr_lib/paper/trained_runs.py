@@ -168,6 +168,20 @@ def trained_accuracy(cfg: Any, key: str, method: str, rate: float, seed: int, mo
     return out
 
 
+def scratch_call(cfg: Any, key: str, spec: dict, seed: int, lr: float) -> dict[str, Any]:
+    """:func:`train_from_scratch`'s ``train.train_run`` keyword arguments."""
+    setup = cfg.model(key)
+    return dict(spec=spec, dataset=setup.dataset, recipe=base_models.recipe(setup, lr=lr), seed=int(seed),
+                per_class_train=setup.train_subset, per_class_test=setup.test_subset, tag="scratch",
+                weights_needed=False)
+
+
+def train_from_scratch(cfg: Any, key: str, spec: dict, seed: int, lr: float, progress: bool = True) -> dict[str, Any]:
+    """Train ``spec`` from scratch (fresh init) with model ``key``'s recipe at ``lr`` on its data subsets (Figure 2's
+    networks, Table 4's); the cached ``train.train_run`` record (the one SPvR's network of Tables 1-3 has too)."""
+    return train.train_run(**scratch_call(cfg, key, spec, seed, lr), progress=progress)
+
+
 def _taylor_row(cfg: Any, key: str, rate: float, seed: int, progress: bool) -> dict[str, Any]:
     """:func:`trained_accuracy`'s record for NVlabs's Taylor (pruned while fine-tuning: :func:`taylor_iterative`)."""
     setup = cfg.model(key)

@@ -8,7 +8,7 @@ from spvr_lib import models
 from spvr_lib.paper import scales
 from spvr_lib.budget import apply_budget
 from spvr_lib.prune import spvr_prune
-from spvr_lib.paper import base_models, reference, segmentation, mobilenet
+from spvr_lib.paper import base_models, reference, segmentation, mobilenet, trained_runs
 
 torch.set_num_threads(1)
 
@@ -112,7 +112,7 @@ def test_table4_networks_are_read_on_their_budget_paired_by_seed(cache, monkeypa
     # the full-budget run is Table 4's own record, not a second training
     spec, lr = nets["MobileNetV3-small"]
     mine = convergence.scratch_with_epochs(cfg, "resnet50", spec, lr, 8, 1, progress=False)
-    assert mine["hash"] == group_size_ablation.train_pruned(cfg, "resnet50", spec, 1, lr=lr, progress=False)["hash"]
+    assert mine["hash"] == trained_runs.train_from_scratch(cfg, "resnet50", spec, 1, lr=lr, progress=False)["hash"]
     assert convergence.scratch_with_epochs(cfg, "resnet50", spec, lr, 6, 1, progress=False)["key"]["recipe"][
         "epochs"] == 6
 
