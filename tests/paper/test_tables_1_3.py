@@ -481,3 +481,32 @@ def test_what_tables_1_and_3_fan_out_is_what_their_modules_declare(cache, monkey
     assert set(table3) <= set(declared) and {declared[j] for j in table3} == set(declared.values())
     scratch = [j for j in table3 if j.startswith("spvr_lib.paper.trained_runs:trained_accuracy") and '"scratch"' in j]
     assert len(scratch) == len(set(scratch)) == 3 * len(seeds)    # per seed: SPvR, the local methods' one, CURL
+
+
+def test_what_table2_fans_out_is_what_the_plan_counts(cache, monkeypatch):
+    """Issue 32: Table 2's lr trials (two values, per network and mode), trainings and on-budget readings, as its
+    runner submits them with two workers, are as many as its declaration gives the plan, which knows neither the
+    rule's rate, nor the lrs, nor the seeds that count (placeholders): each kind of job, per target."""
+    import dataclasses
+
+    from spvr_lib.paper import jobs
+
+    monkeypatch.setattr(train, "fit", fake_fit({"n": 0}))
+    cfg = dataclasses.replace(TINY, models={"vgg16": dataclasses.replace(TINY.model("vgg16"), lr_grid=(0.05, 0.1),
+                                                                          epochs=2)})
+    seeds, grid = [0, 1], (0.8, 0.7)
+    submitted = _spy_fan_out(monkeypatch)
+    t = finetune_vs_scratch.table2(cfg, ["vgg16"], seeds=seeds, grid=grid, progress=False)
+    assert (t["status"] == "ok").all() and not t["architecture"].isna().any()
+    counts: dict[str, int] = {}
+    for j in submitted:
+        target = ":".join(j.split(":")[:2])
+        counts[target] = counts.get(target, 0) + 1
+    declared: dict[str, int] = {}
+    for b in finetune_vs_scratch.declared_jobs(cfg, "vgg16", seeds):
+        target = jobs.target_name(b.target) + (" (on budget)" if b.what.startswith("on-budget") else "")
+        declared[target] = declared.get(target, 0) + len(b.jobs)
+    # 2 networks x (2 scratch + 2 fine-tuning lr values); 2 networks x 2 modes x 2 seeds, trained and read on budget
+    assert declared == {"spvr_lib.paper.finetune_vs_scratch:_table2_trial_job": 8, "spvr_lib.train:train_run": 8,
+                        "spvr_lib.train:train_run (on budget)": 8}
+    assert counts == {"spvr_lib.paper.finetune_vs_scratch:_table2_trial_job": 8, "spvr_lib.train:train_run": 16}
