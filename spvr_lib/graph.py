@@ -24,12 +24,22 @@ groups with equal widths.  Transformers (``spvr_lib.attention``): an ``nn.Multih
 one unit (masked at the heads' concatenated output before ``out_proj``; the attention is made maskable in
 place), MLP hidden neurons are ordinary units, the embedding width is not pruned; an attention or MLP that
 loses everything is a "branch" collapse (its block becomes its shortcut); the rebuilt attentions are
-``PrunedMultiheadAttention``.  Networks whose channels Torch-Pruning cannot follow (a channel shuffle, layers
-called functionally as in Swin) are refused with a ValueError naming the module.
+``PrunedMultiheadAttention``.  torchvision's Swin (v1) is handled the same way (``spvr_lib.swin``): each
+``ShiftedWindowAttention`` is made maskable in place (its layers called as modules), its heads are one unit (a
+head's qkv rows, proj columns and relative-position-bias column), MLP neurons are units, the embedding width is
+not pruned, and the rebuilt attentions are ``PrunedShiftedWindowAttention``.  Channel shuffles (ShuffleNetV2's
+view, transpose, view; ``nn.ChannelShuffle``; ``spvr_lib.channel_shuffle``): Torch-Pruning traces a copy of the
+torch.fx graph with a stand-in layer for each shuffle; the channels a shuffle moves (a ShuffleNetV2 block's
+output) are not pruned (``NetworkGraph.fixed``, and a warning), every width that never meets a shuffle (a
+branch's inner width) is a unit as usual, and the real network is counted and rebuilt.  Networks whose channels
+Torch-Pruning cannot follow (a channel shuffle in a network torch.fx cannot trace, layers called functionally as
+in Swin v2's attention) are refused with a ValueError naming the module.
 """
 from __future__ import annotations
 
 import copy
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -39,7 +49,9 @@ import torch.fx as fx
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from spvr_lib import swin
 from spvr_lib.attention import MaskableMultiheadAttention, PrunedMultiheadAttention, head_positions, make_maskable, plain_attention
+from spvr_lib.channel_shuffle import Shuffle, find_shuffles, marker_of, refusal, shuffle_free, shuffles_in_forward
 from spvr_lib.graph_collapse import _LAYERS, _NORMS, _branch_of, _chain_of, _concat_member, _drop_from_cats, _find_branch
 from spvr_lib.tracing import _channel_dim, _check_module_calls, _dependency_graph, _output_layers, _shapes, _untraceable, trace_graph
 
@@ -104,12 +116,18 @@ class _Param:
 
 
 class NetworkGraph:
-    """A network's units, parameter table and collapse rules (built once by :func:`trace_units`)."""
+    """A network's units, parameter table and collapse rules (built once by :func:`trace_units`).
+
+    ``shuffles``: the channel shuffles of ``gm`` (``spvr_lib.channel_shuffle``), hidden from Torch-Pruning
+    when it traces; ``fixed``: {layer: why} for every conv or linear layer whose output channels pass through
+    a shuffle, which no unit prunes."""
 
     def __init__(self, model: nn.Module, example: Tensor, units: list[Unit], params: list[_Param],
-                 gm: fx.GraphModule | None, why_no_fx: str | None, ignored: tuple[str, ...]):
+                 gm: fx.GraphModule | None, why_no_fx: str | None, ignored: tuple[str, ...], *,
+                 shuffles: Sequence[Shuffle] = (), fixed: Mapping[str, str] | None = None):
         self.model, self.example, self.units, self.params = model, example, units, params
         self.gm, self.why_no_fx, self.ignored = gm, why_no_fx, ignored
+        self.shuffles, self.fixed = tuple(shuffles), dict(fixed or {})
         self.index = {u.name: i for i, u in enumerate(units)}
         self._modules = dict(model.named_modules())
         self._by_name = {p.name: p for p in params}
@@ -193,7 +211,7 @@ class NetworkGraph:
         if todo:
             example = self.example.to(next(net.parameters()).device)
             with plain_attention(net):
-                DG = _dependency_graph(net, example)
+                DG = _dependency_graph(shuffle_free(net, self.shuffles) if self.shuffles else net, example)
             for i, u in todo:
                 root = next((p for p in u.producers if p in survivors and isinstance(survivors[p], _LAYERS)), None)
                 if root is None:
@@ -226,7 +244,8 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
     (:func:`spvr_lib.attention.make_maskable`: same parameters, state dict and outputs) and its heads are
     one unit (channel j: head j, masked at its ``heads`` child); MLP hidden neurons are units like any
     linear layer's outputs; the embedding width (every Torch-Pruning group that reaches an attention) is
-    not pruned.  Name an attention in ``ignored_layers`` to keep all its heads.
+    not pruned.  Name an attention in ``ignored_layers`` to keep all its heads.  torchvision's Swin v1 attentions
+    (``ShiftedWindowAttention``) are made maskable in place the same way (:func:`spvr_lib.swin.make_maskable`).
 
     Hugging Face models (``spvr_lib.hf``): a float ``example`` of token ids is read as int64; BERT- and
     GPT-2-style heads, MLP neurons and the residual stream's width are the units (:func:`spvr_lib.hf.trace_token_units`)."""
@@ -241,7 +260,7 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             if n not in modules:
                 raise ValueError(f"ignored_layers names {n!r}, which is not a module of the model")
         return hf.trace_token_units(model, example, parts, ignored_layers)
-    attentions = make_maskable(model)
+    attentions = make_maskable(model) + swin.make_maskable(model)
     modules = dict(model.named_modules())
     names = {m: n for n, m in modules.items()}
     pnames = {p: n for n, p in model.named_parameters()}
@@ -252,25 +271,42 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
     shapes = _shapes(model, example)
     _check_module_calls(model, example)
     try:
-        with plain_attention(model):
-            DG = _dependency_graph(model, example)
-    except Exception as err:  # noqa: BLE001 - Torch-Pruning fails in many ways; say where and why
-        raise _untraceable(model, err) from err
-    groups = DG.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear], ignored_layers=[modules[n] for n in ignored])
-    try:
         gm = trace_graph(model)
         why_no_fx = None
     except Exception as err:  # noqa: BLE001 - any tracing failure means: no collapse
         gm, why_no_fx = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+    # channel shuffles: Torch-Pruning traces a copy with a stand-in layer for each (spvr_lib.channel_shuffle);
+    # without a trace that can be run, a shuffle found in a plain forward pass is refused
+    shuffles = find_shuffles(gm, example) if gm is not None else None
+    if shuffles is None:
+        found = shuffles_in_forward(model, example)
+        if found:
+            raise refusal(model, found, why_no_fx)
+        shuffles = ()
+    try:
+        with plain_attention(model):
+            DG = _dependency_graph(shuffle_free(gm, shuffles) if shuffles else model, example)
+    except Exception as err:  # noqa: BLE001 - Torch-Pruning fails in many ways; say where and why
+        raise _untraceable(model, err) from err
+    groups = DG.get_all_groups(root_module_types=[nn.Conv2d, nn.Linear], ignored_layers=[modules[n] for n in ignored])
+    # a Swin attention's layers and bias table: only its head unit prunes them (Torch-Pruning's groups through
+    # its window reshapes couple qkv's 3 C rows with proj's C columns)
+    in_swin = {id(t) for m in modules.values() if swin.swin_attention(m) for t in (*m.modules(), *m.parameters())}
     units: list[Unit] = []
+    fixed: dict[str, str] = {}
     param_terms: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
     for group in groups:
         root_item = group[0]
         root_mod = root_item.dep.target.module
         root = names.get(root_mod)
+        crossed = [s for s in (marker_of(item.dep.target.module) for item in group) if s is not None]
+        if crossed:                         # channels a shuffle moves: Torch-Pruning cannot map them, kept whole
+            _keep_whole(group, crossed, names, fixed)
+            continue
         if root is None or root in ignored:
             continue
-        if any(isinstance(item.dep.target.module, nn.MultiheadAttention) for item in group):
+        if any(isinstance(item.dep.target.module, nn.MultiheadAttention) or id(item.dep.target.module) in in_swin
+               for item in group):
             continue                        # the embedding width (an attention's input/output): not pruned
         width = len(root_item.idxs)
         # a grouped conv (not depthwise) among the unit's layers: its channels go in slots, the same
@@ -374,19 +410,50 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
                 u.collapse, u.dead, u.chain_input = "layer", dead, layer
             else:
                 u.why_not = why
-    return NetworkGraph(model, example, units, params, gm, why_no_fx, ignored)
+    if shuffles and model not in _NOTED:
+        _NOTED.add(model)                   # once per model (rank_groups and spvr_prune both trace it)
+        warnings.warn(_shuffle_note(model, shuffles, fixed, len(units)), stacklevel=2)
+    return NetworkGraph(model, example, units, params, gm, why_no_fx, ignored, shuffles=shuffles, fixed=fixed)
 
 
-def _head_unit(name: str, m: nn.MultiheadAttention, units: list[Unit],
+_NOTED: weakref.WeakSet = weakref.WeakSet()      # models whose channel shuffles were warned about
+
+
+def _keep_whole(group, crossed: Sequence[Shuffle], names: Mapping[nn.Module, str], fixed: dict[str, str]) -> None:
+    """Record in ``fixed`` the conv and linear layers whose output channels are in ``group``, a Torch-Pruning
+    group that reaches the stand-in of a channel shuffle (``crossed``): no unit prunes them."""
+    where = crossed[0].where()
+    for item in group:
+        m = item.dep.target.module
+        if isinstance(m, _LAYERS) and names.get(m) is not None and "out_channels" in getattr(item.dep.handler,
+                                                                                              "__name__", ""):
+            fixed.setdefault(names[m], f"its output channels pass through the channel shuffle in {where}, a "
+                                       "permutation of channels that Torch-Pruning cannot follow: kept whole")
+
+
+def _shuffle_note(model: nn.Module, shuffles: Sequence[Shuffle], fixed: Mapping[str, str], n_units: int) -> str:
+    """The warning of a network with channel shuffles: what is kept whole, and why."""
+    return (f"model ({type(model).__name__}) has {len(shuffles)} channel shuffle(s) (the first in "
+            f"{shuffles[0].where()}): the channels they move, the outputs of {len(fixed)} conv/linear layers (e.g. "
+            f"{', '.join(list(fixed)[:3])}), are not pruned, since Torch-Pruning's DependencyGraph cannot follow a "
+            f"permutation of channels; the {n_units} units that never pass a shuffle (e.g. each block's inner width) "
+            "are pruned as usual (spvr_lib.graph.trace_units(model, example).fixed lists the layers kept whole)")
+
+
+def _head_unit(name: str, m: nn.Module, units: list[Unit],
                param_terms: dict[tuple[str, int], list[tuple[int, np.ndarray]]]) -> None:
     """Append the unit of attention ``name``'s heads (channel j = head j: its q, k, v rows and out_proj
     columns, masked and recorded at the output of its ``heads`` child, [n, L, E] along dim -1) and its
     parameter terms: per head 3 * head_dim rows of in_proj, head_dim of q/k/v_proj and of bias_k/bias_v's
-    last dim, head_dim columns of out_proj."""
+    last dim, head_dim columns of out_proj (a Swin attention: :func:`spvr_lib.swin.head_params`)."""
     ui, h, hd = len(units), m.num_heads, m.head_dim
     site = MaskSite(f"{name}.heads", "output", -1, head_positions(m))
     units.append(Unit(name=name, width=h, sites=(site,), record=site, producers=(name,), consumers=(),
                       heads=True))
+    if swin.swin_attention(m):
+        for pn, dim, per in swin.head_params(m):
+            param_terms.setdefault((f"{name}.{pn}", dim), []).append((ui, np.full(h, per, dtype=np.int64)))
+        return
     for pn, p in m.named_parameters(recurse=False):
         if p is None:
             continue
@@ -403,13 +470,16 @@ def _head_unit(name: str, m: nn.MultiheadAttention, units: list[Unit],
 
 
 def _rebuild_attention(net: nn.Module, units: Sequence[Unit], removed: Sequence[np.ndarray]) -> None:
-    """Every head-maskable attention left in ``net`` becomes a :class:`PrunedMultiheadAttention` holding the
-    heads its unit keeps (all of them when it has no unit or lost none), with their weights."""
+    """Every head-maskable attention left in ``net`` becomes a :class:`PrunedMultiheadAttention` (a Swin one a
+    :class:`spvr_lib.swin.PrunedShiftedWindowAttention`) holding the heads its unit keeps (all of them when it
+    has no unit or lost none), with their weights."""
     gone = {u.name: r for u, r in zip(units, removed) if u.heads}
     for name, m in list(net.named_modules()):
-        if type(m) is MaskableMultiheadAttention:
+        pruned = {MaskableMultiheadAttention: PrunedMultiheadAttention,
+                  swin.MaskableShiftedWindowAttention: swin.PrunedShiftedWindowAttention}.get(type(m))
+        if pruned is not None:
             r = gone.get(name, np.zeros(m.num_heads, dtype=bool))
-            net.set_submodule(name, PrunedMultiheadAttention.from_attention(m, np.flatnonzero(~r).tolist()))
+            net.set_submodule(name, pruned.from_attention(m, np.flatnonzero(~r).tolist()))
 
 
 def _is_depthwise(m: nn.Module) -> bool:

@@ -13,6 +13,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from spvr_lib.attention import PrunedMultiheadAttention, encoder_forward, encoder_layer_forward, plain_attention
+from spvr_lib.swin import swin_attention
 from spvr_lib.graph_collapse import _LAYERS
 
 
@@ -21,8 +22,8 @@ class _LeafTracer(fx.Tracer):
     children (e.g. torchvision's LayerNorm2d), so that pruning its parameters keeps the graph valid."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-            return True                 # one call: its heads are masked inside (spvr_lib.attention)
+        if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)) or swin_attention(m):
+            return True                 # one call: its heads are masked inside (spvr_lib.attention, .swin)
         if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
             return False                # traced through (call_module), so its branches can collapse
         if not list(m.children()) and any(True for _ in m.parameters(recurse=False)):
@@ -58,7 +59,8 @@ def _dependency_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
         warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         # Torch-Pruning first tries model(*example) (an unbatched sample, fine for a CNN); an attention
         # model gets the batch itself, so that no traced shape check fails (and prints) on the way
-        attention = any(isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)) for m in model.modules())
+        attention = any(isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)) or swin_attention(m)
+                        for m in model.modules())
         return tp.DependencyGraph().build_dependency(model, example_inputs=(example,) if attention else example)
 
 
@@ -174,10 +176,11 @@ def _untraceable(model: nn.Module, err: Exception) -> ValueError:
 
 def _check_module_calls(model: nn.Module, example: Tensor) -> None:
     """ValueError when a module uses a conv or linear layer's weight in a functional call instead of calling
-    the layer (torchvision's Swin passes ``qkv.weight`` to ``F.linear``): Torch-Pruning cannot follow such
-    channels (on Swin its shape inference does not finish).  A layer counts when its weight reaches the
-    output in autograd's graph but the layer never runs; attentions' ``out_proj`` are exempt
-    (spvr_lib.attention handles them); a layer the forward pass does not use at all is harmless."""
+    the layer (torchvision's Swin attention passes ``qkv.weight`` to ``F.linear``): Torch-Pruning cannot follow
+    such channels (on Swin its shape inference does not finish).  Swin v1's attentions pass once made maskable
+    (``spvr_lib.swin.make_maskable`` calls their layers as modules); Swin v2's are refused here.  A layer counts
+    when its weight reaches the output in autograd's graph but the layer never runs; attentions' ``out_proj``
+    are exempt (spvr_lib.attention handles them); a layer the forward pass does not use at all is harmless."""
     ran: set[str] = set()
     handles = [m.register_forward_hook(lambda _m, _i, _o, n=n: ran.add(n)) for n, m in model.named_modules()]
     try:

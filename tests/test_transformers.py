@@ -1,8 +1,10 @@
 """Transformers in the graph engine: an attention's heads are one unit (a head's q, k, v rows and out_proj
 columns, masked at the heads' output), MLP hidden neurons are units like any linear layer's, the embedding
 width is not pruned; an attention or MLP that loses everything collapses (its block becomes its shortcut);
-the rebuilt attentions hold the kept heads (PrunedMultiheadAttention) and the count is exact.  Swin, whose
-layers are called functionally, is refused by name."""
+the rebuilt attentions hold the kept heads (PrunedMultiheadAttention) and the count is exact.  torchvision's Swin
+(v1) the same way (spvr_lib.swin: heads of its shifted-window attentions); Swin v2, whose attention calls its layers
+functionally, is refused by name."""
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -10,18 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
+from torchvision.models.swin_transformer import (PatchMergingV2, ShiftedWindowAttention, SwinTransformer,
+                                                 SwinTransformerBlockV2)
 from torchvision.models.vision_transformer import VisionTransformer
 
-from spvr_lib import models
+from spvr_lib import models, swin
 from spvr_lib.attention import MaskableMultiheadAttention, PrunedMultiheadAttention, make_maskable
 from spvr_lib.criteria import CRITERIA
 from spvr_lib.prune import GroupRanking, _structure, rank_groups, spvr_prune
 from spvr_lib.ranking import unit_importance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from network_checks import assert_saved_network_reloads  # noqa: E402
+from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -266,10 +269,166 @@ def test_an_ignored_attention_keeps_its_heads():
     assert name not in {u.name for u in g.units} and len(g.units) == 7
 
 
-def test_swin_is_refused_by_name():
-    """torchvision's Swin calls its attention's layers functionally (F.linear on qkv.weight): Torch-Pruning's
-    shape inference never finishes on it, so it is refused at once, naming the module and the layers."""
-    model = torchvision.models.swin_t(num_classes=10).eval()
-    with pytest.raises(ValueError, match=r"module 'features\.1\.0\.attn' \(ShiftedWindowAttention\) uses the "
+# --------------------------------------------------------------------------- torchvision's Swin (v1)
+def build_swin() -> nn.Module:
+    """torchvision's SwinTransformer, small: 32x32 images, 2x2 patches, two stages of two blocks (2 then 4 heads
+    of 16, width 32 then 64, MLP 128 then 256), 4x4 windows (shifted in every second block)."""
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=10)
+    nn.init.normal_(model.head.weight, std=0.2)            # torchvision's trunc_normal(0.02) head: near-uniform output
+    return model
+
+
+_BUILDERS["swin"] = (build_swin, {})
+_SWIN_ATTN = ("features.1.0.attn", "features.1.1.attn", "features.3.0.attn", "features.3.1.attn")
+
+
+def _head_mask(m: nn.Module, heads) -> torch.utils.hooks.RemovableHandle:
+    pos = torch.tensor([i for j in heads for i in range(m.head_dim * j, m.head_dim * (j + 1))])
+    return m.heads.register_forward_hook(lambda _m, _i, o: o.index_fill(-1, pos, 0))
+
+
+@pytest.mark.parametrize("shift", [[0, 0], [2, 2], [1, 3]])
+def test_swin_attention_equals_torchvision(shift):
+    """MaskableShiftedWindowAttention (qkv and proj called as modules) == torchvision's ShiftedWindowAttention on
+    random input, shifted and unshifted windows, padded and window-sized maps; PrunedShiftedWindowAttention with
+    all heads == both (same state dict keys), with some heads == the maskable one with the other heads masked."""
+    torch.manual_seed(0)
+    ref = ShiftedWindowAttention(32, [4, 4], shift, 4).eval()
+    nn.init.normal_(ref.relative_position_bias_table, std=1.0)
+    wrapper = nn.Sequential()
+    wrapper.add_module("attn", copy.deepcopy(ref))
+    assert swin.make_maskable(wrapper) == ["attn"]
+    mask = wrapper.attn
+    assert type(mask) is swin.MaskableShiftedWindowAttention and mask.state_dict().keys() == ref.state_dict().keys()
+    full = swin.PrunedShiftedWindowAttention.from_attention(mask, range(4)).eval()
+    part = swin.PrunedShiftedWindowAttention.from_attention(mask, [1, 3]).eval()
+    assert full.state_dict().keys() == ref.state_dict().keys()
+    assert part.kept_heads == (1, 3) and part.relative_position_bias_table.shape == (49, 2)
+    assert part.qkv.weight.shape == (48, 32) and part.proj.weight.shape == (32, 16)
+    for shape in ((2, 8, 8, 32), (2, 10, 7, 32), (1, 3, 3, 32)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            expected = ref(x)
+            assert torch.allclose(mask(x), expected, atol=1e-6) and torch.allclose(full(x), expected, atol=1e-6)
+            h = _head_mask(mask, [0, 2])
+            try:
+                masked = mask(x)
+            finally:
+                h.remove()
+            assert torch.allclose(part(x), masked, atol=1e-6) and not torch.allclose(masked, expected, atol=1e-3)
+    with pytest.raises(ValueError, match=r"kept=\[\]; expected a non-empty list of heads in \[0, 4\)"):
+        swin.PrunedShiftedWindowAttention.from_attention(mask, [])
+
+
+def test_swin_units_are_heads_and_mlp_neurons_and_not_the_embedding():
+    """Units: each attention's heads (masked at its heads' output) and each MLP's hidden neurons, all collapsible
+    branches; no unit for the embedding width (patch embedding, residual streams, patch merging); the count is
+    exact for random removals; masking heads equals zeroing their proj columns (Eq. 2)."""
+    model, (x, _), _, _ = _ranked("swin")
+    _, g = _structure(model, x, None, None)
+    by_name = {u.name: u for u in g.units}
+    assert set(by_name) == {*_SWIN_ATTN, *(f"features.{s}.{b}.mlp.0" for s in (1, 3) for b in (0, 1))}
+    for name, h in zip(_SWIN_ATTN, (2, 2, 4, 4)):
+        u = by_name[name]
+        assert u.heads and u.width == h and u.collapse == "branch"
+        assert set(u.dead) == {name, name.replace("attn", "norm1")}
+        (site,) = u.sites
+        assert (site.module, site.where, site.dim) == (f"{name}.heads", "output", -1)
+        assert site.index == tuple(tuple(range(16 * j, 16 * j + 16)) for j in range(h))
+        mlp = by_name[name.replace("attn", "mlp.0")]
+        assert not mlp.heads and mlp.width == 4 * 16 * h and mlp.collapse == "branch"
+        assert mlp.consumers == (name.replace("attn", "mlp.3"),)
+    assert all(type(m) is swin.MaskableShiftedWindowAttention for n, m in model.named_modules() if n in _SWIN_ATTN)
+    assert_exact_count_for_random_removals(g, np.random.default_rng(0), 4)
+    name = "features.3.0.attn"
+    scores = unit_importance(model, x, {name: (by_name[name].sites, [[1], [0, 3]])}, method="naive",
+                             progress=False)[name]
+    with torch.no_grad():
+        p = torch.softmax(model(x), 1).double()
+        attn = dict(model.named_modules())[name]
+        saved = attn.proj.weight.clone()
+        expected = []
+        for heads in ([1], [0, 3]):
+            for j in heads:
+                attn.proj.weight[:, 16 * j:16 * (j + 1)] = 0
+            expected.append(CRITERIA["spvr"](p, torch.softmax(model(x), 1).double()[None])[0].item())
+            attn.proj.weight.copy_(saved)
+    assert scores.tolist() == pytest.approx(expected, rel=1e-9) and min(expected) > 0
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1])
+def test_swin_prunes_to_budget_with_heads_and_collapse(keep, tmp_path):
+    """Swin at keep 0.5 and 0.1: <= budget, within 1% of it at 0.5; the kept attentions hold their kept heads
+    (PrunedShiftedWindowAttention), the emptied ones and MLPs are collapsed branches; saved and rebuilt by plan."""
+    model, calib, ranking, source = _ranked("swin")
+    before = models.count_params(model)
+    res = spvr_prune(model, calib, keep, group_size=D, ranking=ranking, progress=False, source=source)
+    assert res.params_after == models.count_params(res.model) <= res.budget == int(np.floor(keep * before))
+    # at 0.1 the never-pruned part (patch embedding, norms, patch merging, classifier: 9.7k of 136k) is most of the
+    # budget (13.6k): the last step collapses the last unit, and budget.global_discard gives groups back only to
+    # units that did not collapse, so the network ends under the budget (2.8% of the original here)
+    assert res.budget - res.params_after <= (0.01 if keep == 0.5 else 0.05) * before
+    pruned = dict(res.model.named_modules())
+    collapsed = {c["unit"]: c for c in res.collapsed}
+    assert all(c["kind"] == "branch" and not res.kept[n] for n, c in collapsed.items())
+    for name in _SWIN_ATTN:
+        kept = res.kept[name]
+        if not kept:
+            assert name in collapsed and name not in pruned and name.replace("attn", "norm1") not in pruned
+            continue
+        new = pruned[name]
+        assert type(new) is swin.PrunedShiftedWindowAttention and new.kept_heads == tuple(kept)
+        assert new.num_heads == len(kept) and new.head_dim == 16
+        assert new.qkv.weight.shape == (48 * len(kept), new.proj.out_features)
+        assert new.relative_position_bias_table.shape == (49, len(kept))
+    assert {m.normalized_shape for m in res.model.modules() if isinstance(m, nn.LayerNorm)} <= {(32,), (64,), (128,)}
+    kinds = {("heads" if n in _SWIN_ATTN else "mlp") for n in collapsed}
+    assert kinds == {"heads", "mlp"}                        # attention AND MLP branches collapsed
+    if keep == 0.5:
+        assert any(0 < len(k) < len(ranking.groups[u]) * D for u, k in res.kept.items())   # a unit thinned
+    else:
+        assert len(collapsed) == 8                          # every branch: only the never-pruned part is left
+    with torch.no_grad():
+        assert res.model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert_saved_network_reloads(res.model, res.params_after, tmp_path, (2, 3, 32, 32))
+
+
+def test_swin_inherited_heads_give_the_masked_network():
+    """inherit=True: the pruned Swin (kept heads with their qkv rows, proj columns and bias-table columns, removed
+    MLP neurons gone) computes exactly what the original computes with the removed heads and neurons masked."""
+    model, calib, ranking, _ = _ranked("swin")
+    scores = {k: v.clone() for k, v in ranking.scores.items()}
+    scores["features.3.0.attn"][0] = scores["features.3.1.attn"][1] = -1.0      # two of four heads rank last
+    ranking = GroupRanking(ranking.groups, scores, D, "spvr", "fast", ranking.n_calib)
+    res = spvr_prune(model, calib, 0.8, group_size=D, ranking=ranking, progress=False, inherit=True)
+    assert not res.collapsed
+    heads = {n: m.num_heads for n, m in res.model.named_modules() if type(m) is swin.PrunedShiftedWindowAttention}
+    assert heads == {"features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 2, "features.3.1.attn": 2}
+    _, g = _structure(model, calib[0], None, None)
+    hooks = []
+    for u in g.units:
+        gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
+        if gone:
+            s = u.sites[0]
+            pos = torch.tensor([i for c in gone for i in s.index[c]])
+            mod = dict(model.named_modules())[s.module]
+            hooks.append(mod.register_forward_hook(lambda _m, _i, o, p=pos: o.index_fill(-1, p, 0)))
+    try:
+        with torch.no_grad():
+            masked = model(calib[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        assert torch.allclose(res.model.eval()(calib[0]), masked, atol=1e-5)
+
+
+def test_swin_v2_is_refused_by_name():
+    """torchvision's Swin v2 attention (cosine attention, a bias MLP) still calls its layers functionally (F.linear
+    on qkv.weight): it is refused at once, naming the module and the layers."""
+    model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4],
+                            num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
+    with pytest.raises(ValueError, match=r"module 'features\.1\.0\.attn' \(ShiftedWindowAttentionV2\) uses the "
                                          r"weights of its layer\(s\) \['features\.1\.0\.attn\.qkv'"):
-        _structure(model, torch.randn(2, 3, 64, 64), None, None)
+        _structure(model, torch.randn(2, 3, 32, 32), None, None)
