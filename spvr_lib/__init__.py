@@ -16,7 +16,7 @@ tasks, latency, baselines and store (the one cache).  The paper's tables and fig
 """
 from spvr_lib.baselines import BaselineResult
 from spvr_lib.baselines import prune as prune_baseline
-from spvr_lib.budget import apply_budget, budget_from_keep
+from spvr_lib.budget import budget_from_keep, global_discard
 from spvr_lib.criteria import CRITERIA, kl_loss, spvr_loss
 from spvr_lib.devices import resolve_device
 from spvr_lib.grouping import (
@@ -36,7 +36,7 @@ from spvr_lib.models import (
                              spec_params,
                              spec_to_str,
 )
-from spvr_lib.prune import GroupRanking, PruneResult, inherit_weights, layer_groups, rank_groups, spvr_prune
+from spvr_lib.prune import GroupRanking, PruneResult, inherit_weights, network_units, rank_groups, spvr_prune, unit_groups
 from spvr_lib.ranking import MaskSite, group_importance, mask_output, unit_importance
 from spvr_lib.tasks import CLASSIFICATION, SEGMENTATION, Task
 from spvr_lib.train import Recipe, evaluate, fit, train_run
@@ -45,9 +45,9 @@ __version__ = "0.2.0"
 
 __all__ = [
     # the method
-    "spvr_prune", "PruneResult", "rank_groups", "GroupRanking", "inherit_weights", "layer_groups", "group_importance", "mask_output", "unit_importance", "MaskSite",
+    "spvr_prune", "PruneResult", "rank_groups", "GroupRanking", "inherit_weights", "network_units", "unit_groups", "group_importance", "mask_output", "unit_importance", "MaskSite",
     "spvr_loss", "kl_loss", "CRITERIA", "correlation_matrix", "group_neurons", "reduce_feature_maps",
-    "record_activations", "budget_from_keep", "apply_budget",
+    "record_activations", "budget_from_keep", "global_discard",
     # networks, training and measurement
     "build", "preset", "count_params", "spec_params", "spec_to_str", "reinitialize", "save_network",
     "load_network", "Recipe", "fit", "evaluate", "train_run", "Task", "CLASSIFICATION",

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import Tensor
 
-from spvr_lib import models
 
 
 def budget_from_keep(keep: int | float, params_before: int) -> int:
@@ -26,7 +25,7 @@ def budget_from_keep(keep: int | float, params_before: int) -> int:
 
 @dataclass
 class Budgeted:
-    """What :func:`apply_budget` decided.
+    """What :func:`global_discard` decided.
 
     spec: the pruned spec; kept: {layer: sorted kept channel indices of the ORIGINAL layer};
     removed: {layer: per group, True if none of its channels is kept}; order: {layer: per group,
@@ -168,31 +167,3 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
     removed = {n: [not (set(g) & set(kept[n])) for g in groups[n]] for n in names}
     return Budgeted(spec={}, kept=kept, removed=removed, order=order, params_after=int(params),
                     last_step=int(last_step), steps=steps, kept_one=kept_one)
-
-
-def apply_budget(spec: dict, layers: Sequence[models.PrunableLayer], groups: Mapping[str, Sequence[Sequence[int]]],
-                 scores: Mapping[str, Sequence[float] | Tensor], budget: int) -> Budgeted:
-    """:func:`global_discard` for a ``spvr_lib.models`` spec: ``models.spec_params`` of the rebuilt spec
-    counts the parameters; a ResNet stage (``PrunableLayer.tie``) is one tie; a layer at width 0 goes
-    (``models.with_widths``: layer collapse)."""
-    models.validate(spec)
-    by_name = {layer.name: layer for layer in layers}
-    names = [layer.name for layer in layers]
-    ties = {layer.name: layer.tie for layer in layers}
-    widths = {layer.name: layer.width for layer in layers}
-    tie_width: dict[str, int] = {}
-    for layer in layers:
-        if layer.tie is not None:
-            tie_width[layer.tie] = min(tie_width.get(layer.tie, layer.width), layer.width)
-
-    def spec_of(kept: Mapping[str, list[int]]) -> dict:
-        out = {}
-        for name, chans in kept.items():
-            layer = by_name[name]
-            out[layer.ref] = len(chans) if layer.tie is None else len(chans) // (layer.width // tie_width[layer.tie])
-        return models.with_widths(spec, out)
-
-    decided = global_discard(names, widths, groups, scores, budget, lambda kept: models.spec_params(spec_of(kept)),
-                             ties)
-    decided.spec = spec_of(decided.kept)
-    return decided

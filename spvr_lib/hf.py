@@ -443,7 +443,7 @@ def rank_token_groups(model: nn.Module, calib: tuple[Tensor, Tensor], group_size
     samples, as ``rank_groups``); "spvr_next_token" or "kl_next_token" for language-model logits [n, seq,
     vocab] (the same at every position, averaged over positions and samples).  Each group is masked at its
     unit's site and the whole calibration set run again (the paper's naive algorithm)."""
-    from spvr_lib.prune import GroupRanking, _check_calib, _check_group_size, _num_classes, _structure
+    from spvr_lib.prune import GroupRanking, _check_calib, _check_group_size, _num_classes, network_units
     from spvr_lib.ranking import _masked_sites
 
     _check_group_size(group_size)
@@ -456,7 +456,7 @@ def rank_token_groups(model: nn.Module, calib: tuple[Tensor, Tensor], group_size
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
     t0 = time.perf_counter()
-    _, g = _structure(model, x, "graph", ignored_layers)
+    g = network_units(model, x, "graph", ignored_layers)
     if not isinstance(g, TokenGraph):
         raise ValueError(f"model ({type(model).__name__}) is not a Hugging Face transformer with known blocks; "
                          "rank it with spvr_lib.prune.rank_groups")

@@ -5,18 +5,19 @@ One engine for every network, in the paper's order:
 
 1. Grouping (Section 3.2): one forward pass records each unit's activations where it is first
    normalised; Eq. 3/4 and Algorithm 1 (``grouping``) turn them into groups of ``d`` channels
-   (:func:`unit_groups`; :func:`layer_groups` for a spvr_lib spec).
+   (:func:`unit_groups`).
 2. Ranking (Section 3.1): the importance of each group, Eq. 2 summed over the calibration set, by
    masking the group wherever its unit lives (:func:`spvr_lib.ranking.unit_importance`).
 3. Budget (Section 3.2, Appendix B): all groups of all units sorted together, the least important
    discarded until the rebuilt network fits the parameter budget (:func:`budget.global_discard`),
    with layer collapse: a layer, a residual branch or a whole ResNet stage can disappear.
 
-What a "unit" is and how the smaller network is rebuilt comes from one of two descriptions:
-``engine="graph"`` (any nn.Module: units of coupled channels from Torch-Pruning's DependencyGraph,
-the exact count and the rebuild by ``spvr_lib.graph``) and ``engine="spec"`` (a ``spvr_lib.models``
-network, the default for those: one unit per prunable layer, ResNet stages tied as below, the pruned
-spec rebuilt by ``models.build``, which is how the paper's Tables 6-8 read).
+One description of a network, one path (:func:`network_units`): its units, where each is masked and
+recorded, the exact parameter count of any removal, and the rebuild.  Any nn.Module is traced
+(``spvr_lib.graph``: units of coupled channels from Torch-Pruning's DependencyGraph, collapse by
+torch.fx); a ``spvr_lib.models`` network is described by its spec (``spvr_lib.spec_units``: one unit
+per prunable layer, Appendix B's stage rule below, the pruned spec rebuilt by ``models.build``, which is
+how the paper's Tables 6-8 read).  Grouping, ranking and the budget loop are the same for both.
 
 ResNets (Appendix B).  All layers of a stage share one width (``PrunableLayer.tie``), which is
 what the paper's Tables 7 and 8 show (equal widths in every block).  Our rule: when a group of a
@@ -53,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from spvr_lib import models
-from spvr_lib.budget import apply_budget, budget_from_keep, global_discard
+from spvr_lib.budget import Budgeted, budget_from_keep, global_discard
 from spvr_lib.graph import NetworkGraph, trace_units
 from spvr_lib.hf import is_hf_model, logits_of
 from spvr_lib.criteria import CRITERIA
@@ -64,10 +65,11 @@ from spvr_lib.grouping import (
     record_activations,
     reduce_feature_maps,
 )
-from spvr_lib.ranking import RANKING_PATHS, group_importance, unit_importance
+from spvr_lib.ranking import RANKING_PATHS, unit_importance
+from spvr_lib.spec_units import SpecGraph
 from spvr_lib.store import canonical_json
 
-__all__ = ["layer_groups", "apply_budget", "PruneResult", "GroupRanking", "rank_groups", "spvr_prune", "inherit_weights",
+__all__ = ["network_units", "unit_groups", "budget_step", "PruneResult", "GroupRanking", "rank_groups", "spvr_prune", "inherit_weights",
            "budget_from_keep", "model_spec"]
 
 # leaf modules the engine knows how to mask, rank and rebuild
@@ -119,24 +121,6 @@ def _check_calib(calib, n_classes: int) -> tuple[Tensor, Tensor]:
     if extra := sorted(present - set(range(n_classes))):
         raise ValueError(f"calib labels {extra} are outside 0..{n_classes - 1} (the model's classes)")
     return x, y
-
-
-# --------------------------------------------------------------------------- 1. grouping
-def layer_groups(model: nn.Module, x: Tensor, group_size: int, batch_size: int = 256) -> dict[str, list[list[int]]]:
-    """Section 3.2: {prunable layer name: groups of ``group_size`` channels} from one pass over ``x``.
-
-    Each layer's output is recorded at its mask point (``PrunableLayer.mask_module``: the BN
-    after a conv, the ReLU after an MLP hidden layer), reduced by Eq. 4 to [n, m], correlated by
-    Eq. 3 and split by Algorithm 1.  A bottleneck conv3 (4w channels) is grouped like any layer.
-    """
-    spec = model_spec(model)
-    _check_group_size(group_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
-    layers = models.prunable_layers(model, spec)
-    reduced = record_activations(model, x, {layer.name: layer.mask_module for layer in layers}, batch_size,
-                                 reduce=lambda out: reduce_feature_maps(out).double())
-    return {name: group_neurons(correlation_matrix(S), int(group_size)) for name, S in reduced.items()}
 
 
 # --------------------------------------------------------------------------- 3. the budget
@@ -222,6 +206,11 @@ def _is_spec_network(model: nn.Module) -> bool:
     return isinstance(getattr(model, "spec", None), dict) and isinstance(model, tuple(models._CLASSES.values()))
 
 
+def _classes_of(model: nn.Module, g, x: Tensor) -> int:
+    """The classes the calibration labels must cover: a spvr_lib network's spec's, else :func:`_num_classes`."""
+    return model_spec(model)["num_classes"] if isinstance(g, SpecGraph) else _num_classes(model, x)
+
+
 def _num_classes(model: nn.Module, x: Tensor) -> int:
     """Classes of a general model: the size of dim 1 of its output on one calibration sample (a Hugging Face
     model: of its logits; 0 for a language model, whose labels need not hold any given token)."""
@@ -244,17 +233,22 @@ def _num_classes(model: nn.Module, x: Tensor) -> int:
     return int(out.shape[1])
 
 
-def _structure(model: nn.Module, x: Tensor, engine: str | None, ignored_layers) -> tuple[str, NetworkGraph | None]:
-    """Which description of the network the engine uses: "spec" (a spvr_lib network: its prunable layers,
-    Appendix B's ResNet stage ties, collapse by its spec) or "graph" (any model: units of coupled channels
-    from Torch-Pruning's DependencyGraph, collapse by torch.fx)."""
+def network_units(model: nn.Module, x: Tensor, engine: str | None = None,
+                  ignored_layers: Sequence[str] | None = None) -> NetworkGraph | SpecGraph:
+    """The one description of ``model`` SPvR works on (units, where each is masked, the exact count of any removal,
+    the rebuild), for one example ``x[:1]``: a ``spvr_lib.models`` network's from its spec (its prunable layers,
+    Appendix B's stage rule: :class:`spvr_lib.spec_units.SpecGraph`), any other model's traced (units of coupled
+    channels from Torch-Pruning's DependencyGraph, collapse by torch.fx: :func:`spvr_lib.graph.trace_units`).
+    ``engine``: None (automatic), "spec" or "graph" (trace a spvr_lib network like any model)."""
     if engine not in (None, "spec", "graph"):
         raise ValueError(f"engine={engine!r}; expected None (automatic), 'spec' or 'graph'")
     if engine is None:
         engine = "spec" if _is_spec_network(model) and not ignored_layers else "graph"
     if engine == "spec":
-        model_spec(model)
-        return "spec", None
+        if ignored_layers:
+            raise ValueError("ignored_layers applies to a traced network (engine='graph'); a spvr_lib network's "
+                             "prunable layers are its spec's")
+        return SpecGraph(model, model_spec(model), x[:1])
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     param = next(model.parameters(), None)
@@ -272,7 +266,7 @@ def _structure(model: nn.Module, x: Tensor, engine: str | None, ignored_layers) 
         model.train(was)
     if not g.units:
         raise ValueError(f"model ({type(model).__name__}) has no prunable conv or linear layer besides its output layer")
-    return "graph", g
+    return g
 
 
 def unit_groups(model: nn.Module, g: NetworkGraph, x: Tensor, group_size: int,
@@ -287,26 +281,19 @@ def unit_groups(model: nn.Module, g: NetworkGraph, x: Tensor, group_size: int,
                          "criterion=criterion, ranking=ranking)")
     modules = dict(model.named_modules())
     sites = {u.name: u.record for u in g.units}
-
-    def to_channels(out: Tensor, site) -> Tensor:
-        out = out.detach().movedim(site.dim, 1)
-        if any(len(p) > 1 for p in site.index):
-            # a unit channel at several positions (a slot of a grouped conv, an attention head): Eq. 4's
-            # reduction of each position, summed over the channel's positions -> [n, width]
-            per = reduce_feature_maps(out).double()
-            return torch.stack([per[:, list(p)].sum(dim=1) for p in site.index], dim=1)
-        idx = torch.as_tensor([p[0] for p in site.index], device=out.device)
-        return reduce_feature_maps(out.index_select(1, idx)).double()
-
-    reduced = {}
-    by_module: dict[str, list[str]] = {}
-    for name, site in sites.items():
-        by_module.setdefault(site.module, []).append(name)
-    raw = record_activations(model, x, {m: modules[m] for m in by_module}, batch_size,
-                             reduce=lambda out: out.detach().float())
-    for m, names in by_module.items():
-        for name in names:
-            reduced[name] = to_channels(raw[m], sites[name])
+    reduced: dict[str, Tensor] = {}
+    for dim in sorted({site.dim for site in sites.values()}):
+        # one pass per channel dim: Eq. 4's reduction of every position of every recorded module, per batch
+        # ([n, positions]); a unit channel at several positions (a slot of a grouped conv, an attention head)
+        # sums its positions' reductions
+        at = {site.module for site in sites.values() if site.dim == dim}
+        per = record_activations(model, x, {m: modules[m] for m in at}, batch_size,
+                                 reduce=lambda out, dim=dim: reduce_feature_maps(out.detach().float().movedim(dim, 1)).double())
+        for name, site in sites.items():
+            if site.dim == dim:
+                cols = per[site.module]
+                reduced[name] = cols[:, [p[0] for p in site.index]] if all(len(p) == 1 for p in site.index) else \
+                    torch.stack([cols[:, list(p)].sum(dim=1) for p in site.index], dim=1)
     return {u.name: group_neurons(correlation_matrix(reduced[u.name]), int(group_size)) for u in g.units}
 
 
@@ -327,16 +314,11 @@ def rank_groups(model: nn.Module, calib: tuple[Tensor, Tensor], group_size: int 
     t0 = time.perf_counter()
     work = _on_device(model, device)
     x = _calib_x(calib)
-    kind, g = _structure(work, x, engine, ignored_layers)
-    if kind == "spec":
-        x, _ = _check_calib(calib, model_spec(model)["num_classes"])
-        groups = layer_groups(work, x, int(group_size))
-        scores = group_importance(work, x, groups, criterion=criterion, method=method, progress=progress)
-    else:
-        x, _ = _check_calib(calib, _num_classes(work, x))
-        groups = unit_groups(work, g, x, int(group_size))
-        units = {u.name: (u.sites, groups[u.name]) for u in g.units}
-        scores = unit_importance(work, x, units, criterion=criterion, method=method, progress=progress)
+    g = network_units(work, x, engine, ignored_layers)
+    x, _ = _check_calib(calib, _classes_of(work, g, x))
+    groups = unit_groups(work, g, x, int(group_size))
+    units = {u.name: (u.sites, groups[u.name]) for u in g.units}
+    scores = unit_importance(work, x, units, criterion=criterion, method=method, progress=progress)
     return GroupRanking(groups=groups, scores=scores, group_size=int(group_size), criterion=criterion,
                         method=method, n_calib=len(x), seconds=round(time.perf_counter() - t0, 3))
 
@@ -347,6 +329,31 @@ def _calib_x(calib) -> Tensor:
     if calib[0].ndim < 2 or len(calib[0]) < 2:
         raise ValueError(f"calib x must hold n >= 2 samples [n, ...], got shape {tuple(calib[0].shape)}")
     return calib[0]
+
+
+def _removed_of(g, kept: Mapping[str, Sequence[int]]) -> list[np.ndarray]:
+    """[width] bool per unit of ``g``: True where ``kept`` ({unit: kept channels}) does not keep the channel."""
+    out = []
+    for u in g.units:
+        mask = np.ones(u.width, dtype=bool)
+        mask[list(kept[u.name])] = False
+        out.append(mask)
+    return out
+
+
+def budget_step(g: NetworkGraph | SpecGraph, groups: Mapping[str, Sequence[Sequence[int]]],
+                scores: Mapping[str, Tensor], budget: int, ties: Mapping[str, str] | None = None,
+                fill_back: int | None = None) -> Budgeted:
+    """Section 3.2's budget step on a network's description ``g`` (:func:`network_units`): every group of every
+    unit sorted together and discarded, least important first, until ``g.count`` of the rest is <= ``budget``
+    parameters (:func:`budget.global_discard`), with ``g``'s ties (a ResNet stage) and ``ties`` ({unit: tie id});
+    a unit without a collapse rule keeps its last group.  A spvr_lib network's result carries its pruned spec."""
+    decided = global_discard([u.name for u in g.units], {u.name: u.width for u in g.units}, groups, scores, budget,
+                             lambda kept: g.count(_removed_of(g, kept)), {**getattr(g, "ties", {}), **(ties or {})},
+                             {u.name: u.why_not for u in g.units if u.collapse is None}, fill_back=fill_back)
+    if isinstance(g, SpecGraph):
+        decided.spec = g.spec_of(_removed_of(g, decided.kept))
+    return decided
 
 
 def describe(model: nn.Module) -> str:
@@ -388,15 +395,14 @@ def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     x = _calib_x(calib)
-    kind, g = _structure(model, x, engine, ignored_layers)
-    if kind == "spec":
-        if ties or inherit or source is not None:
-            raise ValueError("ties, inherit and source apply to engine='graph'; a spvr_lib network ties its ResNet "
-                             "stages itself, and inherit_weights gives its fine-tuning start")
-        return _spvr_prune_spec(model, calib, keep, group_size, criterion, method, progress, device, ranking)
-    _check_calib(calib, _num_classes(model, x))
+    g = network_units(model, x, engine, ignored_layers)
+    spec_net = isinstance(g, SpecGraph)
+    if spec_net and (ties or inherit or source is not None):
+        raise ValueError("ties, inherit and source apply to a traced network (engine='graph'); a spvr_lib network "
+                         "ties its ResNet stages itself, and inherit_weights gives its fine-tuning start")
+    _check_calib(calib, _classes_of(model, g, x))
     if ranking is None:
-        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress, "graph", ignored_layers)
+        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress, engine, ignored_layers)
     elif (ranking.group_size, ranking.criterion) != (int(group_size), criterion):
         raise ValueError(f"ranking was computed with group_size={ranking.group_size}, criterion="
                          f"{ranking.criterion!r}; this call asks for group_size={group_size}, criterion={criterion!r}")
@@ -405,32 +411,19 @@ def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float
                          f"{sorted(set(ranking.groups) ^ {u.name for u in g.units})[:5]}")
     params_before = models.count_params(model)
     budget = budget_from_keep(keep, params_before)
-    names = [u.name for u in g.units]
-    widths = {u.name: u.width for u in g.units}
     unit_of = {p: u.name for u in g.units for p in u.producers}
     tie_of: dict[str, str] = {}
     for t, layers in enumerate(ties or ()):
         for layer in layers:
             if layer not in unit_of:
                 raise ValueError(f"ties names {layer!r}, which is not a prunable layer of the model "
-                                 f"(e.g. {names[:3]})")
+                                 f"(e.g. {[u.name for u in g.units][:3]})")
             tie_of[unit_of[layer]] = f"tie{t}"
-
-    def removed_of(kept: Mapping[str, list[int]]) -> list[np.ndarray]:
-        out = []
-        for u in g.units:
-            mask = np.ones(u.width, dtype=bool)
-            mask[kept[u.name]] = False
-            out.append(mask)
-        return out
-
-    decided = global_discard(names, widths, ranking.groups, ranking.scores, budget,
-                             lambda kept: g.count(removed_of(kept)), tie_of,
-                             {u.name: u.why_not for u in g.units if u.collapse is None},
-                             fill_back=int(FILL_BACK * params_before))
-    removed = removed_of(decided.kept)
+    decided = budget_step(g, ranking.groups, ranking.scores, budget, tie_of,
+                          int(FILL_BACK * params_before) if getattr(g, "fill_back", True) else None)
+    removed = _removed_of(g, decided.kept)
     new_model = g.build(removed)
-    if not inherit:
+    if not inherit and not spec_net:
         models.reinitialize(new_model, strict=False)
     params_after = models.count_params(new_model)
     if params_after != decided.params_after:
@@ -438,50 +431,27 @@ def spvr_prune(model: nn.Module, calib: tuple[Tensor, Tensor], keep: int | float
                            f"predicted {decided.params_after}; please report this model")
     collapsed = [{"unit": u.name, "kind": u.collapse, "modules": list(u.dead)}
                  for u, r in zip(g.units, removed) if r.all()]
-    plan = {"engine": "graph", "example_shape": list(x[:1].shape), "ignored_layers": list(g.ignored),
-            "removed": {u.name: np.flatnonzero(r).tolist() for u, r in zip(g.units, removed) if r.any()},
-            "inherit": bool(inherit)}
-    new_model.spvr_description = {"source": dict(source) if source is not None else None, "plan": plan}
     rows = [{"layer": name, "group": j, "channels": list(grp), "size": len(grp),
              "importance": float(ranking.scores[name][j]), "order": decided.order[name][j],
              "removed": decided.removed[name][j]}
             for name, gs in ranking.groups.items() for j, grp in enumerate(gs)]
+    if spec_net:                            # a spvr_lib network: its pruned spec says it all
+        spec = decided.spec
+        return PruneResult(spec=spec, model=new_model, scores=pd.DataFrame(rows), params_before=params_before,
+                           params_after=params_after, budget=budget, kept=decided.kept, groups=ranking.groups,
+                           last_step=decided.last_step, original_spec=copy.deepcopy(g.spec), collapsed=collapsed,
+                           kept_one=[{"unit": k, "why": v} for k, v in decided.kept_one.items()],
+                           architecture_before=models.spec_to_str(g.spec), architecture=models.spec_to_str(spec),
+                           plan={"engine": "spec"})
+    plan = {"engine": "graph", "example_shape": list(x[:1].shape), "ignored_layers": list(g.ignored),
+            "removed": {u.name: np.flatnonzero(r).tolist() for u, r in zip(g.units, removed) if r.any()},
+            "inherit": bool(inherit)}
+    new_model.spvr_description = {"source": dict(source) if source is not None else None, "plan": plan}
     return PruneResult(spec=None, model=new_model, scores=pd.DataFrame(rows), params_before=params_before,
                        params_after=params_after, budget=budget, kept=decided.kept, groups=ranking.groups,
                        last_step=decided.last_step, original_spec={}, collapsed=collapsed,
                        kept_one=[{"unit": k, "why": v} for k, v in decided.kept_one.items()],
                        architecture_before=describe(model), architecture=describe(new_model), plan=plan)
-
-
-def _spvr_prune_spec(model, calib, keep, group_size, criterion, method, progress, device, ranking) -> PruneResult:
-    """:func:`spvr_prune` for a ``spvr_lib.models`` network: its spec's prunable layers and ResNet stage ties
-    (Appendix B), the pruned spec rebuilt by ``models.build``."""
-    spec = model_spec(model)
-    _check_calib(calib, spec["num_classes"])
-    if ranking is None:
-        ranking = rank_groups(model, calib, group_size, criterion, method, device, progress, "spec")
-    elif (ranking.group_size, ranking.criterion) != (int(group_size), criterion):
-        raise ValueError(f"ranking was computed with group_size={ranking.group_size}, criterion="
-                         f"{ranking.criterion!r}; this call asks for group_size={group_size}, criterion={criterion!r}")
-    params_before = models.count_params(model)
-    budget = budget_from_keep(keep, params_before)
-    layers = models.prunable_layers(model, spec)
-    groups, scores = ranking.groups, ranking.scores
-    if set(groups) != {layer.name for layer in layers}:
-        raise ValueError("ranking does not hold the groups of this model's prunable layers: "
-                         f"{sorted(set(groups) ^ {layer.name for layer in layers})[:5]}")
-    decided = apply_budget(spec, layers, groups, scores, budget)
-    new_model = models.build(decided.spec)
-    rows = [{"layer": name, "group": j, "channels": list(g), "size": len(g),
-             "importance": float(scores[name][j]), "order": decided.order[name][j],
-             "removed": decided.removed[name][j]}
-            for name, gs in groups.items() for j, g in enumerate(gs)]
-    collapsed = [{"unit": name, "kind": "layer", "modules": [name]} for name, k in decided.kept.items() if not k]
-    return PruneResult(spec=decided.spec, model=new_model, scores=pd.DataFrame(rows), params_before=params_before,
-                       params_after=models.count_params(new_model), budget=budget, kept=decided.kept,
-                       groups=groups, last_step=decided.last_step, original_spec=copy.deepcopy(spec),
-                       collapsed=collapsed, architecture_before=models.spec_to_str(spec),
-                       architecture=models.spec_to_str(decided.spec), plan={"engine": "spec"})
 
 
 # --------------------------------------------------------------------------- fine-tuning start

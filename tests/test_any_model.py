@@ -12,7 +12,7 @@ from torch import nn
 
 from spvr_lib import models
 from spvr_lib.graph import trace_units
-from spvr_lib.prune import FILL_BACK, GroupRanking, _structure, rank_groups, spvr_prune, unit_groups
+from spvr_lib.prune import FILL_BACK, GroupRanking, network_units, rank_groups, spvr_prune, unit_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
@@ -40,7 +40,7 @@ def _zoo_model(name: str):
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, num_classes=10).eval()
         x, y = _calib()
-        _, g = _structure(model, x, None, None)
+        g = network_units(model, x)
         groups = unit_groups(model, g, x, D)
         gen = torch.Generator().manual_seed(1)
         scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 
 from spvr_lib import models
-from spvr_lib.prune import GroupRanking, _structure, spvr_prune, unit_groups
+from spvr_lib.prune import GroupRanking, network_units, spvr_prune, unit_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
@@ -35,7 +35,7 @@ def _model(name: str):
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, num_classes=10).eval()
         x, y = _calib()
-        _, g = _structure(model, x, None, None)
+        g = network_units(model, x)
         groups = unit_groups(model, g, x, D)
         gen = torch.Generator().manual_seed(1)
         scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}

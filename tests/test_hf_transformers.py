@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 from spvr_lib import models                                          # noqa: E402
 from spvr_lib.criteria import spvr_loss, spvr_next_token_loss        # noqa: E402
 from spvr_lib.hf import ZeroBranch, rank_token_groups                # noqa: E402
-from spvr_lib.prune import GroupRanking, _structure, spvr_prune      # noqa: E402
+from spvr_lib.prune import GroupRanking, network_units, spvr_prune      # noqa: E402
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
@@ -67,7 +67,7 @@ def test_next_token_criterion_by_hand():
 @pytest.mark.parametrize("key", ["bert", "gpt2"])
 def test_units_are_heads_neurons_and_the_stream(key):
     model, (ids, _), _, _ = _ranked(key)
-    _, g = _structure(model, ids, None, None)
+    g = network_units(model, ids)
     by = {u.name: u for u in g.units}
     if key == "bert":
         attn, mlp, out = "bert.encoder.layer.{}.attention.self", "bert.encoder.layer.{}.intermediate.dense", \
@@ -144,7 +144,7 @@ def test_inherited_heads_and_neurons_give_the_masked_network(key):
     res = spvr_prune(model, calib, before - removed_params, D, criterion=crit, ranking=ranking, progress=False,
                      inherit=True)
     assert res.params_after == before - removed_params and not res.collapsed
-    _, g = _structure(model, calib[0], None, None)
+    g = network_units(model, calib[0])
     hooks, modules = [], dict(model.named_modules())
     for u in g.units:
         gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
@@ -178,4 +178,4 @@ def test_errors_name_the_module_and_what_to_try():
     llama = transformers.LlamaForCausalLM(cfg).eval()
     with pytest.raises(ValueError, match=r"it stopped at module 'model\.layers\.0\.self_attn' \(LlamaAttention\), "
                                          r"an attention it does not know.*ignored_layers"):
-        _structure(llama, torch.randint(0, 100, (2, 8)), None, None)
+        network_units(llama, torch.randint(0, 100, (2, 8)))

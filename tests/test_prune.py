@@ -11,8 +11,9 @@ from torch import nn
 
 from spvr_lib import models
 from spvr_lib.grouping import correlation_matrix, group_neurons
-from spvr_lib.prune import PruneResult, inherit_weights, layer_groups, spvr_prune
-from spvr_lib.budget import apply_budget, budget_from_keep
+from spvr_lib.prune import PruneResult, budget_step, inherit_weights, network_units, spvr_prune, unit_groups
+from spvr_lib.budget import budget_from_keep
+from spvr_lib.spec_units import SpecGraph
 from spvr_lib.ranking import mask_output
 
 torch.set_num_threads(1)
@@ -60,12 +61,19 @@ def _check_invariants(spec: dict, decided, budget: int) -> nn.Module:
     return model
 
 
+def apply_budget(spec, layers, groups, scores, budget):
+    """The budget step on a spvr_lib spec's description (what spvr_prune runs after the ranking)."""
+    return budget_step(SpecGraph(models.build(spec), spec, torch.zeros(1)), groups, scores, budget)
+
+
 # --------------------------------------------------------------------------- grouping
-def test_layer_groups_partition_each_layer_at_its_mask_point():
+def test_a_spvr_lib_network_s_units_are_its_prunable_layers_grouped_at_their_mask_point():
     torch.manual_seed(0)
     model = models.build(SMALL_BOTTLENECK).eval()
     x = torch.randn(12, 1, 16, 16)
-    groups = layer_groups(model, x, group_size=3, batch_size=5)
+    g = network_units(model, x)
+    assert isinstance(g, SpecGraph) and g.ties == {u.name: u.name.split(".")[0] for u in g.units}
+    groups = unit_groups(model, g, x, group_size=3, batch_size=5)
     layers = models.prunable_layers(model, SMALL_BOTTLENECK)
     assert list(groups) == [l.name for l in layers]
     for l in layers:

@@ -17,7 +17,7 @@ from torchvision.models.shufflenetv2 import channel_shuffle
 from spvr_lib import models
 from spvr_lib.channel_shuffle import find_shuffles, shuffle_free
 from spvr_lib.graph import trace_graph, trace_units
-from spvr_lib.prune import _structure, rank_groups, spvr_prune
+from spvr_lib.prune import network_units, rank_groups, spvr_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
@@ -56,7 +56,7 @@ def _ranked():
         model, calib = _shufflenet(), _calib()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, g = _structure(model, calib[0], None, None)
+            g = network_units(model, calib[0])
             ranking = rank_groups(model, calib, D, method="naive", progress=False)
         _CACHE.update(model=model, calib=calib, g=g, ranking=ranking)
     return _CACHE["model"], _CACHE["calib"], _CACHE["g"], _CACHE["ranking"]

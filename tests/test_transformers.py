@@ -20,7 +20,7 @@ from torchvision.models.vision_transformer import VisionTransformer
 from spvr_lib import models, swin
 from spvr_lib.attention import MaskableMultiheadAttention, PrunedMultiheadAttention, make_maskable
 from spvr_lib.criteria import CRITERIA
-from spvr_lib.prune import GroupRanking, _structure, rank_groups, spvr_prune
+from spvr_lib.prune import GroupRanking, network_units, rank_groups, spvr_prune
 from spvr_lib.ranking import unit_importance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -96,7 +96,7 @@ def _attentions(model: nn.Module) -> dict[str, nn.Module]:
 # --------------------------------------------------------------------------- units
 def test_vit_units_are_heads_and_mlp_neurons_and_not_the_embedding():
     model, calib, _, _ = _ranked("vit")
-    _, g = _structure(model, calib[0], None, None)
+    g = network_units(model, calib[0])
     by_name = {u.name: u for u in g.units}
     for i in range(4):
         attn = by_name[f"encoder.layers.encoder_layer_{i}.self_attention"]
@@ -122,7 +122,7 @@ def test_masking_a_head_equals_removing_its_out_proj_columns():
     out_proj columns of those heads are zero, computed by hand."""
     model, (x, _), _, _ = _ranked("vit")
     name = "encoder.layers.encoder_layer_1.self_attention"
-    _, g = _structure(model, x, None, None)
+    g = network_units(model, x)
     unit = next(u for u in g.units if u.name == name)
     scores = unit_importance(model, x, {name: (unit.sites, [[1], [0, 3]])}, method="naive", progress=False)[name]
     with torch.no_grad():
@@ -191,7 +191,7 @@ def test_inherited_heads_give_the_masked_network():
     heads = {n: m.num_heads for n, m in _attentions(res.model).items()}
     assert heads == {"encoder.layers.0.self_attn": 4, "encoder.layers.1.self_attn": 2,
                      "encoder.layers.2.self_attn": 4, "encoder.layers.3.self_attn": 2}
-    _, g = _structure(model, calib[0], None, None)
+    g = network_units(model, calib[0])
     hooks = []
     for u in g.units:
         gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
@@ -265,7 +265,7 @@ def test_pruned_attention_rejects_bad_arguments():
 def test_an_ignored_attention_keeps_its_heads():
     model, calib, _, _ = _ranked("encoder")
     name = "encoder.layers.2.self_attn"
-    _, g = _structure(model, calib[0], None, [name])
+    g = network_units(model, calib[0], None, [name])
     assert name not in {u.name for u in g.units} and len(g.units) == 7
 
 
@@ -326,7 +326,7 @@ def test_swin_units_are_heads_and_mlp_neurons_and_not_the_embedding():
     branches; no unit for the embedding width (patch embedding, residual streams, patch merging); the count is
     exact for random removals; masking heads equals zeroing their proj columns (Eq. 2)."""
     model, (x, _), _, _ = _ranked("swin")
-    _, g = _structure(model, x, None, None)
+    g = network_units(model, x)
     by_name = {u.name: u for u in g.units}
     assert set(by_name) == {*_SWIN_ATTN, *(f"features.{s}.{b}.mlp.0" for s in (1, 3) for b in (0, 1))}
     for name, h in zip(_SWIN_ATTN, (2, 2, 4, 4)):
@@ -405,7 +405,7 @@ def test_swin_inherited_heads_give_the_masked_network():
     assert not res.collapsed
     heads = {n: m.num_heads for n, m in res.model.named_modules() if type(m) is swin.PrunedShiftedWindowAttention}
     assert heads == {"features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 2, "features.3.1.attn": 2}
-    _, g = _structure(model, calib[0], None, None)
+    g = network_units(model, calib[0])
     hooks = []
     for u in g.units:
         gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
@@ -431,4 +431,4 @@ def test_swin_v2_is_refused_by_name():
                             num_classes=10, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2).eval()
     with pytest.raises(ValueError, match=r"module 'features\.1\.0\.attn' \(ShiftedWindowAttentionV2\) uses the "
                                          r"weights of its layer\(s\) \['features\.1\.0\.attn\.qkv'"):
-        _structure(model, torch.randn(2, 3, 32, 32), None, None)
+        network_units(model, torch.randn(2, 3, 32, 32))

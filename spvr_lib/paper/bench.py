@@ -36,7 +36,7 @@ from spvr_lib import data, latency, models, store, train
 from spvr_lib.devices import resolve_device
 from spvr_lib.paper import base_models, scales
 from spvr_lib.graph import trace_units
-from spvr_lib.prune import layer_groups, unit_groups
+from spvr_lib.prune import network_units, unit_groups
 from spvr_lib.ranking import group_importance, unit_importance
 
 
@@ -110,7 +110,7 @@ def bench_ranking(model_key: str, scale: str, group_size: int | None = None, per
     model.eval()
     k = setup.calib_per_class if per_class is None else per_class
     x, y = data.calibration_set(data.load_dataset(setup.dataset, "train"), k, seed=seed, progress=progress)
-    groups = layer_groups(model, x, group_size)
+    groups = unit_groups(model, network_units(model, x), x, group_size)
     load_before = os.getloadavg()[0]
     (naive_s, naive_cpu, naive), (fast_s, fast_cpu, fast) = _timed_pair(
         lambda: group_importance(model, x, groups, criterion, "naive", progress=progress),

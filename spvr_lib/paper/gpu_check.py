@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 from spvr_lib import latency, models, ranking, train
 from spvr_lib.data import InMemoryImages
 from spvr_lib.paper.bench import same_ranking
-from spvr_lib.prune import layer_groups
+from spvr_lib.prune import network_units, unit_groups
 
 CHECKS: list[tuple[str, Callable[[], dict[str, Any]]]] = []
 DEVICE = "cuda"            # ``--device cpu`` runs the checks' code on the CPU (a dry run: tests, no GPU needed)
@@ -64,7 +64,7 @@ def fast_vs_naive_ranking() -> dict[str, Any]:
         torch.manual_seed(0)
         model = models.build(spec).to(DEVICE).eval()
         x = torch.randn(64, 3, 32, 32)
-        groups = layer_groups(model, x, 4)
+        groups = unit_groups(model, network_units(model, x), x, 4)
         fast = ranking.group_importance(model, x, groups, method="fast", progress=False)
         naive = ranking.group_importance(model, x, groups, method="naive", progress=False)
         f, n = torch.cat([fast[k] for k in groups]), torch.cat([naive[k] for k in groups])
@@ -123,7 +123,7 @@ def full_width_ranking_and_epoch() -> dict[str, Any]:
     x = torch.randn(500, 3, 32, 32)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    groups = layer_groups(vgg, x, 2)
+    groups = unit_groups(vgg, network_units(vgg, x), x, 2)
     ranking.group_importance(vgg, x, groups, method="fast", progress=False)
     torch.cuda.synchronize()
     rank_s = time.perf_counter() - t

@@ -6,7 +6,8 @@ import torch
 
 from spvr_lib import models
 from spvr_lib.paper import scales
-from spvr_lib.budget import apply_budget
+from spvr_lib.prune import budget_step
+from spvr_lib.spec_units import SpecGraph
 from spvr_lib.prune import spvr_prune
 from spvr_lib.paper import base_models, reference, segmentation, mobilenet, trained_runs
 
@@ -215,7 +216,7 @@ def test_segmentation_settings_errors():
 
 
 def test_segnet_budget_discards_tied_partner_groups_by_hand():
-    """budget.apply_budget on SegNet's pool ties: the encoder conv and the decoder conv feeding its unpool."""
+    """The budget step (prune.budget_step) on SegNet's pool ties: the encoder conv and the decoder conv feeding its unpool."""
     spec = {"arch": "segnet", "cfg": [4, "M", 4, "M"], "decoder": ["U", 4, "U", 4], "in_channels": 1, "num_classes": 2}
     model = models.build(spec)
     layers = models.prunable_layers(model, spec)
@@ -226,14 +227,15 @@ def test_segnet_budget_discards_tied_partner_groups_by_hand():
     scores = {"encoder.0.0": torch.tensor([5.0, 1.0]), "encoder.2.0": torch.tensor([3.0, 8.0]),
               "decoder.1.0": torch.tensor([6.0, 7.0]), "decoder.3.0": torch.tensor([4.0, 9.0])}
     step1 = models.with_widths(spec, {("enc", 0): 2})                 # least important: encoder.0.0's group 1
-    decided = apply_budget(spec, layers, groups, scores, models.spec_params(step1))
+    decided = budget_step(SpecGraph(models.build(spec), spec, torch.zeros(1)), groups, scores, models.spec_params(step1))
     new, kept, rank = decided.spec, decided.kept, decided.order
     assert new == step1 and new["decoder"] == ["U", 2, "U", 4]
     assert kept == {"encoder.0.0": [0, 1], "encoder.2.0": [0, 1, 2, 3], "decoder.1.0": [2, 3],  # partner: its g0 (6)
                     "decoder.3.0": [0, 1, 2, 3]}
     assert rank["encoder.0.0"] == [3, 0] and rank["encoder.2.0"] == [1, 6]
     step2 = models.with_widths(spec, {("enc", 0): 2, ("enc", 2): 2})  # next: encoder.2.0's group 0
-    decided = apply_budget(spec, layers, groups, scores, models.spec_params(step1) - 1)
+    decided = budget_step(SpecGraph(models.build(spec), spec, torch.zeros(1)), groups, scores,
+                          models.spec_params(step1) - 1)
     assert decided.spec == step2 and decided.kept["encoder.2.0"] == [2, 3]
     with pytest.raises(ValueError):
-        apply_budget(spec, layers, groups, scores, 1)
+        budget_step(SpecGraph(models.build(spec), spec, torch.zeros(1)), groups, scores, 1)
