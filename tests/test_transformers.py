@@ -191,23 +191,7 @@ def test_inherited_heads_give_the_masked_network():
     heads = {n: m.num_heads for n, m in _attentions(res.model).items()}
     assert heads == {"encoder.layers.0.self_attn": 4, "encoder.layers.1.self_attn": 2,
                      "encoder.layers.2.self_attn": 4, "encoder.layers.3.self_attn": 2}
-    g = network_units(model, calib[0])
-    hooks = []
-    for u in g.units:
-        gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
-        if gone:
-            s = u.sites[0]
-            pos = torch.tensor([i for c in gone for i in s.index[c]])
-            mod = dict(model.named_modules())[s.module]
-            hooks.append(mod.register_forward_hook(lambda _m, _i, o, p=pos: o.index_fill(-1, p, 0)))
-    try:
-        with torch.no_grad():
-            masked = model(calib[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        assert torch.allclose(res.model.eval()(calib[0]), masked, atol=1e-5)
+    _assert_pruned_equals_masked(model, calib[0], res)
 
 
 # --------------------------------------------------------------------------- the attention modules
@@ -405,23 +389,7 @@ def test_swin_inherited_heads_give_the_masked_network():
     assert not res.collapsed
     heads = {n: m.num_heads for n, m in res.model.named_modules() if type(m) is swin.PrunedShiftedWindowAttention}
     assert heads == {"features.1.0.attn": 2, "features.1.1.attn": 2, "features.3.0.attn": 2, "features.3.1.attn": 2}
-    g = network_units(model, calib[0])
-    hooks = []
-    for u in g.units:
-        gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
-        if gone:
-            s = u.sites[0]
-            pos = torch.tensor([i for c in gone for i in s.index[c]])
-            mod = dict(model.named_modules())[s.module]
-            hooks.append(mod.register_forward_hook(lambda _m, _i, o, p=pos: o.index_fill(-1, p, 0)))
-    try:
-        with torch.no_grad():
-            masked = model(calib[0])
-    finally:
-        for h in hooks:
-            h.remove()
-    with torch.no_grad():
-        assert torch.allclose(res.model.eval()(calib[0]), masked, atol=1e-5)
+    _assert_pruned_equals_masked(model, calib[0], res)
 
 
 def test_swin_v2_is_refused_by_name():
@@ -432,3 +400,25 @@ def test_swin_v2_is_refused_by_name():
     with pytest.raises(ValueError, match=r"module 'features\.1\.0\.attn' \(ShiftedWindowAttentionV2\) uses the "
                                          r"weights of its layer\(s\) \['features\.1\.0\.attn\.qkv'"):
         network_units(model, torch.randn(2, 3, 32, 32))
+
+
+def _assert_pruned_equals_masked(model, x, res):
+    """``res.model`` (pruned with inherit=True) computes on ``x`` what ``model`` computes with every channel
+    ``res`` removed zeroed at its unit's first mask site (heads at the heads' output, neurons at their layer's)."""
+    g = network_units(model, x)
+    hooks = []
+    for u in g.units:
+        gone = sorted(set(range(u.width)) - set(res.kept[u.name]))
+        if gone:
+            s = u.sites[0]
+            pos = torch.tensor([i for c in gone for i in s.index[c]])
+            mod = dict(model.named_modules())[s.module]
+            hooks.append(mod.register_forward_hook(lambda _m, _i, o, p=pos: o.index_fill(-1, p, 0)))
+    try:
+        with torch.no_grad():
+            masked = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        assert torch.allclose(res.model.eval()(x), masked, atol=1e-5)
