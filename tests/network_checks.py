@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from spvr_lib import models
+from spvr_lib.prune import GroupRanking, network_units, unit_groups
 
 
 def random_removals(graph, rng: np.random.Generator) -> list[np.ndarray]:
@@ -49,3 +50,21 @@ def assert_saved_network_reloads(model: nn.Module, params: int, tmp_path: Path,
     with torch.no_grad():
         assert torch.allclose(again(x), model.eval()(x), atol=1e-5)
     return path
+
+
+def randomly_ranked(name: str, calib: tuple[torch.Tensor, torch.Tensor], group_size: int, cache: dict):
+    """A randomly initialised torchvision network ``name`` (10 classes), its units and a seeded random ranking of
+    Algorithm 1's groups on ``calib`` (the masking scores are tested against the naive path in
+    test_ranking_paths.py), built once per ``cache``: (model, calib, units, ranking)."""
+    import torchvision
+
+    if name not in cache:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, num_classes=10).eval()
+        x, _ = calib
+        g = network_units(model, x)
+        groups = unit_groups(model, g, x, group_size)
+        gen = torch.Generator().manual_seed(1)
+        scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}
+        cache[name] = (model, calib, g, GroupRanking(groups, scores, group_size, "spvr", "fast", len(x)))
+    return cache[name]

@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from spvr_lib import models
 from spvr_lib.graph import trace_units
-from spvr_lib.prune import FILL_BACK, GroupRanking, network_units, rank_groups, spvr_prune, unit_groups
+from spvr_lib.prune import FILL_BACK, GroupRanking, rank_groups, spvr_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
+from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads, randomly_ranked  # noqa: E402,E501
 
 torch.set_num_threads(1)
 
@@ -32,20 +31,9 @@ _CACHE: dict = {}
 
 
 def _zoo_model(name: str):
-    """A randomly initialised torchvision network (10 classes), its units and a seeded random ranking.
-
-    The ranking's scores are random (the masking scores are tested against the naive path in
-    test_ranking_paths.py); what this file tests is grouping, the budget, collapse and the rebuild."""
-    if name not in _CACHE:
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, num_classes=10).eval()
-        x, y = _calib()
-        g = network_units(model, x)
-        groups = unit_groups(model, g, x, D)
-        gen = torch.Generator().manual_seed(1)
-        scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}
-        _CACHE[name] = (model, (x, y), g, GroupRanking(groups, scores, D, "spvr", "fast", len(x)))
-    return _CACHE[name]
+    """A randomly initialised torchvision network (10 classes), its units and a seeded random ranking
+    (network_checks.randomly_ranked): what this file tests is grouping, the budget, collapse and the rebuild."""
+    return randomly_ranked(name, _calib(), D, _CACHE)
 
 
 # keep 0.05 thins and collapses, keep 0.5 thins: every network at 0.05, and at 0.5 the four whose thinning is cheap.

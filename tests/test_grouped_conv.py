@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from spvr_lib import models
-from spvr_lib.prune import GroupRanking, network_units, spvr_prune, unit_groups
+from spvr_lib.prune import spvr_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
+from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads, randomly_ranked  # noqa: E402,E501
 
 torch.set_num_threads(1)
 
@@ -29,18 +28,8 @@ def _calib(n: int = 16, size: int = SIZE):
 
 
 def _model(name: str):
-    """A randomly initialised torchvision network (10 classes), its units, and a seeded random ranking of
-    Algorithm 1's groups (the masking scores are tested in test_ranking_paths.py)."""
-    if name not in _CACHE:
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, num_classes=10).eval()
-        x, y = _calib()
-        g = network_units(model, x)
-        groups = unit_groups(model, g, x, D)
-        gen = torch.Generator().manual_seed(1)
-        scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}
-        _CACHE[name] = (model, (x, y), g, GroupRanking(groups, scores, D, "spvr", "fast", len(x)))
-    return _CACHE[name]
+    """A randomly initialised torchvision network, its units and a seeded random ranking (network_checks)."""
+    return randomly_ranked(name, _calib(), D, _CACHE)
 
 
 def _grouped(model: nn.Module) -> dict[str, nn.Conv2d]:
