@@ -17,7 +17,9 @@ from torch import Tensor, nn
 from spvr_lib.fast_ranking_ops import (_ADD, _bn_affine, _channel_view, _conv_partial, _Dense, _eval_bn, _FORMAT,
                                        _gather, _index, _INPLACE, _materialize, _MUL, _Patch, _POINTWISE_FUNCTIONS,
                                        _POINTWISE_METHODS, _POINTWISE_MODULES, _POOL_FUNCTIONS, _POOLS, _positions,
-                                       _Raw, to_model, _Tracer, _Unsupported, _variants)
+                                       _Raw, to_model, _Unsupported, _variants)
+from spvr_lib.graph import MaskSite
+from spvr_lib.tracing import trace
 
 _MEMORY_BYTES = 1 << 30      # working memory the fast path aims for (caches, and masked variants)
 # The largest single tensor the fast path aims to allocate per masked re-run (it bounds the groups stacked
@@ -37,7 +39,7 @@ class _FastRanker:
         if "" in leaves:
             raise _Unsupported("a mask site is the whole model")
         try:
-            self.graph = _Tracer(leaves).trace(model)
+            self.graph = trace(model, leaves)
         except Exception as e:  # noqa: BLE001 -- any tracing failure means: use the naive path
             raise _Unsupported(f"torch.fx could not trace it: {type(e).__name__}: {str(e)[:200]}") from None
         self.nodes = list(self.graph.nodes)
@@ -57,9 +59,14 @@ class _FastRanker:
         for nd in self.nodes:
             if nd.op == "call_module":
                 self.at.setdefault(nd.target, []).append(nd)
-        missing = leaves - set(self.at)
-        if missing:
-            raise _Unsupported(f"modules {sorted(missing)[:3]} are not called as modules in its traced graph")
+        # a site inside a module the trace keeps whole (an attention's heads): that module is re-run on the
+        # stacked variants with the site masked by a forward hook (``_rerun_inside``)
+        self.host: dict[str, str] = {}
+        for name in sorted(leaves - set(self.at)):
+            host = next((h for h in self.at if name.startswith(h + ".")), None)
+            if host is None:
+                raise _Unsupported(f"module {name!r} is not called as a module in its traced graph")
+            self.host[name] = host
         self._how: dict[tuple, tuple] = {}     # (conv node, input shape) -> how _dense_conv runs it
         self.fused: dict[torch.fx.Node, tuple[torch.fx.Node, Tensor, Tensor]] = {}
         for nd in self.nodes:          # conv -> eval BN with the conv's output used only there: fold the BN
@@ -96,6 +103,7 @@ class _FastRanker:
     def reference(self, xb: Tensor) -> tuple[dict, set]:
         """Every node's value on the chunk ``xb`` [n, ...], and the nodes whose value is batched ([n, ...])."""
         vals, batched, n = {}, {self.input}, len(xb)
+        self.dep = {self.input}            # the nodes whose value depends on the input (through any value)
         for nd in self.nodes:
             if nd.op == "placeholder":
                 vals[nd] = xb if nd is self.input else (nd.args[0] if nd.args else None)
@@ -116,10 +124,21 @@ class _FastRanker:
                                                 x_in.contiguous(memory_format=_FORMAT), w, b)
                 else:
                     vals[nd] = self._call(nd, args, kwargs)
-                if (isinstance(vals[nd], Tensor) and vals[nd].ndim and vals[nd].shape[0] == n
-                        and any(a in batched for a in nd.all_input_nodes)):
-                    batched.add(nd)
+                if any(a in self.dep for a in nd.all_input_nodes):
+                    self.dep.add(nd)
+                    if isinstance(vals[nd], Tensor) and vals[nd].ndim and vals[nd].shape[0] == n:
+                        batched.add(nd)
         return vals, batched
+
+    def check_batch_major(self, vals: dict) -> None:
+        """Raises _Unsupported unless every tensor that depends on the input keeps the samples along dim 0 (the
+        variants are stacked there), checked on a one-sample chunk: a sequence-first transformer, or a
+        statistic over the batch, runs on the naive path."""
+        for nd in self.nodes:
+            v = vals.get(nd)
+            if nd in self.dep and isinstance(v, Tensor) and (v.ndim == 0 or v.shape[0] != 1):
+                raise _Unsupported(f"node {nd.name!r} ({nd.op} {getattr(nd.target, '__name__', nd.target)}) has "
+                                   f"shape {tuple(v.shape)} for one sample: the samples are not along its dim 0")
 
     # ------------------------------------------------------------------ masked re-runs
     def _note(self, diff: Tensor) -> None:
@@ -417,19 +436,26 @@ class _FastRanker:
         g = idx[0].shape[0]
         out_sites: dict[torch.fx.Node, list] = {}
         in_sites: dict[torch.fx.Node, list] = {}
+        inside: dict[torch.fx.Node, list] = {}          # host node -> the sites within it
         for s, ix in zip(sites, idx):
+            if s.module in self.host:
+                for nd in self.at[self.host[s.module]]:
+                    inside.setdefault(nd, []).append((s, ix))
+                continue
             for nd in self.at[s.module]:
                 t = vals[nd] if s.where == "output" else vals[nd.args[0]]
                 spec = (s.dim % t.ndim, ix.to(t.device))
                 (out_sites if s.where == "output" else in_sites).setdefault(nd, []).append(spec)
-        start = min(self.order[nd] for nd in (*out_sites, *in_sites))
+        start = min(self.order[nd] for nd in (*out_sites, *in_sites, *inside))
         self.nofuse = {nd for nd, (bn_node, _, _) in self.fused.items() if nd in out_sites or bn_node in in_sites}
         self.changed = torch.zeros(g, dtype=torch.bool)
         cur: dict = {}
         for nd in self.nodes[start:]:
             if nd.op == "output":
                 break
-            if nd not in cur:
+            if nd in inside:
+                cur[nd] = self._rerun_inside(nd, cur, vals, batched, g, n, inside[nd])
+            elif nd not in cur:
                 first = None
                 if nd in in_sites:
                     a0 = nd.args[0]
@@ -454,6 +480,38 @@ class _FastRanker:
         t = self._mat(v) if isinstance(v, _Patch) else v.t if isinstance(v, _Dense) else v.v
         return t.view(g, n, *t.shape[1:])
 
+    def _rerun_inside(self, nd: torch.fx.Node, cur: dict, vals: dict, batched: set, g: int, n: int, specs: list):
+        """Module node ``nd`` run on the g stacked variants, with each site of ``specs`` [(MaskSite, [g, k] positions)]
+        inside it masked by a hook: variant j's positions ``ix[j]`` zeroed (the samples of variant j are the j-th
+        of g equal blocks along dim 0 there too, e.g. an attention's windows)."""
+        def zeroed(t: Tensor, site: MaskSite, ix: Tensor) -> Tensor:
+            dim = site.dim % t.ndim
+            view = t.reshape(g, -1, *t.shape[1:])
+            shape = list(view.shape)
+            shape[dim + 1] = ix.shape[1]
+            where = _index(ix.to(t.device), shape, dim)
+            self._note(view.gather(dim + 1, where))
+            return view.scatter(dim + 1, where, 0.0).reshape(t.shape)
+
+        hooks = []
+        for site, ix in specs:
+            m = self.modules[site.module]
+            if site.where == "output":
+                hooks.append(m.register_forward_hook(lambda _m, _i, out, s=site, ix=ix: zeroed(out, s, ix)))
+            else:
+                hooks.append(m.register_forward_pre_hook(
+                    lambda _m, inp, s=site, ix=ix: (zeroed(inp[0], s, ix), *inp[1:])))
+        args = torch.fx.node.map_arg(nd.args, lambda a: self._dense_arg(a, cur, vals, batched, g))
+        kwargs = torch.fx.node.map_arg(nd.kwargs, lambda a: self._dense_arg(a, cur, vals, batched, g))
+        try:
+            y = self._call(nd, args, kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if isinstance(y, Tensor) and y.ndim and y.shape[0] == g * n:
+            return _Dense(y)
+        return _Raw(y)
+
     def _chunk(self, x: Tensor) -> Tensor:
         xb = to_model(self.model, x)
         return xb.contiguous(memory_format=_FORMAT) if xb.ndim == 4 else xb
@@ -461,13 +519,14 @@ class _FastRanker:
     def importance(self, x: Tensor, units: dict, loss, bar) -> dict[str, Tensor]:
         """{key: float64 CPU [len(groups)]}: ``loss`` summed over chunks of samples (Section 3.1, Eq. 2)."""
         vals, _ = self.reference(self._chunk(x[:1]))
+        self.check_batch_major(vals)
         sizes = {nd: v[0].numel() * v.element_size() for nd, v in vals.items()
                  if isinstance(v, Tensor) and v.ndim and v.shape[0] == 1 and nd.op != "get_attr"}
         n_chunk = max(1, min(len(x), _MEMORY_BYTES // max(1, sum(sizes.values()))))
         totals = {key: torch.zeros(len(gs), dtype=torch.float64) for key, (_, gs) in units.items()}
         work = []                 # (key, sites, positions of the batch's groups, [g, k] index per site)
         for key, (sites, groups) in units.items():
-            start = min(self.order[nd] for s in sites for nd in self.at[s.module])
+            start = min(self.order[nd] for s in sites for nd in self.at[self.host.get(s.module, s.module)])
             per_variant = 4 * max([b for nd, b in sizes.items() if self.order[nd] >= start] or [1])
             # the stack size the tensor cap bounds: the mean output of the convs that follow (where the work
             # is); the largest tensor over-counts a bottleneck, whose 4x-wide outputs only its last conv writes

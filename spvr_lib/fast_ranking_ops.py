@@ -50,17 +50,6 @@ class _Unsupported(Exception):
     """The fast path cannot run this model (the reason is the message)."""
 
 
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's default tracer, with the masked modules kept as leaves (so their hooks' places exist)."""
-
-    def __init__(self, leaves: set[str]):
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
 @dataclass
 class _Patch:
     """Variant j equals ``base`` [n, ...] except at positions ``idx[j]`` [k] along ``dim`` (>= 1), which

@@ -317,11 +317,11 @@ def _unit_scores(model, x, units, loss, method, batch_size, sample_bytes, progre
         if method == "fast":
             try:
                 ranker = _FastRanker(model, units)
-            except _Unsupported as why:
-                warnings.warn(f"fast ranking cannot run this model ({why}); using the naive method", stacklevel=4)
-            else:
                 with _no_inplace(model), _kept_heap():
                     return ranker.importance(x, units, loss, bar)
+            except _Unsupported as why:
+                warnings.warn(f"fast ranking cannot run this model ({why}); using the naive method", stacklevel=4)
+                bar.reset()
         bs = batch_size or max(1, min(len(x), _MEMORY_BYTES // (4 * sample_bytes)))
         return _naive_units(model, x, units, loss, bs, bar)
     finally:

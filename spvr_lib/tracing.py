@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import operator
 import warnings
+from collections.abc import Collection
 
 import torch
 import torch.fx as fx
@@ -19,9 +20,16 @@ from spvr_lib.graph_collapse import _LAYERS
 
 class _LeafTracer(fx.Tracer):
     """torch.fx's tracer, also keeping as one call any module that holds parameters itself and has no
-    children (e.g. torchvision's LayerNorm2d), so that pruning its parameters keeps the graph valid."""
+    children (e.g. torchvision's LayerNorm2d), so that pruning its parameters keeps the graph valid, and every
+    module named in ``leaves`` (the fast ranking's mask sites, so that their places exist in the graph)."""
+
+    def __init__(self, leaves: Collection[str] = ()):
+        super().__init__()
+        self.leaves = frozenset(leaves)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaves:
+            return True
         if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention)) or swin_attention(m):
             return True                 # one call: its heads are masked inside (spvr_lib.attention, .swin)
         if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
@@ -38,11 +46,17 @@ class _LeafTracer(fx.Tracer):
         return super().call_module(m, forward, args, kwargs)
 
 
+def trace(model: nn.Module, leaves: Collection[str] = ()) -> fx.Graph:
+    """THE torch.fx trace of a network (the graph engine's and the fast ranking's): leaf modules are torch.nn's,
+    any parameter holder, multi-head and Swin attentions and the modules named in ``leaves``;
+    nn.TransformerEncoder and its layers are traced through."""
+    return _LeafTracer(leaves).trace(model)
+
+
 def trace_graph(model: nn.Module) -> fx.GraphModule:
-    """THE torch.fx trace of a network for pruning (leaf modules: torch.nn's, any parameter holder and
-    multi-head attentions; nn.TransformerEncoder traced through).  An attention's unused outputs (``x, _ =
-    attn(...)``) are dropped, so that its residual branch has no reader outside it."""
-    graph = _LeafTracer().trace(model)
+    """:func:`trace` as a GraphModule for pruning.  An attention's unused outputs (``x, _ = attn(...)``) are
+    dropped, so that its residual branch has no reader outside it."""
+    graph = trace(model)
     modules = dict(model.named_modules())
     for n in list(graph.nodes):
         if (n.op == "call_function" and n.target is operator.getitem and not n.users

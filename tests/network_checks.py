@@ -68,3 +68,14 @@ def randomly_ranked(name: str, calib: tuple[torch.Tensor, torch.Tensor], group_s
         scores = {k: torch.rand(len(v), generator=gen, dtype=torch.float64) for k, v in groups.items()}
         cache[name] = (model, calib, g, GroupRanking(groups, scores, group_size, "spvr", "fast", len(x)))
     return cache[name]
+
+
+def assert_same_scores(naive: dict, fast: dict, tol: float = 1e-4) -> None:
+    """The fast ranking's scores equal the naive path's to ``tol`` (absolute and relative: float32 probabilities
+    summed over a calibration set) and order the groups alike: the naive scores, read in the fast path's order,
+    never fall by more than ``tol`` (two groups closer than that may swap)."""
+    assert list(naive) == list(fast)
+    for k, v in naive.items():
+        assert torch.allclose(fast[k], v, rtol=tol, atol=tol), k
+        in_fast_order = v[torch.argsort(fast[k], stable=True)]
+        assert bool((in_fast_order.diff() >= -tol).all()), k

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -322,8 +323,7 @@ def _readme_command(marker: str, doc: str = "README.md") -> list[str]:
 def test_readme_vit_b_16_command_prunes_heads_and_mlps(tmp_path, monkeypatch, capsys):
     """The README's (and docs/use.md's) command on torchvision's vit_b_16 (86M parameters at 32 px through
     --model-kwargs image_size), exactly as written but for its --weights (random ones here) and one calibration
-    image per class instead of 50 (the naive ranking, which transformers fall back to, runs one forward pass per
-    group)."""
+    image per class instead of 50; the ranking takes the fast path."""
     _fashion_mnist_or_skip()
     import torchvision
 
@@ -337,7 +337,8 @@ def test_readme_vit_b_16_command_prunes_heads_and_mlps(tmp_path, monkeypatch, ca
     nn.init.normal_(original.heads.head.weight, std=0.2)       # torchvision zero-initialises the classifier
     weights = tmp_path / argv[argv.index("--weights") + 1]
     torch.save(original.state_dict(), weights)
-    with pytest.warns(UserWarning, match="fast ranking cannot run this model"):        # still issued
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fast ranking cannot run this model")
         assert _run([*argv, "--calib-per-class", "1"]) == 0
     captured = capsys.readouterr()
     out = tmp_path / argv[argv.index("--out") + 1]
@@ -346,9 +347,9 @@ def test_readme_vit_b_16_command_prunes_heads_and_mlps(tmp_path, monkeypatch, ca
     assert summary["source"] == {"torchvision": "vit_b_16", "kwargs": {"num_classes": 10, "image_size": 32}}
     assert summary["params_before"] == models.count_params(original) == 85_658_890
     assert summary["params_after"] <= summary["budget"] == int(keep * summary["params_before"])
-    # the ranking fell back to the naive path, and the summary says so
-    assert summary["method"] == "fast" and summary["ranking_path"] == "naive"
-    assert "fast ranking cannot run this model" in summary["ranking_fallback"]
+    # the ranking took the fast path, and the summary says so
+    assert summary["method"] == "fast" and summary["ranking_path"] == "fast"
+    assert summary.get("ranking_fallback") is None
     # units: 12 attentions (one group of its 12 heads at d >= 12) and 12 MLPs (3072 neurons in groups of d)
     d = int(argv[argv.index("--group-size") + 1])
     scores = pd.read_csv(out / "scores.csv")

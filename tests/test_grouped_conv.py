@@ -13,7 +13,8 @@ from spvr_lib import models
 from spvr_lib.prune import spvr_prune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads, randomly_ranked  # noqa: E402,E501
+from network_checks import (assert_exact_count_for_random_removals, assert_same_scores,  # noqa: E402
+                            assert_saved_network_reloads, randomly_ranked)
 
 torch.set_num_threads(1)
 
@@ -117,3 +118,23 @@ def test_exact_count_equals_the_rebuilt_network_for_random_removals():
     """NetworkGraph.count == count_params of the rebuilt network with slots of grouped convs removed."""
     assert_exact_count_for_random_removals(_model("regnet_y_400mf")[2], np.random.default_rng(0), repeats=3)
 
+
+
+def test_fast_ranking_equals_naive_at_grouped_convs():
+    """The fast path masks slots (one within-group position of every conv group) at ResNeXt's grouped convs and
+    scores them as the naive path does, to float32 rounding (the first 16 groups of the first two such units)."""
+    import warnings
+
+    from spvr_lib.ranking import unit_importance
+
+    model, calib, g, _ = _model("resnext50_32x4d")
+    grouped = _grouped(model)
+    units = [u for u in g.units if any(s.module in grouped for s in u.sites)][:2]
+    assert len(units) == 2
+    spec = {u.name: (u.sites, [list(range(i, min(i + D, u.width))) for i in range(0, u.width, D)][:16]) for u in units}
+    naive = unit_importance(model, calib[0], spec, method="naive", progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fast ranking cannot run this model")
+        fast = unit_importance(model, calib[0], spec, method="fast", progress=False)
+    assert_same_scores(naive, fast)
+    assert any(v.unique().numel() > 1 for v in naive.values())

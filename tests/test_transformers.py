@@ -24,7 +24,8 @@ from spvr_lib.prune import GroupRanking, network_units, rank_groups, spvr_prune
 from spvr_lib.ranking import unit_importance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from network_checks import assert_exact_count_for_random_removals, assert_saved_network_reloads  # noqa: E402
+from network_checks import (assert_exact_count_for_random_removals, assert_same_scores,  # noqa: E402
+                            assert_saved_network_reloads)
 
 torch.set_num_threads(1)
 
@@ -74,8 +75,12 @@ _BUILDERS = {"vit": (build_vit, {}), "encoder": (build_encoder, {}),
              "encoder_prenorm_seqfirst": (build_encoder, {"norm_first": True, "batch_first": False})}
 
 
+_FELL_BACK: dict[str, list[str]] = {}
+
+
 def _ranked(key: str):
-    """The model, calibration set and its SPvR ranking (the fast method falls back to the naive one)."""
+    """The model, calibration set and its SPvR ranking (the fast method; ``_FELL_BACK[key]``: its fallback
+    warnings)."""
     if key not in _CACHE:
         fn, kwargs = _BUILDERS[key]
         torch.manual_seed(0)
@@ -84,9 +89,24 @@ def _ranked(key: str):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             ranking = rank_groups(model, calib, D, method="fast", progress=False)
-        assert any("fast ranking cannot run this model" in str(w.message) for w in caught)
+        _FELL_BACK[key] = [str(w.message) for w in caught if "fast ranking cannot run this model" in str(w.message)]
         _CACHE[key] = (model, calib, ranking, {"model_file": f"{HERE}:{fn.__name__}", "kwargs": kwargs})
     return _CACHE[key]
+
+
+@pytest.mark.parametrize("key", ["vit", "encoder", "swin", "encoder_prenorm_seqfirst"])
+def test_fast_ranking_equals_naive(key):
+    """The fast path ranks heads (masked inside the attention, which it re-runs on the stacked variants) and MLP
+    neurons as the naive path does; a sequence-first encoder (samples along dim 1) falls back, saying why."""
+    model, calib, fast, _ = _ranked(key)
+    if key == "encoder_prenorm_seqfirst":
+        assert len(_FELL_BACK[key]) == 1 and "the samples are not along its dim 0" in _FELL_BACK[key][0]
+        return
+    assert _FELL_BACK[key] == []
+    naive = rank_groups(model, calib, D, method="naive", progress=False)
+    assert fast.groups == naive.groups and fast.scores.keys() == naive.scores.keys()
+    assert_same_scores(naive.scores, fast.scores)
+    assert any(v.unique().numel() > 1 for v in naive.scores.values())      # the scores tell groups apart
 
 
 def _attentions(model: nn.Module) -> dict[str, nn.Module]:

@@ -236,7 +236,8 @@ def _vit(name: str | None, image_size: int, num_classes: int) -> tuple[nn.Module
 
 
 def bench_vit(torchvision_name: str | None = None, image_size: int = 32, keep: float = 0.5, group_size: int = 2,
-              n_calib: int = 20, method: str = "fast", device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+              n_calib: int = 20, method: str = "fast", device: str = "cpu", seed: int = 0,
+              compare: bool = False) -> dict[str, Any]:
     """SPvR on a vision transformer with random weights, timed: :data:`SMALL_VIT` (default) or torchvision's
     ``torchvision_name`` (e.g. "vit_b_16"), at ``image_size`` px, 10 classes, ``n_calib`` Gaussian-noise
     calibration images [n_calib, 3, image_size, image_size] (labels cycling over the classes), to ``keep``
@@ -246,6 +247,9 @@ def bench_vit(torchvision_name: str | None = None, image_size: int = 32, keep: f
     groups_removed, heads (per attention: before, after; 0 when collapsed), mlp (per MLP: hidden neurons before,
     after), collapsed (the units whose whole branch went), ranking (requested and used path: "fast" or "naive",
     and why), ranking_s (grouping + ranking), prune_s (global sort + rebuild), total_s, device, threads, loadavg.
+    ``compare``: the ranking again by the naive path, after the rest: ``compare`` = {naive_ranking_s, speedup
+    (naive_ranking_s / ranking_s), same_ranking (every pair of groups ordered alike but near-ties,
+    :func:`same_ranking`), near_tie_swaps, max_rel_diff}.
     """
     from spvr_lib.attention import PrunedMultiheadAttention
     from spvr_lib.budget import budget_from_keep
@@ -288,7 +292,26 @@ def bench_vit(torchvision_name: str | None = None, image_size: int = 32, keep: f
                         "why": fallback if fallback else ("requested" if method == "naive" else None)},
             "ranking_s": round(t1 - t0, 3), "prune_s": round(t2 - t1, 3), "total_s": round(t2 - t0, 3),
             "device": str(resolve_device(device)), "threads": torch.get_num_threads(),
-            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+            "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            **({"compare": _compare_paths(model, (x, y), group_size, ranking, t1 - t0, device)} if compare else {})}
+
+
+def _compare_paths(model: nn.Module, calib: tuple, group_size: int, ranking: Any, ranking_s: float,
+                   device: str) -> dict[str, Any]:
+    """The naive path's ranking of the same groups, timed, against ``ranking`` (made in ``ranking_s`` seconds)."""
+    from spvr_lib.prune import rank_groups
+
+    t0 = time.perf_counter()
+    naive = rank_groups(model, calib, group_size, method="naive", device=device, progress=False)
+    naive_s = time.perf_counter() - t0
+    if naive.groups != ranking.groups:
+        raise RuntimeError("the naive path grouped the channels differently from the ranking it is compared with")
+    a = torch.cat([naive.scores[k] for k in naive.scores])
+    b = torch.cat([ranking.scores[k] for k in naive.scores])
+    same, swaps = same_ranking(a, b)
+    return {"naive_ranking_s": round(naive_s, 3), "speedup": round(naive_s / ranking_s, 2), "same_ranking": same,
+            "near_tie_swaps": swaps,
+            "max_rel_diff": float(((a - b).abs() / a.abs().clamp_min(1e-12)).max())}
 
 
 def ranking_table(cfg: Any, keys: Sequence[str], repeat: int = 1, progress: bool = False) -> Any:
@@ -476,15 +499,17 @@ def _add_vit_parser(commands) -> None:
                                         "print one JSON object (bench_vit).  Default: torchvision's "
                                         "VisionTransformer at 32 px, 4 layers of 4 heads, width 64, MLP 128.")
     v.add_argument("--torchvision", default=None, metavar="NAME",
-                   help="a torchvision ViT instead, e.g. vit_b_16 (86M parameters; the naive ranking of it at "
-                        "224 px takes hours on a CPU: --device cuda, a large --group-size)")
+                   help="a torchvision ViT instead, e.g. vit_b_16 (86M parameters; its ranking at 224 px takes "
+                        "long on a CPU: --device cuda, a large --group-size)")
     v.add_argument("--image-size", type=int, default=32, help="input size in pixels (default 32), a multiple of "
                    "the patch size (4 for the small ViT, 16 for vit_b_16)")
     v.add_argument("--keep", type=keep, default=0.5, help="fraction (0.5) or parameter count to keep (default 0.5)")
     v.add_argument("--group-size", type=int, default=2, help="d, heads or MLP neurons per group (default 2)")
     v.add_argument("--calib", type=int, default=20, help="calibration images, >= 10 (default 20)")
     v.add_argument("--method", choices=("fast", "naive"), default="fast",
-                   help="ranking path requested (transformers fall back to naive; the JSON says which ran)")
+                   help="ranking path requested (the JSON says which ran)")
+    v.add_argument("--compare", action="store_true", help="also rank by the naive path: its time, the speed-up "
+                   "and whether the two rankings agree")
     v.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json", action="store_true", help="print only the JSON object (one line)")
@@ -532,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "vit":
         try:
             record = bench_vit(args.torchvision, args.image_size, args.keep, args.group_size, args.calib,
-                               args.method, args.device, args.seed)
+                               args.method, args.device, args.seed, args.compare)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
