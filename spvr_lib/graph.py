@@ -42,6 +42,7 @@ import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -120,14 +121,17 @@ class NetworkGraph:
 
     ``shuffles``: the channel shuffles of ``gm`` (``spvr_lib.channel_shuffle``), hidden from Torch-Pruning
     when it traces; ``fixed``: {layer: why} for every conv or linear layer whose output channels pass through
-    a shuffle, which no unit prunes."""
+    a shuffle, which no unit prunes; ``tp_groups``: {unit name: the Torch-Pruning dependency group it is made
+    of}, in Torch-Pruning's order (the baselines score these groups with Torch-Pruning's importances)."""
 
     def __init__(self, model: nn.Module, example: Tensor, units: list[Unit], params: list[_Param],
                  gm: fx.GraphModule | None, why_no_fx: str | None, ignored: tuple[str, ...], *,
-                 shuffles: Sequence[Shuffle] = (), fixed: Mapping[str, str] | None = None):
+                 shuffles: Sequence[Shuffle] = (), fixed: Mapping[str, str] | None = None,
+                 tp_groups: Mapping[str, Any] | None = None):
         self.model, self.example, self.units, self.params = model, example, units, params
         self.gm, self.why_no_fx, self.ignored = gm, why_no_fx, ignored
         self.shuffles, self.fixed = tuple(shuffles), dict(fixed or {})
+        self.tp_groups = dict(tp_groups or {})
         self.index = {u.name: i for i, u in enumerate(units)}
         self._modules = dict(model.named_modules())
         self._by_name = {p.name: p for p in params}
@@ -175,11 +179,15 @@ class NetworkGraph:
     # ------------------------------------------------------------------ the rebuilt network
     def build(self, removed: Sequence[np.ndarray]) -> nn.Module:
         """A standalone copy of the network with the removed channels pruned (Torch-Pruning) and the
-        emptied units collapsed (torch.fx).  Weights are the original ones of what is kept."""
+        emptied units collapsed (torch.fx).  Weights are the original ones of what is kept.  The copy is of the
+        model's own class where nothing collapsed and the network has no channel shuffle and no attention, else
+        the torch.fx GraphModule of its trace (whose forward calls a thinned attention as :mod:`spvr_lib.attention`
+        rebuilds it, e.g. inside nn.TransformerEncoder)."""
         empty = [bool(r.all()) for r in removed]
         if any(empty) and self.gm is None:
             raise ValueError(f"cannot collapse layers: the network is not torch.fx-traceable ({self.why_no_fx})")
-        net = copy.deepcopy(self.gm if self.gm is not None else self.model)
+        traced = self.gm is not None and (any(empty) or bool(self.shuffles) or any(u.heads for u in self.units))
+        net = copy.deepcopy(self.gm if traced else self.model)
         concat = [u for u, e in zip(self.units, empty) if e and u.collapse == "concat"]
         if any(e and u.collapse in ("branch", "layer") for u, e in zip(self.units, empty)):
             graph = net.graph
@@ -293,6 +301,7 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
     # its window reshapes couple qkv's 3 C rows with proj's C columns)
     in_swin = {id(t) for m in modules.values() if swin.swin_attention(m) for t in (*m.modules(), *m.parameters())}
     units: list[Unit] = []
+    tp_groups: dict[str, Any] = {}
     fixed: dict[str, str] = {}
     param_terms: dict[tuple[str, int], list[tuple[int, np.ndarray]]] = {}
     for group in groups:
@@ -371,6 +380,7 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
             record = out_sites.get(root) or out_sites[producers[0]]
         units.append(Unit(name=root, width=width, sites=tuple(sites), record=record, producers=tuple(producers),
                           consumers=tuple(dict.fromkeys(consumers)), out_sites=out_sites))
+        tp_groups[root] = group
     for name in attentions:                                # one unit per attention: its heads
         if name in ignored:
             continue
@@ -413,7 +423,8 @@ def trace_units(model: nn.Module, example: Tensor, ignored_layers: Sequence[str]
     if shuffles and model not in _NOTED:
         _NOTED.add(model)                   # once per model (rank_groups and spvr_prune both trace it)
         warnings.warn(_shuffle_note(model, shuffles, fixed, len(units)), stacklevel=2)
-    return NetworkGraph(model, example, units, params, gm, why_no_fx, ignored, shuffles=shuffles, fixed=fixed)
+    return NetworkGraph(model, example, units, params, gm, why_no_fx, ignored, shuffles=shuffles, fixed=fixed,
+                        tp_groups=tp_groups)
 
 
 _NOTED: weakref.WeakSet = weakref.WeakSet()      # models whose channel shuffles were warned about

@@ -56,6 +56,7 @@ def _check_ok(res, model, calib, keep):
     assert res.params_before == M.count_params(model)
     assert res.budget == math.floor(keep * res.params_before)
     assert res.params_after == M.count_params(res.model) <= res.budget
+    assert type(res.model) is type(model)            # the rebuild keeps the network's class (nothing collapses)
     assert not hasattr(res.model, "spec")
     with torch.no_grad():
         assert res.model.eval()(calib[0][:3]).shape == (3, 10)

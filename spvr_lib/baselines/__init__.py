@@ -5,11 +5,13 @@ One entry point, :func:`prune`. Every method keeps the trained weights of the ch
 paper's Section 4.3: "the pruning library by Fang et al. [2023] was utilized to implement the
 baseline methods, except for OTOv2").
 
-Channel units. A *unit* is one torch-pruning dependency group: the output channels of one
+Channel units. A *unit* is a unit of the one network description SPvR prunes traced networks with
+(:func:`spvr_lib.graph.trace_units`): one torch-pruning dependency group, the output channels of one
 conv/linear layer together with everything coupled to them (its BN, the next layer's input
 channels, and in a ResNet the whole residual stream of a stage: stem or projection conv, every
-block's last conv and BN). The final classifier's outputs are never pruned. Units are the same
-for every method; each method scores channels as its authors do (:data:`NOTES`,
+block's last conv and BN). The final classifier's outputs are never pruned. Its parameter count
+(``NetworkGraph.count``) and rebuild (``NetworkGraph.build``) are the ones SPvR's graph path uses.
+Units are the same for every method; each method scores channels as its authors do (:data:`NOTES`,
 :data:`METHOD_CARDS`, with the repository each was read from) and selects them as they do:
 
 - ``tp_l1``, ``tp_l2``, ``tp_taylor``, ``tp_fpgm``: Table 1's ℓ1, ℓ2, Taylor and FPGM as the paper ran them, with
@@ -37,7 +39,8 @@ not copies):
   ``OTOV2_UNAVAILABLE``: which methods there are and how each is implemented, with its source.
 - :mod:`.common`: ``BaselineResult``, ``_MethodFailure``, ``bisect_budget``, ``budget_from_keep`` (from
   :mod:`spvr_lib.budget`), the argument checks and the calibration mini-batches.
-- :mod:`.units`: ``_Units`` (torch-pruning dependency groups, the parameter count of a cut, the cut),
+- :mod:`.units`: ``_Units`` (the description's units with their torch-pruning groups, its count of a cut, its
+  rebuild),
   ``ChannelScoreImportance``.
 - :mod:`.tp_local`: ``TP_IMPORTANCES``, ``tp_importance``, ``_accumulate_gradients`` (Torch-Pruning's
   importances, VainF/Torch-Pruning) and MetaPruner's local rule (``_local_removals``, ``_fit_local``).

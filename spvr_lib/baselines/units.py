@@ -1,27 +1,31 @@
-"""Channel units: torch-pruning's dependency groups, the parameter count of a cut, and the cut itself.
+"""Channel units: the network's units in the one network description, scored by Torch-Pruning's importances, the
+exact parameter count of a cut, and the cut itself.
 
-A *unit* is one torch-pruning dependency group (VainF/Torch-Pruning's ``DependencyGraph``, as the paper's
-Section 4.3 built its baselines on it): the output channels of one conv/linear layer together with everything
-coupled to them (its BN, the next layer's input channels, and in a ResNet the whole residual stream of a stage:
-stem or projection conv, every block's last conv and BN).  The final classifier's outputs are never pruned.
-Units are the same for every method.
+A *unit* is a unit of :func:`spvr_lib.graph.trace_units` (the description SPvR ranks and prunes any traced network
+with): one Torch-Pruning dependency group (VainF/Torch-Pruning's ``DependencyGraph``, as the paper's Section 4.3
+built its baselines on it), i.e. the output channels of one conv/linear layer together with everything coupled
+to them (its BN, the next layer's input channels, and in a ResNet the whole residual stream of a stage: stem or
+projection conv, every block's last conv and BN).  The final classifier's outputs are never pruned.  Units are the
+same for every method.
 
-``_Units`` builds them, scores them with a torch-pruning importance, counts the parameters of a cut on a meta-device
-copy (no weights allocated; ``models.count_params``, memoised by the units' widths) and applies a cut to a real
-copy, trained weights of the kept channels kept.  :class:`ChannelScoreImportance` turns per-layer channel scores
-(the authors' criteria of :mod:`.authors` and :mod:`.others`) into a torch-pruning importance summed over a
-unit's coupled layers.  ``_conv_filters``: the layers whose output channels are pruned.
+``_Units`` keeps Torch-Pruning's groups of those units (``NetworkGraph.tp_groups``, in Torch-Pruning's order) for
+the importances, counts the parameters of a cut with the description's one counter (``NetworkGraph.count``,
+which equals ``models.count_params`` of the rebuilt network) and applies a cut with its rebuild
+(``NetworkGraph.build``: Torch-Pruning's pruning of the removed channels, trained weights of the kept channels
+kept, the model's own class).  :class:`ChannelScoreImportance` turns per-layer channel scores (the authors'
+criteria of :mod:`.authors` and :mod:`.others`) into a Torch-Pruning importance summed over a unit's coupled
+layers.  ``_conv_filters``: the layers whose output channels are pruned.
 """
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from spvr_lib import models
+from spvr_lib.graph import trace_units
 
 __all__ = ["ChannelScoreImportance"]
 
@@ -37,24 +41,26 @@ def _classifier_name(model: nn.Module) -> str:
 
 
 class _Units:
-    """The channel units (torch-pruning dependency groups) of ``model`` and how to cut them.
+    """The channel units of ``model`` (:func:`spvr_lib.graph.trace_units`) and how to cut them.
 
     ``model`` is a working copy in eval mode that is never pruned; ``example`` [1, ...] one input for
-    tracing. ``count`` prunes a meta-device copy (no weights allocated), memoised by the units' widths;
-    ``apply`` prunes a real deep copy.
+    tracing.  ``groups``: {unit: its Torch-Pruning dependency group}; ``widths``: {unit: channels};
+    ``count`` and ``apply`` take {unit: channel indices to remove}.
     """
 
     def __init__(self, model: nn.Module, example: Tensor):
         self.model, self.example = model, example
         self.classifier = _classifier_name(model)
-        self.dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        names = {m: n for n, m in model.named_modules()}
-        clf = model.get_submodule(self.classifier)
-        self.groups = {names[g[0].dep.target.module]: g for g in self.dg.get_all_groups(
-            ignored_layers=[clf], root_module_types=[nn.Conv2d, nn.Linear])}
+        self.graph = trace_units(model, example, ignored_layers=[self.classifier])
+        units = {u.name: u for u in self.graph.units}
+        self.groups = {n: g for n, g in self.graph.tp_groups.items() if n in units}
         self.widths = {n: len(g[0].idxs) for n, g in self.groups.items()}
-        self._meta = copy.deepcopy(model).to("meta")
-        self._counts: dict[tuple, int] = {}
+        odd = [n for n in self.groups if units[n].width != self.widths[n]]
+        missing = [u.name for u in self.graph.units if u.name not in self.groups]
+        if odd or missing:
+            raise ValueError(f"units {(odd + missing)[:3]} of {type(model).__name__} are not plain channel groups "
+                             "(grouped convolution slots or attention heads): the baselines prune channels of "
+                             "convolutions and linear layers only")
 
     def scores(self, importance: tp.importance.Importance) -> dict[str, Tensor | None]:
         """Per-channel importance [width] of every unit (None: the importance has nothing to score there)."""
@@ -66,30 +72,24 @@ class _Units:
 
     def out_modules(self, name: str) -> list[nn.Module]:
         """The layers whose output channels make up unit ``name``."""
-        return [dep.target.module for dep, _ in self.groups[name] if self.dg.is_out_channel_pruning_fn(dep.handler)]
+        return [dep.target.module for dep, _ in self.groups[name] if dep.handler in _OUT_CHANNEL_FNS]
 
-    @staticmethod
-    def _cut(model: nn.Module, example: Tensor, removals: dict[str, Sequence[int]]) -> nn.Module:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        for name, idxs in removals.items():
-            if len(idxs):
-                root = model.get_submodule(name)
-                dg.get_pruning_group(root, dg.get_pruner_of_module(root).prune_out_channels,
-                                     sorted(int(i) for i in idxs)).prune()
-        return model
+    def _removed(self, removals: dict[str, Sequence[int]]) -> list[np.ndarray]:
+        """``removals`` as the description's [width] bool masks, one per unit in its order."""
+        out = []
+        for u in self.graph.units:
+            mask = np.zeros(u.width, dtype=bool)
+            mask[np.asarray(list(removals.get(u.name, ())), dtype=np.int64)] = True
+            out.append(mask)
+        return out
 
     def count(self, removals: dict[str, Sequence[int]]) -> int:
         """count_params of the model with ``removals`` {unit: channel indices} cut (only the numbers matter)."""
-        key = tuple(len(removals.get(n, ())) for n in self.groups)
-        if key not in self._counts:
-            meta = copy.deepcopy(self._meta)
-            plan = {n: range(len(removals.get(n, ()))) for n in self.groups}
-            self._counts[key] = models.count_params(self._cut(meta, self.example.to("meta"), plan))
-        return self._counts[key]
+        return self.graph.count(self._removed(removals))
 
     def apply(self, removals: dict[str, Sequence[int]]) -> nn.Module:
-        """A pruned deep copy of the model, trained weights of the kept channels kept."""
-        return self._cut(copy.deepcopy(self.model), self.example, removals)
+        """A pruned copy of the model, trained weights of the kept channels kept."""
+        return self.graph.build(self._removed(removals))
 
     def removed_fraction(self, removals: dict[str, Sequence[int]]) -> float:
         return sum(len(v) for v in removals.values()) / sum(self.widths.values())
