@@ -59,8 +59,9 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
     group(s), ``expansion`` = its width / the tie's narrowest width of them.  ``cannot_empty``: {name:
     why}; such a layer keeps its last group (the step is skipped).  ``fill_back``: one step can overshoot
     (a collapse removes a whole branch at once); when the network ends more than ``fill_back`` parameters
-    under the budget (None: never), the most important discarded groups of
-    untied layers that did not collapse are restored, one at a time, wherever the network still fits.  ValueError if nothing fits.
+    under the budget (None: never), the most important discarded groups of untied layers are restored, one at
+    a time, wherever the network still fits: a collapsed layer's group too, which brings its branch back (the
+    last step that collapses a branch can leave most of the budget unused).  ValueError if nothing fits.
     """
     ties = dict(ties or {})
     cannot_empty = dict(cannot_empty or {})
@@ -152,7 +153,7 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
             raise ValueError(f"budget={budget} parameters is below the smallest network the pruner can reach "
                              f"({params} parameters with every removable group removed)")
     if fill_back is not None and budget - params > fill_back:
-        gone = sorted(((imp[n][j], pos, j) for pos, n in enumerate(names) if ties.get(n) is None and remaining[n]
+        gone = sorted(((imp[n][j], pos, j) for pos, n in enumerate(names) if ties.get(n) is None
                        for j in range(len(groups[n])) if j not in remaining[n]), reverse=True)
         for _, pos, j in gone:
             name = names[pos]
