@@ -58,10 +58,12 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
     shortcut rule): when a group of one is discarded, every other loses its least significant remaining
     group(s), ``expansion`` = its width / the tie's narrowest width of them.  ``cannot_empty``: {name:
     why}; such a layer keeps its last group (the step is skipped).  ``fill_back``: one step can overshoot
-    (a collapse removes a whole branch at once); when the network ends more than ``fill_back`` parameters
-    under the budget (None: never), the most important discarded groups of untied layers are restored, one at
-    a time, wherever the network still fits: a collapsed layer's group too, which brings its branch back (the
-    last step that collapses a branch can leave most of the budget unused).  ValueError if nothing fits.
+    (a collapse removes a whole branch at once).  With ``fill_back`` set (None: never), a step that would end
+    the sweep more than ``fill_back`` parameters under the budget is skipped (its group kept) and the sweep
+    goes on with the next groups; where no later step ends closer, the first such fit is taken.  Then, when
+    the network is still more than ``fill_back`` under the budget, the most important discarded groups of
+    untied layers are restored, one at a time, wherever the network still fits: a collapsed layer's group too,
+    which brings its branch back.  ValueError if nothing fits.
     """
     ties = dict(ties or {})
     cannot_empty = dict(cannot_empty or {})
@@ -126,6 +128,7 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
     params = params_of(kept_cache)
     last_step, steps = 0, 0
     kept_one: dict[str, str] = {}
+    far_fit = None              # (params, remaining, step) of the first fit more than fill_back under the budget
     if params > budget:
         for _, pos, j in global_order:
             name = names[pos]
@@ -138,6 +141,7 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
             if blocked:
                 kept_one.update({p: cannot_empty[p] for p in blocked})
                 continue
+            saved = {p: list(remaining[p]) for p in partners}
             for p in partners:
                 t = take[p]
                 if p == name:
@@ -146,12 +150,22 @@ def global_discard(names: Sequence[str], widths: Mapping[str, int], groups: Mapp
                 del remaining[p][:t]                     # its least significant remaining groups
             steps += 1
             before, params = params, params_of(refresh(partners))
+            if params <= budget and fill_back is not None and budget - params > fill_back:
+                if far_fit is None:                      # too far under: keep this group, go on with the next
+                    far_fit = (params, {n: list(v) for n, v in remaining.items()}, before - params, steps)
+                remaining.update(saved)
+                params = params_of(refresh(partners))
+                continue
             if params <= budget:
                 last_step = before - params
                 break
         else:
-            raise ValueError(f"budget={budget} parameters is below the smallest network the pruner can reach "
-                             f"({params} parameters with every removable group removed)")
+            if far_fit is None:
+                raise ValueError(f"budget={budget} parameters is below the smallest network the pruner can reach "
+                                 f"({params} parameters with every removable group removed)")
+            params, first_remaining, last_step, steps = far_fit
+            remaining.update(first_remaining)
+            params = params_of(refresh(names))
     if fill_back is not None and budget - params > fill_back:
         gone = sorted(((imp[n][j], pos, j) for pos, n in enumerate(names) if ties.get(n) is None
                        for j in range(len(groups[n])) if j not in remaining[n]), reverse=True)

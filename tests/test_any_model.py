@@ -175,7 +175,8 @@ def test_general_engine_with_stage_ties_gives_the_spec_engine_architecture_on_re
     """spvr_lib's own ResNet50 through the general engine, given Appendix B's rule as ties (every conv of a
     stage shrinks with the stage) and the stem left alone as the spec engine does: the same stage widths and
     parameter count as the spec engine, from the same weights and calibration set (rates where no stage
-    collapses: a whole stage's removal is a spec rule the general engine does not have)."""
+    collapses: a whole stage's removal is a spec rule the general engine does not have); where the spec engine's
+    first fit falls more than FILL_BACK short of the budget, the general one may skip that step and end closer."""
     torch.manual_seed(0)
     spec = models.preset("resnet50", num_classes=10, in_channels=1, width=1 / 16, stem="imagenet")
     model = models.build(spec).eval()
@@ -189,6 +190,10 @@ def test_general_engine_with_stage_ties_gives_the_spec_engine_architecture_on_re
         a = spvr_prune(model, (x, y), keep, group_size=2, method="naive", progress=False, ranking=ra)
         b = spvr_prune(model, (x, y), keep, group_size=2, method="naive", progress=False, engine="graph",
                        ties=ties, ignored_layers=["conv1"], ranking=rb)
+        if a.params_after != b.params_after:       # only where the spec's first fit is far under the budget
+            assert a.budget - a.params_after > FILL_BACK * a.params_before
+            assert a.params_after < b.params_after <= b.budget
+            continue
         assert a.params_after == b.params_after <= a.budget
         pruned = dict(b.model.named_modules())
         for st in a.spec["stages"]:

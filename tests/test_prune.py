@@ -517,3 +517,26 @@ def test_cli_stem_builds_the_imagenet_stem_resnet(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["params_before"] == models.spec_params(spec)                # the 7x7 stem's parameters
     assert json.loads((tmp_path / "out" / "spec.json").read_text())["stem"] == "imagenet"
+
+
+def test_a_step_far_under_the_budget_is_skipped_and_the_sweep_goes_on():
+    """global_discard with fill_back: three units a, b, c of one group each (importance 0, 1, 2) costing 50, 10 and
+    10 parameters of 100; budget 85.  Removing a (least important) lands at 50, 35 under: skipped, and the sweep
+    removes b (90), then c (80 <= 85, 5 under): a is kept.  Without fill_back the first fit (a removed, 50) is
+    taken; where no later step ends closer, the first far fit is taken too (budget 55: b and c give 80, 70 is
+    never reached, so a's removal, 50, stands)."""
+    from spvr_lib.budget import global_discard
+
+    cost = {"a": 50, "b": 10, "c": 10}
+    names, widths = ["a", "b", "c"], {n: 1 for n in cost}
+    groups, scores = {n: [[0]] for n in cost}, {"a": [0.0], "b": [1.0], "c": [2.0]}
+
+    def params_of(kept):
+        return 30 + sum(cost[n] for n in names if kept[n])
+
+    close = global_discard(names, widths, groups, scores, 85, params_of, fill_back=10)
+    assert close.kept == {"a": [0], "b": [], "c": []} and close.params_after == 80
+    first = global_discard(names, widths, groups, scores, 85, params_of)
+    assert first.kept == {"a": [], "b": [0], "c": [0]} and first.params_after == 50
+    far = global_discard(names, widths, groups, scores, 55, params_of, fill_back=1)
+    assert far.params_after == 50 and far.kept["a"] == []
