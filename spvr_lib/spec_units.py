@@ -17,7 +17,7 @@ networks is the stage rule of Appendix B, which this description adds:
 
 Measured on the committed cpu cache: the traced description (Torch-Pruning's units) gives the same
 architectures on VGG16 at every rate and on ResNet50 until a stage collapses, but not on ResNet34, whose first
-stage's stream is coupled to the stem by identity shortcuts (../shared/design/one-network-description.md).
+stage's stream is coupled to the stem by identity shortcuts (docs/architecture.md, "One description of a network").
 """
 from __future__ import annotations
 
