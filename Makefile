@@ -48,9 +48,11 @@ lock: ## regenerate requirements.lock from pyproject.toml (pip-compile; UPGRADE=
 data: $(STAMP) ## make sure Fashion-MNIST is available (system package, data/, or download)
 	$(PY) -m spvr_lib.data ensure fashion-mnist
 
-# one thread: the smoke networks are tiny, and two threads per process oversubscribe a 2-core machine
-test: $(STAMP) data ## run unit tests and every notebook at smoke scale (nbmake)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests --nbmake notebooks
+# one process per core (pytest-xdist), each with one thread (the smoke networks are tiny); a test file runs in one
+# process, so a file's cached models and its Slurm cluster are built once
+TEST_WORKERS ?= auto
+test: $(STAMP) data ## run unit tests and every notebook at smoke scale (nbmake), one process per core
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests --nbmake notebooks
 
 # the smoke and cpu scales read Fashion-MNIST; the paper scale reads only the paper's datasets (checked by the runner)
 NEEDS_FMNIST := $(if $(filter paper,$(SCALE)),,data)
