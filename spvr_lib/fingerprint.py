@@ -281,13 +281,20 @@ def _module_source(mod: str) -> _Module | None:
 
 
 def _all_modules() -> list[str]:
-    mods = []
-    for root in CODE_ROOTS:
-        for path in sorted(root.rglob("*.py")):
-            name = module_name(str(path))
-            if name:
-                mods.append(name)
-    return mods
+    """Every module of the code roots, listed once per process and set of roots (:func:`forget` drops the list)."""
+    roots = tuple(str(r) for r in CODE_ROOTS)
+    if roots not in _MODULES:
+        mods = []
+        for root in CODE_ROOTS:
+            for path in sorted(root.rglob("*.py")):
+                name = module_name(str(path))
+                if name:
+                    mods.append(name)
+        _MODULES[roots] = mods
+    return _MODULES[roots]
+
+
+_MODULES: dict[tuple[str, ...], list[str]] = {}
 
 
 class _Normalise(ast.NodeTransformer):
@@ -551,16 +558,31 @@ def _memoised_closure(ids: Iterable[str]) -> set[str]:
 
 def changed_functions(fingerprint: Mapping[str, str]) -> list[str]:
     """The functions of ``fingerprint`` whose code or read values changed since, or that no module defines
-    any more (``"spvr_lib.train:fit"``, with ``" (gone)"`` for those)."""
+    any more (``"spvr_lib.train:fit"``, with ``" (gone)"`` for those).  Each (function, digest) is judged once
+    per process (:func:`forget` drops the verdicts): reading a notebook's records asks about the same moved
+    or changed functions thousands of times, and each answer searches every module of the code roots."""
     changed = []
     for fid, digest in fingerprint.items():
-        if function_digest(fid) == digest:
-            continue
-        qual = fid.partition(":")[2]
-        if any(function_digest(fid, module=m) == digest for m in _modules_defining(qual)):
-            continue                                           # moved to another module, unchanged
-        changed.append(fid if function_digest(fid) is not None or _modules_defining(qual) else f"{fid} (gone)")
+        if (fid, digest) not in _VERDICTS:
+            _VERDICTS[(fid, digest)] = _changed(fid, digest)
+        if _VERDICTS[(fid, digest)] is not None:
+            changed.append(_VERDICTS[(fid, digest)])
     return changed
+
+
+def _changed(fid: str, digest: str) -> str | None:
+    """None where ``fid`` still has ``digest`` (where it is, or in a module it moved to), else its name (with
+    " (gone)" where no module defines it)."""
+    if function_digest(fid) == digest:
+        return None
+    qual = fid.partition(":")[2]
+    defining = _modules_defining(qual)
+    if any(function_digest(fid, module=m) == digest for m in defining):
+        return None                                            # moved to another module, unchanged
+    return fid if function_digest(fid) is not None or defining else f"{fid} (gone)"
+
+
+_VERDICTS: dict[tuple[str, str], str | None] = {}
 
 
 def _modules_defining(qual: str) -> list[str]:
@@ -578,3 +600,5 @@ def forget() -> None:
     _parsed.cache_clear()
     _DIGESTS.clear()
     _DUMPS.clear()
+    _MODULES.clear()
+    _VERDICTS.clear()
